@@ -1,0 +1,161 @@
+"""The `lenx` command line. User mistakes end with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="lenx: which positional encoding keeps working past its training length, and by how much.",
+)
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"expects comma-separated integers, got '{text}'", param_hint=flag) from None
+    if not values:
+        raise typer.BadParameter("expects at least one length", param_hint=flag)
+    return values
+
+
+@app.command()
+def train(
+    pe: Optional[str] = typer.Option(None, "--pe", help="Positional scheme (see `lenx schemes`)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (flags override it)."),
+    dataset: Optional[str] = typer.Option(None, help="'stdlib' (embedded), a .txt file or a directory of .txt files."),
+    train_len: Optional[int] = typer.Option(None, "--train-len", help="Training context length in tokens."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per step."),
+    layers: Optional[int] = typer.Option(None, help="Transformer blocks."),
+    d_model: Optional[int] = typer.Option(None, "--d-model", help="Model width."),
+    heads: Optional[int] = typer.Option(None, help="Attention heads."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint period in steps."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/<pe>-L<train_len>-s<seed>]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] [default: cuda when present]."),
+) -> None:
+    """Train one small causal LM with the given positional scheme."""
+    from .config import resolve
+    from .train import train as run_train
+
+    cfg = resolve(
+        str(config) if config else None,
+        pe=pe, dataset=dataset, train_len=train_len, steps=steps, batch_size=batch_size, layers=layers,
+        d_model=d_model, heads=heads, lr=lr, seed=seed, precision=precision, save_every=save_every,
+    )
+    run_dir = run_train(cfg, out=out, overwrite=overwrite, device=device)
+    typer.echo(f"run saved to {run_dir}")
+
+
+@app.command("eval")
+def eval_(
+    run_dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories [default: every run under runs/]."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest evaluation length [default: 16x train length]."),
+    lengths: Optional[str] = typer.Option(None, help="Comma-separated evaluation lengths (overrides --max-len)."),
+    tokens: Optional[int] = typer.Option(None, help="Tokens scored at every length [default: max(65536, max length)]."),
+    out: Path = typer.Option(Path("results"), help="Results directory."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for runs when none is named."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] [default: cuda when present]."),
+) -> None:
+    """Perplexity of trained runs at 1x, 2x, ... 16x their training length."""
+    from .errors import LenxError
+    from .evaluate import evaluate
+
+    lens = _ints(lengths, "--lengths")
+    if max_len is not None and max_len <= 0:
+        raise LenxError(f"--max-len must be a positive integer, got {max_len}")
+    if tokens is not None and tokens <= 0:
+        raise LenxError(f"--tokens must be a positive integer, got {tokens}")
+    table = evaluate(run_dirs or None, max_len=max_len, lengths=lens, tokens=tokens, out=out, runs_dir=runs_dir,
+                     device=device)
+    typer.echo(f"{len(table)} rows in {out / 'results.csv'}")
+
+
+@app.command()
+def report(
+    results_dir: Path = typer.Argument(Path("results"), help="Directory holding results.csv / results.parquet."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the report [default: RESULTS_DIR]."),
+) -> None:
+    """Write report.md and ppl_vs_length.png from the results table."""
+    from .report import report as make_report
+
+    path = make_report(results_dir, out)
+    typer.echo(f"report written to {path}")
+
+
+@app.command()
+def schemes(name: Optional[str] = typer.Argument(None, help="Show one scheme in detail.")) -> None:
+    """List the positional schemes, or explain one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .positional import REGISTRY, get_scheme
+
+    console = Console()
+    if name:
+        cls = get_scheme(name)
+        console.print(f"[bold]{cls.name}[/]  ({', '.join(cls.acts) or 'nowhere'})")
+        console.print(f"formula: {cls.formula}")
+        console.print(f"paper:   {cls.paper}")
+        console.print(f"used by: {cls.used_by}")
+        if cls.defaults:
+            console.print("options: " + ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
+        console.print()
+        console.print(cls.details, markup=False)
+        return
+    table = Table(title="positional schemes", show_lines=False)
+    for col in ("name", "acts on", "learned", "formula", "paper", "used by"):
+        table.add_column(col, overflow="fold")
+    where = {"embedding": "embedding", "qk": "q·k", "bias": "score bias"}
+    for cls in REGISTRY.values():
+        learned = "yes" if cls.learned else "no"
+        table.add_row(cls.name, ", ".join(where[a] for a in cls.acts) or "—", learned, cls.formula, cls.paper,
+                      cls.used_by)
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line and exit code 2; internal errors keep their traceback."""
+    from .errors import LenxError
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    _quiet_libraries()
+    try:
+        result = app(args=args or ["--help"], prog_name="lenx", standalone_mode=False)
+    except LenxError as e:
+        print(f"lenx: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("lenx: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        return 130
+    except typer.TyperException as e:  # usage errors: unknown option, bad value, missing argument
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        print(f"lenx: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+def _quiet_libraries() -> None:
+    """lenx draws its own progress bars; silence the libraries' per-file ones."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Training configuration: defaults from configs/default.yaml, then a --config file, then flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import LenxError
+
+DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+@dataclass
+class TrainConfig:
+    pe: str = "rope"
+    pe_options: dict = field(default_factory=dict)
+    dataset: str = "stdlib"
+    tokenizer: str = "byte"
+    train_len: int = 128
+    steps: int = 800
+    batch_size: int = 32
+    layers: int = 4
+    d_model: int = 128
+    heads: int = 4
+    d_ff: int = 512
+    lr: float = 2e-3
+    pos_lr_mult: float = 10.0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup: int = 80
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    attn_backend: str = "sdpa"
+    attn_block_size: int = 512
+    log_every: int = 10
+    save_every: int = 200
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = {"int": int, "float": float, "str": str, "dict": dict}
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Safe YAML (never constructs Python objects). One clear line on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise LenxError(f"config file {path} not found") from None
+    except OSError as e:
+        raise LenxError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "syntax error"
+        raise LenxError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LenxError(f"config file {path} must be a mapping of keys to values")
+    return data
+
+
+def check_values(values: dict, source: str) -> dict:
+    """Reject unknown keys and wrong types, naming the key."""
+    out = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key not in _FIELDS:
+            raise LenxError(f"{source}: unknown key '{key}'; known keys: {', '.join(_FIELDS)}")
+        want = _TYPES[_FIELDS[key].type]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise LenxError(f"{source}: key '{key}' must be {want.__name__}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def resolve(config_file: str | None = None, **flags) -> TrainConfig:
+    values = check_values(read_yaml(DEFAULTS_FILE), str(DEFAULTS_FILE)) if DEFAULTS_FILE.exists() else {}
+    if config_file:
+        values.update(check_values(read_yaml(config_file), str(config_file)))
+    values.update(check_values({k: v for k, v in flags.items() if v is not None}, "flag"))
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    from .positional import get_scheme
+
+    get_scheme(cfg.pe)
+    for key in ("train_len", "steps", "batch_size", "layers", "d_model", "heads", "d_ff", "attn_block_size", "log_every", "save_every"):
+        if getattr(cfg, key) <= 0:
+            raise LenxError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(cfg, key)}")
+    if cfg.d_model % cfg.heads or (cfg.d_model // cfg.heads) % 2:
+        raise LenxError(f"--d-model {cfg.d_model} must split into {cfg.heads} heads of an even size")
+    if not cfg.lr > 0:
+        raise LenxError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.warmup < 0 or cfg.seed < 0:
+        raise LenxError("--warmup and --seed must be >= 0")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise LenxError(f"unknown precision '{cfg.precision}'; known: auto, fp32, bf16")
+    from .attention import BACKENDS
+
+    if cfg.attn_backend not in BACKENDS:
+        raise LenxError(f"unknown attention backend '{cfg.attn_backend}'; known: {', '.join(BACKENDS)}")

@@ -1,0 +1,171 @@
+"""A pre-LN decoder-only transformer, identical for every scheme except its positional part.
+
+The positional scheme (``self.pe``) is consulted in three places: the embedding, the queries and
+keys of every layer, and the attention scores of every layer. Nothing here knows which scheme it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutput
+
+from .attention import causal_attention
+from .positional import PositionalScheme, build_scheme
+
+
+class LenxConfig(PretrainedConfig):
+    model_type = "lenx"
+
+    def __init__(
+        self,
+        vocab_size: int = 257,
+        n_layer: int = 4,
+        d_model: int = 128,
+        n_head: int = 4,
+        d_ff: int = 512,
+        train_len: int = 128,
+        pe: str = "rope",
+        pe_options: dict | None = None,
+        attn_backend: str = "sdpa",
+        attn_block_size: int = 512,
+        initializer_range: float = 0.02,
+        eod_token_id: int = 256,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.n_layer = n_layer
+        self.d_model = d_model
+        self.n_head = n_head
+        self.d_ff = d_ff
+        self.train_len = train_len
+        self.pe = pe
+        self.pe_options = dict(pe_options or {})
+        self.attn_backend = attn_backend
+        self.attn_block_size = attn_block_size
+        self.initializer_range = initializer_range
+        self.eod_token_id = eod_token_id
+        kwargs.setdefault("eos_token_id", eod_token_id)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LenxConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.backend = config.attn_backend
+        self.block_size = config.attn_block_size
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.proj._residual_proj = True
+
+    def forward(self, x: Tensor, pos: Tensor, pe: PositionalScheme, bias) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = pe.rotate(q, k, pos)
+        y = causal_attention(q, k, v, bias, self.backend, self.block_size)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LenxConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.proj._residual_proj = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LenxConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, pos: Tensor, pe: PositionalScheme, bias) -> Tensor:
+        x = x + self.attn(self.ln_1(x), pos, pe, bias)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LenxForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = LenxConfig
+    config: LenxConfig
+    base_model_prefix = "lenx"
+    main_input_name = "input_ids"
+    _tied_weights_keys = {"lm_head.weight": "wte.weight"}
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: LenxConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.pe = build_scheme(config)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        for m in self.pe.modules():
+            m._lenx_pe_owned = True
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, PositionalScheme):
+            if not all(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
+                module.reset_parameters()
+        elif getattr(module, "_lenx_pe_owned", False):
+            return  # the scheme initialises its own parts, as its paper does
+        elif isinstance(module, nn.Linear):
+            # GPT-2: projections back into the residual stream are scaled by 1/sqrt(2 * n_layer)
+            residual = getattr(module, "_residual_proj", False)
+            init.normal_(module.weight, std=std / (2 * self.config.n_layer) ** 0.5 if residual else std)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.wte = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def hidden(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids.reshape(-1, T)[0]
+        x = self.pe.embed(self.wte(input_ids), pos)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, pos, self.pe, self.pe.bias(layer, pos))
+        return self.ln_f(x)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutput:
+        """``attention_mask`` may only mark padding on the left (as generate() does); lenx itself never pads."""
+        logits = self.lm_head(self.hidden(input_ids, position_ids))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, **kwargs) -> dict:
+        # No KV cache: every step re-reads the whole prefix (positions restart at 0 each step).
+        return {"input_ids": input_ids}
+

@@ -1,0 +1,39 @@
+"""One look for every figure: a colour-blind-safe palette, the same colour and marker for a
+scheme everywhere, readable axes, the legend outside the data."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Paul Tol's 'muted' palette (colour-blind safe), plus his pale grey, in registry order.
+_PALETTE = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99", "#999933", "#AA4499",
+            "#6699CC", "#555555", "#DDDDDD"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p"]
+
+
+def style(scheme: str) -> dict:
+    """Colour and marker of a scheme: fixed by its place in the registry (others hash to a slot)."""
+    from .positional import REGISTRY
+
+    names = list(REGISTRY)
+    base = scheme.split("+")[0]
+    i = names.index(base) if base in names else sum(map(ord, base)) % len(_PALETTE)
+    s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}
+    if "+" in scheme:  # a RoPE extension: same colour family, dashed
+        s["linestyle"] = "--"
+    return s
+
+
+def new_figure(width: float = 8.0, height: float = 4.8):
+    plt.rcParams.update({"font.size": 11, "axes.grid": True, "grid.alpha": 0.3})
+    return plt.subplots(figsize=(width, height), dpi=120)
+
+
+def finish(fig, ax, path, legend_title: str | None = None) -> None:
+    ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

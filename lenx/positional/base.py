@@ -1,0 +1,123 @@
+"""The interface between a positional scheme and the model.
+
+A scheme may act in three places only, and the model calls all three for every scheme:
+
+  (a) ``embed(x, pos)``        -- the token embeddings, before the first block (add a vector per position);
+  (b) ``rotate(q, k, pos)``    -- queries and keys of every layer, before their dot product;
+  (c) ``bias(layer, pos)``     -- an additive term on the attention scores of a layer, computed from
+                                  query and key positions (and, for content-dependent schemes, the queries).
+
+The model and the attention code never look at a scheme's name. A scheme that does nothing in a
+place leaves the default, which is the identity (and ``bias`` returns None, so attention runs on
+the fused causal kernel with no mask at all).
+
+Score biases are handed to attention as a ``Bias``: an object that builds the bias for one block of
+query rows at a time, so no path ever needs a heads x L x L tensor. Relative schemes (bias a function
+of i - j only) implement ``distance_bias`` and get a ``TableBias``: one per-head 1-D table over
+distances per forward and layer, gathered per block.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class Bias:
+    """Additive attention-score term for one layer, built block by block.
+
+    ``block(q0, q1, q)`` returns the bias for query rows q0..q1-1 against keys 0..q1-1, shaped
+    (1 or B, H, q1 - q0, q1); entries above the diagonal are ignored (attention masks them).
+    ``q`` is the (B, H, q1 - q0, hd) block of queries, for content-dependent schemes.
+    A bias may also add to the attention output (Shaw's a^V): then ``needs_probs`` is True and
+    ``value(q0, q1, probs)`` returns the extra (B, H, q1 - q0, hd) output given the block's
+    attention probabilities.
+    """
+
+    needs_probs: bool = False
+
+    def block(self, q0: int, q1: int, q: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def value(self, q0: int, q1: int, probs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class TableBias(Bias):
+    """Bias from a per-head table over causal distances: b[h, i, j] = table[h, i - j] for j <= i."""
+
+    def __init__(self, table: Tensor, pos: Tensor):
+        self.table = table  # (H, D) with D >= number of positions
+        self.pos = pos  # (T,) integer positions
+
+    def block(self, q0: int, q1: int, q: Tensor | None = None) -> Tensor:
+        dist = (self.pos[q0:q1, None] - self.pos[None, :q1]).clamp_(min=0)
+        return self.table[:, dist].unsqueeze(0)
+
+
+class PositionalScheme(nn.Module):
+    """Base class: the identity in all three places. Subclasses override what their paper changes."""
+
+    name: ClassVar[str] = ""
+    acts: ClassVar[tuple[str, ...]] = ()  # subset of ("embedding", "qk", "bias")
+    formula: ClassVar[str] = ""  # one line, for `lenx schemes`
+    paper: ClassVar[str] = ""
+    used_by: ClassVar[str] = ""
+    details: ClassVar[str] = ""  # longer text for `lenx schemes NAME`
+    relative: ClassVar[bool] = False  # scores depend on positions only through i - j
+    learned: ClassVar[bool] = False  # has trained parameters of its own
+    defaults: ClassVar[dict] = {}  # scheme options and their paper defaults
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_layer = config.n_layer
+        self.d_model = config.d_model
+        self.head_dim = config.d_model // config.n_head
+        self.train_len = config.train_len
+        unknown = set(config.pe_options) - set(self.defaults)
+        if unknown:
+            from ..errors import LenxError
+
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise LenxError(
+                f"unknown option(s) {', '.join(sorted(unknown))} for scheme '{self.name}'; known: {known}"
+            )
+        self.options = {**self.defaults, **config.pe_options}
+
+    # The longest sequence the scheme can represent (None: any length).
+    max_len: int | None = None
+
+    def reset_parameters(self) -> None:
+        """Initialise learned parameters as the scheme's paper does."""
+
+    # (a) embedding
+    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+        return x
+
+    # (b) queries and keys, shaped (B, H, T, hd)
+    def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        return q, k
+
+    # (c) attention scores
+    def bias(self, layer: int, pos: Tensor) -> Bias | None:
+        if not self.relative or "bias" not in self.acts:
+            return None
+        n = int(pos.max().item() - pos.min().item()) + 1 if pos.numel() else 1
+        dist = torch.arange(n, device=pos.device)
+        return TableBias(self.distance_bias(layer, dist), pos)
+
+    def distance_bias(self, layer: int, dist: Tensor) -> Tensor:
+        """Relative schemes: the (H, D) bias for causal distances i - j = dist (>= 0)."""
+        raise NotImplementedError
+
+    # Evaluation-time settings (RoPE extensions); schemes that have none ignore them.
+    def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
+        if method not in ("none", None):
+            from ..errors import LenxError
+
+            raise LenxError(
+                f"--rope-scaling {method} applies to rope and xpos runs, not to '{self.name}'; use --rope-scaling none"
+            )

@@ -1,0 +1,35 @@
+import torch
+from torch import Tensor, nn
+
+from ..errors import LengthNotSupported
+from . import register
+from .base import PositionalScheme
+
+
+@register
+class LearnedAbsolute(PositionalScheme):
+    name = "learned"
+    acts = ("embedding",)
+    learned = True
+    formula = "x = E[tok] + P[pos], P a trained (L x d) table; no vector exists past L"
+    paper = "Gehring et al. 2017 (ConvS2S); Radford et al. 2018/2019 (GPT, GPT-2); Devlin et al. 2019 (BERT)"
+    used_by = "GPT-2, GPT-3, OPT, BERT"
+    details = (
+        "A table of train_len learned vectors, one per position, added to the token embeddings.\n"
+        "It has nothing to say about positions >= train_len: evaluating there is reported as\n"
+        "'not representable', never clamped."
+    )
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.table = nn.Parameter(torch.empty(config.train_len, config.d_model))
+        self.max_len = config.train_len
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.table, std=0.02)
+
+    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+        if int(pos.max()) >= self.max_len:
+            raise LengthNotSupported(f"learned positions end at {self.max_len}; position {int(pos.max())} has no vector")
+        return x + self.table[pos].to(x.dtype)

@@ -1,0 +1,36 @@
+import math
+
+import torch
+from torch import Tensor
+
+from . import register
+from .base import PositionalScheme
+
+
+def sinusoid_table(pos: Tensor, d_model: int, base: float = 10000.0) -> Tensor:
+    """PE(pos, 2k) = sin(pos / base^(2k/d)), PE(pos, 2k+1) = cos(pos / base^(2k/d)); shape (T, d)."""
+    k2 = torch.arange(0, d_model, 2, dtype=torch.float64, device=pos.device)
+    angle = pos.to(torch.float64)[:, None] / base ** (k2 / d_model)
+    pe = torch.empty(len(pos), d_model, dtype=torch.float64, device=pos.device)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : d_model // 2])
+    return pe.float()
+
+
+@register
+class Sinusoidal(PositionalScheme):
+    name = "sinusoidal"
+    acts = ("embedding",)
+    formula = "x = sqrt(d)*E[tok] + PE(pos); PE(pos,2k) = sin(pos/10000^(2k/d)), PE(pos,2k+1) = cos(...)"
+    paper = "Vaswani et al. 2017, 'Attention is all you need' (section 3.5)"
+    used_by = "the original Transformer, fairseq transformer_lm (the ALiBi paper's baseline)"
+    defaults = {"base": 10000.0}
+    details = (
+        "A fixed vector per position, added to the token embeddings. As in Vaswani et al. (and\n"
+        "fairseq), token embeddings are multiplied by sqrt(d_model) first; without that, a\n"
+        "unit-amplitude sinusoid swamps GPT-style embeddings (std 0.02)."
+    )
+
+    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+        pe = sinusoid_table(pos, self.d_model, self.options["base"]).to(x.dtype)
+        return x * math.sqrt(self.d_model) + pe

@@ -1,0 +1,334 @@
+"""`lenx train`: one model, one positional scheme, one fixed training context.
+
+The batch at step s is a pure function of (seed, s), so a run resumed from a checkpoint sees exactly
+the batches it would have seen uninterrupted. Checkpoints are written atomically into a fresh
+directory, then `latest.json` is replaced to point at it; a kill at any moment leaves the last
+complete checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+
+from .config import TrainConfig
+from .data import get_tokenizer, load_corpus, token_stream
+from .errors import LenxError
+from .io import atomic_path, write_json
+from .runinfo import default_device, provenance
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.pe}-L{cfg.train_len}-s{cfg.seed}"
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, eod_id: int):
+    from .model import LenxConfig
+
+    return LenxConfig(
+        vocab_size=vocab_size,
+        n_layer=cfg.layers,
+        d_model=cfg.d_model,
+        n_head=cfg.heads,
+        d_ff=cfg.d_ff,
+        train_len=cfg.train_len,
+        pe=cfg.pe,
+        pe_options=cfg.pe_options,
+        attn_backend=cfg.attn_backend,
+        attn_block_size=cfg.attn_block_size,
+        eod_token_id=eod_id,
+    )
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision != "auto":
+        if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+            raise LenxError("this GPU has no bf16 support; use --precision fp32")
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    # CPUs without native bf16 matrix units (AVX2, e.g. this project's CI machines) run bf16
+    # autocast many times slower than fp32; only AMX / AVX512-BF16 parts gain from it.
+    return "bf16" if _cpu_has_native_bf16() else "fp32"
+
+
+def _cpu_has_native_bf16() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+
+
+def autocast(precision: str, device: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def get_batch(stream: np.ndarray, cfg: TrainConfig, step: int) -> torch.Tensor:
+    """(batch, train_len + 1) windows at random offsets; a function of (seed, step) alone."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    starts = torch.randint(0, len(stream) - cfg.train_len - 1, (cfg.batch_size,), generator=g).numpy()
+    idx = starts[:, None] + np.arange(cfg.train_len + 1)[None, :]
+    return torch.from_numpy(stream[idx].astype(np.int64))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio; a multiplier of the peak lr."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW. Weight decay on matrices only; the scheme's own parameters get lr * pos_lr_mult and no decay."""
+    pe_ids = {id(p) for p in model.pe.parameters()}
+    decay, no_decay, pe = [], [], []
+    for p in model.parameters():
+        (pe if id(p) in pe_ids else decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+        {"params": pe, "weight_decay": 0.0, "lr_mult": cfg.pos_lr_mult},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
+    mult = lr_at(cfg, step)
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * mult * g["lr_mult"]
+    return cfg.lr * mult
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run_dir: Path, model, opt, step: int, log: list[dict]) -> None:
+    ckpt = run_dir / f"checkpoint-{step:07d}"
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    ckpt.mkdir(parents=True)
+    save_model(model, str(ckpt / "model.safetensors"))
+    with atomic_path(ckpt / "optimizer.pt") as tmp:
+        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
+    write_json(
+        ckpt / "state.json",
+        {"step": step, "python_rng": _py_rng_to_json(random.getstate()), "numpy_rng": _np_rng_to_json()},
+    )
+    _write_log(run_dir, log)
+    write_json(run_dir / "latest.json", {"step": step, "checkpoint": ckpt.name})
+    for old in run_dir.glob("checkpoint-*"):
+        if old != ckpt:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path, model, opt) -> int:
+    """Restore model, optimizer and RNG states; returns the step to continue from."""
+    latest = run_dir / "latest.json"
+    try:
+        info = json.loads(latest.read_text())
+        ckpt = run_dir / info["checkpoint"]
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=True)
+        state = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        meta = json.loads((ckpt / "state.json").read_text())
+    except Exception as e:  # any corrupt or partial file: say which, never guess
+        raise LenxError(
+            f"checkpoint in {run_dir} is unreadable or corrupt ({type(e).__name__}); delete it or pass --overwrite"
+        ) from None
+    random.setstate(_py_rng_from_json(meta["python_rng"]))
+    np.random.set_state(_np_rng_from_json(meta["numpy_rng"]))
+    return int(meta["step"])
+
+
+def _py_rng_to_json(state):
+    return [state[0], list(state[1]), state[2]]
+
+
+def _py_rng_from_json(state):
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _np_rng_to_json():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _np_rng_from_json(s):
+    return (s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4])
+
+
+def _write_log(run_dir: Path, log: list[dict]) -> None:
+    import pandas as pd
+
+    with atomic_path(run_dir / "train_log.csv") as tmp:
+        pd.DataFrame(log, columns=["step", "loss", "lr", "tokens_per_s"]).to_csv(tmp, index=False)
+
+
+def _read_log(run_dir: Path, upto: int) -> list[dict]:
+    import pandas as pd
+
+    path = run_dir / "train_log.csv"
+    if not path.exists():
+        return []
+    df = pd.read_csv(path)
+    return df[df["step"] <= upto].to_dict("records")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool) -> str:
+    """Returns 'new', 'resume' or 'done'. Refuses a directory holding a different config."""
+    run_json = run_dir / "run.json"
+    if run_dir.exists() and overwrite:
+        shutil.rmtree(run_dir)
+    if run_json.exists():
+        try:
+            old = json.loads(run_json.read_text())["config"]
+        except (ValueError, KeyError):
+            raise LenxError(f"{run_json} is corrupt; pass --overwrite to start the run again") from None
+        if old != cfg.to_dict():
+            diff = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != cfg.to_dict().get(k))
+            raise LenxError(
+                f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
+                "use another --out or pass --overwrite"
+            )
+        if (run_dir / "model.safetensors").exists() and json.loads(run_json.read_text()).get("status") == "done":
+            return "done"
+        return "resume" if (run_dir / "latest.json").exists() else "new"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise LenxError(f"cannot write to {run_dir}: {e.strerror}; choose another --out") from None
+    return "new"
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = False, device: str | None = None,
+          progress: bool = True) -> Path:
+    from .model import LenxForCausalLM
+
+    run_dir = Path(out) if out else default_run_dir(cfg)
+    state = prepare_run_dir(run_dir, cfg, overwrite)
+    if state == "done":
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[green]{run_dir} is already trained[/]; nothing to do (--overwrite retrains)")
+        return run_dir
+
+    device = device or default_device()
+    precision = resolve_precision(cfg.precision, device)
+    tok = get_tokenizer(cfg.tokenizer)
+    corpus = load_corpus(cfg.dataset)
+    stream = token_stream(cfg.dataset, cfg.tokenizer, "train")
+    if len(stream) < cfg.train_len + 2:
+        raise LenxError(
+            f"the training split of '{cfg.dataset}' has {len(stream)} tokens; one window of --train-len "
+            f"{cfg.train_len} needs {cfg.train_len + 2}"
+        )
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = LenxForCausalLM(model_config(cfg, tok.vocab_size, tok.eod_id)).to(device)
+    opt = build_optimizer(model, cfg)
+    start, log = 0, []
+    run_info = {
+        "run": run_dir.name,
+        "status": "training",
+        "config": cfg.to_dict(),
+        "precision": precision,
+        "dataset_fingerprint": corpus.fingerprint,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        **provenance(device),
+    }
+    if state == "resume":
+        start = load_checkpoint(run_dir, model, opt)
+        log = _read_log(run_dir, start)
+        run_info = {**json.loads((run_dir / "run.json").read_text()), **run_info}
+    write_json(run_dir / "run.json", run_info)
+
+    model.train()
+    tokens_per_step = cfg.batch_size * cfg.train_len
+    t_start, t_window, tok_window = time.perf_counter(), time.perf_counter(), 0
+    elapsed_before = float(run_info.get("train_seconds", 0.0)) if state == "resume" else 0.0
+    progress_cm = _progress(cfg, start) if progress else nullcontext(None)
+    with progress_cm as bar:
+        task = bar.add_task("train", total=cfg.steps, completed=start, loss=float("nan"), tps=0.0) if bar else None
+        for step in range(start, cfg.steps):
+            lr = set_lr(opt, cfg, step)
+            batch = get_batch(stream, cfg, step).to(device)
+            with autocast(precision, device):
+                logits = model(batch[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            if not torch.isfinite(loss):
+                raise LenxError(
+                    f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr:g}) and rerun "
+                    "(the last good checkpoint is kept)"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            tok_window += tokens_per_step
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                now = time.perf_counter()
+                tps = tok_window / (now - t_window)
+                t_window, tok_window = now, 0
+                log.append({"step": done, "loss": loss.item(), "lr": lr, "tokens_per_s": tps})
+                if bar:
+                    bar.update(task, completed=done, loss=loss.item(), tps=tps)
+            elif bar:
+                bar.update(task, completed=done)
+            if done % cfg.save_every == 0 and done < cfg.steps:
+                run_info["train_seconds"] = elapsed_before + time.perf_counter() - t_start
+                write_json(run_dir / "run.json", run_info)
+                save_checkpoint(run_dir, model, opt, done, log)
+
+    wall = elapsed_before + time.perf_counter() - t_start
+    tps_values = [r["tokens_per_s"] for r in log[1:]] or [r["tokens_per_s"] for r in log]
+    model.save_pretrained(run_dir, safe_serialization=True)
+    _write_log(run_dir, log)
+    run_info.update(
+        status="done",
+        steps_done=cfg.steps,
+        train_seconds=round(wall, 2),
+        tokens_per_s=round(float(np.median(tps_values)), 1) if tps_values else None,
+        final_loss=log[-1]["loss"] if log else None,
+    )
+    write_json(run_dir / "run.json", run_info)
+    for old in run_dir.glob("checkpoint-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    (run_dir / "latest.json").unlink(missing_ok=True)
+    return run_dir
+
+
+def _progress(cfg: TrainConfig, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn(f"[bold]{cfg.pe}[/] s{cfg.seed}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
