@@ -7,7 +7,8 @@ from .base import PositionalScheme
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0) -> Tensor:
     """theta_k = base^(-2k/d), k = 0 .. d/2 - 1 (float64 for exactness, cast by the caller)."""
-    return base ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    # explicit device: schemes may be built under transformers' meta-device context
+    return base ** -(torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
 
 
 def apply_rotation(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -53,7 +54,7 @@ class RoPE(PositionalScheme):
         key = (pos.device, n)
         if key not in self._cache:
             self._cache.clear()
-            angle = torch.arange(n, dtype=torch.float64)[:, None] * self.inv_freq[None, :]
+            angle = torch.arange(n, dtype=torch.float64, device="cpu")[:, None] * self.inv_freq[None, :]
             self._cache[key] = (angle.cos().float().to(pos.device), angle.sin().float().to(pos.device))
         cos, sin = self._cache[key]
         return cos[pos], sin[pos]

@@ -1,0 +1,152 @@
+"""`lenx train` -> `lenx eval` -> `lenx report`, end to end on tiny settings, as a user runs them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lenx.cli import main
+from lenx.positional import REGISTRY
+
+TINY = ["--steps", "6", "--train-len", "16", "--batch-size", "4", "--layers", "1", "--d-model", "32", "--heads", "2",
+        "--save-every", "4"]
+COLUMNS = ["run", "pe", "seed", "train_len", "eval_len", "ratio", "protocol", "tokens", "nll", "ppl", "bpb", "seconds",
+           "note"]
+
+
+def lenx(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Every registered scheme trained for a few steps on the embedded corpus."""
+    root = tmp_path_factory.mktemp("e2e")
+    for pe in REGISTRY:
+        assert lenx("train", "--pe", pe, *TINY, "--out", root / "runs" / pe) == 0
+    return root
+
+
+def test_train_writes_run_directory(trained):
+    run = trained / "runs" / "alibi"
+    for name in ("config.json", "model.safetensors", "run.json", "train_log.csv"):
+        assert (run / name).exists(), name
+    log = pd.read_csv(run / "train_log.csv")
+    assert list(log.columns) == ["step", "loss", "lr", "tokens_per_s"]
+    assert log["step"].iloc[-1] == 6
+    import json
+
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "done" and info["config"]["pe"] == "alibi"
+    for key in ("lenx_version", "torch_version", "device", "dataset_fingerprint", "train_seconds", "tokens_per_s"):
+        assert info[key] is not None, key
+    assert not list(run.glob("checkpoint-*"))  # checkpoints are removed once the final model is saved
+
+
+def test_eval_and_report(trained, capsys):
+    out = trained / "results"
+    runs = sorted((trained / "runs").iterdir())
+    assert lenx("eval", *runs, "--max-len", "64", "--tokens", "256", "--out", out) == 0
+    df = pd.read_csv(out / "results.csv")
+    assert set(COLUMNS) <= set(df.columns)
+    assert len(df) == len(REGISTRY) * 3  # lengths 16, 32, 64
+    assert sorted(df["eval_len"].unique()) == [16, 32, 64]
+    assert (df["ratio"] == df["eval_len"] / 16).all()
+    pq = pd.read_parquet(out / "results.parquet")
+    assert len(pq) == len(df)
+    learned = df[df["pe"] == "learned"].set_index("eval_len")
+    assert learned.loc[16, "ppl"] > 1
+    assert pd.isna(learned.loc[32, "ppl"]) and "learned positions end at 16" in learned.loc[32, "note"]
+    others = df[df["pe"] != "learned"]
+    assert (others["ppl"] > 1).all() and others["ppl"].notna().all()
+    assert (others["tokens"] == 256).all()
+    assert (df["bpb"].dropna() > 0).all()
+
+    # rerunning evaluates nothing new and keeps one row per cell
+    assert lenx("eval", *runs, "--max-len", "64", "--tokens", "256", "--out", out) == 0
+    assert len(pd.read_csv(out / "results.csv")) == len(df)
+
+    assert lenx("report", out) == 0
+    md = (out / "report.md").read_text()
+    assert "| alibi |" in md and "64 (4×)" in md
+    assert (out / "ppl_vs_length.png").stat().st_size > 10_000
+
+
+def test_train_on_local_text_directory(text_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert lenx("train", "--pe", "rope", *TINY, "--dataset", text_dataset, "--out", out) == 0
+    assert lenx("eval", out, "--lengths", "16,32", "--tokens", "64", "--out", tmp_path / "res") == 0
+    df = pd.read_csv(tmp_path / "res" / "results.csv")
+    assert df["ppl"].notna().all() and (df["dataset"] == str(text_dataset)).all()
+
+
+def test_finished_run_is_not_retrained(trained, capsys):
+    run = trained / "runs" / "nope"
+    before = (run / "model.safetensors").stat().st_mtime_ns
+    assert lenx("train", "--pe", "nope", *TINY, "--out", run) == 0
+    assert (run / "model.safetensors").stat().st_mtime_ns == before
+    assert "already trained" in capsys.readouterr().err
+
+
+def one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_unknown_scheme_lists_known_ones(capsys):
+    one_line_error(capsys, lenx("train", "--pe", "nosuch"), "nosuch", *REGISTRY)
+
+
+def test_max_len_below_training_length(trained, capsys):
+    code = lenx("eval", trained / "runs" / "alibi", "--max-len", "8", "--out", trained / "r2")
+    one_line_error(capsys, code, "--max-len 8", "training length 16")
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--pe", "rope", "--steps", "0"], "--steps"),
+        (["train", "--pe", "rope", "--train-len", "-5"], "--train-len"),
+        (["train", "--pe", "rope", "--dataset", "/no/such/place"], "not found"),
+        (["eval", "--lengths", "16,abc"], "--lengths"),
+        (["eval", "--max-len", "0"], "--max-len"),
+        (["eval", "/no/such/run"], "not a lenx run"),
+        (["report", "/no/such/results"], "no results"),
+        (["schemes", "nosuch"], "known schemes"),
+        (["train", "--no-such-flag"], "--no-such-flag"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, args, needle):
+    one_line_error(capsys, lenx(*args), needle)
+
+
+def test_bad_config_file_names_the_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pe: rope\nlearning_rate: 3\n")
+    one_line_error(capsys, lenx("train", "--config", cfg), "learning_rate")
+    cfg.write_text("steps: many\n")
+    one_line_error(capsys, lenx("train", "--config", cfg), "steps", "int")
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    """The installed entry point, in a real subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "lenx", "train", "--pe", "bogus"], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "known schemes" in proc.stderr
+
+
+def test_schemes_lists_every_scheme(capsys):
+    assert lenx("schemes") == 0
+    out = capsys.readouterr().out
+    for name in REGISTRY:
+        assert name in out
+    assert lenx("schemes", "rope") == 0
+    assert "m - n" in capsys.readouterr().out

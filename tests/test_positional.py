@@ -1,0 +1,118 @@
+"""Properties of the schemes, from their papers."""
+
+import math
+
+import pytest
+import torch
+
+from lenx.positional import REGISTRY
+from lenx.positional.alibi import alibi_slopes
+from lenx.positional.rope import RoPE
+from lenx.positional.sinusoidal import sinusoid_table
+
+from .conftest import ALL_SCHEMES, tiny_config, tiny_model
+
+
+def test_rope_scores_depend_only_on_offset():
+    scheme = RoPE(tiny_config("rope", d_model=64, n_head=2))
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 50, 32), torch.randn(1, 2, 50, 32)
+    pos = torch.arange(50)
+    rq, rk = scheme.rotate(q, k, pos)
+    sq, sk = scheme.rotate(q, k, pos + 1000)
+    torch.testing.assert_close(rq @ rk.transpose(-1, -2), sq @ sk.transpose(-1, -2), atol=2e-4, rtol=1e-4)
+    # ...and rotation is not the identity: absolute positions do change q and k themselves.
+    assert not torch.allclose(rq, sq, atol=1e-3)
+
+
+def test_rope_rotates_pairs_by_position_times_theta():
+    scheme = RoPE(tiny_config("rope", d_model=16, n_head=2))  # head dim 8: 4 pairs
+    q = torch.zeros(1, 1, 4, 8)
+    q[..., 2] = 1.0  # pair k = 1, first component
+    out, _ = scheme.rotate(q, q.clone(), torch.arange(4))
+    theta1 = 10000 ** (-2 * 1 / 8)
+    for m in range(4):
+        assert out[0, 0, m, 2].item() == pytest.approx(math.cos(m * theta1), abs=1e-6)
+        assert out[0, 0, m, 3].item() == pytest.approx(math.sin(m * theta1), abs=1e-6)
+
+
+def test_alibi_slopes_8_heads():
+    assert alibi_slopes(8) == [2.0**-i for i in range(1, 9)]
+
+
+def test_alibi_slopes_12_heads_follow_paper_code():
+    # get_slopes(12): the 8 slopes of the closest lower power of two, then every other slope of 16 heads
+    sixteen = [2.0 ** (-0.5 * i) for i in range(1, 17)]
+    assert alibi_slopes(16) == pytest.approx(sixteen)
+    expected = [2.0**-i for i in range(1, 9)] + sixteen[0::2][:4]
+    assert alibi_slopes(12) == pytest.approx(expected, rel=1e-12)
+
+
+def test_alibi_bias_is_fixed_linear_penalty():
+    model = tiny_model("alibi", n_head=8, d_model=64)
+    assert not list(model.pe.parameters())  # nothing learned
+    bias = model.pe.bias(0, torch.arange(10)).block(0, 10)[0]
+    m = torch.tensor(alibi_slopes(8))
+    i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+    expected = -m[:, None, None] * (i - j).clamp(min=0)
+    torch.testing.assert_close(bias, expected)
+
+
+def test_sinusoidal_matches_vaswani_formula():
+    d = 16
+    pos = torch.arange(40)
+    table = sinusoid_table(pos, d)
+    for p in (0, 1, 7, 39):
+        for i in range(d // 2):
+            assert table[p, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / d)), abs=1e-6)
+            assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / d)), abs=1e-6)
+
+
+@pytest.mark.parametrize("pe", ALL_SCHEMES)
+def test_causality(pe):
+    """Changing tokens after position t leaves the logits at positions <= t unchanged."""
+    model = tiny_model(pe)
+    torch.manual_seed(1)
+    x = torch.randint(0, 60, (2, 16))
+    t = 9
+    y = x.clone()
+    y[:, t + 1 :] = torch.randint(0, 60, (2, 16 - t - 1))
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+@pytest.mark.parametrize("pe", ALL_SCHEMES)
+def test_learned_flag_matches_parameters(pe):
+    model = tiny_model(pe)
+    assert REGISTRY[pe].learned == any(True for _ in model.pe.parameters())
+
+
+@pytest.mark.parametrize("pe", ALL_SCHEMES)
+@pytest.mark.parametrize("T", [13, 37])
+def test_backends_agree(pe, T):
+    """The blocked fused path equals the materialised reference, at lengths that are not block multiples."""
+    torch.manual_seed(2)
+    x = torch.randint(0, 60, (2, T))
+    fast = tiny_model(pe, train_len=64, attn_block_size=8)
+    ref = tiny_model(pe, train_len=64, attn_backend="materialized")
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x).logits, ref(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_learned_positions_end_at_table():
+    from lenx.errors import LengthNotSupported
+
+    model = tiny_model("learned")
+    with pytest.raises(LengthNotSupported):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_unknown_scheme_lists_known():
+    from lenx.errors import LenxError
+    from lenx.positional import get_scheme
+
+    with pytest.raises(LenxError, match="known schemes: .*alibi"):
+        get_scheme("nosuch")
