@@ -131,11 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import LenxError
 
     args = sys.argv[1:] if argv is None else list(argv)
-    _quiet_libraries()
     try:
         result = app(args=args or ["--help"], prog_name="lenx", standalone_mode=False)
     except LenxError as e:
-        print(f"lenx: error: {e}", file=sys.stderr)
+        print(f"lenx: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code
@@ -144,17 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.TyperException as e:  # usage errors: unknown option, bad value, missing argument
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        print(f"lenx: error: {' '.join(message.split())}", file=sys.stderr)
+        print(f"lenx: error: {_one_line(' '.join(message.split()))}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
 
 
-def _quiet_libraries() -> None:
-    """lenx draws its own progress bars; silence the libraries' per-file ones."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+def _one_line(message: str) -> str:
+    """Escape any character that would break the message over lines (user input may hold them)."""
+    return "".join(c if len(f"a{c}a".splitlines()) == 1 else c.encode("unicode_escape").decode() for c in message)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,8 +106,15 @@ def validate(cfg: TrainConfig) -> None:
             raise LenxError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.d_model % cfg.heads or (cfg.d_model // cfg.heads) % 2:
         raise LenxError(f"--d-model {cfg.d_model} must split into {cfg.heads} heads of an even size")
-    if not cfg.lr > 0:
-        raise LenxError(f"--lr must be positive, got {cfg.lr}")
+    for key in ("lr", "pos_lr_mult"):
+        value = getattr(cfg, key)
+        if not (value > 0 and math.isfinite(value)):
+            raise LenxError(f"--{key.replace('_', '-')} must be a positive finite number, got {value}")
+    for key in ("weight_decay", "grad_clip"):
+        if not (getattr(cfg, key) >= 0 and math.isfinite(getattr(cfg, key))):
+            raise LenxError(f"{key} must be a finite number >= 0, got {getattr(cfg, key)}")
+    if not (0 <= cfg.min_lr_ratio <= 1 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise LenxError("min_lr_ratio must lie in [0, 1] and beta1, beta2 in [0, 1)")
     if cfg.warmup < 0 or cfg.seed < 0:
         raise LenxError("--warmup and --seed must be >= 0")
     if cfg.precision not in ("auto", "fp32", "bf16"):

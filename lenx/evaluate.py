@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .data import get_tokenizer, load_corpus, token_stream
 from .errors import LengthNotSupported, LenxError
 from .io import write_table
-from .runinfo import default_device, provenance
+from .runinfo import default_device, provenance, quiet_hf
 
 KEY = ["run", "eval_len", "protocol", "rope_scaling", "rope_factor"]
 COLUMNS = [
@@ -56,18 +56,31 @@ def read_run(run_dir: str | Path) -> dict:
 
 
 def load_model(run_dir: Path, device: str):
-    from transformers.utils import logging as hf_logging
-
     from .model import LenxForCausalLM
 
-    hf_logging.disable_progress_bar()
+    quiet_hf()
     try:
-        model = LenxForCausalLM.from_pretrained(run_dir)
+        # safetensors only: a pickle planted beside the weights is never read
+        model = LenxForCausalLM.from_pretrained(run_dir, use_safetensors=True)
     except LenxError:
         raise
     except Exception as e:
         raise LenxError(f"cannot load the model in {run_dir} ({type(e).__name__}); retrain it with --overwrite") from None
     return model.to(device).eval()
+
+
+def check_run_matches(run_dir: Path, model, cfg: dict) -> None:
+    """The weights' config.json must agree with run.json and with the run's tokenizer."""
+    tok = get_tokenizer(cfg["tokenizer"])
+    mc = model.config
+    pairs = [("pe", mc.pe, cfg["pe"]), ("train_len", mc.train_len, cfg["train_len"]),
+             ("vocab_size", mc.vocab_size, tok.vocab_size)]
+    for key, got, want in pairs:
+        if got != want:
+            raise LenxError(
+                f"{run_dir}: config.json has {key}={got} but run.json / its tokenizer expect {want}; "
+                "the directory mixes two runs, retrain it with --overwrite"
+            )
 
 
 def default_lengths(train_len: int, max_len: int) -> list[int]:
@@ -177,6 +190,7 @@ def evaluate(
                     continue
                 if model is None:
                     model = load_model(run, device)
+                    check_run_matches(run, model, cfg)
                     tok = get_tokenizer(cfg["tokenizer"])
                     stream = token_stream(cfg["dataset"], cfg["tokenizer"], "test")
                     fingerprint = load_corpus(cfg["dataset"]).fingerprint

@@ -42,3 +42,11 @@ def provenance(device: str) -> dict:
         "device_name": device_name(device),
         "python": platform.python_version(),
     }
+
+
+def quiet_hf() -> None:
+    """lenx draws its own progress bars; silence transformers' per-file ones."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

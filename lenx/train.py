@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .data import get_tokenizer, load_corpus, token_stream
 from .errors import LenxError
 from .io import atomic_path, write_json
-from .runinfo import default_device, provenance
+from .runinfo import default_device, provenance, quiet_hf
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -303,6 +303,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
 
     wall = elapsed_before + time.perf_counter() - t_start
     tps_values = [r["tokens_per_s"] for r in log[1:]] or [r["tokens_per_s"] for r in log]
+    quiet_hf()
     model.save_pretrained(run_dir, safe_serialization=True)
     _write_log(run_dir, log)
     run_info.update(

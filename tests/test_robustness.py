@@ -1,0 +1,251 @@
+"""Never lose work, never crash on bad input, never execute a file."""
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from lenx.cli import main
+from lenx.positional import REGISTRY
+
+SMALL = ["--train-len", "16", "--batch-size", "4", "--layers", "1", "--d-model", "32", "--heads", "2"]
+
+
+def lenx(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def run_cli(args, cwd, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lenx", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, text_dataset):
+    args = ["train", "--pe", "alibi", *SMALL, "--steps", "40", "--save-every", "3", "--dataset", text_dataset]
+    ref = run_cli(args + ["--out", tmp_path / "ref"], tmp_path)
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()
+
+    run = tmp_path / "killed"
+    kill_after = random.Random().randint(1, 10)  # a random checkpoint count to wait for
+    proc = run_cli(args + ["--out", run], tmp_path)
+    latest = run / "latest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists():
+            try:
+                if json.loads(latest.read_text())["step"] >= 3 * kill_after:
+                    break
+            except (ValueError, KeyError):
+                pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before it could be killed"
+    time.sleep(random.random() * 0.3)  # land anywhere inside a step
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model.safetensors").exists()
+
+    resumed = run_cli(args + ["--out", run], tmp_path)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log_a = (tmp_path / "ref" / "train_log.csv").read_text().splitlines()
+    log_b = (run / "train_log.csv").read_text().splitlines()
+    assert [r.split(",")[:3] for r in log_a] == [r.split(",")[:3] for r in log_b]  # step, loss, lr
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tmp_path, text_dataset, capsys):
+    out = tmp_path / "run"
+    # a sane run that checkpoints at step 2, then continue with an absurd learning rate
+    assert lenx("train", "--pe", "rope", *SMALL, "--steps", "4", "--save-every", "2", "--dataset", text_dataset,
+                "--out", out) == 0
+    cfg = tmp_path / "boom.yaml"
+    cfg.write_text("lr: 1.0e+30\nwarmup: 0\n")
+    out2 = tmp_path / "run2"
+    code = lenx("train", "--pe", "rope", *SMALL, "--steps", "30", "--save-every", "1", "--dataset", text_dataset,
+                "--config", cfg, "--out", out2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "at step" in err[0] and "lower --lr" in err[0]
+    step = json.loads((out2 / "latest.json").read_text())["step"]
+    ckpt = out2 / json.loads((out2 / "latest.json").read_text())["checkpoint"]
+    state = load_file(ckpt / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert step >= 1
+
+
+def test_existing_run_with_other_config_is_refused(tmp_path, text_dataset, capsys):
+    out = tmp_path / "run"
+    assert lenx("train", "--pe", "nope", *SMALL, "--steps", "2", "--dataset", text_dataset, "--out", out) == 0
+    code = lenx("train", "--pe", "nope", *SMALL, "--steps", "3", "--dataset", text_dataset, "--out", out)
+    err = capsys.readouterr().err
+    assert code == 2 and "different config (steps)" in err and "--overwrite" in err
+    assert lenx("train", "--pe", "nope", *SMALL, "--steps", "3", "--dataset", text_dataset, "--out", out,
+                "--overwrite") == 0
+    assert json.loads((out / "run.json").read_text())["config"]["steps"] == 3
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robust")
+    out = root / "run"
+    assert lenx("train", "--pe", "alibi", *SMALL, "--steps", "2", "--out", out) == 0
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_line(capsys, code, needle):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert needle in err, err
+
+
+def test_corrupt_weights_give_one_line(small_run, tmp_path, capsys):
+    run = copy_run(small_run, tmp_path / "run")
+    (run / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    one_line(capsys, lenx("eval", run, "--lengths", "16", "--tokens", "16", "--out", tmp_path / "r"), "cannot load")
+
+
+def test_corrupt_checkpoint_gives_one_line(tmp_path, text_dataset, capsys):
+    out = tmp_path / "run"
+    proc = run_cli(["train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "2", "--dataset", text_dataset,
+                    "--out", out], tmp_path)
+    while proc.poll() is None and not (out / "latest.json").exists():
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    ckpt = out / json.loads((out / "latest.json").read_text())["checkpoint"]
+    (ckpt / "optimizer.pt").write_bytes(b"not a checkpoint")
+    code = lenx("train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "2", "--dataset", text_dataset,
+                "--out", out)
+    one_line(capsys, code, "corrupt")
+
+
+def test_mismatched_run_directory(small_run, tmp_path, capsys):
+    run = copy_run(small_run, tmp_path / "run")
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["train_len"] = 32
+    (run / "run.json").write_text(json.dumps(info))
+    one_line(capsys, lenx("eval", run, "--lengths", "32", "--tokens", "32", "--out", tmp_path / "r"), "train_len")
+
+
+def test_dataset_too_short_for_one_window(small_run, tmp_path, capsys):
+    code = lenx("eval", small_run, "--lengths", "16,10000000", "--out", tmp_path / "r")
+    one_line(capsys, code, "needs")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("abc " * 10)  # 36 training tokens; a 64-token window needs 66
+    code = lenx("train", "--pe", "nope", *SMALL[:1], "64", *SMALL[2:], "--dataset", tiny, "--out", tmp_path / "t")
+    one_line(capsys, code, "needs")
+
+
+def test_empty_dataset(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    one_line(capsys, lenx("train", "--pe", "nope", "--dataset", empty, "--out", tmp_path / "x"), "empty")
+
+
+def test_unwritable_output(small_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    one_line(capsys, lenx("eval", small_run, "--lengths", "16", "--out", blocker / "sub"), "cannot create")
+    one_line(capsys, lenx("train", "--pe", "nope", "--out", blocker / "sub"), "cannot write")
+
+
+class Payload:
+    """Unpickling this runs code: it would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_planted_pickles_are_never_executed(small_run, tmp_path, text_dataset, capsys):
+    marker = tmp_path / "pwned"
+    # 1. a pickle beside the safetensors weights of a finished run
+    run = copy_run(small_run, tmp_path / "run")
+    (run / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    assert lenx("eval", run, "--lengths", "16", "--tokens", "32", "--out", tmp_path / "r") == 0
+    # 2. a pickle as the optimizer state of a checkpoint being resumed
+    out = tmp_path / "ckrun"
+    proc = run_cli(["train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "2", "--dataset", text_dataset,
+                    "--out", out], tmp_path)
+    while proc.poll() is None and not (out / "latest.json").exists():
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    ckpt = out / json.loads((out / "latest.json").read_text())["checkpoint"]
+    torch.save({"optimizer": Payload(marker)}, ckpt / "optimizer.pt")
+    code = lenx("train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "2", "--dataset", text_dataset,
+                "--out", out)
+    assert code == 2
+    # 3. a YAML config that asks for a Python object
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(f"pe: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert lenx("train", "--config", cfg) == 2
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- property-based: any flags, exit 0 or 2
+
+ints = st.one_of(st.integers(-3, 3), st.sampled_from([0, -1, 16, 17, 32, 10**9]))
+floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e-3, 0.0, -1.0]))
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_train_flags_exit_0_or_2(data, tmp_path, text_dataset, capsys):
+    args = ["train", "--out", tmp_path / f"r{random.random()}", "--dataset", text_dataset, "--save-every", "1000"]
+    args += ["--steps", data.draw(st.integers(-2, 2))]
+    args += ["--pe", data.draw(st.one_of(st.sampled_from(list(REGISTRY)), texts))]
+    for flag, strat in [("--train-len", st.one_of(st.integers(-4, 24), st.just(10**9))), ("--batch-size", ints),
+                        ("--layers", st.integers(-1, 2)), ("--d-model", st.sampled_from([-8, 0, 6, 8, 16, 30])),
+                        ("--heads", st.integers(-1, 4)), ("--lr", floats), ("--seed", st.integers(-2, 3)),
+                        ("--precision", st.one_of(st.sampled_from(["fp32", "auto"]), texts))]:
+        if data.draw(st.booleans()):
+            args += [flag, data.draw(strat)]
+    code = lenx(*args)
+    err = capsys.readouterr().err
+    assert code in (0, 2), err
+    assert "Traceback" not in err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1, err
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_eval_flags_exit_0_or_2(data, small_run, tmp_path, capsys):
+    args = ["eval", small_run, "--out", tmp_path / "res"]
+    if data.draw(st.booleans()):
+        args += ["--lengths", data.draw(st.one_of(texts, st.lists(st.integers(-2, 64), min_size=1, max_size=3).map(
+            lambda xs: ",".join(map(str, xs)))))]
+    if data.draw(st.booleans()):
+        args += ["--max-len", data.draw(st.one_of(st.integers(-2, 64), st.just(10**9)))]
+    args += ["--tokens", data.draw(st.one_of(st.integers(-2, 64), texts))]
+    code = lenx(*args)
+    err = capsys.readouterr().err
+    assert code in (0, 2), err
+    assert "Traceback" not in err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1, err
