@@ -88,11 +88,25 @@ def report(
     results_dir: Path = typer.Argument(Path("results"), help="Directory holding results.csv / results.parquet."),
     out: Optional[Path] = typer.Option(None, help="Where to write the report [default: RESULTS_DIR]."),
 ) -> None:
-    """Write report.md and ppl_vs_length.png from the results table."""
+    """Write report.md, report.html, figures and results_<timestamp>.json from the results table."""
     from .report import report as make_report
 
     path = make_report(results_dir, out)
     typer.echo(f"report written to {path}")
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Option(..., "--config", help="Sweep YAML (e.g. configs/quick.yaml)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would run and its estimated time; change nothing."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] [default: cuda when present]."),
+) -> None:
+    """Schemes x seeds from one config: train what is missing, evaluate what is missing, write the report."""
+    from .sweep import run_sweep
+
+    path = run_sweep(config, dry_run=dry_run, device=device)
+    if path:
+        typer.echo(f"report written to {path} (and report.html beside it)")
 
 
 @app.command()

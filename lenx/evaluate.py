@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -153,7 +154,10 @@ def evaluate(
     device: str | None = None,
     batch_tokens: int = 16384,
     progress: bool = True,
+    bar=None,
+    on_cell=None,
 ) -> pd.DataFrame:
+    """Evaluate runs cell by cell. `bar`: a rich Progress to draw into; `on_cell(run_dir, eval_len)` after each cell."""
     runs = [Path(r) for r in run_dirs] if run_dirs else find_runs(runs_dir)
     infos = [read_run(r) for r in runs]
     out = Path(out)
@@ -173,18 +177,19 @@ def evaluate(
     table = load_results(out)
     done = {_key(r) for _, r in table.iterrows()}
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from .progress import progress as make_progress
 
     cells = sum(len(lens) for _, _, lens in plan)
-    with Progress(TextColumn("eval {task.fields[cell]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress) as bar:
-        task = bar.add_task("eval", total=cells, cell="")
+    own = bar is None
+    progress_cm = make_progress(disable=not progress) if own else nullcontext(bar)
+    with progress_cm as bar:
+        task = bar.add_task("eval", total=cells)
         for run, info, lens in plan:
             cfg = info["config"]
             model = None
             for L in lens:
                 base = {"run": run.name, "eval_len": L, "protocol": "nonoverlap", "rope_scaling": "none", "rope_factor": None}
-                bar.update(task, cell=f"{run.name} @ {L}")
+                bar.update(task, description=f"eval {run.name} @ {L}")
                 if _key(base) in done:
                     bar.advance(task)
                     continue
@@ -225,4 +230,8 @@ def evaluate(
                 table = append_row(out, table, row)
                 done.add(_key(row))
                 bar.advance(task)
+                if on_cell:
+                    on_cell(run, L)
+        if not own:
+            bar.remove_task(task)
     return table

@@ -1,14 +1,32 @@
-"""`lenx report`: the comparison table and figures from a results directory."""
+"""`lenx report`: Markdown, self-contained HTML, figures and an lm-eval-style JSON from a results directory.
+
+Tables give the mean over seeds with a 95% confidence interval (Student t), perplexity relative to
+1x, and, where the sweep config names published numbers, the paper's figures side by side.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import LenxError
-from .io import write_text
+from .io import write_json, write_text
 from .plots import finish, new_figure, style
+
+# Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard tables); normal beyond.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    return _T975[df - 1] if 1 <= df <= len(_T975) else 1.960
 
 
 def read_results(results_dir: Path) -> pd.DataFrame:
@@ -31,70 +49,296 @@ def label(df: pd.DataFrame) -> pd.Series:
     return df["pe"].where(scaling == "none", df["pe"] + "+" + scaling)
 
 
-def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
-    """scheme x eval_len: mean ppl over seeds (empty where the scheme cannot represent the length)."""
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (scheme, eval_len): mean, 95% CI half-width and count over seeds, of ppl and bpb."""
     df = df.assign(scheme=label(df))
-    return df.pivot_table(index="scheme", columns="eval_len", values="ppl", aggfunc="mean", dropna=False)
+    rows = []
+    for (scheme, L), g in df.groupby(["scheme", "eval_len"], sort=False):
+        ppl = g["ppl"].dropna()
+        n = len(ppl)
+        sd = ppl.std(ddof=1) if n > 1 else float("nan")
+        rows.append({
+            "scheme": scheme, "eval_len": int(L), "train_len": int(g["train_len"].iloc[0]), "seeds": n,
+            "ppl": ppl.mean() if n else float("nan"),
+            "ppl_ci95": t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan"),
+            "ppl_stderr": sd / math.sqrt(n) if n > 1 else float("nan"),
+            "bpb": g["bpb"].dropna().mean() if g["bpb"].notna().any() else float("nan"),
+            "note": "; ".join(sorted(set(g["note"].fillna("").astype(str)) - {""})),
+        })
+    out = pd.DataFrame(rows)
+    base = out[out["eval_len"] == out["train_len"]].set_index("scheme")["ppl"]
+    out["rel_1x"] = out["ppl"] / out["scheme"].map(base)
+    order = _scheme_order(out["scheme"].unique())
+    return out.sort_values(["scheme", "eval_len"], key=lambda c: c.map(order) if c.name == "scheme" else c)
 
 
-def _fmt(x) -> str:
-    return "—" if pd.isna(x) else f"{x:.2f}"
+def _scheme_order(schemes) -> dict:
+    from .positional import REGISTRY
+
+    names = list(REGISTRY)
+    return {s: (names.index(s.split("+")[0]) if s.split("+")[0] in names else len(names), s) for s in schemes}
 
 
-def markdown_table(table: pd.DataFrame, train_len: int | None) -> str:
+def _fmt(x, digits=2) -> str:
+    return "—" if pd.isna(x) else f"{x:.{digits}f}"
+
+
+def wide(summary: pd.DataFrame, cell) -> pd.DataFrame:
+    """scheme x eval_len table of strings, `cell(row)` per entry."""
+    schemes = list(dict.fromkeys(summary["scheme"]))
+    lengths = sorted(summary["eval_len"].unique())
+    table = pd.DataFrame("", index=schemes, columns=lengths)
+    for r in summary.itertuples():
+        table.loc[r.scheme, r.eval_len] = cell(r)
+    return table
+
+
+def ppl_cell(r) -> str:
+    return _fmt(r.ppl) + ("" if pd.isna(r.ppl_ci95) else f" ± {_fmt(r.ppl_ci95)}")
+
+
+def column_names(summary: pd.DataFrame) -> dict:
+    train_lens = summary["train_len"].unique()
+    if len(train_lens) != 1:
+        return {L: str(L) for L in summary["eval_len"].unique()}
+    return {L: f"{L} ({L / train_lens[0]:g}×)" for L in summary["eval_len"].unique()}
+
+
+def to_markdown(table: pd.DataFrame, names: dict) -> str:
     cols = list(table.columns)
-    head = "| scheme | " + " | ".join(f"{c} ({c / train_len:g}×)" if train_len else str(c) for c in cols) + " |"
-    lines = [head, "|---" * (len(cols) + 1) + "|"]
-    for scheme, row in table.iterrows():
-        lines.append(f"| {scheme} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    lines = ["| scheme | " + " | ".join(names.get(c, str(c)) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {idx} | " + " | ".join(str(v) for v in row) + " |" for idx, row in table.iterrows()]
     return "\n".join(lines)
 
 
-def plot_ppl_vs_length(df: pd.DataFrame, path: Path) -> None:
-    table = ppl_table(df)
+# ---------------------------------------------------------------- figures
+
+
+def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
     fig, ax = new_figure()
-    for scheme, row in table.iterrows():
-        row = row.dropna()
-        if row.empty:
+    for scheme, g in summary.groupby("scheme", sort=False):
+        g = g.dropna(subset=["ppl"])
+        if g.empty:
             continue
-        ax.plot(row.index, row.values, label=scheme, linewidth=2, markersize=6, **style(scheme))
-    for L in sorted(df["train_len"].unique()):
-        ax.axvline(L, color="black", linestyle=":", linewidth=1)
-        ax.annotate(f"train length {L}", (L, 1), xycoords=("data", "axes fraction"), xytext=(4, -14),
-                    textcoords="offset points", fontsize=9)
+        st = style(scheme)
+        ax.plot(g["eval_len"], g["ppl"], label=scheme, linewidth=2, markersize=6, **st)
+        if g["ppl_ci95"].notna().any():
+            ci = g["ppl_ci95"].fillna(0)
+            ax.fill_between(g["eval_len"], g["ppl"] - ci, g["ppl"] + ci, color=st["color"], alpha=0.2, linewidth=0)
+    _mark_train_len(ax, summary["train_len"].unique())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("evaluation length (tokens, log2 scale)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title("Perplexity vs evaluation length")
-    ax.set_xticks(sorted(df["eval_len"].unique()))
+    ax.set_title("Perplexity vs evaluation length (mean over seeds, 95% CI band)")
+    ax.set_xticks(sorted(summary["eval_len"].unique()))
     ax.get_xaxis().set_major_formatter(lambda x, _: f"{int(x):,}")
+    ax.minorticks_off()
     finish(fig, ax, path, legend_title="scheme")
 
 
-def report(results_dir: str | Path = "results", out: str | Path | None = None) -> Path:
+def _mark_train_len(ax, train_lens) -> None:
+    for L in sorted(train_lens):
+        ax.axvline(L, color="black", linestyle=":", linewidth=1)
+        ax.annotate(f"train length {L}", (L, 1), xycoords=("data", "axes fraction"), xytext=(4, -14),
+                    textcoords="offset points", fontsize=9)
+
+
+def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
+    """Training loss vs step, mean over seeds per scheme. False when no run's log is at hand."""
+    logs = []
+    for run_dir, g in df.groupby("run_dir"):
+        log = Path(run_dir) / "train_log.csv"
+        if log.exists():
+            logs.append(pd.read_csv(log).assign(pe=g["pe"].iloc[0], run=run_dir))
+    if not logs:
+        return False
+    logs = pd.concat(logs)
+    fig, ax = new_figure()
+    for pe, g in logs.groupby("pe", sort=False):
+        curve = g.groupby("step")["loss"].mean().rolling(5, min_periods=1).mean()
+        st = {k: v for k, v in style(pe).items() if k != "marker"}
+        ax.plot(curve.index, curve.values, label=pe, linewidth=1.8, **st)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (nats/token, 5-point moving mean)")
+    ax.set_title("Training loss")
+    finish(fig, ax, path, legend_title="scheme")
+    return True
+
+
+# ---------------------------------------------------------------- published numbers, provenance
+
+
+def published_table(summary: pd.DataFrame, published: Path) -> str | None:
+    """'lenx / paper' per cell where the sweep reproduces a paper's table (matched by scheme and eval_len)."""
+    pub = pd.read_csv(published)
+    ours = summary.set_index(["scheme", "eval_len"])["ppl"]
+    lengths = sorted(pub["eval_len"].unique())
+    lines = [f"Published: {pub['source'].iloc[0]}", "",
+             "| scheme | " + " | ".join(str(L) for L in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for pe, g in pub.groupby("pe", sort=False):
+        paper = g.set_index("eval_len")["ppl"]
+        cells = []
+        for L in lengths:
+            mine = ours.get((pe, L), float("nan"))
+            theirs = paper.get(L, float("nan"))
+            cells.append(f"{_fmt(mine)} / {_fmt(theirs)}")
+        lines.append(f"| {pe} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", "Each cell: lenx / paper perplexity ('—': not measured, or OOM in the paper)."])
+
+
+def provenance(df: pd.DataFrame) -> dict:
+    info = {}
+    for run_dir in df["run_dir"].dropna().unique():
+        path = Path(run_dir) / "run.json"
+        if path.exists():
+            try:
+                info = json.loads(path.read_text())
+                break
+            except ValueError:
+                continue
+    return {
+        "lenx_version": sorted(df["lenx_version"].astype(str).unique()),
+        "torch_version": info.get("torch_version"),
+        "git_commit": info.get("git_commit"),
+        "device": sorted(df["device"].astype(str).unique()),
+        "device_name": info.get("device_name"),
+        "dataset": sorted(df["dataset"].astype(str).unique()),
+        "dataset_fingerprint": sorted(df["dataset_fingerprint"].astype(str).unique()),
+        "protocol": sorted(df["protocol"].astype(str).unique()),
+        "runs": int(df["run"].nunique()),
+        "training_config": info.get("config"),
+    }
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    table: str = ""  # Markdown table
+    image: str = ""  # file name beside the report
+
+
+def report(results_dir: str | Path = "results", out: str | Path | None = None, config=None) -> Path:
     results_dir = Path(results_dir)
     out = Path(out) if out else results_dir
     df = read_results(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_lens = sorted(df["train_len"].unique())
-    train_len = int(train_lens[0]) if len(train_lens) == 1 else None
-    table = ppl_table(df)
-    plot_ppl_vs_length(df, out / "ppl_vs_length.png")
-    n_seeds = df.groupby("pe")["seed"].nunique().max()
-    notes = df[df["note"].fillna("").astype(str) != ""][["run", "eval_len", "note"]].drop_duplicates("run")
-    md = [
-        "# lenx report",
-        "",
-        f"Perplexity on the test split ({', '.join(sorted(df['dataset'].astype(str).unique()))}), "
-        f"protocol {', '.join(sorted(df['protocol'].unique()))}, mean over {n_seeds} seed(s). "
-        "Columns: evaluation length (multiple of the training length). '—': the scheme cannot represent that length.",
-        "",
-        markdown_table(table, train_len),
-        "",
-        "![perplexity vs length](ppl_vs_length.png)",
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LenxError(f"cannot create {out}: {e.strerror}; choose another --out") from None
+    if config is None and (results_dir / "sweep_config.yaml").exists():
+        from .sweep import load_sweep
+
+        config = load_sweep(results_dir / "sweep_config.yaml")
+    summary = summarise(df)
+    names = column_names(summary)
+    n_seeds = int(summary["seeds"].max())
+
+    plot_ppl_vs_length(summary, out / "ppl_vs_length.png")
+    sections = [
+        Section("Perplexity", f"Test-split perplexity, mean ± 95% confidence interval over {n_seeds} seed(s) "
+                "(Student t; no interval with one seed). Columns: evaluation length (multiple of the training "
+                "length). '—': the scheme cannot represent that length.",
+                to_markdown(wide(summary, ppl_cell), names)),
+        Section("Perplexity relative to 1×", "Mean perplexity divided by the same scheme's at its training length: "
+                "1.00 is perfect extrapolation.", to_markdown(wide(summary, lambda r: _fmt(r.rel_1x)), names)),
+        Section("Perplexity vs length", image="ppl_vs_length.png"),
     ]
+    if df["tokenizer"].nunique() > 1:
+        sections.insert(1, Section("Bits per byte", "Tokenizers differ between runs: bits per UTF-8 byte compares "
+                                   "them fairly.", to_markdown(wide(summary, lambda r: _fmt(r.bpb, 3)), names)))
+    if plot_training_curves(df, out / "training_loss.png"):
+        sections.append(Section("Training loss", image="training_loss.png"))
+    if config is not None and config.published is not None:
+        sections.append(Section("Published numbers", table=published_table(summary, config.published)))
+    notes = summary[summary["note"] != ""][["scheme", "eval_len", "note"]].drop_duplicates("scheme")
     if len(notes):
-        md += ["", "Notes:", ""] + [f"- {r.run} from {r.eval_len}: {r.note}" for r in notes.itertuples()]
-    write_text(out / "report.md", "\n".join(md) + "\n")
+        sections.append(Section("Notes", "\n".join(f"- {r.scheme} from {r.eval_len}: {r.note}"
+                                                     for r in notes.itertuples())))
+    prov = provenance(df)
+    prov_text = "\n".join(f"- {k}: {v}" for k, v in prov.items() if k != "training_config")
+    prov_text += "\n\nTraining config of the first run:\n\n```json\n" + json.dumps(prov["training_config"], indent=1) + "\n```"
+    if config is not None:
+        prov_text += f"\n\nSweep config `{config.path}`:\n\n```yaml\n{config.path.read_text().strip()}\n```"
+    sections.append(Section("Provenance", prov_text))
+
+    title = f"lenx report{': ' + config.name if config is not None else ''}"
+    write_text(out / "report.md", render_markdown(title, sections))
+    write_text(out / "report.html", render_html(title, sections, out))
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
+    write_json(out / f"results_{stamp}.json", lm_eval_json(summary, prov, config))
     return out / "report.md"
+
+
+def render_markdown(title: str, sections: list[Section]) -> str:
+    parts = [f"# {title}"]
+    for s in sections:
+        parts.append(f"## {s.title}")
+        parts += [x for x in (s.text, s.table) if x]
+        if s.image:
+            parts.append(f"![{s.title}]({s.image})")
+    return "\n\n".join(parts) + "\n"
+
+
+def _md_table_to_html(md: str) -> str:
+    out, rows = [], [line for line in md.splitlines() if line.startswith("|")]
+    text = [line for line in md.splitlines() if line and not line.startswith("|")]
+    out += [f"<p>{html.escape(t)}</p>" for t in text[:1]]
+    if rows:
+        cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows if not set(r) <= set("|- ")]
+        out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells[0]) + "</tr></thead><tbody>")
+        out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:]]
+        out.append("</tbody></table>")
+    out += [f"<p>{html.escape(t)}</p>" for t in text[1:]]
+    return "\n".join(out)
+
+
+def render_html(title: str, sections: list[Section], out: Path) -> str:
+    """One self-contained file: styles inline, images embedded as base64."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        body.append(f"<h2>{html.escape(s.title)}</h2>")
+        if s.text:
+            if "```" in s.text:
+                body.append(f"<pre>{html.escape(s.text.replace('```json', '').replace('```yaml', '').replace('```', ''))}</pre>")
+            else:
+                body += [f"<p>{html.escape(p)}</p>" for p in s.text.split("\n") if p]
+        if s.table:
+            body.append(_md_table_to_html(s.table))
+        if s.image:
+            data = base64.b64encode((out / s.image).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(s.title)}" src="data:image/png;base64,{data}">')
+    css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+           "th:first-child,td:first-child{text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:1em;"
+           "overflow-x:auto}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{css}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def lm_eval_json(summary: pd.DataFrame, prov: dict, config) -> dict:
+    """In the shape of lm-evaluation-harness result files: results per task, with stderr; config; versions."""
+    from . import __version__
+
+    results = {}
+    for r in summary.itertuples():
+        results[f"{r.scheme}@{r.eval_len}"] = {
+            "alias": f"{r.scheme} at {r.eval_len} tokens",
+            "token_perplexity,none": None if pd.isna(r.ppl) else float(r.ppl),
+            "token_perplexity_stderr,none": None if pd.isna(r.ppl_stderr) else float(r.ppl_stderr),
+            "bits_per_byte,none": None if pd.isna(r.bpb) else float(r.bpb),
+            "ppl_relative_to_1x,none": None if pd.isna(r.rel_1x) else float(r.rel_1x),
+            "seeds": int(r.seeds),
+        }
+    return {
+        "results": results,
+        "config": {"sweep": config.raw if config is not None else None, "training": prov.get("training_config")},
+        "versions": {"lenx": __version__, "torch": prov.get("torch_version")},
+        "git_hash": prov.get("git_commit"),
+        "date": datetime.now(timezone.utc).timestamp(),
+        "provenance": {k: v for k, v in prov.items() if k != "training_config"},
+    }

@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .data import get_tokenizer, load_corpus, token_stream
 from .errors import LenxError
 from .io import atomic_path, write_json
+from .progress import progress as make_progress
 from .runinfo import default_device, provenance, quiet_hf
 
 
@@ -219,7 +220,8 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool) -> str:
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = False, device: str | None = None,
-          progress: bool = True) -> Path:
+          progress: bool = True, bar=None) -> Path:
+    """Train (or resume, or skip if finished) one run. `bar`: a rich Progress to draw into (e.g. a sweep's)."""
     from .model import LenxForCausalLM
 
     run_dir = Path(out) if out else default_run_dir(cfg)
@@ -266,9 +268,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     tokens_per_step = cfg.batch_size * cfg.train_len
     t_start, t_window, tok_window = time.perf_counter(), time.perf_counter(), 0
     elapsed_before = float(run_info.get("train_seconds", 0.0)) if state == "resume" else 0.0
-    progress_cm = _progress(cfg, start) if progress else nullcontext(None)
+    own_bar = bar is None and progress
+    progress_cm = make_progress() if own_bar else nullcontext(bar)
     with progress_cm as bar:
-        task = bar.add_task("train", total=cfg.steps, completed=start, loss=float("nan"), tps=0.0) if bar else None
+        task = bar.add_task(f"train {cfg.pe} s{cfg.seed}", total=cfg.steps, completed=start, loss="", tps="") if bar else None
         for step in range(start, cfg.steps):
             lr = set_lr(opt, cfg, step)
             batch = get_batch(stream, cfg, step).to(device)
@@ -293,16 +296,19 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
                 t_window, tok_window = now, 0
                 log.append({"step": done, "loss": loss.item(), "lr": lr, "tokens_per_s": tps})
                 if bar:
-                    bar.update(task, completed=done, loss=loss.item(), tps=tps)
+                    bar.update(task, completed=done, loss=f"loss {loss.item():.3f}", tps=f"{tps:,.0f} tok/s")
             elif bar:
                 bar.update(task, completed=done)
             if done % cfg.save_every == 0 and done < cfg.steps:
                 run_info["train_seconds"] = elapsed_before + time.perf_counter() - t_start
                 write_json(run_dir / "run.json", run_info)
                 save_checkpoint(run_dir, model, opt, done, log)
+        if task is not None and not own_bar:
+            bar.remove_task(task)
 
     wall = elapsed_before + time.perf_counter() - t_start
     tps_values = [r["tokens_per_s"] for r in log[1:]] or [r["tokens_per_s"] for r in log]
+    tps = float(np.median(tps_values)) if tps_values else None
     quiet_hf()
     model.save_pretrained(run_dir, safe_serialization=True)
     _write_log(run_dir, log)
@@ -310,7 +316,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         status="done",
         steps_done=cfg.steps,
         train_seconds=round(wall, 2),
-        tokens_per_s=round(float(np.median(tps_values)), 1) if tps_values else None,
+        tokens_per_s=round(tps, 1) if tps else None,
+        mfu=_mfu(cfg, tok.vocab_size, tps, device, precision) if tps else None,
         final_loss=log[-1]["loss"] if log else None,
     )
     write_json(run_dir / "run.json", run_info)
@@ -320,16 +327,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     return run_dir
 
 
-def _progress(cfg: TrainConfig, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _mfu(cfg: TrainConfig, vocab: int, tps: float, device: str, precision: str) -> float:
+    """Model FLOPs utilisation against a matrix-multiply peak measured now, at the run's precision."""
+    from .perf import matmul_peak, train_flops_per_token
 
-    return Progress(
-        TextColumn(f"[bold]{cfg.pe}[/] s{cfg.seed}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TextColumn("{task.fields[tps]:,.0f} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    )
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    flops = train_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, cfg.train_len)
+    return round(tps * flops / matmul_peak(device, dtype), 4)

@@ -1,0 +1,188 @@
+"""`lenx sweep`: schemes x seeds from one YAML file: train what is missing, evaluate what is
+missing, write the report. A rerun does only what is missing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import check_values, read_yaml, resolve
+from .errors import LenxError
+
+TOP_KEYS = {"name", "description", "schemes", "seeds", "train", "eval", "runs_dir", "results_dir", "published"}
+EVAL_KEYS = {"max_len", "lengths", "tokens"}
+
+
+@dataclass
+class SweepSpec:
+    path: Path
+    name: str
+    schemes: list[str]
+    seeds: list[int]
+    train: dict
+    eval: dict
+    runs_dir: Path
+    results_dir: Path
+    published: Path | None = None
+    raw: dict = field(default_factory=dict)
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    raw = read_yaml(path)
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise LenxError(f"{path}: unknown key '{sorted(unknown)[0]}'; known keys: {', '.join(sorted(TOP_KEYS))}")
+    name = str(raw.get("name", path.stem))
+    schemes = raw.get("schemes")
+    if not isinstance(schemes, list) or not schemes or not all(isinstance(s, str) for s in schemes):
+        raise LenxError(f"{path}: 'schemes' must be a non-empty list of scheme names")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise LenxError(f"{path}: 'seeds' must be a non-empty list of integers >= 0")
+    train = raw.get("train") or {}
+    evals = raw.get("eval") or {}
+    for key, value in (("train", train), ("eval", evals)):
+        if not isinstance(value, dict):
+            raise LenxError(f"{path}: '{key}' must be a mapping")
+    if set(train) & {"pe", "seed"}:
+        raise LenxError(f"{path}: set 'pe' and 'seed' through 'schemes' and 'seeds', not under 'train'")
+    check_values(train, f"{path}: train")
+    bad = set(evals) - EVAL_KEYS
+    if bad:
+        raise LenxError(f"{path}: unknown key 'eval.{sorted(bad)[0]}'; known: {', '.join(sorted(EVAL_KEYS))}")
+    for s in schemes:
+        resolve(None, pe=s, **train)  # validates scheme names and every training value now, not hours later
+    published = raw.get("published")
+    if published is not None:
+        published = (path.parent / published).resolve()
+        if not published.exists():
+            raise LenxError(f"{path}: published numbers file {published} not found")
+    return SweepSpec(
+        path=path, name=name, schemes=schemes, seeds=seeds, train=train, eval=evals,
+        runs_dir=Path(raw.get("runs_dir", f"runs/{name}")), results_dir=Path(raw.get("results_dir", f"results/{name}")),
+        published=published, raw=raw,
+    )
+
+
+@dataclass
+class Job:
+    kind: str  # "train" or "eval"
+    pe: str
+    seed: int
+    run_dir: Path
+    what: str
+    seconds: float
+    done: bool
+
+
+def plan(spec: SweepSpec, device: str) -> list[Job]:
+    """Every training run and evaluation cell of the sweep, whether it is done, and an estimated time."""
+    from .evaluate import _key, default_lengths, load_results
+    from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
+
+    peak = matmul_peak(device) * _efficiency(spec, device)
+    table = load_results(spec.results_dir) if spec.results_dir.exists() else None
+    done_cells = {_key(r) for _, r in table.iterrows()} if table is not None else set()
+    jobs = []
+    for pe in spec.schemes:
+        for seed in spec.seeds:
+            cfg = resolve(None, pe=pe, seed=seed, **spec.train)
+            run_dir = spec.runs_dir / f"{pe}-L{cfg.train_len}-s{seed}"
+            vocab = 257
+            fpt = train_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, cfg.train_len)
+            trained = _is_trained(run_dir)
+            jobs.append(Job("train", pe, seed, run_dir, f"{cfg.steps} steps", cfg.steps * cfg.batch_size * cfg.train_len * fpt / peak,
+                            trained))
+            lengths = spec.eval.get("lengths") or default_lengths(cfg.train_len, spec.eval.get("max_len") or 16 * cfg.train_len)
+            tokens = spec.eval.get("tokens") or max(65536, max(lengths))
+            for L in lengths:
+                key = (run_dir.name, int(L), "nonoverlap", "none", None)
+                seconds = tokens * eval_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, L) / peak
+                jobs.append(Job("eval", pe, seed, run_dir, f"@{L}", seconds, key in done_cells))
+    return jobs
+
+
+def _is_trained(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status") == "done"
+    except (OSError, ValueError):
+        return False
+
+
+def _efficiency(spec: SweepSpec, device: str) -> float:
+    """Fraction of the matmul peak that training reached in this sweep's finished runs (else a guess)."""
+    seen = []
+    for run_json in spec.runs_dir.glob("*/run.json"):
+        try:
+            info = json.loads(run_json.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("mfu") and info.get("device") == device:
+            seen.append(info["mfu"])
+    return sorted(seen)[len(seen) // 2] if seen else 0.25
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def print_plan(spec: SweepSpec, jobs: list[Job], device: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep {spec.name}: {spec.path}")
+    for col in ("run", "train", "eval cells", "estimated"):
+        table.add_column(col)
+    runs = dict.fromkeys(j.run_dir for j in jobs)
+    for run in runs:
+        mine = [j for j in jobs if j.run_dir == run]
+        tr = next(j for j in mine if j.kind == "train")
+        ev = [j for j in mine if j.kind == "eval"]
+        todo = sum(j.seconds for j in mine if not j.done)
+        table.add_row(run.name, "done" if tr.done else tr.what, f"{sum(not j.done for j in ev)} of {len(ev)} to do",
+                      _fmt_seconds(todo))
+    console = Console()
+    console.print(table)
+    total = sum(j.seconds for j in jobs if not j.done)
+    console.print(f"to do: {sum(not j.done for j in jobs if j.kind == 'train')} training runs, "
+                  f"{sum(not j.done for j in jobs if j.kind == 'eval')} evaluation cells; "
+                  f"estimated {_fmt_seconds(total)} on {device}")
+
+
+def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = None) -> Path | None:
+    from .runinfo import default_device
+
+    spec = load_sweep(config)
+    device = device or default_device()
+    jobs = plan(spec, device)
+    if dry_run:
+        print_plan(spec, jobs, device)
+        return None
+
+    from .evaluate import evaluate
+    from .io import write_text
+    from .report import report
+    from .train import train
+
+    spec.results_dir.mkdir(parents=True, exist_ok=True)
+    write_text(spec.results_dir / "sweep_config.yaml", spec.path.read_text())
+    from .progress import progress
+
+    with progress() as bar:
+        overall = bar.add_task(f"sweep {spec.name}", total=sum(j.seconds for j in jobs if not j.done) or 1)
+        for job in jobs:
+            if job.kind == "train" and not job.done:
+                train(resolve(None, pe=job.pe, seed=job.seed, **spec.train), out=job.run_dir, device=device, bar=bar)
+                bar.advance(overall, job.seconds)
+        runs = list(dict.fromkeys(j.run_dir for j in jobs))
+        evaluate(runs, max_len=spec.eval.get("max_len"), lengths=spec.eval.get("lengths"),
+                 tokens=spec.eval.get("tokens"), out=spec.results_dir, device=device, bar=bar,
+                 on_cell=lambda run, L: bar.advance(overall, _eval_seconds(jobs, run, L)))
+    return report(spec.results_dir, config=spec)
+
+
+def _eval_seconds(jobs: list[Job], run: Path, L: int) -> float:
+    return next((j.seconds for j in jobs if j.kind == "eval" and j.run_dir == run and j.what == f"@{L}"), 0.0)

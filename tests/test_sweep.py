@@ -1,0 +1,94 @@
+"""`lenx sweep`: a tiny sweep end to end, resumable, and a dry run that changes nothing."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lenx.cli import main
+
+
+def lenx(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def snapshot(root: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(3000)))
+    cfg = root / "tiny.yaml"
+    cfg.write_text(f"""# a tiny sweep for the tests
+name: tiny
+schemes: [alibi, rope]
+seeds: [0, 1]
+train: {{dataset: {corpus}, steps: 4, train_len: 16, batch_size: 4, layers: 1, d_model: 32, heads: 2, save_every: 100}}
+eval: {{max_len: 64, tokens: 256}}
+runs_dir: {root / 'runs'}
+results_dir: {root / 'results'}
+""")
+    return root, cfg
+
+
+def test_dry_run_changes_nothing(tiny_sweep, capsys):
+    root, cfg = tiny_sweep
+    before = snapshot(root)
+    assert lenx("sweep", "--config", cfg, "--dry-run") == 0
+    assert snapshot(root) == before
+    out = capsys.readouterr().out
+    assert "4 training runs" in out and "12 evaluation cells" in out and "estimated" in out
+
+
+def test_sweep_report_and_rerun(tiny_sweep, capsys):
+    root, cfg = tiny_sweep
+    assert lenx("sweep", "--config", cfg) == 0
+    res = root / "results"
+    for name in ("report.md", "report.html", "ppl_vs_length.png", "training_loss.png", "results.csv"):
+        assert (res / name).exists(), name
+    df = pd.read_csv(res / "results.csv")
+    assert len(df) == 2 * 2 * 3 and set(df["seed"]) == {0, 1}
+    md = (res / "report.md").read_text()
+    assert "±" in md and "relative to 1×" in md and "Provenance" in md and "dataset_fingerprint" in md
+    html = (res / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2 and "<table>" in html
+    stamped = list(res.glob("results_*.json"))
+    assert len(stamped) == 1
+    js = json.loads(stamped[0].read_text())
+    cell = js["results"]["alibi@32"]
+    assert cell["seeds"] == 2 and cell["token_perplexity,none"] > 1 and cell["token_perplexity_stderr,none"] >= 0
+    assert js["config"]["sweep"]["name"] == "tiny"
+
+    # the confidence interval is the Student-t interval over the two seeds
+    g = df[(df["pe"] == "alibi") & (df["eval_len"] == 32)]["ppl"]
+    half = 12.706 * g.std(ddof=1) / 2**0.5
+    assert f"{g.mean():.2f} ± {half:.2f}" in md
+
+    before = snapshot(root / "runs")
+    rows = pd.read_csv(res / "results.csv")
+    capsys.readouterr()
+    assert lenx("sweep", "--config", cfg, "--dry-run") == 0
+    assert "0 training runs, 0 evaluation cells" in capsys.readouterr().out
+    assert lenx("sweep", "--config", cfg) == 0
+    assert snapshot(root / "runs") == before  # nothing retrained
+    pd.testing.assert_frame_equal(pd.read_csv(res / "results.csv"), rows)  # nothing re-evaluated
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("schemes: [alibi]\nbogus: 1\n", "bogus"),
+    ("schemes: []\n", "schemes"),
+    ("schemes: [nosuch]\n", "known schemes"),
+    ("schemes: [alibi]\ntrain: {stepz: 3}\n", "stepz"),
+    ("schemes: [alibi]\neval: {max_length: 3}\n", "eval.max_length"),
+    ("schemes: [alibi]\nseeds: [a]\n", "seeds"),
+])
+def test_bad_sweep_config_is_one_line(tmp_path, capsys, body, needle):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(body)
+    assert lenx("sweep", "--config", cfg) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
