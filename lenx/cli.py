@@ -68,6 +68,12 @@ def eval_(
     out: Path = typer.Option(Path("results"), help="Results directory."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for runs when none is named."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] [default: cuda when present]."),
+    rope_scaling: Optional[List[str]] = typer.Option(
+        None, "--rope-scaling", help="RoPE extension for rope/xpos runs: none, pi, ntk, dynamic-ntk, yarn. Repeat or "
+        "comma-separate to sweep; with several, other schemes are evaluated with none [default: none]."),
+    rope_factor: Optional[List[str]] = typer.Option(
+        None, "--rope-factor", help="Scale factor s >= 1; repeat or comma-separate to sweep [default: eval length / "
+        "train length; dynamic-ntk: max(1, window / train length) per window]."),
 ) -> None:
     """Perplexity of trained runs at 1x, 2x, ... 16x their training length."""
     from .errors import LenxError
@@ -78,8 +84,20 @@ def eval_(
         raise LenxError(f"--max-len must be a positive integer, got {max_len}")
     if tokens is not None and tokens <= 0:
         raise LenxError(f"--tokens must be a positive integer, got {tokens}")
+    from .positional.rope import ROPE_SCALINGS
+
+    scalings = [x for v in rope_scaling or [] for x in v.replace(" ", "").split(",") if x] or None
+    bad = [x for x in scalings or [] if x not in ROPE_SCALINGS]
+    if bad:
+        raise LenxError(f"unknown --rope-scaling '{bad[0]}'; known: {', '.join(ROPE_SCALINGS)}")
+    try:
+        factors = [float(x) for v in rope_factor or [] for x in v.replace(" ", "").split(",") if x] or None
+    except ValueError:
+        raise LenxError(f"--rope-factor expects numbers, got {' '.join(rope_factor)}") from None
+    if factors and (min(factors) < 1 or set(scalings or ["none"]) == {"none"}):
+        raise LenxError("--rope-factor needs factors >= 1 and a --rope-scaling other than none")
     table = evaluate(run_dirs or None, max_len=max_len, lengths=lens, tokens=tokens, out=out, runs_dir=runs_dir,
-                     device=device)
+                     device=device, rope_scalings=scalings, rope_factors=factors)
     typer.echo(f"{len(table)} rows in {out / 'results.csv'}")
 
 
@@ -113,6 +131,7 @@ def sweep(
 def schemes(name: Optional[str] = typer.Argument(None, help="Show one scheme in detail.")) -> None:
     """List the positional schemes, or explain one."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .positional import REGISTRY, get_scheme
@@ -121,22 +140,22 @@ def schemes(name: Optional[str] = typer.Argument(None, help="Show one scheme in 
     if name:
         cls = get_scheme(name)
         console.print(f"[bold]{cls.name}[/]  ({', '.join(cls.acts) or 'nowhere'})")
-        console.print(f"formula: {cls.formula}")
-        console.print(f"paper:   {cls.paper}")
-        console.print(f"used by: {cls.used_by}")
+        console.print(f"formula: {cls.formula}", markup=False)  # formulas hold [brackets], not markup
+        console.print(f"paper:   {cls.paper}", markup=False)
+        console.print(f"used by: {cls.used_by}", markup=False)
         if cls.defaults:
-            console.print("options: " + ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
+            console.print("options: " + ", ".join(f"{k}={v}" for k, v in cls.defaults.items()), markup=False)
         console.print()
         console.print(cls.details, markup=False)
         return
     table = Table(title="positional schemes", show_lines=False)
     for col in ("name", "acts on", "learned", "formula", "paper", "used by"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "name")  # names stay whole, to copy into --pe
     where = {"embedding": "embedding", "qk": "q·k", "bias": "score bias"}
     for cls in REGISTRY.values():
         learned = "yes" if cls.learned else "no"
-        table.add_row(cls.name, ", ".join(where[a] for a in cls.acts) or "—", learned, cls.formula, cls.paper,
-                      cls.used_by)
+        table.add_row(cls.name, ", ".join(where[a] for a in cls.acts) or "—", learned, escape(cls.formula),
+                      escape(cls.paper), escape(cls.used_by))
     console.print(table)
 
 

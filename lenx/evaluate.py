@@ -9,6 +9,7 @@ loses at most the cell in progress, and a rerun skips the cells already there.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -144,6 +145,24 @@ def append_row(out: Path, table: pd.DataFrame, row: dict) -> pd.DataFrame:
     return table
 
 
+STATIC_SCALINGS = ("pi", "ntk", "yarn")  # one factor per evaluation; dynamic-ntk derives its own per window
+
+
+def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:
+    """The (RoPE extension, factor) cells for one run. Schemes without RoPE get only 'none' when several
+    extensions are asked for, and an error when the one asked for does not apply to them. A factor of None:
+    eval_len / train_len for the static extensions; for dynamic-ntk, transformers' default factor 1, i.e.
+    s = max(1, window length / train_len) recomputed per window (recorded as an empty rope_factor)."""
+    from .positional import get_scheme
+    from .positional.base import scaling_not_supported
+
+    scalings = scalings or ["none"]
+    takes = [s for s in scalings if s in get_scheme(pe).eval_scalings]
+    if not takes and len(scalings) == 1:
+        raise scaling_not_supported(pe, scalings[0])
+    return [(s, f) for s in takes or ["none"] for f in ([None] if s == "none" else factors or [None])]
+
+
 def evaluate(
     run_dirs: list[str | Path] | None = None,
     max_len: int | None = None,
@@ -154,6 +173,8 @@ def evaluate(
     device: str | None = None,
     batch_tokens: int = 16384,
     progress: bool = True,
+    rope_scalings: list[str] | None = None,
+    rope_factors: list[float] | None = None,
     bar=None,
     on_cell=None,
 ) -> pd.DataFrame:
@@ -173,23 +194,26 @@ def evaluate(
         L = info["config"]["train_len"]
         check_lengths(lengths or [], L, max_len)
         lens = lengths or default_lengths(L, max_len or 16 * L)
-        plan.append((run, info, lens))
+        plan.append((run, info, lens, scaling_plan(info["config"]["pe"], rope_scalings, rope_factors)))
     table = load_results(out)
     done = {_key(r) for _, r in table.iterrows()}
 
     from .progress import progress as make_progress
 
-    cells = sum(len(lens) for _, _, lens in plan)
+    cells = sum(len(lens) * len(scalings) for _, _, lens, scalings in plan)
     own = bar is None
     progress_cm = make_progress(disable=not progress) if own else nullcontext(bar)
     with progress_cm as bar:
         task = bar.add_task("eval", total=cells)
-        for run, info, lens in plan:
+        for run, info, lens, scalings in plan:
             cfg = info["config"]
             model = None
-            for L in lens:
-                base = {"run": run.name, "eval_len": L, "protocol": "nonoverlap", "rope_scaling": "none", "rope_factor": None}
-                bar.update(task, description=f"eval {run.name} @ {L}")
+            for L, (scaling, factor) in itertools.product(lens, scalings):
+                if scaling in STATIC_SCALINGS and factor is None:
+                    factor = max(1.0, L / cfg["train_len"])  # the default: stretch the training length to L
+                base = {"run": run.name, "eval_len": L, "protocol": "nonoverlap", "rope_scaling": scaling,
+                        "rope_factor": factor}
+                bar.update(task, description=f"eval {run.name} @ {L}" + ("" if scaling == "none" else f" {scaling}"))
                 if _key(base) in done:
                     bar.advance(task)
                     continue
@@ -214,6 +238,7 @@ def evaluate(
                     "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "note": "",
                 }
                 windows = nonoverlap_windows(stream, L, n_tok)
+                model.pe.set_eval_scaling(scaling, factor)
                 t0 = time.perf_counter()
                 try:
                     nll_sum = score_windows(model, windows, batch_tokens, device)

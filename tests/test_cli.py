@@ -74,6 +74,35 @@ def test_eval_and_report(trained, capsys):
     assert (out / "ppl_vs_length.png").stat().st_size > 10_000
 
 
+def test_rope_scaling_sweep(trained, capsys):
+    out = trained / "results-scaling"
+    runs = [trained / "runs" / pe for pe in ("rope", "xpos", "alibi")]
+    args = ["--lengths", "16,32", "--tokens", "64", "--out", out]
+    assert lenx("eval", *runs, *args, "--rope-scaling", "none,pi,yarn", "--rope-scaling", "dynamic-ntk") == 0
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 2 * (4 + 4 + 1)  # lengths x scalings for rope and xpos; alibi: none only
+    assert set(df[df["pe"] == "alibi"]["rope_scaling"]) == {"none"}
+    rope = df[df["pe"] == "rope"].set_index(["rope_scaling", "eval_len"])
+    assert rope.loc[("pi", 32), "rope_factor"] == 2.0 and rope.loc[("yarn", 16), "rope_factor"] == 1.0
+    assert pd.isna(rope.loc[("dynamic-ntk", 32), "rope_factor"]) and pd.isna(rope.loc[("none", 32), "rope_factor"])
+    assert rope.loc[("pi", 16), "ppl"] == pytest.approx(rope.loc[("none", 16), "ppl"], rel=1e-6)  # s = 1: no change
+    assert rope.loc[("pi", 32), "ppl"] != pytest.approx(rope.loc[("none", 32), "ppl"], rel=1e-6)  # s = 2 acts
+    # explicit factors add cells; the ones already there are kept
+    assert lenx("eval", runs[0], *args, "--rope-scaling", "pi", "--rope-factor", "4,8") == 0
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 18 + 4
+    assert sorted(df[(df["pe"] == "rope") & (df["rope_scaling"] == "pi")]["rope_factor"]) == [1, 2, 4, 4, 8, 8]
+    # one extension asked of a scheme without RoPE: one line
+    code = lenx("eval", runs[2], *args, "--rope-scaling", "yarn")
+    one_line_error(capsys, code, "applies to rope, xpos runs", "alibi")
+
+
+def test_schemes_t5_names_its_default_sharing(capsys):
+    assert lenx("schemes", "t5") == 0
+    out = capsys.readouterr().out
+    assert "shared=True" in out and "shared: true (the default" in out
+
+
 def test_train_on_local_text_directory(text_dataset, tmp_path):
     out = tmp_path / "run"
     assert lenx("train", "--pe", "rope", *TINY, "--dataset", text_dataset, "--out", out) == 0
@@ -116,6 +145,9 @@ def test_max_len_below_training_length(trained, capsys):
         (["train", "--pe", "rope", "--dataset", "/no/such/place"], "not found"),
         (["eval", "--lengths", "16,abc"], "--lengths"),
         (["eval", "--max-len", "0"], "--max-len"),
+        (["eval", "--rope-scaling", "longrope"], "--rope-scaling"),
+        (["eval", "--rope-scaling", "pi", "--rope-factor", "0.5"], "--rope-factor"),
+        (["eval", "--rope-factor", "2"], "--rope-factor"),
         (["eval", "/no/such/run"], "not a lenx run"),
         (["report", "/no/such/results"], "no results"),
         (["schemes", "nosuch"], "known schemes"),

@@ -27,6 +27,6 @@ def build_scheme(config) -> PositionalScheme:
     return get_scheme(config.pe)(config)
 
 
-from . import nope, sinusoidal, learned, rope, alibi  # noqa: E402,F401  (registration order = listing order)
+from . import nope, sinusoidal, learned, rope, alibi, xpos, t5, shaw, kerple, fire  # noqa: E402,F401  (registration order = listing order)
 
 __all__ = ["Bias", "PositionalScheme", "TableBias", "REGISTRY", "register", "get_scheme", "build_scheme"]

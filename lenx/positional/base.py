@@ -69,6 +69,7 @@ class PositionalScheme(nn.Module):
     relative: ClassVar[bool] = False  # scores depend on positions only through i - j
     learned: ClassVar[bool] = False  # has trained parameters of its own
     defaults: ClassVar[dict] = {}  # scheme options and their paper defaults
+    eval_scalings: ClassVar[tuple[str, ...]] = ("none",)  # evaluation-time extensions it accepts (RoPE's)
 
     def __init__(self, config):
         super().__init__()
@@ -113,11 +114,19 @@ class PositionalScheme(nn.Module):
         """Relative schemes: the (H, D) bias for causal distances i - j = dist (>= 0)."""
         raise NotImplementedError
 
-    # Evaluation-time settings (RoPE extensions); schemes that have none ignore them.
+    # Evaluation-time settings (RoPE extensions); schemes that have none accept only "none".
     def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
-        if method not in ("none", None):
-            from ..errors import LenxError
+        if (method or "none") not in self.eval_scalings:
+            raise scaling_not_supported(self.name, method)
 
-            raise LenxError(
-                f"--rope-scaling {method} applies to rope and xpos runs, not to '{self.name}'; use --rope-scaling none"
-            )
+
+def scaling_not_supported(scheme: str, method: str):
+    """The one-line error for a RoPE extension asked of a scheme that has no such thing."""
+    from ..errors import LenxError
+    from . import REGISTRY
+
+    takers = [n for n, c in REGISTRY.items() if method in c.eval_scalings] or ["no"]
+    return LenxError(
+        f"--rope-scaling {method} applies to {', '.join(takers)} runs, not to '{scheme}'; "
+        "use --rope-scaling none, or give several methods to evaluate such runs without one"
+    )

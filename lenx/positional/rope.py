@@ -1,14 +1,56 @@
+import math
+
 import torch
 from torch import Tensor
 
 from . import register
 from .base import PositionalScheme
 
+# RoPE extensions applied at evaluation time (`lenx eval --rope-scaling`), as transformers implements them.
+ROPE_SCALINGS = ("none", "pi", "ntk", "dynamic-ntk", "yarn")
+
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0) -> Tensor:
     """theta_k = base^(-2k/d), k = 0 .. d/2 - 1 (float64 for exactness, cast by the caller)."""
     # explicit device: schemes may be built under transformers' meta-device context
     return base ** -(torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+
+
+def rope_frequencies(
+    head_dim: int, base: float, method: str = "none", factor: float | None = None,
+    train_len: int | None = None, seq_len: int | None = None,
+) -> tuple[Tensor, float]:
+    """Inverse frequencies and the factor on cos/sin for a RoPE extension with scale s = factor.
+
+    pi:          theta_k / s (positions divided by s; Chen et al. 2023).
+    ntk:         base' = base * s^(d/(d-2)).
+    dynamic-ntk: base' = base * (s * n/L - (s - 1))^(d/(d-2)), n = max(seq_len, L); s defaults to 1, so
+                 base * (n/L)^(d/(d-2)), recomputed for every sequence length (transformers' "dynamic").
+    yarn:        NTK-by-parts: theta_k / s where a pair turns fewer than alpha = 1 times over L, theta_k where
+                 it turns more than beta = 32 times, a linear ramp over the pair index between; and cos, sin
+                 times 0.1 ln(s) + 1 (Peng et al. 2023; transformers' "yarn", truncated ramp bounds).
+    """
+    d = head_dim
+    if method == "none":
+        return rope_inv_freq(d, base), 1.0
+    s = 1.0 if factor is None else float(factor)
+    if method == "pi":
+        return rope_inv_freq(d, base) / s, 1.0
+    if method == "ntk":
+        return rope_inv_freq(d, base * s ** (d / (d - 2))), 1.0
+    if method == "dynamic-ntk":
+        n = max(seq_len or train_len, train_len)
+        return rope_inv_freq(d, base * (s * n / train_len - (s - 1)) ** (d / (d - 2))), 1.0
+    if method == "yarn":
+        def pair_turning(turns: float) -> float:  # the pair index k whose wavelength fits `turns` times in L
+            return d * math.log(train_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = max(math.floor(pair_turning(32)), 0), min(math.ceil(pair_turning(1)), d - 1)
+        high += 1e-3 if high == low else 0  # as transformers: no division by zero
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        theta = rope_inv_freq(d, base)
+        return theta / s * ramp + theta * (1 - ramp), (0.1 * math.log(s) + 1.0) if s > 1 else 1.0
+    raise ValueError(f"unknown RoPE scaling '{method}'")
 
 
 def apply_rotation(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -23,6 +65,7 @@ class RoPE(PositionalScheme):
     name = "rope"
     acts = ("qk",)
     relative = True
+    eval_scalings = ROPE_SCALINGS
     formula = "rotate pair k of q_m by m*theta_k and of k_n by n*theta_k, theta_k = 10000^(-2k/d)"
     paper = "Su et al. 2021, 'RoFormer: enhanced transformer with rotary position embedding'"
     used_by = "LLaMA 1-3, PaLM, GPT-NeoX/Pythia, GPT-J, Qwen, Mistral, Falcon, Gemma"
@@ -34,28 +77,32 @@ class RoPE(PositionalScheme):
         "dot product of two pairs is Re(q_k * conj(k_k)), so\n"
         "  <R_m q, R_n k> = sum_k Re(q_k e^(i m theta_k) * conj(k_k e^(i n theta_k)))\n"
         "                 = sum_k Re(q_k conj(k_k) e^(i (m - n) theta_k)),\n"
-        "a function of q, k and m - n only: R_m^T R_n = R_(n-m), rotations compose by adding angles."
+        "a function of q, k and m - n only: R_m^T R_n = R_(n-m), rotations compose by adding angles.\n"
+        "At evaluation, `lenx eval --rope-scaling pi|ntk|dynamic-ntk|yarn` changes the frequencies\n"
+        "exactly as transformers' rope_parameters do (see lenx/positional/rope.py)."
     )
 
     def __init__(self, config):
         super().__init__(config)
         self._cache: dict = {}
-        self.set_eval_scaling("none")
+        self.scaling: tuple[str, float | None] = ("none", None)
 
     def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
-        if method not in ("none", None):
-            super().set_eval_scaling(method, factor)
-        self.inv_freq = rope_inv_freq(self.head_dim, self.options["base"])
+        super().set_eval_scaling(method, factor)  # rejects unknown methods
+        self.scaling = (method or "none", factor)
         self._cache.clear()
 
     def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin of pos * theta, (T, d/2) in float32; tables are cached across steps."""
+        """cos and sin of pos * theta, (T, d/2) in float32, times the extension's attention factor.
+        Tables are cached per length (dynamic NTK's frequencies depend on it)."""
         n = int(pos.max()) + 1
         key = (pos.device, n)
         if key not in self._cache:
             self._cache.clear()
-            angle = torch.arange(n, dtype=torch.float64, device="cpu")[:, None] * self.inv_freq[None, :]
-            self._cache[key] = (angle.cos().float().to(pos.device), angle.sin().float().to(pos.device))
+            inv_freq, attn = rope_frequencies(self.head_dim, self.options["base"], *self.scaling,
+                                              train_len=self.train_len, seq_len=n)
+            angle = torch.arange(n, dtype=torch.float64, device="cpu")[:, None] * inv_freq[None, :]
+            self._cache[key] = tuple((t * attn).float().to(pos.device) for t in (angle.cos(), angle.sin()))
         cos, sin = self._cache[key]
         return cos[pos], sin[pos]
 
