@@ -163,6 +163,17 @@ def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | Non
     return [(s, f) for s in takes or ["none"] for f in ([None] if s == "none" else factors or [None])]
 
 
+def cell_keys(run: Path, cfg: dict, lens: list[int], scalings: list[tuple[str, float | None]]) -> list[dict]:
+    """The evaluation cells of one run: one per (eval_len, RoPE extension, factor), keyed as in the results table."""
+    cells = []
+    for L, (scaling, factor) in itertools.product(lens, scalings):
+        if scaling in STATIC_SCALINGS and factor is None:
+            factor = max(1.0, L / cfg["train_len"])  # the default: stretch the training length to L
+        cells.append({"run": run.name, "eval_len": L, "protocol": "nonoverlap", "rope_scaling": scaling,
+                      "rope_factor": factor})
+    return cells
+
+
 def evaluate(
     run_dirs: list[str | Path] | None = None,
     max_len: int | None = None,
@@ -208,11 +219,8 @@ def evaluate(
         for run, info, lens, scalings in plan:
             cfg = info["config"]
             model = None
-            for L, (scaling, factor) in itertools.product(lens, scalings):
-                if scaling in STATIC_SCALINGS and factor is None:
-                    factor = max(1.0, L / cfg["train_len"])  # the default: stretch the training length to L
-                base = {"run": run.name, "eval_len": L, "protocol": "nonoverlap", "rope_scaling": scaling,
-                        "rope_factor": factor}
+            for base in cell_keys(run, cfg, lens, scalings):
+                L, scaling, factor = base["eval_len"], base["rope_scaling"], base["rope_factor"]
                 bar.update(task, description=f"eval {run.name} @ {L}" + ("" if scaling == "none" else f" {scaling}"))
                 if _key(base) in done:
                     bar.advance(task)
@@ -256,7 +264,7 @@ def evaluate(
                 done.add(_key(row))
                 bar.advance(task)
                 if on_cell:
-                    on_cell(run, L)
+                    on_cell(base)
         if not own:
             bar.remove_task(task)
     return table

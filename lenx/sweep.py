@@ -11,7 +11,7 @@ from .config import check_values, read_yaml, resolve
 from .errors import LenxError
 
 TOP_KEYS = {"name", "description", "schemes", "seeds", "train", "eval", "runs_dir", "results_dir", "published"}
-EVAL_KEYS = {"max_len", "lengths", "tokens"}
+EVAL_KEYS = {"max_len", "lengths", "tokens", "rope_scaling", "rope_factor"}
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Job:
 
 def plan(spec: SweepSpec, device: str) -> list[Job]:
     """Every training run and evaluation cell of the sweep, whether it is done, and an estimated time."""
-    from .evaluate import _key, default_lengths, load_results
+    from .evaluate import _key, cell_keys, default_lengths, load_results, scaling_plan
     from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
 
     peak = matmul_peak(device) * _efficiency(spec, device)
@@ -97,11 +97,21 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
                             trained))
             lengths = spec.eval.get("lengths") or default_lengths(cfg.train_len, spec.eval.get("max_len") or 16 * cfg.train_len)
             tokens = spec.eval.get("tokens") or max(65536, max(lengths))
-            for L in lengths:
-                key = (run_dir.name, int(L), "nonoverlap", "none", None)
+            scalings = scaling_plan(pe, _as_list(spec.eval.get("rope_scaling")), _as_list(spec.eval.get("rope_factor")))
+            for cell in cell_keys(run_dir, cfg.to_dict(), lengths, scalings):
+                L = cell["eval_len"]
                 seconds = tokens * eval_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, L) / peak
-                jobs.append(Job("eval", pe, seed, run_dir, f"@{L}", seconds, key in done_cells))
+                jobs.append(Job("eval", pe, seed, run_dir, _cell_name(cell), seconds, _key(cell) in done_cells))
     return jobs
+
+
+def _as_list(value) -> list | None:
+    return None if value is None else value if isinstance(value, list) else [value]
+
+
+def _cell_name(cell: dict) -> str:
+    extra = "" if cell["rope_scaling"] == "none" else f" {cell['rope_scaling']}"
+    return f"@{cell['eval_len']}{extra}" + ("" if cell["rope_factor"] is None else f" x{cell['rope_factor']:g}")
 
 
 def _is_trained(run_dir: Path) -> bool:
@@ -121,7 +131,7 @@ def _efficiency(spec: SweepSpec, device: str) -> float:
             continue
         if info.get("mfu") and info.get("device") == device:
             seen.append(info["mfu"])
-    return sorted(seen)[len(seen) // 2] if seen else 0.25
+    return sorted(seen)[len(seen) // 2] if seen else 0.5
 
 
 def _fmt_seconds(s: float) -> str:
@@ -178,11 +188,10 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
                 train(resolve(None, pe=job.pe, seed=job.seed, **spec.train), out=job.run_dir, device=device, bar=bar)
                 bar.advance(overall, job.seconds)
         runs = list(dict.fromkeys(j.run_dir for j in jobs))
+        seconds = {(j.run_dir.name, j.what): j.seconds for j in jobs if j.kind == "eval"}
         evaluate(runs, max_len=spec.eval.get("max_len"), lengths=spec.eval.get("lengths"),
                  tokens=spec.eval.get("tokens"), out=spec.results_dir, device=device, bar=bar,
-                 on_cell=lambda run, L: bar.advance(overall, _eval_seconds(jobs, run, L)))
+                 rope_scalings=_as_list(spec.eval.get("rope_scaling")),
+                 rope_factors=_as_list(spec.eval.get("rope_factor")),
+                 on_cell=lambda cell: bar.advance(overall, seconds.get((cell["run"], _cell_name(cell)), 0.0)))
     return report(spec.results_dir, config=spec)
-
-
-def _eval_seconds(jobs: list[Job], run: Path, L: int) -> float:
-    return next((j.seconds for j in jobs if j.kind == "eval" and j.run_dir == run and j.what == f"@{L}"), 0.0)

@@ -92,3 +92,26 @@ def test_bad_sweep_config_is_one_line(tmp_path, capsys, body, needle):
     assert lenx("sweep", "--config", cfg) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err
+
+
+def test_shipped_sweep_configs_load(capsys):
+    from lenx.sweep import load_sweep
+
+    configs = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+    sweeps = [c for c in configs if c.name != "default.yaml"]
+    assert {c.stem for c in sweeps} >= {"quick", "cpu", "alibi-wikitext103", "kerple-openwebtext2"}
+    for c in sweeps:
+        spec = load_sweep(c)
+        assert spec.schemes and spec.seeds
+    quick = load_sweep(Path(__file__).parent.parent / "configs" / "quick.yaml")
+    from lenx.positional import REGISTRY
+
+    assert set(quick.schemes) == set(REGISTRY)
+
+
+def test_default_yaml_lists_every_training_key():
+    import dataclasses
+
+    from lenx.config import DEFAULTS_FILE, TrainConfig, read_yaml
+
+    assert set(read_yaml(DEFAULTS_FILE)) == {f.name for f in dataclasses.fields(TrainConfig)}
