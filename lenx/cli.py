@@ -34,7 +34,8 @@ def train(
     dataset: Optional[str] = typer.Option(None, help="'stdlib' (embedded), a .txt file or a directory of .txt files."),
     train_len: Optional[int] = typer.Option(None, "--train-len", help="Training context length in tokens."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per step."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per step per process."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches accumulated per step."),
     layers: Optional[int] = typer.Option(None, help="Transformer blocks."),
     d_model: Optional[int] = typer.Option(None, "--d-model", help="Model width."),
     heads: Optional[int] = typer.Option(None, help="Attention heads."),
@@ -52,7 +53,7 @@ def train(
 
     cfg = resolve(
         str(config) if config else None,
-        pe=pe, dataset=dataset, train_len=train_len, steps=steps, batch_size=batch_size, layers=layers,
+        pe=pe, dataset=dataset, train_len=train_len, steps=steps, batch_size=batch_size, grad_accum=grad_accum, layers=layers,
         d_model=d_model, heads=heads, lr=lr, seed=seed, precision=precision, save_every=save_every,
     )
     run_dir = run_train(cfg, out=out, overwrite=overwrite, device=device)

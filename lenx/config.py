@@ -23,6 +23,7 @@ class TrainConfig:
     train_len: int = 128
     steps: int = 800
     batch_size: int = 32
+    grad_accum: int = 1
     layers: int = 4
     d_model: int = 128
     heads: int = 4
@@ -101,7 +102,7 @@ def validate(cfg: TrainConfig) -> None:
     from .positional import get_scheme
 
     get_scheme(cfg.pe)
-    for key in ("train_len", "steps", "batch_size", "layers", "d_model", "heads", "d_ff", "attn_block_size", "log_every", "save_every"):
+    for key in ("train_len", "steps", "batch_size", "grad_accum", "layers", "d_model", "heads", "d_ff", "attn_block_size", "log_every", "save_every"):
         if getattr(cfg, key) <= 0:
             raise LenxError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.d_model % cfg.heads or (cfg.d_model // cfg.heads) % 2:

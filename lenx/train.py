@@ -26,7 +26,7 @@ from .data import get_tokenizer, load_corpus, token_stream
 from .errors import LenxError
 from .io import atomic_path, write_json
 from .progress import progress as make_progress
-from .runinfo import default_device, provenance, quiet_hf
+from .runinfo import provenance, quiet_hf
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -73,10 +73,11 @@ def autocast(precision: str, device: str):
     return nullcontext()
 
 
-def get_batch(stream: np.ndarray, cfg: TrainConfig, step: int) -> torch.Tensor:
-    """(batch, train_len + 1) windows at random offsets; a function of (seed, step) alone."""
+def get_batch(stream: np.ndarray, cfg: TrainConfig, step: int, rows: int) -> torch.Tensor:
+    """The global batch of step `step`: (rows, train_len + 1) windows at random offsets, a function of
+    (seed, step, rows) alone, so any number of processes x accumulation steps sees the same batch."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    starts = torch.randint(0, len(stream) - cfg.train_len - 1, (cfg.batch_size,), generator=g).numpy()
+    starts = torch.randint(0, len(stream) - cfg.train_len - 1, (rows,), generator=g).numpy()
     idx = starts[:, None] + np.arange(cfg.train_len + 1)[None, :]
     return torch.from_numpy(stream[idx].astype(np.int64))
 
@@ -190,18 +191,29 @@ def _read_log(run_dir: Path, upto: int) -> list[dict]:
 # ---------------------------------------------------------------- the loop
 
 
-def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool) -> str:
+RESUME_FREE = ("batch_size", "grad_accum")  # may change on resume (e.g. other process count) if the global batch does not
+
+
+def identity(config: dict, world: int) -> dict:
+    out = {k: v for k, v in config.items() if k not in RESUME_FREE}
+    out["global_batch"] = config["batch_size"] * config.get("grad_accum", 1) * world
+    return out
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool, world: int = 1) -> str:
     """Returns 'new', 'resume' or 'done'. Refuses a directory holding a different config."""
     run_json = run_dir / "run.json"
     if run_dir.exists() and overwrite:
         shutil.rmtree(run_dir)
     if run_json.exists():
         try:
-            old = json.loads(run_json.read_text())["config"]
-        except (ValueError, KeyError):
+            info = json.loads(run_json.read_text())
+            old = identity(info["config"], info.get("world_size", 1))
+        except (ValueError, KeyError, TypeError):
             raise LenxError(f"{run_json} is corrupt; pass --overwrite to start the run again") from None
-        if old != cfg.to_dict():
-            diff = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != cfg.to_dict().get(k))
+        new = identity(cfg.to_dict(), world)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise LenxError(
                 f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
                 "use another --out or pass --overwrite"
@@ -222,17 +234,20 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool) -> str:
 def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = False, device: str | None = None,
           progress: bool = True, bar=None) -> Path:
     """Train (or resume, or skip if finished) one run. `bar`: a rich Progress to draw into (e.g. a sweep's)."""
+    from . import distributed
     from .model import LenxForCausalLM
 
+    ctx = distributed.init()
     run_dir = Path(out) if out else default_run_dir(cfg)
-    state = prepare_run_dir(run_dir, cfg, overwrite)
+    state = distributed.from_main(ctx, lambda: prepare_run_dir(run_dir, cfg, overwrite, ctx.world))
     if state == "done":
-        from rich.console import Console
+        if ctx.main:
+            from rich.console import Console
 
-        Console(stderr=True).print(f"[green]{run_dir} is already trained[/]; nothing to do (--overwrite retrains)")
+            Console(stderr=True).print(f"[green]{run_dir} is already trained[/]; nothing to do (--overwrite retrains)")
         return run_dir
 
-    device = device or default_device()
+    device = distributed.device_for(ctx, device)
     precision = resolve_precision(cfg.precision, device)
     tok = get_tokenizer(cfg.tokenizer)
     corpus = load_corpus(cfg.dataset)
@@ -256,16 +271,22 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         "precision": precision,
         "dataset_fingerprint": corpus.fingerprint,
         "n_params": sum(p.numel() for p in model.parameters()),
+        "world_size": ctx.world,
+        "global_batch": cfg.batch_size * cfg.grad_accum * ctx.world,
         **provenance(device),
     }
     if state == "resume":
         start = load_checkpoint(run_dir, model, opt)
         log = _read_log(run_dir, start)
         run_info = {**json.loads((run_dir / "run.json").read_text()), **run_info}
-    write_json(run_dir / "run.json", run_info)
+    if ctx.main:
+        write_json(run_dir / "run.json", run_info)
 
     model.train()
-    tokens_per_step = cfg.batch_size * cfg.train_len
+    net = torch.nn.parallel.DistributedDataParallel(model) if ctx.active else model
+    rows = cfg.batch_size * cfg.grad_accum  # this process's share of the global batch
+    tokens_per_step = rows * ctx.world * cfg.train_len
+    progress, bar = progress and ctx.main, bar if ctx.main else None
     t_start, t_window, tok_window = time.perf_counter(), time.perf_counter(), 0
     elapsed_before = float(run_info.get("train_seconds", 0.0)) if state == "resume" else 0.0
     own_bar = bar is None and progress
@@ -274,17 +295,23 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         task = bar.add_task(f"train {cfg.pe} s{cfg.seed}", total=cfg.steps, completed=start, loss="", tps="") if bar else None
         for step in range(start, cfg.steps):
             lr = set_lr(opt, cfg, step)
-            batch = get_batch(stream, cfg, step).to(device)
-            with autocast(precision, device):
-                logits = model(batch[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            mine = get_batch(stream, cfg, step, rows * ctx.world)[ctx.rank * rows : (ctx.rank + 1) * rows]
+            opt.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            for micro, batch in enumerate(mine.to(device).split(cfg.batch_size)):
+                last = micro == cfg.grad_accum - 1
+                with net.no_sync() if ctx.active and not last else nullcontext():
+                    with autocast(precision, device):
+                        logits = net(batch[:, :-1]).logits
+                    micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                    (micro_loss / cfg.grad_accum).backward()
+                loss += micro_loss.detach() / cfg.grad_accum
+            loss = distributed.mean(ctx, loss)
             if not torch.isfinite(loss):
                 raise LenxError(
                     f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr:g}) and rerun "
                     "(the last good checkpoint is kept)"
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -300,15 +327,19 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
             elif bar:
                 bar.update(task, completed=done)
             if done % cfg.save_every == 0 and done < cfg.steps:
-                run_info["train_seconds"] = elapsed_before + time.perf_counter() - t_start
-                write_json(run_dir / "run.json", run_info)
-                save_checkpoint(run_dir, model, opt, done, log)
+                if ctx.main:
+                    run_info["train_seconds"] = elapsed_before + time.perf_counter() - t_start
+                    write_json(run_dir / "run.json", run_info)
+                    save_checkpoint(run_dir, model, opt, done, log)
+                distributed.barrier(ctx)
         if task is not None and not own_bar:
             bar.remove_task(task)
 
     wall = elapsed_before + time.perf_counter() - t_start
     tps_values = [r["tokens_per_s"] for r in log[1:]] or [r["tokens_per_s"] for r in log]
     tps = float(np.median(tps_values)) if tps_values else None
+    if not ctx.main:
+        return run_dir
     quiet_hf()
     model.save_pretrained(run_dir, safe_serialization=True)
     _write_log(run_dir, log)
@@ -317,7 +348,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         steps_done=cfg.steps,
         train_seconds=round(wall, 2),
         tokens_per_s=round(tps, 1) if tps else None,
-        mfu=_mfu(cfg, tok.vocab_size, tps, device, precision) if tps else None,
+        mfu=_mfu(cfg, tok.vocab_size, tps / ctx.world, device, precision) if tps else None,
         final_loss=log[-1]["loss"] if log else None,
     )
     write_json(run_dir / "run.json", run_info)

@@ -1,0 +1,81 @@
+"""torch.distributed under torchrun: NCCL on CUDA, gloo on CPU. Without torchrun's environment,
+a single process with rank 0 of 1 and no process group."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init() -> Context:
+    """Join torchrun's process group (once); a plain process gets rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Context()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device_for(ctx: Context, device: str | None) -> str:
+    if device:
+        return device
+    return f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+def from_main(ctx: Context, fn):
+    """Run fn on rank 0 only and hand its result (or its exception) to every rank."""
+    if not ctx.active:
+        return fn()
+    box = [None, None]
+    if ctx.main:
+        try:
+            box[0] = fn()
+        except Exception as e:  # re-raised on every rank, so no rank waits forever
+            box[1] = e
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def gather(ctx: Context, obj) -> list:
+    if not ctx.active:
+        return [obj]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean(ctx: Context, value: torch.Tensor) -> torch.Tensor:
+    if ctx.active:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= ctx.world
+    return value

@@ -1,0 +1,66 @@
+"""torchrun on CPU (gloo), 2 processes started by the test."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+            "-m", "lenx"]
+SMALL = ["--train-len", "16", "--layers", "1", "--d-model", "32", "--heads", "2", "--lr", "1e-2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd, cwd, timeout=600):
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def lenx1(*args):
+    return [sys.executable, "-m", "lenx", *args]
+
+
+def assert_same_weights(a: Path, b: Path, atol=1e-5):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0)
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, text_dataset):
+    args = ["train", "--pe", "rope", *SMALL, "--steps", "10", "--batch-size", "4", "--dataset", text_dataset]
+    run([*TORCHRUN, *args, "--out", tmp_path / "r2"], tmp_path)
+    run(lenx1(*args, "--grad-accum", "2", "--out", tmp_path / "r1"), tmp_path)
+    la, lb = pd.read_csv(tmp_path / "r1" / "train_log.csv"), pd.read_csv(tmp_path / "r2" / "train_log.csv")
+    assert list(la["step"]) == list(lb["step"]) == [10]
+    assert abs(la["loss"].iloc[-1] - lb["loss"].iloc[-1]) < 1e-5
+    assert_same_weights(tmp_path / "r1", tmp_path / "r2")
+    info = json.loads((tmp_path / "r2" / "run.json").read_text())
+    assert info["world_size"] == 2 and info["global_batch"] == 8
+
+
+def test_two_rank_run_stopped_midway_resumes_on_one_rank(tmp_path, text_dataset):
+    args = ["train", "--pe", "alibi", *SMALL, "--steps", "12", "--save-every", "4", "--batch-size", "4",
+            "--dataset", text_dataset]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([str(c) for c in [*TORCHRUN, *args, "--out", out]], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "latest.json").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, 9)  # the launcher and both ranks
+    proc.wait()
+    assert (out / "latest.json").exists() and not (out / "model.safetensors").exists()
+    run(lenx1(*args, "--grad-accum", "2", "--out", out), tmp_path)  # one process, same global batch
+    run(lenx1(*args, "--grad-accum", "2", "--out", tmp_path / "ref"), tmp_path)
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    assert_same_weights(out, tmp_path / "ref")
