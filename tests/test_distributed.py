@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "lenx"]
 SMALL = ["--train-len", "16", "--layers", "1", "--d-model", "32", "--heads", "2", "--lr", "1e-2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run(cmd, cwd, timeout=600):
+def run(cmd, cwd, timeout=300):
     proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
