@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Training speed: lenx with every scheme next to transformers' GPT-2, Llama and Bloom of the same size.
+
+Each contender gets the same random batches; steps (forward + backward + AdamW) are timed round-robin,
+one step per contender in turn, so that machine drift hits all alike. Tokens/s is the median over the
+timed steps; MFU is against a matrix-multiply peak measured in the same run, at the same precision.
+
+  python scripts/bench_train.py                       # this issue's CPU size: 4 layers, d 256, 4 heads, 8 x 512
+  python scripts/bench_train.py --precision bf16 --json
+  python scripts/bench_train.py --schemes rope,alibi --steps 8 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lenx.model import LenxConfig, LenxForCausalLM  # noqa: E402
+from lenx.perf import matmul_peak, train_flops_per_token  # noqa: E402
+from lenx.positional import REGISTRY  # noqa: E402
+
+
+def hf_models(a) -> dict:
+    """Randomly initialised peers. Llama's SwiGLU has three FFN matrices, so its intermediate size is 2/3 of
+    d_ff (LLaMA's own convention) to match the parameters and FLOPs of a two-matrix FFN of width d_ff."""
+    from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    common = dict(vocab_size=a.vocab)
+    return {
+        "hf-gpt2 (learned, sdpa)": lambda: GPT2LMHeadModel(GPT2Config(
+            n_embd=a.d_model, n_layer=a.layers, n_head=a.heads, n_inner=a.d_ff, n_positions=a.seq, attn_implementation="sdpa",
+            **common)),
+        "hf-llama (rope, sdpa)": lambda: LlamaForCausalLM(LlamaConfig(
+            hidden_size=a.d_model, num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
+            intermediate_size=2 * a.d_ff // 3, max_position_embeddings=a.seq, tie_word_embeddings=True,
+            attn_implementation="sdpa", **common)),
+        "hf-bloom (alibi, eager)": lambda: BloomForCausalLM(BloomConfig(
+            hidden_size=a.d_model, n_layer=a.layers, n_head=a.heads, attn_implementation="eager", **common)),
+    }
+
+
+def lenx_model(a, pe: str):
+    return lambda: LenxForCausalLM(LenxConfig(vocab_size=a.vocab, n_layer=a.layers, d_model=a.d_model, n_head=a.heads,
+                                              d_ff=a.d_ff, train_len=a.seq, pe=pe))
+
+
+def make_step(build, a, device):
+    torch.manual_seed(0)
+    model = build().to(device).train()
+    fwd = torch.compile(model) if a.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if a.precision == "bf16" else nullcontext()
+
+    def step(batch):
+        with ctx:
+            logits = fwd(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    n = sum(p.numel() for p in model.parameters())
+    return step, n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--d-ff", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per contender (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile every contender")
+    p.add_argument("--schemes", default=",".join(REGISTRY), help="comma-separated lenx schemes")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers models")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args()
+    device = a.device
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    builders = {f"lenx-{pe}": lenx_model(a, pe) for pe in a.schemes.split(",") if pe}
+    if not a.no_hf:
+        builders.update(hf_models(a))
+    steps, times = {}, {name: [] for name in builders}
+    for name, build in builders.items():
+        steps[name] = make_step(build, a, device)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g).to(device) for _ in range(a.warmup + a.steps)]
+    for i, batch in enumerate(batches):  # round robin: one step of each contender in turn
+        for name, (step, _) in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step(batch)
+            sync()
+            if i >= a.warmup:
+                times[name].append(time.perf_counter() - t0)
+    peak = matmul_peak(device, torch.bfloat16 if a.precision == "bf16" else torch.float32)
+    flops = train_flops_per_token(a.d_model, a.layers, a.d_ff, a.vocab, a.seq)
+    tokens = a.batch * a.seq
+    rows = []
+    for name, ts in times.items():
+        tps = tokens / statistics.median(ts)
+        rows.append({"model": name, "params": steps[name][1], "tokens_per_s": round(tps, 1),
+                     "mfu": round(tps * flops / peak, 4)})
+    by = {r["model"]: r for r in rows}
+    peers = {"lenx-rope": "hf-llama (rope, sdpa)", "lenx-alibi": "hf-bloom (alibi, eager)",
+             "lenx-learned": "hf-gpt2 (learned, sdpa)"}
+    nope = by.get("lenx-nope")
+    for r in rows:
+        peer = by.get(peers.get(r["model"], ""))
+        r["vs_peer"] = round(r["tokens_per_s"] / peer["tokens_per_s"], 3) if peer else None
+        r["peer"] = peer["model"] if peer else None
+        r["vs_nope"] = round(r["tokens_per_s"] / nope["tokens_per_s"], 3) if nope and r["model"].startswith("lenx") else None
+    meta = {"device": device, "precision": a.precision, "compile": a.compile, "batch": a.batch, "seq": a.seq,
+            "layers": a.layers, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "vocab": a.vocab,
+            "timed_steps": a.steps, "matmul_peak_gflops": round(peak / 1e9, 1), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+    if a.json:
+        print(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"training tokens/s, {device} {a.precision}{' compiled' if a.compile else ''}, "
+                    f"{a.layers}L d{a.d_model} h{a.heads} ffn{a.d_ff}, batch {a.batch}x{a.seq}; "
+                    f"matmul peak {peak / 1e9:.0f} GFLOP/s")
+    for col in ("model", "params", "tokens/s", "MFU", "vs HF peer", "vs lenx-nope"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        t.add_row(r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.0%}",
+                  f"{r['vs_peer']:.2f}x ({r['peer'].split(' ')[0]})" if r["vs_peer"] else "",
+                  f"{r['vs_nope']:.2f}x" if r["vs_nope"] else "")
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()
