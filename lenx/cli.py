@@ -68,6 +68,20 @@ def eval_(
     out: Path = typer.Option(Path("results"), help="Results directory."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for runs when none is named."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] [default: cuda when present]."),
+    protocol: Optional[List[str]] = typer.Option(
+        None, "--protocol",
+        help="nonoverlap | sliding | truncate; repeat or comma-separate for several [default: nonoverlap].",
+    ),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", help="Sliding-window stride in tokens [default: half the evaluation length]."
+    ),
+    position_buckets: int = typer.Option(
+        1, "--position-buckets",
+        help="Position buckets per training length in results_by_position (1: width = training length).",
+    ),
+    attn_backend: Optional[str] = typer.Option(
+        None, "--attn-backend", help="sdpa | blocked | flex | materialized [default: the run's own setting]."
+    ),
 ) -> None:
     """Perplexity of trained runs at 1x, 2x, ... 16x their training length."""
     from .errors import LenxError
@@ -78,8 +92,12 @@ def eval_(
         raise LenxError(f"--max-len must be a positive integer, got {max_len}")
     if tokens is not None and tokens <= 0:
         raise LenxError(f"--tokens must be a positive integer, got {tokens}")
+    if stride is not None and stride <= 0:
+        raise LenxError(f"--stride must be a positive integer, got {stride}")
+    protocols = [p for item in (protocol or []) for p in item.replace(" ", "").split(",") if p] or None
     table = evaluate(run_dirs or None, max_len=max_len, lengths=lens, tokens=tokens, out=out, runs_dir=runs_dir,
-                     device=device)
+                     device=device, protocols=protocols, stride=stride, position_buckets=position_buckets,
+                     attn_backend=attn_backend)
     typer.echo(f"{len(table)} rows in {out / 'results.csv'}")
 
 
