@@ -98,8 +98,7 @@ def _blocked_toeplitz(q: Tensor, k: Tensor, v: Tensor, table: Tensor, block_size
     """
     B, H, T, hd = q.shape
     bs = min(block_size, T)
-    R = torch.full((H, T + bs - 1), float("-inf"), dtype=q.dtype, device=q.device)
-    R[:, :T] = table[:, :T].flip(-1).to(q.dtype)
+    R = _reversed_table(table, T, bs, q.dtype)
     out = torch.empty_like(q)
     for q0 in range(0, T, bs):
         q1 = min(q0 + bs, T)
@@ -130,18 +129,20 @@ def _separable(q: Tensor, k: Tensor, v: Tensor, bias: Bias, block_size: int) -> 
     """Exact for a bias s_h * g_j + c(h, i): softmax ignores c, and s_h * g_j is the product of one extra
     query column (s_h * sqrt(hd)) and one extra key column (g_j), scaled by 1/sqrt(hd) in the kernel.
 
-    Precision: s_h * g_j grows with j (ALiBi at 16k: thousands), and a score that large keeps ~1e-3
-    absolute precision in fp32. So g is centred per query block (g_j - g_c, c the block's middle row):
-    the keys that carry weight for a strongly-sloped head lie near the query, where |g_j - g_c| is at most
-    about the block size. Centring per block needs one kernel call per block; each block is two calls with
-    no mask at all, joined by their log-sum-exp: keys before the block (all visible) and the block's own
-    square (the kernel's causal mask, exact for a square). Every kernel call is the unmasked fused kernel.
+    Each query block [q0, q1) is two fused calls joined by their log-sum-exp:
+      * keys before the block, all visible: the unmasked kernel on the extended q/k (the bulk of the work);
+      * the block's own square, causal: the kernel with the block's exact bias as its mask (block x block).
+    Precision: s_h * g_j grows with j (ALiBi at 16k: thousands), and a score that large keeps only ~1e-3
+    absolute precision in fp32. So the extra key column is centred on the block's first row, g_j - g_q0:
+    the keys where that is large lie far before the block, where a strongly sloped head gives them no weight
+    (exp(-s (i - j))), and a weakly sloped head keeps s_h * (g_j - g_q0) small. The square, where the heavy
+    keys of a strong head lie, gets the exact bias.
     """
     B, H, T, hd = q.shape
     s, g = bias.key_term()
     scale = 1.0 / math.sqrt(hd)
     E = hd + 1
-    # One buffer per tensor and layer; the extra key column is rewritten per block (q1 values per head).
+    # One buffer per tensor and layer; the extra key column is rewritten per block (q0 values per head).
     Qx = torch.empty(B, H, T, E, dtype=q.dtype, device=q.device)
     Qx[..., :hd] = q
     Qx[..., hd] = (s.to(q.dtype) * math.sqrt(hd))[None, :, None]
@@ -149,22 +150,43 @@ def _separable(q: Tensor, k: Tensor, v: Tensor, bias: Bias, block_size: int) -> 
     Kx[..., :hd] = k
     Vx = torch.zeros(B, H, T, E, dtype=v.dtype, device=v.device)  # the kernel wants one head size
     Vx[..., :hd] = v
-    g = g.to(torch.float64)
+    g = g.to(q.device, torch.float64)
+    table = bias.toeplitz_table()
+    R = _reversed_table(table, T, block_size, q.dtype) if table is not None else None
     out = torch.empty_like(q)
     for q0 in range(0, T, block_size):
         q1 = min(q0 + block_size, T)
-        centre = g[(q0 + q1 - 1) // 2]
-        Kx[..., :q1, hd] = (g[:q1] - centre).to(k.dtype)
-        o2, l2 = _CPU_FLASH(Qx[:, :, q0:q1], Kx[:, :, q0:q1], Vx[:, :, q0:q1], is_causal=True, scale=scale)
+        n = q1 - q0
+        # the square: rows reversed so the exact bias is a strided view (see _blocked_toeplitz)
+        if R is not None:
+            mask = R.as_strided((1, H, n, n), (0, R.stride(0), 1, 1), R.storage_offset() + T - n)
+        else:
+            sq = bias.block(q0, q1, q[:, :, q0:q1])[..., q0:q1]
+            mask = sq.masked_fill(_future_mask(0, n, q.device), float("-inf")).to(q.dtype).flip(-2)
+        o2, l2 = _CPU_FLASH(q[:, :, q0:q1].flip(-2), k[:, :, q0:q1], v[:, :, q0:q1], attn_mask=mask, scale=scale)
+        o2, l2 = o2.flip(-2), l2.flip(-1)
         if q0 == 0:
-            out[:, :, q0:q1] = o2[..., :hd]
+            out[:, :, q0:q1] = o2
             continue
+        Kx[..., :q0, hd] = (g[:q0] - g[q0]).to(k.dtype)
         o1, l1 = _CPU_FLASH(Qx[:, :, q0:q1], Kx[:, :, :q0], Vx[:, :, :q0], scale=scale)
+        # The two calls drop different per-row constants: the square has the exact bias, s_h (g_j - g_i),
+        # the past part s_h (g_j - g_q0). Put the past part's log-sum-exp on the square's footing.
+        l1 = l1.double() - s.double()[None, :, None] * (g[q0:q1] - g[q0])[None, None, :]
+        l2 = l2.double()
         m = torch.maximum(l1, l2)
         w1, w2 = (l1 - m).exp_(), (l2 - m).exp_()
         total = w1 + w2
-        out[:, :, q0:q1] = o1[..., :hd] * (w1 / total)[..., None] + o2[..., :hd] * (w2 / total)[..., None]
+        w1, w2 = (w1 / total).to(q.dtype)[..., None], (w2 / total).to(q.dtype)[..., None]
+        out[:, :, q0:q1] = o1[..., :hd] * w1 + o2 * w2
     return out
+
+
+def _reversed_table(table: Tensor, T: int, block_size: int, dtype) -> Tensor:
+    """R[h, u] = table[h, T - 1 - u] for u < T, -inf for T <= u < T + block_size - 1 (future keys)."""
+    R = torch.full((table.shape[0], T + min(block_size, T) - 1), float("-inf"), dtype=dtype, device=table.device)
+    R[:, :T] = table[:, :T].flip(-1).to(dtype)
+    return R
 
 
 # ---------------------------------------------------------------------------------------------------
