@@ -49,6 +49,8 @@ COLUMNS = [
     "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note",
     "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
 ]
+NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "tokens", "windows", "documents", "nll",
+           "ppl", "bpb", "bytes", "seconds", "bucket_start", "bucket_end"]
 BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
 BY_POSITION_COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", *BUCKET_FIELDS,
@@ -258,6 +260,9 @@ def append_rows(stem: Path, table: pd.DataFrame, rows: list[dict], cell: dict, c
     new = pd.DataFrame(rows, columns=columns)
     parts = [t for t in (keep, new) if len(t)]
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    for col in NUMERIC:  # one dtype per column, whichever run wrote the rows (None -> NaN)
+        if col in table:
+            table[col] = pd.to_numeric(table[col], errors="coerce")
     write_table(table, stem)
     return table
 
