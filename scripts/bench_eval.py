@@ -51,9 +51,9 @@ def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    block = {"attn_block_size": args.block_size} if args.block_size else {}
     cfg = LenxConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads, d_ff=4 * args.d_model,
-                     train_len=args.train_len, pe=args.scheme, attn_backend=args.backend,
-                     attn_block_size=args.block_size)
+                     train_len=args.train_len, pe=args.scheme, attn_backend=args.backend, **block)
     torch.manual_seed(0)
     model = LenxForCausalLM(cfg).to(args.device, dtype).eval()
     g = torch.Generator().manual_seed(1)
@@ -69,7 +69,7 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    result = {"scheme": args.scheme, "length": args.length, "dtype": args.dtype, "backend": args.backend,
+    result = {"block_size": cfg.attn_block_size, "scheme": args.scheme, "length": args.length, "dtype": args.dtype, "backend": args.backend,
               "device": args.device, "threads": torch.get_num_threads()}
     try:
         run(min(64, args.length))  # warm-up: kernels, lazy tables
@@ -92,8 +92,10 @@ def worker(args) -> dict:
 def measure(args, scheme: str, length: int, dtype: str, backend: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--scheme", scheme, "--length", str(length), "--dtype", dtype,
            "--backend", backend, "--device", args.device, "--layers", str(args.layers), "--d-model",
-           str(args.d_model), "--heads", str(args.heads), "--train-len", str(args.train_len), "--block-size",
-           str(args.block_size), "--repeat", str(args.repeat), "--threads", str(args.threads)]
+           str(args.d_model), "--heads", str(args.heads), "--train-len", str(args.train_len),
+           "--repeat", str(args.repeat), "--threads", str(args.threads)]
+    if args.block_size:
+        cmd += ["--block-size", str(args.block_size)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -112,7 +114,8 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--backend", default="sdpa", help="attention backend for the schemes (NoPE: plain causal)")
-    ap.add_argument("--block-size", type=int, default=1024, help="query rows per block for biased attention")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="query rows per block for biased attention [default: lenx's default, as eval uses]")
     ap.add_argument("--dtypes", help="comma-separated fp32,bf16 [default: fp32 on CPU, fp32,bf16 on CUDA]")
     ap.add_argument("--device", default=None)
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per measurement (min is reported)")
@@ -161,12 +164,12 @@ def main() -> None:
     print("-" * len(head))
 
     def f(x, fmt):
-        return format(x, fmt) if x is not None else "—"
+        return format(x, fmt) if x is not None else "—".rjust(int(fmt.split(".")[0]))
 
     for r in rows:
         print(f"{r['scheme']:<16} {r['length']:>7} {r['dtype']:>5} {f(r['seconds'], '8.2f')} "
               f"{f(r.get('seconds_ratio'), '7.2f')} {f(r['peak_mb'], '8.0f')} {f(r.get('peak_mb_ratio'), '7.2f')}  "
-              f"{r.get('note', '')[:60]}")
+              f"{(r.get('note') or '')[:60]}")
 
 
 if __name__ == "__main__":
