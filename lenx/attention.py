@@ -1,17 +1,32 @@
 """Causal attention with an optional score bias, on several backends that give the same numbers.
 
-- ``sdpa``: fused `scaled_dot_product_attention`. Without a bias, the causal kernel with no mask.
-  With a bias, queries are processed in blocks of ``block_size`` rows; each block's bias is built
-  from the scheme's hook and passed to the fused kernel as its mask, so memory grows with
-  block_size x L rather than L x L.
-- ``materialized``: the plain reference: the full (H, L, L) bias and mask, softmax written out.
+Backends (``BACKENDS``); without a bias every one but ``materialized`` runs the fused causal kernel
+with no mask at all. With a bias:
+
+- ``sdpa`` (default): the fastest exact route this device and the bias allow, chosen from what the
+  bias declares (``Bias.key_term`` / ``Bias.toeplitz_table``, see positional/base.py), never from a
+  scheme's name:
+    * a separable bias (b = s_h * g_j + per-row constant, e.g. ALiBi) on CPU in fp32: the bias is
+      folded into one extra query/key dimension and queries run in blocks on the fused kernel with
+      no mask (see ``_separable``);
+    * anything else: the ``blocked`` route below.
+- ``blocked``: queries in blocks of ``block_size`` rows; each block's bias (causal mask included) is the
+  fused kernel's mask, so memory grows with block_size x L rather than L x L. A relative bias over
+  contiguous positions is read as a strided view of one per-layer buffer (no gather, no masked_fill,
+  no per-block allocation); other biases are built by ``Bias.block``.
+- ``flex``: on CUDA, FlexAttention with the bias's ``score_mod`` and a causal block mask (compiled);
+  where that is not available (CPU, no ``score_mod``, a bias that needs the probabilities) it runs
+  the ``sdpa`` route instead.
+- ``materialized``: the plain reference: the full (H, L, L) scores, bias and mask, softmax written out.
   Tests compare every other backend against it.
 
 A bias that also adds to the output (Shaw's a^V) needs the attention probabilities; for it the
-blocked path computes each block's softmax explicitly (still block_size x L memory).
+blocked route computes each block's softmax explicitly (still block_size x L memory).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -19,20 +34,30 @@ from torch import Tensor
 
 from .positional.base import Bias
 
-BACKENDS = ("sdpa", "materialized")
+BACKENDS = ("sdpa", "blocked", "flex", "materialized")
+
+# The CPU flash kernel with its log-sum-exp (used to join the two halves of a query block); internal
+# to torch, so looked up once and the route is skipped where it is missing.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def causal_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Bias | None, backend: str = "sdpa", block_size: int = 512
 ) -> Tensor:
     """q, k, v: (B, H, T, hd). Returns (B, H, T, hd)."""
-    T = q.shape[-2]
     if backend == "materialized":
         return _reference(q, k, v, bias)
     if bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    out = [_block(q, k, v, bias, q0, min(q0 + block_size, T)) for q0 in range(0, T, block_size)]
-    return out[0] if len(out) == 1 else torch.cat(out, dim=-2)
+    if backend == "flex" and flex_supported(q, bias):
+        return _flex(q, k, v, bias)
+    if backend in ("sdpa", "flex") and _separable_supported(q, bias):
+        return _separable(q, k, v, bias, block_size)
+    return _blocked(q, k, v, bias, block_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# blocked: one fused call per query block, the block's bias as the mask
 
 
 def _future_mask(q0: int, q1: int, device) -> Tensor:
@@ -40,6 +65,18 @@ def _future_mask(q0: int, q1: int, device) -> Tensor:
     i = torch.arange(q0, q1, device=device)[:, None]
     j = torch.arange(q1, device=device)[None, :]
     return j > i
+
+
+def _blocked(q: Tensor, k: Tensor, v: Tensor, bias: Bias, block_size: int) -> Tensor:
+    T = q.shape[-2]
+    table = None if bias.needs_probs else bias.toeplitz_table()
+    if table is not None:
+        return _blocked_toeplitz(q, k, v, table, block_size)
+    out = torch.empty_like(q)
+    for q0 in range(0, T, block_size):
+        q1 = min(q0 + block_size, T)
+        out[:, :, q0:q1] = _block(q, k, v, bias, q0, q1)
+    return out
 
 
 def _block(q: Tensor, k: Tensor, v: Tensor, bias: Bias, q0: int, q1: int) -> Tensor:
@@ -50,6 +87,142 @@ def _block(q: Tensor, k: Tensor, v: Tensor, bias: Bias, q0: int, q1: int) -> Ten
         probs = scores.softmax(dim=-1)
         return (probs.to(vb.dtype) @ vb + bias.value(q0, q1, probs)).to(q.dtype)
     return F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.to(q.dtype))
+
+
+def _blocked_toeplitz(q: Tensor, k: Tensor, v: Tensor, table: Tensor, block_size: int) -> Tensor:
+    """b[h, i, j] = table[h, i - j], causal mask included, every block a view of one buffer.
+
+    R[h, u] = table[h, T - 1 - u] for u < T and -inf for T <= u < T + block_size - 1 (negative
+    distances, i.e. future keys). With a block's query rows taken in reverse order (r = q1 - 1 - i),
+    b[h, i, j] = R[h, (T - q1) + r + j]: a view with strides (1, 1) over (r, j), no copy.
+    """
+    B, H, T, hd = q.shape
+    bs = min(block_size, T)
+    R = _reversed_table(table, T, bs, q.dtype)
+    out = torch.empty_like(q)
+    for q0 in range(0, T, bs):
+        q1 = min(q0 + bs, T)
+        mask = R.as_strided((1, H, q1 - q0, q1), (0, R.stride(0), 1, 1), R.storage_offset() + T - q1)
+        qb = q[:, :, q0:q1].flip(-2)
+        ob = F.scaled_dot_product_attention(qb, k[:, :, :q1], v[:, :, :q1], attn_mask=mask)
+        out[:, :, q0:q1] = ob.flip(-2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# separable: b = s_h * g_j + (per-row constant), folded into one extra q/k dimension
+
+
+def _separable_supported(q: Tensor, bias: Bias) -> bool:
+    # fp32 only: the extra dimension carries s_h * (g_j - c) through the kernel's own dot product, which
+    # in bf16/fp16 would round it to 8/11 bits. CPU only: the route needs the CPU kernel's log-sum-exp.
+    return (
+        _CPU_FLASH is not None
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and not bias.needs_probs
+        and bias.key_term() is not None
+    )
+
+
+def _separable(q: Tensor, k: Tensor, v: Tensor, bias: Bias, block_size: int) -> Tensor:
+    """Exact for a bias s_h * g_j + c(h, i): softmax ignores c, and s_h * g_j is the product of one extra
+    query column (s_h * sqrt(hd)) and one extra key column (g_j), scaled by 1/sqrt(hd) in the kernel.
+
+    Each query block [q0, q1) is two fused calls joined by their log-sum-exp:
+      * keys before the block, all visible: the unmasked kernel on the extended q/k (the bulk of the work);
+      * the block's own square, causal: the kernel with the block's exact bias as its mask (block x block).
+    Precision: s_h * g_j grows with j (ALiBi at 16k: thousands), and a score that large keeps only ~1e-3
+    absolute precision in fp32. So the extra key column is centred on the block's first row, g_j - g_q0:
+    the keys where that is large lie far before the block, where a strongly sloped head gives them no weight
+    (exp(-s (i - j))), and a weakly sloped head keeps s_h * (g_j - g_q0) small. The square, where the heavy
+    keys of a strong head lie, gets the exact bias.
+    """
+    B, H, T, hd = q.shape
+    s, g = bias.key_term()
+    scale = 1.0 / math.sqrt(hd)
+    E = hd + 1
+    # One buffer per tensor and layer; the extra key column is rewritten per block (q0 values per head).
+    Qx = torch.empty(B, H, T, E, dtype=q.dtype, device=q.device)
+    Qx[..., :hd] = q
+    Qx[..., hd] = (s.to(q.dtype) * math.sqrt(hd))[None, :, None]
+    Kx = torch.empty(B, H, T, E, dtype=k.dtype, device=k.device)
+    Kx[..., :hd] = k
+    Vx = torch.zeros(B, H, T, E, dtype=v.dtype, device=v.device)  # the kernel wants one head size
+    Vx[..., :hd] = v
+    g = g.to(q.device, torch.float64)
+    table = bias.toeplitz_table()
+    R = _reversed_table(table, T, block_size, q.dtype) if table is not None else None
+    out = torch.empty_like(q)
+    for q0 in range(0, T, block_size):
+        q1 = min(q0 + block_size, T)
+        n = q1 - q0
+        # the square: rows reversed so the exact bias is a strided view (see _blocked_toeplitz)
+        if R is not None:
+            mask = R.as_strided((1, H, n, n), (0, R.stride(0), 1, 1), R.storage_offset() + T - n)
+        else:
+            sq = bias.block(q0, q1, q[:, :, q0:q1])[..., q0:q1]
+            mask = sq.masked_fill(_future_mask(0, n, q.device), float("-inf")).to(q.dtype).flip(-2)
+        o2, l2 = _CPU_FLASH(q[:, :, q0:q1].flip(-2), k[:, :, q0:q1], v[:, :, q0:q1], attn_mask=mask, scale=scale)
+        o2, l2 = o2.flip(-2), l2.flip(-1)
+        if q0 == 0:
+            out[:, :, q0:q1] = o2
+            continue
+        Kx[..., :q0, hd] = (g[:q0] - g[q0]).to(k.dtype)
+        o1, l1 = _CPU_FLASH(Qx[:, :, q0:q1], Kx[:, :, :q0], Vx[:, :, :q0], scale=scale)
+        # The two calls drop different per-row constants: the square has the exact bias, s_h (g_j - g_i),
+        # the past part s_h (g_j - g_q0). Put the past part's log-sum-exp on the square's footing.
+        l1 = l1.double() - s.double()[None, :, None] * (g[q0:q1] - g[q0])[None, None, :]
+        l2 = l2.double()
+        m = torch.maximum(l1, l2)
+        w1, w2 = (l1 - m).exp_(), (l2 - m).exp_()
+        total = w1 + w2
+        w1, w2 = (w1 / total).to(q.dtype)[..., None], (w2 / total).to(q.dtype)[..., None]
+        out[:, :, q0:q1] = o1[..., :hd] * w1 + o2 * w2
+    return out
+
+
+def _reversed_table(table: Tensor, T: int, block_size: int, dtype) -> Tensor:
+    """R[h, u] = table[h, T - 1 - u] for u < T, -inf for T <= u < T + block_size - 1 (future keys)."""
+    R = torch.full((table.shape[0], T + min(block_size, T) - 1), float("-inf"), dtype=dtype, device=table.device)
+    R[:, :T] = table[:, :T].flip(-1).to(dtype)
+    return R
+
+
+# ---------------------------------------------------------------------------------------------------
+# flex: CUDA FlexAttention with the bias's score_mod
+
+
+def flex_supported(q: Tensor, bias: Bias | None) -> bool:
+    if q.device.type != "cuda" or (bias is not None and (bias.needs_probs or bias.score_mod() is None)):
+        return False
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_FLEX_COMPILED = None
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, bias: Bias) -> Tensor:
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    T = q.shape[-2]
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    block_mask = create_block_mask(causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+    return _FLEX_COMPILED(q, k, v, score_mod=bias.score_mod(), block_mask=block_mask, scale=q.shape[-1] ** -0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# materialized: the reference
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, bias: Bias | None) -> Tensor:

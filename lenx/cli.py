@@ -75,6 +75,20 @@ def eval_(
     rope_factor: Optional[List[str]] = typer.Option(
         None, "--rope-factor", help="Scale factor s >= 1; repeat or comma-separate to sweep [default: eval length / "
         "train length; dynamic-ntk: max(1, window / train length) per window]."),
+    protocol: Optional[List[str]] = typer.Option(
+        None, "--protocol",
+        help="nonoverlap | sliding | truncate; repeat or comma-separate for several [default: nonoverlap].",
+    ),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", help="Sliding-window stride in tokens [default: half the evaluation length]."
+    ),
+    position_buckets: int = typer.Option(
+        1, "--position-buckets",
+        help="Position buckets per training length in results_by_position (1: width = training length).",
+    ),
+    attn_backend: Optional[str] = typer.Option(
+        None, "--attn-backend", help="sdpa | blocked | flex | materialized [default: the run's own setting]."
+    ),
 ) -> None:
     """Perplexity of trained runs at 1x, 2x, ... 16x their training length."""
     from .errors import LenxError
@@ -97,8 +111,12 @@ def eval_(
         raise LenxError(f"--rope-factor expects numbers, got {' '.join(rope_factor)}") from None
     if factors and (min(factors) < 1 or set(scalings or ["none"]) == {"none"}):
         raise LenxError("--rope-factor needs factors >= 1 and a --rope-scaling other than none")
+    if stride is not None and stride <= 0:
+        raise LenxError(f"--stride must be a positive integer, got {stride}")
+    protocols = [p for item in (protocol or []) for p in item.replace(" ", "").split(",") if p] or None
     table = evaluate(run_dirs or None, max_len=max_len, lengths=lens, tokens=tokens, out=out, runs_dir=runs_dir,
-                     device=device, rope_scalings=scalings, rope_factors=factors)
+                     device=device, protocols=protocols, stride=stride, position_buckets=position_buckets,
+                     attn_backend=attn_backend, rope_scalings=scalings, rope_factors=factors)
     typer.echo(f"{len(table)} rows in {out / 'results.csv'}")
 
 

@@ -143,3 +143,12 @@ def token_stream(spec: str, tokenizer: str, split: str) -> np.ndarray:
     """The split as one token stream, documents separated by the end-of-document token."""
     corpus = load_corpus(spec)
     return get_tokenizer(tokenizer).encode_documents(corpus.documents(split))
+
+
+@lru_cache(maxsize=8)
+def document_tokens(spec: str, tokenizer: str, split: str) -> tuple[np.ndarray, ...]:
+    """The split's documents one by one, each as its tokens followed by the end-of-document token
+    (the same tokens, in the same order, as `token_stream`)."""
+    corpus = load_corpus(spec)
+    tok = get_tokenizer(tokenizer)
+    return tuple(tok.encode_documents([doc]) for doc in corpus.documents(split))

@@ -1,10 +1,27 @@
 """`lenx eval`: perplexity of trained runs at multiples of their training length.
 
-Non-overlapping protocol (the ALiBi paper's default): the test stream is cut into windows of the
-evaluation length and every token in them is scored once. The same number of tokens (`--tokens`,
-the same text) is scored at every length, so lengths are compared on equal footing.
-Each finished cell is appended to the results table at once, atomically: an interrupted sweep
-loses at most the cell in progress, and a rerun skips the cells already there.
+A cell is (run, evaluation length, protocol, stride, RoPE scaling, factor). Protocols (`--protocol`, several
+allowed; recorded in every row's `protocol` and `stride` columns):
+
+- ``nonoverlap`` (the ALiBi paper's default; stride = eval_len): the test stream cut into windows of the
+  evaluation length, every token scored once. `--tokens` N: the first N targets of the stream (rounded up to a
+  multiple of the longest length), the same text at every length.
+- ``sliding`` (PI / YaRN use stride 256; ALiBi's analysis stride 1): windows of eval_len advanced by `--stride`
+  S (default eval_len // 2), the first window scoring all its targets, each later one only its S new ones.
+  `--tokens` N: the same N scored targets as nonoverlap; the work is about N * eval_len / S tokens of forward.
+- ``truncate`` (YaRN's eval/perplexity.py): every test document with at least eval_len + 1 tokens cut to its
+  first eval_len + 1 (eval_len inputs, all eval_len targets scored). `--tokens` N: at most ceil(N / eval_len)
+  documents, in split order. The `documents` column says how many were scored; a note says when none
+  qualified or when --tokens left some out. The documents differ between lengths (longer lengths admit fewer).
+
+Loss by position: every cell also writes its mean NLL per bucket of window positions (position p predicts
+token p + 1 from tokens 0..p of the window) to `results_by_position.csv` / `.parquet`; bucket width is the
+training length divided by `--position-buckets` (default 1: one bucket per training length). A row's tokens are
+the sum of its buckets' tokens and its nll their token-weighted mean.
+
+Resumable: each finished cell is written at once, atomically (its buckets first, then its results row, which
+marks it finished); a killed sweep loses at most the cell in progress, and a rerun skips finished cells. A
+finished cell is never recomputed: to change --tokens or --position-buckets, write to another --out.
 """
 
 from __future__ import annotations
@@ -14,6 +31,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,16 +40,22 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .data import get_tokenizer, load_corpus, token_stream
+from .data import document_tokens, get_tokenizer, load_corpus, token_stream
 from .errors import LengthNotSupported, LenxError
 from .io import write_table
 from .runinfo import default_device, provenance, quiet_hf
 
-KEY = ["run", "eval_len", "protocol", "rope_scaling", "rope_factor"]
+KEY = ["run", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor"]
 COLUMNS = [
-    "run", "pe", "seed", "train_len", "eval_len", "ratio", "protocol", "rope_scaling", "rope_factor",
-    "tokens", "windows", "nll", "ppl", "bpb", "bytes", "seconds", "note",
-    "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "lenx_version", "timestamp",
+    "run", "pe", "seed", "train_len", "eval_len", "ratio", "protocol", "stride", "rope_scaling", "rope_factor",
+    "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note",
+    "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
+]
+NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "tokens", "windows", "documents", "nll",
+           "ppl", "bpb", "bytes", "seconds", "bucket_start", "bucket_end"]
+BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
+BY_POSITION_COLUMNS = [
+    "run", "pe", "seed", "train_len", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", *BUCKET_FIELDS,
 ]
 
 
@@ -103,17 +127,21 @@ def check_lengths(lengths: list[int], train_len: int, max_len: int | None) -> No
         )
 
 
-@torch.no_grad()
-def score_windows(model, windows: torch.Tensor, batch_tokens: int, device: str) -> float:
-    """Sum of NLL (nats) over every target of every window. windows: (n, L + 1)."""
-    L = windows.shape[1] - 1
-    per_batch = max(1, batch_tokens // L)
-    total = 0.0
-    for i in range(0, len(windows), per_batch):
-        w = windows[i : i + per_batch].to(device)
-        logits = model(w[:, :-1]).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
-    return total
+# ---------------------------------------------------------------------------------------------------
+# Protocols: which windows are fed to the model and which of their targets are scored
+
+PROTOCOLS = ("nonoverlap", "sliding", "truncate")
+
+
+@dataclass
+class Windows:
+    """Windows of eval_len + 1 tokens (inputs 0..L-1, targets 1..L); `first[w]`: targets at window positions
+    >= first[w] are scored (position p predicts token p + 1 from tokens 0..p of the window)."""
+
+    tokens: torch.Tensor  # (n, L + 1) int64
+    first: torch.Tensor  # (n,) int64
+    documents: int | None = None
+    note: str = ""
 
 
 def nonoverlap_windows(stream: np.ndarray, eval_len: int, n_tokens: int) -> torch.Tensor:
@@ -122,26 +150,135 @@ def nonoverlap_windows(stream: np.ndarray, eval_len: int, n_tokens: int) -> torc
     return torch.from_numpy(stream[idx].astype(np.int64))
 
 
-def load_results(out: Path) -> pd.DataFrame:
-    path = out / "results.parquet"
+def sliding_windows(stream: np.ndarray, eval_len: int, stride: int, n_tokens: int) -> Windows:
+    """Targets 1..n_tokens of the stream, each scored once: the first window scores all its eval_len targets,
+    each later window is advanced by `stride` and scores only its new targets (the last one may advance by
+    less, to end exactly at target n_tokens). stride == eval_len is the non-overlapping protocol."""
+    L = eval_len
+    ends = list(range(L, n_tokens + 1, stride))  # end = index of a window's last target
+    if ends[-1] != n_tokens:
+        ends.append(n_tokens)
+    ends = np.asarray(ends)
+    starts = ends - L
+    idx = starts[:, None] + np.arange(L + 1)[None, :]
+    prev_end = np.concatenate([[0], ends[:-1]])
+    first = np.where(np.arange(len(ends)) == 0, 0, L - (ends - prev_end))
+    return Windows(torch.from_numpy(stream[idx].astype(np.int64)), torch.from_numpy(first.astype(np.int64)))
+
+
+def truncated_windows(docs, eval_len: int, max_documents: int) -> Windows:
+    """Document-truncated (YaRN's eval/perplexity.py): every test document with at least eval_len + 1 tokens
+    (its end-of-document token included), cut to its first eval_len + 1 tokens: eval_len inputs, every one of
+    the eval_len targets scored. (YaRN feeds the first eval_len tokens and scores eval_len - 1 of them; the one
+    extra token makes every protocol score window positions 0..eval_len - 1.) At most `max_documents`, in
+    split order."""
+    qualified = [d for d in docs if len(d) >= eval_len + 1]
+    used = qualified[:max_documents]
+    note = ""
+    if not qualified:
+        note = f"no test document has {eval_len + 1} tokens; nothing to score at this length"
+    elif len(used) < len(qualified):
+        note = f"{len(qualified)} test documents qualify; the first {len(used)} scored (--tokens)"
+    tokens = (
+        torch.from_numpy(np.stack([d[: eval_len + 1] for d in used]).astype(np.int64))
+        if used else torch.zeros(0, eval_len + 1, dtype=torch.int64)
+    )
+    return Windows(tokens, torch.zeros(len(used), dtype=torch.int64), documents=len(used), note=note)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring: NLL summed per window position, so the by-position table and the row come from the same sums
+
+
+@dataclass
+class Scores:
+    nll: torch.Tensor  # (L,) float64: summed NLL of the scored targets at each window position
+    count: torch.Tensor  # (L,) int64: scored targets at each window position
+    bytes: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.count.sum())
+
+    def buckets(self, width: int) -> list[dict]:
+        """Position buckets [start, end) of `width` positions: tokens and mean NLL (empty buckets left out)."""
+        L = len(self.count)
+        out = []
+        for start in range(0, L, width):
+            end = min(start + width, L)
+            n = int(self.count[start:end].sum())
+            if n:
+                out.append({"bucket_start": start, "bucket_end": end, "tokens": n,
+                            "nll": float(self.nll[start:end].sum()) / n})
+        return out
+
+
+@torch.no_grad()
+def score_windows(model, windows: torch.Tensor, first: torch.Tensor | None, batch_tokens: int, device: str,
+                  eod_id: int | None = None) -> Scores:
+    """Run the model on (n, L + 1) windows; sum the NLL (nats) of the targets at positions >= first[w]."""
+    n, L1 = windows.shape
+    L = L1 - 1
+    first = torch.zeros(n, dtype=torch.int64) if first is None else first
+    nll = torch.zeros(L, dtype=torch.float64)
+    count = torch.zeros(L, dtype=torch.int64)
+    n_bytes = 0
+    pos = torch.arange(L)
+    per_batch = max(1, batch_tokens // L)
+    for i in range(0, n, per_batch):
+        w = windows[i : i + per_batch]
+        keep = pos[None, :] >= first[i : i + per_batch, None]  # (b, L)
+        logits = model(w[:, :-1].to(device)).logits
+        losses = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten().to(device), reduction="none")
+        losses = losses.view(w.shape[0], L).cpu().double() * keep
+        nll += losses.sum(0)
+        count += keep.sum(0)
+        if eod_id is not None:
+            n_bytes += int((keep & (w[:, 1:] != eod_id)).sum())
+    return Scores(nll, count, n_bytes)
+
+
+def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
     if path.exists():
         try:
-            return pd.read_parquet(path)
+            df = pd.read_parquet(path)
         except Exception:
             raise LenxError(f"{path} is unreadable; move it away and rerun") from None
-    return pd.DataFrame(columns=COLUMNS)
+        df = df.reindex(columns=columns)  # tables from older lenx versions: missing columns empty
+        old = (df["protocol"] == "nonoverlap") & df["stride"].isna()
+        return df.assign(stride=df["stride"].where(~old, df["eval_len"]))
+    return pd.DataFrame(columns=columns)
+
+
+def load_results(out: Path) -> pd.DataFrame:
+    return _read_table(out / "results.parquet", COLUMNS)
+
+
+def load_by_position(out: Path) -> pd.DataFrame:
+    return _read_table(out / "results_by_position.parquet", BY_POSITION_COLUMNS)
+
+
+def _opt(x, kind):
+    return None if x is None or pd.isna(x) else kind(x)
 
 
 def _key(row) -> tuple:
-    f = row["rope_factor"]
-    return (row["run"], int(row["eval_len"]), row["protocol"], row["rope_scaling"], None if pd.isna(f) else float(f))
+    """A cell's identity: (run, eval_len, protocol, stride, rope_scaling, rope_factor)."""
+    return (row["run"], int(row["eval_len"]), row["protocol"], _opt(row["stride"], int),
+            _opt(row["rope_scaling"], str) or "none", _opt(row["rope_factor"], float))
 
 
-def append_row(out: Path, table: pd.DataFrame, row: dict) -> pd.DataFrame:
-    new = pd.DataFrame([row], columns=COLUMNS)
-    keep = table[[_key(r) != _key(row) for _, r in table.iterrows()]] if len(table) else table
-    table = new if keep.empty else pd.concat([keep, new], ignore_index=True)
-    write_table(table, out / "results")
+def append_rows(stem: Path, table: pd.DataFrame, rows: list[dict], cell: dict, columns: list[str]) -> pd.DataFrame:
+    """Replace the cell's rows in `table` by `rows` and write the table (csv + parquet, each atomically)."""
+    key = _key(cell)
+    keep = table[[_key(r) != key for _, r in table.iterrows()]] if len(table) else table
+    new = pd.DataFrame(rows, columns=columns)
+    parts = [t for t in (keep, new) if len(t)]
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    for col in NUMERIC:  # one dtype per column, whichever run wrote the rows (None -> NaN)
+        if col in table:
+            table[col] = pd.to_numeric(table[col], errors="coerce")
+    write_table(table, stem)
     return table
 
 
@@ -163,15 +300,69 @@ def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | Non
     return [(s, f) for s in takes or ["none"] for f in ([None] if s == "none" else factors or [None])]
 
 
-def cell_keys(run: Path, cfg: dict, lens: list[int], scalings: list[tuple[str, float | None]]) -> list[dict]:
-    """The evaluation cells of one run: one per (eval_len, RoPE extension, factor), keyed as in the results table."""
+def cell_keys(run: Path, cfg: dict, lens: list[int], scalings: list[tuple[str, float | None]],
+              protocols: list[str], stride: int | None) -> list[dict]:
+    """The evaluation cells of one run, keyed as in the results table: one per (RoPE extension, factor,
+    eval_len, protocol)."""
     cells = []
-    for L, (scaling, factor) in itertools.product(lens, scalings):
+    for (scaling, factor), L, protocol in itertools.product(scalings, lens, protocols):
         if scaling in STATIC_SCALINGS and factor is None:
             factor = max(1.0, L / cfg["train_len"])  # the default: stretch the training length to L
-        cells.append({"run": run.name, "eval_len": L, "protocol": "nonoverlap", "rope_scaling": scaling,
-                      "rope_factor": factor})
+        cells.append({"run": run.name, "eval_len": L, "protocol": protocol,
+                      "stride": resolve_stride(protocol, L, stride), "rope_scaling": scaling, "rope_factor": factor})
     return cells
+
+
+def bucket_width(train_len: int, position_buckets: int = 1) -> int:
+    """Width of a position bucket: the training length split into `position_buckets` equal parts (1: one
+    bucket per training length; 4: quarter training lengths), rounded down, at least 1 token."""
+    if position_buckets <= 0:
+        raise LenxError(f"--position-buckets must be a positive integer, got {position_buckets}")
+    return max(1, train_len // position_buckets)
+
+
+def resolve_stride(protocol: str, eval_len: int, stride: int | None) -> int | None:
+    """The stride a cell runs with: eval_len for nonoverlap, --stride (default eval_len // 2) for sliding,
+    none for truncate."""
+    if protocol == "nonoverlap":
+        return eval_len
+    if protocol == "truncate":
+        return None
+    if stride is None:
+        return max(1, eval_len // 2)
+    if not 1 <= stride <= eval_len:
+        raise LenxError(f"--stride {stride} must be between 1 and the evaluation length {eval_len}")
+    return stride
+
+
+def eval_cell(model, data: dict, eval_len: int, protocol: str, *, stride: int | None, n_tokens: int,
+              width: int, batch_tokens: int, device: str) -> tuple[dict, list[dict]]:
+    """One cell: the model as it is now (scheme, RoPE scaling already set) at one length under one protocol.
+    `data`: {"stream": test token stream, "documents": test documents' tokens, "tokenizer": tokenizer}.
+    Returns the row's metrics and its position buckets; the row's nll is the token-weighted mean of the
+    buckets' (both come from the same per-position sums)."""
+    tok = data["tokenizer"]
+    if protocol == "nonoverlap":
+        win = Windows(nonoverlap_windows(data["stream"], eval_len, n_tokens), None)
+    elif protocol == "sliding":
+        win = sliding_windows(data["stream"], eval_len, stride, n_tokens)
+    elif protocol == "truncate":
+        win = truncated_windows(data["documents"], eval_len, max(1, math.ceil(n_tokens / eval_len)))
+    else:
+        raise LenxError(f"unknown protocol '{protocol}'; known: {', '.join(PROTOCOLS)}")
+    metrics = {"stride": stride, "documents": win.documents, "windows": len(win.tokens), "note": win.note}
+    empty = dict(tokens=0, nll=None, ppl=None, bpb=None, bytes=0)
+    if len(win.tokens) == 0:
+        return {**metrics, **empty}, []
+    try:
+        sc = score_windows(model, win.tokens, win.first, batch_tokens, device, tok.eod_id)
+    except LengthNotSupported as e:
+        return {**metrics, **empty, "note": str(e)}, []
+    total = float(sc.nll.sum())
+    n = sc.tokens
+    metrics.update(tokens=n, nll=total / n, ppl=math.exp(total / n), bpb=total / max(sc.bytes, 1) / math.log(2),
+                   bytes=sc.bytes)
+    return metrics, sc.buckets(width)
 
 
 def evaluate(
@@ -184,12 +375,26 @@ def evaluate(
     device: str | None = None,
     batch_tokens: int = 16384,
     progress: bool = True,
+    protocols: list[str] | None = None,
+    stride: int | None = None,
+    position_buckets: int = 1,
+    attn_backend: str | None = None,
     rope_scalings: list[str] | None = None,
     rope_factors: list[float] | None = None,
     bar=None,
     on_cell=None,
 ) -> pd.DataFrame:
-    """Evaluate runs cell by cell. `bar`: a rich Progress to draw into; `on_cell(run_dir, eval_len)` after each cell."""
+    """Evaluate runs cell by cell; each finished cell is written at once. `bar`: a rich Progress to draw into;
+    `on_cell(cell)` is called after each cell."""
+    protocols = list(dict.fromkeys(protocols or ["nonoverlap"]))
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad:
+        raise LenxError(f"unknown protocol '{bad[0]}'; known: {', '.join(PROTOCOLS)}")
+    if attn_backend is not None:
+        from .attention import BACKENDS
+
+        if attn_backend not in BACKENDS:
+            raise LenxError(f"unknown attention backend '{attn_backend}'; known: {', '.join(BACKENDS)}")
     runs = [Path(r) for r in run_dirs] if run_dirs else find_runs(runs_dir)
     infos = [read_run(r) for r in runs]
     out = Path(out)
@@ -205,63 +410,70 @@ def evaluate(
         L = info["config"]["train_len"]
         check_lengths(lengths or [], L, max_len)
         lens = lengths or default_lengths(L, max_len or 16 * L)
-        plan.append((run, info, lens, scaling_plan(info["config"]["pe"], rope_scalings, rope_factors)))
+        width = bucket_width(L, position_buckets)
+        scalings = scaling_plan(info["config"]["pe"], rope_scalings, rope_factors)
+        plan.append((run, info, lens, width, cell_keys(run, info["config"], lens, scalings, protocols, stride)))
     table = load_results(out)
-    done = {_key(r) for _, r in table.iterrows()}
+    by_pos = load_by_position(out)
+    have_buckets = {_key(r) for _, r in by_pos.iterrows()}
+    # a cell is finished when its row is in results (written last) and its buckets are there too
+    finished = {_key(r) for _, r in table.iterrows() if _key(r) in have_buckets or not (r["tokens"] > 0)}
 
     from .progress import progress as make_progress
 
-    cells = sum(len(lens) * len(scalings) for _, _, lens, scalings in plan)
+    n_cells = sum(len(cells) for *_, cells in plan)
     own = bar is None
     progress_cm = make_progress(disable=not progress) if own else nullcontext(bar)
     with progress_cm as bar:
-        task = bar.add_task("eval", total=cells)
-        for run, info, lens, scalings in plan:
+        task = bar.add_task("eval", total=n_cells)
+        for run, info, lens, width, cells in plan:
             cfg = info["config"]
-            model = None
-            for base in cell_keys(run, cfg, lens, scalings):
-                L, scaling, factor = base["eval_len"], base["rope_scaling"], base["rope_factor"]
-                bar.update(task, description=f"eval {run.name} @ {L}" + ("" if scaling == "none" else f" {scaling}"))
-                if _key(base) in done:
+            model = data = fingerprint = None
+            for base in cells:
+                L, protocol, cell_stride = base["eval_len"], base["protocol"], base["stride"]
+                scaling, factor = base["rope_scaling"], base["rope_factor"]
+                extra = "" if scaling == "none" else f" {scaling}"
+                bar.update(task, description=f"eval {run.name} @ {L} {protocol}{extra}")
+                if _key(base) in finished:
                     bar.advance(task)
                     continue
                 if model is None:
                     model = load_model(run, device)
                     check_run_matches(run, model, cfg)
-                    tok = get_tokenizer(cfg["tokenizer"])
-                    stream = token_stream(cfg["dataset"], cfg["tokenizer"], "test")
+                    if attn_backend is not None:
+                        model.set_attention(attn_backend)
+                    data = {
+                        "tokenizer": get_tokenizer(cfg["tokenizer"]),
+                        "stream": token_stream(cfg["dataset"], cfg["tokenizer"], "test"),
+                        "documents": document_tokens(cfg["dataset"], cfg["tokenizer"], "test"),
+                    }
                     fingerprint = load_corpus(cfg["dataset"]).fingerprint
                     n_tok = tokens or max(65536, max(lens))
                     n_tok = math.ceil(n_tok / max(lens)) * max(lens)  # a multiple of every length: same text at each
-                    if len(stream) < n_tok + 1:
+                    if any(p != "truncate" for p in protocols) and len(data["stream"]) < n_tok + 1:
                         raise LenxError(
-                            f"the test split of '{cfg['dataset']}' has {len(stream)} tokens; scoring {n_tok} tokens "
-                            f"needs {n_tok + 1}; lower --tokens or --max-len"
+                            f"the test split of '{cfg['dataset']}' has {len(data['stream'])} tokens; scoring {n_tok} "
+                            f"tokens needs {n_tok + 1}; lower --tokens or --max-len"
                         )
+                model.pe.set_eval_scaling(scaling, factor)
                 row = {
                     **base,
                     "pe": cfg["pe"], "seed": cfg["seed"], "train_len": cfg["train_len"], "ratio": L / cfg["train_len"],
                     "dataset": cfg["dataset"], "dataset_fingerprint": fingerprint, "tokenizer": cfg["tokenizer"],
                     "run_dir": str(run), "device": prov["device"], "lenx_version": prov["lenx_version"],
-                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "note": "",
+                    "attn_backend": model.config.attn_backend,
+                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
-                windows = nonoverlap_windows(stream, L, n_tok)
-                model.pe.set_eval_scaling(scaling, factor)
                 t0 = time.perf_counter()
-                try:
-                    nll_sum = score_windows(model, windows, batch_tokens, device)
-                except LengthNotSupported as e:
-                    row.update(tokens=0, windows=0, nll=None, ppl=None, bpb=None, bytes=0, note=str(e))
-                else:
-                    n = windows.shape[0] * L
-                    n_bytes = tok.token_bytes(windows[:, 1:].numpy())
-                    row.update(
-                        tokens=n, windows=windows.shape[0], nll=nll_sum / n, ppl=math.exp(nll_sum / n),
-                        bpb=nll_sum / max(n_bytes, 1) / math.log(2), bytes=n_bytes,
-                    )
-                row["seconds"] = round(time.perf_counter() - t0, 3)
-                table = append_row(out, table, row)
-                done.add(_key(row))
+                metrics, buckets = eval_cell(model, data, L, protocol, stride=cell_stride, n_tokens=n_tok,
+                                             width=width, batch_tokens=batch_tokens, device=device)
+                row.update(metrics, seconds=round(time.perf_counter() - t0, 3))
+                ident = {k: row[k] for k in BY_POSITION_COLUMNS if k in row and k not in BUCKET_FIELDS}
+                # buckets first, the results row last: the row marks the cell finished
+                by_pos = append_rows(out / "results_by_position", by_pos, [{**ident, **b} for b in buckets], row,
+                                     BY_POSITION_COLUMNS)
+                table = append_rows(out / "results", table, [row], row, COLUMNS)
+                finished.add(_key(row))
                 bar.advance(task)
                 if on_cell:
                     on_cell(base)

@@ -131,6 +131,23 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
             init.ones_(module.weight)
             init.zeros_(module.bias)
 
+    def set_attention(self, backend: str | None = None, block_size: int | None = None) -> None:
+        """Switch every layer's attention backend and/or query block size (an evaluation-time choice;
+        every backend gives the same numbers as the materialised reference)."""
+        from .attention import BACKENDS
+
+        if backend is not None:
+            if backend not in BACKENDS:
+                from .errors import LenxError
+
+                raise LenxError(f"unknown attention backend '{backend}'; known: {', '.join(BACKENDS)}")
+            self.config.attn_backend = backend
+        if block_size is not None:
+            self.config.attn_block_size = block_size
+        for block in self.blocks:
+            block.attn.backend = self.config.attn_backend
+            block.attn.block_size = self.config.attn_block_size
+
     def get_input_embeddings(self) -> nn.Module:
         return self.wte
 

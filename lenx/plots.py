@@ -27,9 +27,11 @@ def style(scheme: str) -> dict:
     return s
 
 
-def new_figure(width: float = 8.0, height: float = 4.8):
+def new_figure(width: float = 8.0, height: float = 4.8, ncols: int = 1, sharey: bool = False):
+    """(fig, ax), or (fig, [ax, ...]) for ncols > 1."""
     plt.rcParams.update({"font.size": 11, "axes.grid": True, "grid.alpha": 0.3})
-    return plt.subplots(figsize=(width, height), dpi=120)
+    fig, ax = plt.subplots(1, ncols, figsize=(width, height), dpi=120, sharey=sharey, squeeze=False)
+    return fig, (ax[0, 0] if ncols == 1 else list(ax[0]))
 
 
 def finish(fig, ax, path, legend_title: str | None = None) -> None:

@@ -49,16 +49,33 @@ def label(df: pd.DataFrame) -> pd.Series:
     return df["pe"].where(scaling == "none", df["pe"] + "+" + scaling)
 
 
+PROTOCOL_ORDER = ("nonoverlap", "sliding", "truncate")
+
+
+def protocol_label(df: pd.DataFrame) -> pd.Series:
+    """'nonoverlap', 'sliding (stride 64)' / 'sliding (stride L/2)', 'truncate'."""
+    protocol = df["protocol"].fillna("nonoverlap").astype(str)
+    stride = df["stride"] if "stride" in df else pd.Series(float("nan"), index=df.index)
+    half = stride == df["eval_len"] // 2
+    text = protocol.where(protocol != "sliding", "sliding (stride " + stride.astype("Int64").astype(str) + ")")
+    return text.where(~((protocol == "sliding") & half.groupby(protocol).transform("all")), "sliding (stride L/2)")
+
+
+def protocols(df: pd.DataFrame) -> list[str]:
+    found = list(dict.fromkeys(protocol_label(df)))
+    return sorted(found, key=lambda p: (next((i for i, o in enumerate(PROTOCOL_ORDER) if p.startswith(o)), 9), p))
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (scheme, eval_len): mean, 95% CI half-width and count over seeds, of ppl and bpb."""
-    df = df.assign(scheme=label(df))
+    """One row per (protocol, scheme, eval_len): mean, 95% CI half-width and count over seeds, of ppl and bpb."""
+    df = df.assign(scheme=label(df), protocol_label=protocol_label(df))
     rows = []
-    for (scheme, L), g in df.groupby(["scheme", "eval_len"], sort=False):
+    for (protocol, scheme, L), g in df.groupby(["protocol_label", "scheme", "eval_len"], sort=False):
         ppl = g["ppl"].dropna()
         n = len(ppl)
         sd = ppl.std(ddof=1) if n > 1 else float("nan")
         rows.append({
-            "scheme": scheme, "eval_len": int(L), "train_len": int(g["train_len"].iloc[0]), "seeds": n,
+            "protocol": protocol, "scheme": scheme, "eval_len": int(L), "train_len": int(g["train_len"].iloc[0]), "seeds": n,
             "ppl": ppl.mean() if n else float("nan"),
             "ppl_ci95": t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan"),
             "ppl_stderr": sd / math.sqrt(n) if n > 1 else float("nan"),
@@ -66,10 +83,13 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             "note": "; ".join(sorted(set(g["note"].fillna("").astype(str)) - {""})),
         })
     out = pd.DataFrame(rows)
-    base = out[out["eval_len"] == out["train_len"]].set_index("scheme")["ppl"]
-    out["rel_1x"] = out["ppl"] / out["scheme"].map(base)
+    base = out[out["eval_len"] == out["train_len"]].set_index(["protocol", "scheme"])["ppl"]
+    out["rel_1x"] = [r.ppl / base.get((r.protocol, r.scheme), float("nan")) for r in out.itertuples()]
     order = _scheme_order(out["scheme"].unique())
-    return out.sort_values(["scheme", "eval_len"], key=lambda c: c.map(order) if c.name == "scheme" else c)
+    proto_order = {p: i for i, p in enumerate(protocols(df))}
+    return out.sort_values(["protocol", "scheme", "eval_len"],
+                           key=lambda c: c.map(order) if c.name == "scheme" else c.map(proto_order)
+                           if c.name == "protocol" else c)
 
 
 def _scheme_order(schemes) -> dict:
@@ -84,7 +104,7 @@ def _fmt(x, digits=2) -> str:
 
 
 def wide(summary: pd.DataFrame, cell) -> pd.DataFrame:
-    """scheme x eval_len table of strings, `cell(row)` per entry."""
+    """scheme x eval_len table of strings (one protocol), `cell(row)` per entry."""
     schemes = list(dict.fromkeys(summary["scheme"]))
     lengths = sorted(summary["eval_len"].unique())
     table = pd.DataFrame("", index=schemes, columns=lengths)
@@ -114,14 +134,21 @@ def to_markdown(table: pd.DataFrame, names: dict) -> str:
 # ---------------------------------------------------------------- figures
 
 
+_DASHES = ["-", "--", ":", "-."]
+
+
 def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
     fig, ax = new_figure()
-    for scheme, g in summary.groupby("scheme", sort=False):
+    order = list(dict.fromkeys(summary["protocol"]))
+    for (protocol, scheme), g in summary.groupby(["protocol", "scheme"], sort=False):
         g = g.dropna(subset=["ppl"])
         if g.empty:
             continue
         st = style(scheme)
-        ax.plot(g["eval_len"], g["ppl"], label=scheme, linewidth=2, markersize=6, **st)
+        if len(order) > 1:
+            st["linestyle"] = _DASHES[order.index(protocol) % len(_DASHES)]
+        name = scheme if len(order) == 1 else f"{scheme}, {protocol}"
+        ax.plot(g["eval_len"], g["ppl"], label=name, linewidth=2, markersize=6, **st)
         if g["ppl_ci95"].notna().any():
             ci = g["ppl_ci95"].fillna(0)
             ax.fill_between(g["eval_len"], g["ppl"] - ci, g["ppl"] + ci, color=st["color"], alpha=0.2, linewidth=0)
@@ -166,13 +193,52 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+def read_by_position(results_dir: Path) -> pd.DataFrame | None:
+    path = results_dir / "results_by_position.parquet"
+    if not path.exists():
+        return None
+    try:
+        df = pd.read_parquet(path)
+    except Exception:
+        raise LenxError(f"{path} is unreadable; rerun `lenx eval` to rebuild it") from None
+    return None if df.empty else df
+
+
+def plot_loss_by_position(pos: pd.DataFrame, path: Path) -> None:
+    """Mean NLL by position in the window, at each run's longest evaluation length: one panel per protocol,
+    one line per scheme (token-weighted over seeds), the training length marked."""
+    pos = pos.assign(_protocol=protocol_label(pos), scheme=label(pos))
+    longest = pos.groupby("run")["eval_len"].transform("max")
+    pos = pos[pos["eval_len"] == longest]
+    order = protocols(pos)
+    fig, axes = new_figure(width=6.0 * len(order) + 2, height=4.8, ncols=len(order), sharey=True)
+    axes = axes if len(order) > 1 else [axes]
+    schemes = list(dict.fromkeys(pos["scheme"]))
+    for ax, protocol in zip(axes, order):
+        part = pos[pos["_protocol"] == protocol].assign(weighted=lambda d: d["nll"] * d["tokens"])
+        agg = part.groupby(["scheme", "bucket_start", "bucket_end"], as_index=False)[["weighted", "tokens"]].sum()
+        for scheme in [s for s in schemes if s in set(agg["scheme"])]:
+            a = agg[agg["scheme"] == scheme].sort_values("bucket_start")
+            centre = (a["bucket_start"] + a["bucket_end"]) / 2
+            ax.plot(centre, a["weighted"] / a["tokens"], label=scheme, linewidth=2, markersize=5, **style(scheme))
+        _mark_train_len(ax, part["train_len"].unique())
+        lens = sorted(part["eval_len"].unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("position in the window (tokens, bucket centres, log2 scale)")
+        ax.set_title(f"{protocol}, window {', '.join(f'{n:,}' for n in lens)}", fontsize=11)
+        ax.get_xaxis().set_major_formatter(lambda x, _: f"{int(x):,}" if x >= 1 else f"{x:g}")
+    axes[0].set_ylabel("mean NLL (nats per token)")
+    fig.suptitle("Loss by position in the evaluation window (longest evaluated length)")
+    finish(fig, axes[-1], path, legend_title="scheme")
+
+
 # ---------------------------------------------------------------- published numbers, provenance
 
 
 def published_table(summary: pd.DataFrame, published: Path) -> str | None:
     """'lenx / paper' per cell where the sweep reproduces a paper's table (matched by scheme and eval_len)."""
     pub = pd.read_csv(published)
-    ours = summary.set_index(["scheme", "eval_len"])["ppl"]
+    ours = summary[summary["protocol"] == "nonoverlap"].set_index(["scheme", "eval_len"])["ppl"]
     lengths = sorted(pub["eval_len"].unique())
     lines = [f"Published: {pub['source'].iloc[0]}", "",
              "| scheme | " + " | ".join(str(L) for L in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
@@ -239,25 +305,35 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     n_seeds = int(summary["seeds"].max())
 
     plot_ppl_vs_length(summary, out / "ppl_vs_length.png")
-    sections = [
-        Section("Perplexity", f"Test-split perplexity, mean ± 95% confidence interval over {n_seeds} seed(s) "
-                "(Student t; no interval with one seed). Columns: evaluation length (multiple of the training "
-                "length). '—': the scheme cannot represent that length.",
-                to_markdown(wide(summary, ppl_cell), names)),
-        Section("Perplexity relative to 1×", "Mean perplexity divided by the same scheme's at its training length: "
-                "1.00 is perfect extrapolation.", to_markdown(wide(summary, lambda r: _fmt(r.rel_1x)), names)),
-        Section("Perplexity vs length", image="ppl_vs_length.png"),
-    ]
-    if df["tokenizer"].nunique() > 1:
-        sections.insert(1, Section("Bits per byte", "Tokenizers differ between runs: bits per UTF-8 byte compares "
-                                   "them fairly.", to_markdown(wide(summary, lambda r: _fmt(r.bpb, 3)), names)))
+    sections = []
+    for protocol, part in summary.groupby("protocol", sort=False):
+        sections += [
+            Section(f"Perplexity ({protocol})", f"Test-split perplexity, mean ± 95% confidence interval over "
+                    f"{n_seeds} seed(s) (Student t; no interval with one seed). Columns: evaluation length (multiple "
+                    "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
+                    "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
+            Section(f"Perplexity relative to 1× ({protocol})", "Mean perplexity divided by the same scheme's at its "
+                    "training length: 1.00 is perfect extrapolation.",
+                    to_markdown(wide(part, lambda r: _fmt(r.rel_1x)), names)),
+        ]
+        if df["tokenizer"].nunique() > 1:
+            sections.append(Section(f"Bits per byte ({protocol})", "Tokenizers differ between runs: bits per UTF-8 "
+                                    "byte compares them fairly.", to_markdown(wide(part, lambda r: _fmt(r.bpb, 3)), names)))
+    sections.append(Section("Perplexity vs length", image="ppl_vs_length.png"))
+    by_position = read_by_position(results_dir)
+    if by_position is not None:
+        plot_loss_by_position(by_position, out / "loss_by_position.png")
+        sections.append(Section("Loss by position", "Mean NLL by position inside the window "
+                                "(results_by_position.csv), at each run's longest evaluated length: where a scheme "
+                                "breaks.", image="loss_by_position.png"))
     if plot_training_curves(df, out / "training_loss.png"):
         sections.append(Section("Training loss", image="training_loss.png"))
     if config is not None and config.published is not None:
         sections.append(Section("Published numbers", table=published_table(summary, config.published)))
-    notes = summary[summary["note"] != ""][["scheme", "eval_len", "note"]].drop_duplicates("scheme")
+    notes = summary[summary["note"] != ""][["protocol", "scheme", "eval_len", "note"]]
+    notes = notes.drop_duplicates(["protocol", "scheme"])
     if len(notes):
-        sections.append(Section("Notes", "\n".join(f"- {r.scheme} from {r.eval_len}: {r.note}"
+        sections.append(Section("Notes", "\n".join(f"- {r.scheme}, {r.protocol}, from {r.eval_len}: {r.note}"
                                                      for r in notes.itertuples())))
     prov = provenance(df)
     prov_text = "\n".join(f"- {k}: {v}" for k, v in prov.items() if k != "training_config")
@@ -326,8 +402,8 @@ def lm_eval_json(summary: pd.DataFrame, prov: dict, config) -> dict:
 
     results = {}
     for r in summary.itertuples():
-        results[f"{r.scheme}@{r.eval_len}"] = {
-            "alias": f"{r.scheme} at {r.eval_len} tokens",
+        results[f"{r.scheme}@{r.eval_len}" + ("" if r.protocol == "nonoverlap" else f"/{r.protocol}")] = {
+            "alias": f"{r.scheme} at {r.eval_len} tokens, {r.protocol}",
             "token_perplexity,none": None if pd.isna(r.ppl) else float(r.ppl),
             "token_perplexity_stderr,none": None if pd.isna(r.ppl_stderr) else float(r.ppl_stderr),
             "bits_per_byte,none": None if pd.isna(r.bpb) else float(r.bpb),

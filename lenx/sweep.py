@@ -11,7 +11,7 @@ from .config import check_values, read_yaml, resolve
 from .errors import LenxError
 
 TOP_KEYS = {"name", "description", "schemes", "seeds", "train", "eval", "runs_dir", "results_dir", "published"}
-EVAL_KEYS = {"max_len", "lengths", "tokens", "rope_scaling", "rope_factor"}
+EVAL_KEYS = {"max_len", "lengths", "tokens", "rope_scaling", "rope_factor", "protocols", "stride", "position_buckets"}
 
 
 @dataclass
@@ -98,7 +98,8 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
             lengths = spec.eval.get("lengths") or default_lengths(cfg.train_len, spec.eval.get("max_len") or 16 * cfg.train_len)
             tokens = spec.eval.get("tokens") or max(65536, max(lengths))
             scalings = scaling_plan(pe, _as_list(spec.eval.get("rope_scaling")), _as_list(spec.eval.get("rope_factor")))
-            for cell in cell_keys(run_dir, cfg.to_dict(), lengths, scalings):
+            for cell in cell_keys(run_dir, cfg.to_dict(), lengths, scalings, _as_list(spec.eval.get("protocols"))
+                                  or ["nonoverlap"], spec.eval.get("stride")):
                 L = cell["eval_len"]
                 seconds = tokens * eval_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, L) / peak
                 jobs.append(Job("eval", pe, seed, run_dir, _cell_name(cell), seconds, _key(cell) in done_cells))
@@ -110,7 +111,8 @@ def _as_list(value) -> list | None:
 
 
 def _cell_name(cell: dict) -> str:
-    extra = "" if cell["rope_scaling"] == "none" else f" {cell['rope_scaling']}"
+    extra = "" if cell["protocol"] == "nonoverlap" else f" {cell['protocol']}/{cell['stride']}"
+    extra += "" if cell["rope_scaling"] == "none" else f" {cell['rope_scaling']}"
     return f"@{cell['eval_len']}{extra}" + ("" if cell["rope_factor"] is None else f" x{cell['rope_factor']:g}")
 
 
@@ -193,5 +195,7 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
                  tokens=spec.eval.get("tokens"), out=spec.results_dir, device=device, bar=bar,
                  rope_scalings=_as_list(spec.eval.get("rope_scaling")),
                  rope_factors=_as_list(spec.eval.get("rope_factor")),
+                 protocols=_as_list(spec.eval.get("protocols")), stride=spec.eval.get("stride"),
+                 position_buckets=spec.eval.get("position_buckets", 1),
                  on_cell=lambda cell: bar.advance(overall, seconds.get((cell["run"], _cell_name(cell)), 0.0)))
     return report(spec.results_dir, config=spec)

@@ -3,7 +3,7 @@ subclass decorated with `@register`, and one import line below."""
 
 from __future__ import annotations
 
-from .base import Bias, PositionalScheme, TableBias
+from .base import Bias, LinearBias, PositionalScheme, TableBias
 
 REGISTRY: dict[str, type[PositionalScheme]] = {}
 
@@ -29,4 +29,4 @@ def build_scheme(config) -> PositionalScheme:
 
 from . import nope, sinusoidal, learned, rope, alibi, xpos, t5, shaw, kerple, fire  # noqa: E402,F401  (registration order = listing order)
 
-__all__ = ["Bias", "PositionalScheme", "TableBias", "REGISTRY", "register", "get_scheme", "build_scheme"]
+__all__ = ["Bias", "LinearBias", "PositionalScheme", "TableBias", "REGISTRY", "register", "get_scheme", "build_scheme"]

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import register
-from .base import PositionalScheme
+from .base import LinearBias, PositionalScheme
 
 
 def alibi_slopes(n: int) -> list[float]:
@@ -38,6 +38,10 @@ class ALiBi(PositionalScheme):
     def __init__(self, config):
         super().__init__(config)
         self.slopes = alibi_slopes(self.n_head)
+
+    def bias(self, layer: int, pos: Tensor) -> LinearBias:
+        # the same numbers as the default TableBias, plus the declaration that the bias is separable
+        return LinearBias(torch.tensor(self.slopes, dtype=torch.float32), pos)
 
     def distance_bias(self, layer: int, dist: Tensor) -> Tensor:
         m = torch.tensor(self.slopes, dtype=torch.float32, device=dist.device)

@@ -34,6 +34,17 @@ class Bias:
     A bias may also add to the attention output (Shaw's a^V): then ``needs_probs`` is True and
     ``value(q0, q1, probs)`` returns the extra (B, H, q1 - q0, hd) output given the block's
     attention probabilities.
+
+    Capabilities (attention picks a faster exact route from these, never from a scheme's name;
+    each returns None when the bias does not have the structure):
+
+    - ``toeplitz_table()``: an (H, D) table with b[h, i, j] = table[h, i - j] for row and column
+      *indices* j <= i < D (a relative bias over contiguous positions). Attention then reads each
+      block's bias as a strided view of one per-layer buffer instead of gathering it.
+    - ``key_term()``: (s, g), s of shape (H,) and g of shape (T,), with b[h, i, j] = s[h] * g[j] plus a
+      term that depends on (h, i) only, which softmax ignores (ALiBi: -m (i - j) = m j - m i). Attention
+      can then fold the bias into one extra query/key dimension and keep the fused causal kernel.
+    - ``score_mod()``: a FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` giving the same scores.
     """
 
     needs_probs: bool = False
@@ -44,17 +55,55 @@ class Bias:
     def value(self, q0: int, q1: int, probs: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def toeplitz_table(self) -> Tensor | None:
+        return None
+
+    def key_term(self) -> tuple[Tensor, Tensor] | None:
+        return None
+
+    def score_mod(self):
+        return None
+
 
 class TableBias(Bias):
-    """Bias from a per-head table over causal distances: b[h, i, j] = table[h, i - j] for j <= i."""
+    """Bias from a per-head table over causal distances: b[h, i, j] = table[h, pos_i - pos_j] for j <= i."""
 
     def __init__(self, table: Tensor, pos: Tensor):
         self.table = table  # (H, D) with D >= number of positions
         self.pos = pos  # (T,) integer positions
+        self._contiguous: bool | None = None
 
     def block(self, q0: int, q1: int, q: Tensor | None = None) -> Tensor:
         dist = (self.pos[q0:q1, None] - self.pos[None, :q1]).clamp_(min=0)
         return self.table[:, dist].unsqueeze(0)
+
+    def toeplitz_table(self) -> Tensor | None:
+        if self._contiguous is None:  # positions p0, p0 + 1, ...: then pos_i - pos_j = i - j
+            T = self.pos.numel()
+            self._contiguous = bool(T == 0 or torch.equal(self.pos - self.pos[0], torch.arange(T, device=self.pos.device)))
+        return self.table if self._contiguous else None
+
+    def score_mod(self):
+        table, pos = self.table, self.pos
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[h, (pos[q_idx] - pos[kv_idx]).clamp(min=0)]
+
+        return score_mod
+
+
+class LinearBias(TableBias):
+    """b[h, i, j] = -slope[h] * (pos_i - pos_j) (ALiBi): a distance table, and separable: it equals
+    slope[h] * pos_j up to a per-row constant."""
+
+    def __init__(self, slopes: Tensor, pos: Tensor):
+        n = int(pos.max().item() - pos.min().item()) + 1 if pos.numel() else 1
+        dist = torch.arange(n, device=pos.device)
+        super().__init__(-slopes.to(pos.device, torch.float32)[:, None] * dist[None, :].float(), pos)
+        self.slopes = slopes.to(pos.device, torch.float32)
+
+    def key_term(self) -> tuple[Tensor, Tensor]:
+        return self.slopes, self.pos
 
 
 class PositionalScheme(nn.Module):

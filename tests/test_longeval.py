@@ -1,0 +1,352 @@
+"""Long-context evaluation: attention routes against the reference, protocols, loss by position, resuming."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lenx.evaluate as ev
+from lenx import attention
+from lenx.attention import BACKENDS, causal_attention
+from lenx.cli import main
+from lenx.data import document_tokens, get_tokenizer, token_stream
+from lenx.positional import Bias, LinearBias, TableBias
+from lenx.positional.alibi import alibi_slopes
+
+from .conftest import tiny_model
+
+CPU_BACKENDS = [b for b in BACKENDS if b != "materialized"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention routes
+
+
+class DenseBias(Bias):
+    """A bias with no structure at all (random per (h, i, j)): only the generic per-block route applies."""
+
+    def __init__(self, full):
+        self.full = full  # (H, T, T)
+
+    def block(self, q0, q1, q=None):
+        return self.full[:, q0:q1, :q1].unsqueeze(0)
+
+
+class OutputBias(DenseBias):
+    """A Shaw-like bias that also adds sum_j p_ij * u_j to the output (needs the probabilities)."""
+
+    needs_probs = True
+
+    def __init__(self, full, u):
+        super().__init__(full)
+        self.u = u  # (H, T, hd)
+
+    def value(self, q0, q1, probs):
+        return probs @ self.u[:, :q1]
+
+
+def _biases(H, T, hd):
+    g = torch.Generator().manual_seed(3)
+    pos = torch.arange(T)
+    return {
+        "linear (alibi)": LinearBias(torch.tensor(alibi_slopes(H)), pos),
+        "linear, offset positions": LinearBias(torch.tensor(alibi_slopes(H)), pos + 1000),
+        "table": TableBias(torch.randn(H, T, generator=g), pos),
+        "table, gapped positions": TableBias(torch.randn(H, 3 * T, generator=g), pos * 3),
+        "dense": DenseBias(torch.randn(H, T, T, generator=g)),
+        "needs probs": OutputBias(torch.randn(H, T, T, generator=g), torch.randn(H, T, hd, generator=g)),
+    }
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", list(_biases(2, 4, 2)))
+@pytest.mark.parametrize("T", [1, 29, 45])
+def test_every_route_matches_reference(backend, kind, T):
+    """Every backend, for every kind of bias (so every route: separable, strided table, gather, dense,
+    output term), equals the materialised reference at lengths that are not block multiples."""
+    B, H, hd = 2, 4, 8
+    torch.manual_seed(T)
+    q, k, v = (torch.randn(B, H, T, hd) for _ in range(3))
+    bias = _biases(H, T, hd)[kind]
+    ref = causal_attention(q, k, v, bias, "materialized")
+    for block in (8, 16, 64):
+        out = causal_attention(q, k, v, bias, backend, block_size=block)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_routes_are_chosen_by_capability():
+    H, T = 4, 10
+    pos = torch.arange(T)
+    q = torch.randn(1, H, T, 8)
+    alibi = tiny_model("alibi").pe.bias(0, pos)
+    assert alibi.key_term() is not None and alibi.toeplitz_table() is not None
+    assert attention._separable_supported(q, alibi)
+    assert not attention._separable_supported(q.bfloat16(), alibi)  # fp32 only
+    gapped = TableBias(torch.randn(H, 3 * T), pos * 3)
+    assert gapped.toeplitz_table() is None  # not contiguous: gathered per block instead
+    assert DenseBias(torch.zeros(H, T, T)).key_term() is None
+
+
+def _rows_reference(q, k, v, table, rows):
+    """fp64 attention for query rows `rows` with b[h, i, j] = table[h, i - j]."""
+    q, k, v, table = q.double(), k.double(), v.double(), table.double()
+    i = rows[:, None]
+    j = torch.arange(k.shape[-2])[None, :]
+    scores = q[:, :, rows] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores + table[:, (i - j).clamp(min=0)] .unsqueeze(0)
+    scores = scores.masked_fill(j > i, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "blocked"])
+def test_long_sequence_precision(backend):
+    """At 4,096 tokens, the separable route (whose extra key column grows with position) and the strided-table
+    route stay within 1e-5 of an fp64 reference on the last rows, where ALiBi's m*j is largest."""
+    B, H, T, hd = 1, 4, 4096, 16
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, hd) for _ in range(3))
+    bias = LinearBias(torch.tensor([2.0, 0.5, 2.0**-4, 2.0**-8]), torch.arange(T))
+    out = causal_attention(q, k, v, bias, backend, block_size=1024)
+    rows = torch.cat([torch.arange(1024, 1100), torch.arange(T - 200, T)])
+    ref = _rows_reference(q, k, v, bias.table, rows)
+    torch.testing.assert_close(out[:, :, rows].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pe", ["nope", "alibi", "rope"])
+def test_flex_matches_reference_on_cuda(pe):
+    torch.manual_seed(2)
+    x = torch.randint(0, 60, (2, 300), device="cuda")
+    fast = tiny_model(pe, train_len=512, attn_backend="flex").cuda()
+    ref = tiny_model(pe, train_len=512, attn_backend="materialized").cuda()
+    ref.load_state_dict(fast.state_dict())
+    bias = fast.pe.bias(0, torch.arange(300, device="cuda"))
+    if bias is not None:
+        assert attention.flex_supported(torch.zeros(1, device="cuda"), bias)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x).logits, ref(x).logits, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# protocols
+
+
+@pytest.fixture
+def stream():
+    return np.random.default_rng(0).integers(0, 256, 400).astype(np.uint16)
+
+
+def _model():
+    return tiny_model("alibi", vocab_size=257, eod_token_id=256, train_len=16)
+
+
+def _cell(model, data, L, protocol, stride=None, n_tokens=96, width=4):
+    return ev.eval_cell(model, data, L, protocol, stride=ev.resolve_stride(protocol, L, stride), n_tokens=n_tokens,
+                        width=width, batch_tokens=64, device="cpu")
+
+
+def _data(stream, docs=()):
+    return {"stream": stream, "documents": tuple(docs), "tokenizer": get_tokenizer("byte")}
+
+
+def test_sliding_with_stride_equal_to_window_is_nonoverlap(stream):
+    model = _model()
+    data = _data(stream)
+    a, ab = _cell(model, data, 16, "nonoverlap")
+    b, bb = _cell(model, data, 16, "sliding", stride=16)
+    assert a["tokens"] == b["tokens"] == 96 and a["windows"] == b["windows"] == 6
+    assert b["nll"] == pytest.approx(a["nll"], rel=1e-12) and b["bytes"] == a["bytes"]
+    assert ab == bb
+
+
+def test_sliding_stride_one_scores_each_token_with_its_full_window(stream):
+    """Stride 1: target t is predicted from the (up to) L tokens before it, computed here one by one."""
+    model = _model()
+    L, n = 16, 40
+    row, _ = _cell(model, _data(stream), L, "sliding", stride=1, n_tokens=n)
+    assert row["tokens"] == n and row["windows"] == n - L + 1
+    direct = 0.0
+    with torch.no_grad():
+        for t in range(1, n + 1):
+            ctx = torch.from_numpy(stream[max(0, t - L) : t].astype(np.int64))[None]
+            logp = F.log_softmax(model(ctx).logits[0, -1].double(), -1)
+            direct -= logp[int(stream[t])].item()
+    assert row["nll"] == pytest.approx(direct / n, rel=1e-6)
+    # and it differs from non-overlapping windows (tokens there see shorter contexts)
+    assert row["nll"] != pytest.approx(_cell(model, _data(stream), L, "nonoverlap", n_tokens=48)[0]["nll"], rel=1e-6)
+
+
+def test_sliding_windows_score_every_target_once():
+    stream = np.arange(200)
+    for L, S, n in [(16, 5, 100), (16, 16, 96), (10, 3, 10), (8, 7, 50)]:
+        w = ev.sliding_windows(stream, L, S, n)
+        targets = [int(t) for row, f in zip(w.tokens, w.first) for t in row[1:][int(f):]]
+        assert targets == list(range(1, n + 1)), (L, S, n)
+        assert (w.tokens[1:, 0] - w.tokens[:-1, 0] <= S).all()
+
+
+def test_truncate_cuts_qualifying_documents():
+    docs = [np.arange(10), np.arange(100, 140), np.arange(200, 217), np.arange(300, 330)]
+    w = ev.truncated_windows(docs, 16, max_documents=10)
+    assert w.documents == 3 and w.note == ""
+    assert w.tokens[:, 0].tolist() == [100, 200, 300] and w.tokens.shape == (3, 17)
+    w = ev.truncated_windows(docs, 16, max_documents=2)
+    assert w.documents == 2 and "3 test documents qualify" in w.note
+    w = ev.truncated_windows(docs, 64, max_documents=10)
+    assert w.documents == 0 and "no test document" in w.note
+
+
+def test_truncate_row_scores_documents(stream):
+    model = _model()
+    docs = [stream[:50], stream[50:60], stream[60:200]]
+    row, buckets = _cell(model, _data(stream, docs), 16, "truncate", n_tokens=96)
+    assert row["documents"] == 2 and row["tokens"] == 32 and row["stride"] is None
+    row, buckets = _cell(model, _data(stream, docs), 64, "truncate", n_tokens=96)
+    assert row["documents"] == 1 and row["tokens"] == 64 and [b["bucket_start"] for b in buckets] == list(range(0, 64, 4))
+    row, buckets = _cell(model, _data(stream, docs), 256, "truncate")
+    assert row["tokens"] == 0 and row["nll"] is None and "no test document" in row["note"] and buckets == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# sweeps: tables on disk, loss by position, resuming
+
+
+def make_run(root: Path, pe: str, dataset: Path) -> Path:
+    """A finished run directory (random weights: no training needed to test evaluation)."""
+    run = root / f"{pe}-L16-s0"
+    tiny_model(pe, vocab_size=257, eod_token_id=256, train_len=16).save_pretrained(run)
+    config = {"pe": pe, "seed": 0, "train_len": 16, "dataset": str(dataset), "tokenizer": "byte"}
+    (run / "run.json").write_text(json.dumps({"status": "done", "config": config}))
+    return run
+
+
+SWEEP = dict(lengths=[16, 32, 64], tokens=192, protocols=["nonoverlap", "sliding", "truncate"], progress=False,
+             position_buckets=4)
+VOLATILE = ["seconds", "timestamp"]
+
+
+@pytest.fixture
+def runs(tmp_path, text_dataset):
+    return [make_run(tmp_path / "runs", pe, text_dataset) for pe in ("alibi", "rope")]
+
+
+def _stable(df):
+    return df.drop(columns=VOLATILE, errors="ignore").sort_values(["run", "eval_len", "protocol"] +
+                                                                   (["bucket_start"] if "bucket_start" in df else []))
+
+
+def test_by_position_table_adds_up(runs, tmp_path, text_dataset):
+    out = tmp_path / "res"
+    table = ev.evaluate(runs, out=out, **SWEEP)
+    assert len(table) == 2 * 3 * 3
+    assert set(table["protocol"]) == {"nonoverlap", "sliding", "truncate"}
+    pos = pd.read_parquet(out / "results_by_position.parquet")
+    assert len(pd.read_csv(out / "results_by_position.csv")) == len(pos)
+    for r in table.itertuples():
+        b = pos[(pos.run == r.run) & (pos.eval_len == r.eval_len) & (pos.protocol == r.protocol)]
+        assert r.tokens > 0 and b["tokens"].sum() == r.tokens
+        assert (b["tokens"] * b["nll"]).sum() / b["tokens"].sum() == pytest.approx(r.nll, rel=1e-9)
+        assert (b["bucket_end"] - b["bucket_start"] <= 4).all() and b["bucket_end"].max() <= r.eval_len
+    sliding = table[table.protocol == "sliding"].set_index(["run", "eval_len"])
+    assert (sliding["stride"] == sliding.index.get_level_values("eval_len") // 2).all()
+    trunc = table[table.protocol == "truncate"]
+    docs = document_tokens(str(text_dataset), "byte", "test")
+    for r in trunc.itertuples():
+        qualified = sum(len(d) >= r.eval_len + 1 for d in docs)
+        assert r.documents == min(qualified, math.ceil(192 / r.eval_len)) > 0
+        assert r.tokens == r.documents * r.eval_len
+    assert trunc["stride"].isna().all()
+    assert (table[table.protocol == "nonoverlap"]["tokens"] == 192).all()
+
+
+def test_killed_sweep_resumes_to_the_same_tables(runs, tmp_path, monkeypatch):
+    full = ev.evaluate(runs, out=tmp_path / "full", **SWEEP)
+    full_pos = pd.read_parquet(tmp_path / "full" / "results_by_position.parquet")
+
+    calls = []
+    real = ev.eval_cell
+
+    def dying(*args, **kw):
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the sweep is killed while computing its sixth cell
+        calls.append(args[2:4])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ev, "eval_cell", dying)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(runs, out=out, **SWEEP)
+    partial = pd.read_parquet(out / "results.parquet")
+    assert len(partial) == 5 and len(pd.read_csv(out / "results.csv")) == 5
+    assert not list(out.glob(".*.tmp"))  # no half-written file left behind
+    first_rows = partial.set_index(["run", "eval_len", "protocol"])["timestamp"]
+
+    calls.clear()
+    monkeypatch.setattr(ev, "eval_cell", lambda *a, **kw: (calls.append(a[2:4]), real(*a, **kw))[1])
+    resumed = ev.evaluate(runs, out=out, **SWEEP)
+    assert len(calls) == len(full) - 5  # finished cells are not recomputed
+    again = resumed.set_index(["run", "eval_len", "protocol"])
+    assert (again.loc[first_rows.index, "timestamp"] == first_rows).all()
+    pd.testing.assert_frame_equal(_stable(resumed).reset_index(drop=True), _stable(full).reset_index(drop=True),
+                                  check_dtype=False)
+    pos = pd.read_parquet(out / "results_by_position.parquet")
+    pd.testing.assert_frame_equal(_stable(pos).reset_index(drop=True), _stable(full_pos).reset_index(drop=True),
+                                  check_dtype=False)
+
+    calls.clear()
+    ev.evaluate(runs, out=out, **SWEEP)
+    assert calls == []
+
+
+def test_cell_without_its_buckets_is_recomputed(runs, tmp_path):
+    """Killed between writing a cell's buckets and its row, or a results table without buckets: the cell is
+    computed again rather than left without its by-position rows."""
+    out = tmp_path / "res"
+    kw = {**SWEEP, "lengths": [16], "protocols": ["nonoverlap"]}
+    table = ev.evaluate(runs[:1], out=out, **kw)
+    pos = pd.read_parquet(out / "results_by_position.parquet")
+    from lenx.io import write_table
+
+    write_table(pos.iloc[0:0], out / "results_by_position")
+    ev.evaluate(runs[:1], out=out, **kw)
+    pd.testing.assert_frame_equal(_stable(pd.read_parquet(out / "results_by_position.parquet")), _stable(pos))
+    assert len(pd.read_parquet(out / "results.parquet")) == len(table)
+
+
+def test_cli_protocols_and_report(runs, tmp_path, capsys):
+    out = tmp_path / "res"
+    code = main(["eval", *map(str, runs), "--lengths", "16,64", "--tokens", "128", "--protocol", "nonoverlap",
+                 "--protocol", "sliding,truncate", "--stride", "8", "--position-buckets", "2", "--attn-backend",
+                 "blocked", "--out", str(out)])
+    assert code == 0
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 2 * 2 * 3 and (df["attn_backend"] == "blocked").all()
+    assert (df[df.protocol == "sliding"]["stride"] == 8).all()
+    pos = pd.read_csv(out / "results_by_position.csv")
+    assert set(pos["bucket_end"] - pos["bucket_start"]) == {8}
+    assert main(["report", str(out)]) == 0
+    assert (out / "loss_by_position.png").stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    assert "sliding" in md and "truncate" in md and "loss_by_position.png" in md
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--protocol", "overlapping"], "unknown protocol 'overlapping'"),
+        (["--protocol", "sliding", "--stride", "0"], "--stride"),
+        (["--protocol", "sliding", "--stride", "100"], "--stride 100"),
+        (["--position-buckets", "0"], "--position-buckets"),
+        (["--attn-backend", "fast"], "unknown attention backend 'fast'"),
+    ],
+)
+def test_bad_eval_options_are_one_line(runs, tmp_path, capsys, args, needle):
+    code = main(["eval", str(runs[0]), "--lengths", "16,32", "--tokens", "64", "--out", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
