@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .data import get_tokenizer, load_corpus, token_stream
+from .data import DataSpec, Tokenizer, load_corpus, load_run_tokenizer, token_stream
 from .errors import LengthNotSupported, LenxError
 from .io import write_table
 from .runinfo import default_device, provenance, quiet_hf
@@ -69,9 +69,13 @@ def load_model(run_dir: Path, device: str):
     return model.to(device).eval()
 
 
-def check_run_matches(run_dir: Path, model, cfg: dict) -> None:
+def run_tokenizer(run_dir: Path, info: dict) -> Tokenizer:
+    """The tokenizer the run was trained with, read from its directory."""
+    return load_run_tokenizer(run_dir, info["config"]["tokenizer"], (info.get("tokenizer") or {}).get("fingerprint"))
+
+
+def check_run_matches(run_dir: Path, model, cfg: dict, tok: Tokenizer) -> None:
     """The weights' config.json must agree with run.json and with the run's tokenizer."""
-    tok = get_tokenizer(cfg["tokenizer"])
     mc = model.config
     pairs = [("pe", mc.pe, cfg["pe"]), ("train_len", mc.train_len, cfg["train_len"]),
              ("vocab_size", mc.vocab_size, tok.vocab_size)]
@@ -132,7 +136,8 @@ def load_results(out: Path) -> pd.DataFrame:
 
 def _key(row) -> tuple:
     f = row["rope_factor"]
-    return (row["run"], int(row["eval_len"]), row["protocol"], row["rope_scaling"], None if pd.isna(f) else float(f))
+    return (row["run"], int(row["eval_len"]), row["protocol"], row["rope_scaling"], None if pd.isna(f) else float(f),
+            str(row["dataset"]))
 
 
 def append_row(out: Path, table: pd.DataFrame, row: dict) -> pd.DataFrame:
@@ -153,7 +158,9 @@ def evaluate(
     device: str | None = None,
     batch_tokens: int = 16384,
     progress: bool = True,
+    dataset: DataSpec | str | None = None,
 ) -> pd.DataFrame:
+    """`dataset`: score every run on this corpus's test split instead of its own dataset's."""
     runs = [Path(r) for r in run_dirs] if run_dirs else find_runs(runs_dir)
     infos = [read_run(r) for r in runs]
     out = Path(out)
@@ -181,30 +188,32 @@ def evaluate(
         task = bar.add_task("eval", total=cells, cell="")
         for run, info, lens in plan:
             cfg = info["config"]
+            spec = DataSpec.of(dataset if dataset is not None else cfg)
             model = None
             for L in lens:
-                base = {"run": run.name, "eval_len": L, "protocol": "nonoverlap", "rope_scaling": "none", "rope_factor": None}
+                base = {"run": run.name, "eval_len": L, "protocol": "nonoverlap", "rope_scaling": "none",
+                        "rope_factor": None, "dataset": spec.dataset}
                 bar.update(task, cell=f"{run.name} @ {L}")
                 if _key(base) in done:
                     bar.advance(task)
                     continue
                 if model is None:
                     model = load_model(run, device)
-                    check_run_matches(run, model, cfg)
-                    tok = get_tokenizer(cfg["tokenizer"])
-                    stream = token_stream(cfg["dataset"], cfg["tokenizer"], "test")
-                    fingerprint = load_corpus(cfg["dataset"]).fingerprint
+                    tok = run_tokenizer(run, info)
+                    check_run_matches(run, model, cfg, tok)
+                    stream = token_stream(spec, tok, "test")
+                    fingerprint = load_corpus(spec).fingerprint
                     n_tok = tokens or max(65536, max(lens))
                     n_tok = math.ceil(n_tok / max(lens)) * max(lens)  # a multiple of every length: same text at each
                     if len(stream) < n_tok + 1:
                         raise LenxError(
-                            f"the test split of '{cfg['dataset']}' has {len(stream)} tokens; scoring {n_tok} tokens "
+                            f"the test split of '{spec.dataset}' has {len(stream)} tokens; scoring {n_tok} tokens "
                             f"needs {n_tok + 1}; lower --tokens or --max-len"
                         )
                 row = {
                     **base,
                     "pe": cfg["pe"], "seed": cfg["seed"], "train_len": cfg["train_len"], "ratio": L / cfg["train_len"],
-                    "dataset": cfg["dataset"], "dataset_fingerprint": fingerprint, "tokenizer": cfg["tokenizer"],
+                    "dataset_fingerprint": fingerprint, "tokenizer": cfg["tokenizer"],
                     "run_dir": str(run), "device": prov["device"], "lenx_version": prov["lenx_version"],
                     "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "note": "",
                 }

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
 from .config import TrainConfig
-from .data import get_tokenizer, load_corpus, token_stream
+from .data import DataSpec, get_tokenizer, load_corpus, load_run_tokenizer, token_stream
 from .errors import LenxError
 from .io import atomic_path, write_json
 from .runinfo import default_device, provenance, quiet_hf
@@ -199,6 +199,8 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool) -> str:
             old = json.loads(run_json.read_text())["config"]
         except (ValueError, KeyError):
             raise LenxError(f"{run_json} is corrupt; pass --overwrite to start the run again") from None
+        defaults = TrainConfig().to_dict()  # keys added since the run was made: their behaviour-preserving defaults
+        old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
         if old != cfg.to_dict():
             diff = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != cfg.to_dict().get(k))
             raise LenxError(
@@ -232,9 +234,15 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
 
     device = device or default_device()
     precision = resolve_precision(cfg.precision, device)
-    tok = get_tokenizer(cfg.tokenizer)
-    corpus = load_corpus(cfg.dataset)
-    stream = token_stream(cfg.dataset, cfg.tokenizer, "train")
+    spec = DataSpec.of(cfg)
+    corpus = load_corpus(spec)
+    if state == "resume":  # the tokenizer the checkpoint was trained with, from the run directory
+        saved = json.loads((run_dir / "run.json").read_text()).get("tokenizer") or {}
+        tok = load_run_tokenizer(run_dir, cfg.tokenizer, saved.get("fingerprint"))
+    else:
+        tok = get_tokenizer(cfg.tokenizer, spec, progress)
+        tok.save(run_dir)
+    stream = token_stream(spec, tok, "train", progress)
     if len(stream) < cfg.train_len + 2:
         raise LenxError(
             f"the training split of '{cfg.dataset}' has {len(stream)} tokens; one window of --train-len "
@@ -253,6 +261,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         "config": cfg.to_dict(),
         "precision": precision,
         "dataset_fingerprint": corpus.fingerprint,
+        "tokenizer": tok.info(),
         "n_params": sum(p.numel() for p in model.parameters()),
         **provenance(device),
     }
