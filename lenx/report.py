@@ -25,28 +25,39 @@ def read_results(results_dir: Path) -> pd.DataFrame:
     raise LenxError(f"no results in {results_dir}/; run `lenx eval` first")
 
 
+def tokenizers(df: pd.DataFrame) -> list[str]:
+    return sorted(df["tokenizer"].fillna("byte").astype(str).unique()) if "tokenizer" in df else ["byte"]
+
+
 def label(df: pd.DataFrame) -> pd.Series:
-    """Scheme label: the scheme, plus the RoPE extension when one was used at evaluation."""
+    """Scheme label: the scheme, plus the RoPE extension when one was used at evaluation, plus the
+    tokenizer when the results mix tokenizers."""
     scaling = df["rope_scaling"].fillna("none").astype(str)
-    return df["pe"].where(scaling == "none", df["pe"] + "+" + scaling)
+    lab = df["pe"].where(scaling == "none", df["pe"] + "+" + scaling)
+    if len(tokenizers(df)) > 1:
+        lab = lab + " [" + df["tokenizer"].fillna("byte").astype(str) + "]"
+    return lab
 
 
-def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
-    """scheme x eval_len: mean ppl over seeds (empty where the scheme cannot represent the length)."""
+def ppl_table(df: pd.DataFrame, values: str = "ppl") -> pd.DataFrame:
+    """scheme x eval_len: mean ppl (or bpb) over seeds (empty where the scheme cannot represent the length)."""
     df = df.assign(scheme=label(df))
-    return df.pivot_table(index="scheme", columns="eval_len", values="ppl", aggfunc="mean", dropna=False)
+    return df.pivot_table(index="scheme", columns="eval_len", values=values, aggfunc="mean", dropna=False)
 
 
-def _fmt(x) -> str:
-    return "—" if pd.isna(x) else f"{x:.2f}"
+def _fmt(x, digits: int = 2) -> str:
+    return "—" if pd.isna(x) else f"{x:.{digits}f}"
 
 
-def markdown_table(table: pd.DataFrame, train_len: int | None) -> str:
+def markdown_table(table: pd.DataFrame, train_len: int | None, bpb: pd.DataFrame | None = None) -> str:
+    """Perplexities; with `bpb`, each cell is 'ppl (bits per byte)'."""
     cols = list(table.columns)
     head = "| scheme | " + " | ".join(f"{c} ({c / train_len:g}×)" if train_len else str(c) for c in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
     for scheme, row in table.iterrows():
-        lines.append(f"| {scheme} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+        cells = [_fmt(row[c]) + (f" ({_fmt(bpb.loc[scheme, c], 3)})" if bpb is not None and not pd.isna(row[c]) else "")
+                 for c in cols]
+        lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -80,6 +91,8 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None) -
     train_lens = sorted(df["train_len"].unique())
     train_len = int(train_lens[0]) if len(train_lens) == 1 else None
     table = ppl_table(df)
+    toks = tokenizers(df)
+    bpb = ppl_table(df, "bpb") if len(toks) > 1 else None
     plot_ppl_vs_length(df, out / "ppl_vs_length.png")
     n_seeds = df.groupby("pe")["seed"].nunique().max()
     notes = df[df["note"].fillna("").astype(str) != ""][["run", "eval_len", "note"]].drop_duplicates("run")
@@ -88,9 +101,12 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None) -
         "",
         f"Perplexity on the test split ({', '.join(sorted(df['dataset'].astype(str).unique()))}), "
         f"protocol {', '.join(sorted(df['protocol'].unique()))}, mean over {n_seeds} seed(s). "
-        "Columns: evaluation length (multiple of the training length). '—': the scheme cannot represent that length.",
+        "Columns: evaluation length (multiple of the training length). '—': the scheme cannot represent that length."
+        + (f" The runs use different tokenizers ({', '.join(toks)}): perplexity per token does not compare across "
+           "them, so each cell also gives bits per UTF-8 byte of the scored text in parentheses; compare those."
+           if bpb is not None else ""),
         "",
-        markdown_table(table, train_len),
+        markdown_table(table, train_len, bpb),
         "",
         "![perplexity vs length](ppl_vs_length.png)",
     ]
