@@ -649,9 +649,7 @@ def get_tokenizer(name: str, dataset: Any = None, progress: bool = True) -> Toke
         except Exception:  # unreadable: train it again below
             pass
     tok = BPETokenizer.train(name, size, corpus, progress)
-    from .io import write_text
-
-    write_text(path, tok.tk.to_str())
+    _write_shared(path, tok.tk.to_str())
     return tok
 
 
@@ -696,6 +694,21 @@ def cache_dir() -> Path:
     return Path(hf_home).expanduser() / "lenx"
 
 
+def _umask_mode(path: Path) -> None:
+    """Cache files get the usual umask permissions (temporary files are created 0600), so a shared cache works."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _write_shared(path: Path, text: str) -> None:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+        _umask_mode(tmp)
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -722,7 +735,7 @@ def _read_cached(path: Path, meta_path: Path, want: dict) -> np.ndarray | None:
 def token_stream(spec: Any, tokenizer: Tokenizer | str, split: str, progress: bool = True) -> np.ndarray:
     """The split as one token stream (a read-only memmap), each document followed by the end-of-document token.
     Cached under `cache_dir()/tokens`, keyed by (dataset fingerprint, tokenizer fingerprint, split)."""
-    from .io import atomic_path, write_json
+    from .io import atomic_path
 
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer, spec, progress)
     corpus = load_corpus(spec)
@@ -758,8 +771,10 @@ def token_stream(spec: Any, tokenizer: Tokenizer | str, split: str, progress: bo
                 advance(units)
         if n == 0:
             raise LenxError(f"dataset '{corpus.name}' has no {split} documents; give it more text or files")
-    write_json(meta_path, {**want, "length": n, "documents": n_docs, "sha256": h.hexdigest(),
-                           "dataset": corpus.name, "tokenizer": tok.name})
+        _umask_mode(tmp)
+    meta = {**want, "length": n, "documents": n_docs, "sha256": h.hexdigest(), "dataset": corpus.name,
+            "tokenizer": tok.name}
+    _write_shared(meta_path, json.dumps(meta, indent=2) + "\n")
     stream = _read_cached(path, meta_path, want)
     if stream is None:
         raise LenxError(f"the token cache {path} changed while it was written; rerun (or set LENX_CACHE)")

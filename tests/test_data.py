@@ -179,6 +179,10 @@ def test_second_call_hits_the_cache_and_a_corrupted_file_is_rebuilt(text_dataset
     [path] = (cache / "tokens").glob("*-train.bin")
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["length"] == len(first) and meta["dtype"] == "uint16"
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (path, path.with_suffix(".json")):  # a shared cache: umask permissions, not the temp file's 0600
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask
     mtime = path.stat().st_mtime_ns
 
     calls.clear()
