@@ -416,3 +416,30 @@ def test_runs_from_before_the_new_keys_still_match(text_dataset, tmp_path, capsy
     capsys.readouterr()
     assert lenx("train", "--pe", "nope", *TINY, "--dataset", text_dataset, "--out", out) == 0
     assert "already trained" in " ".join(capsys.readouterr().err.split())  # rich may wrap the line
+
+
+def test_hub_code_path_on_a_local_dataset_directory(tmp_path, cache):
+    """`load_dataset` on a directory stands in for a hub repo (offline): split mapping, wikitext grouping."""
+    wiki = tmp_path / "wiki"
+    wiki.mkdir()
+    lines = {"train": ["", " = A = \n", " a text \n", "", " = B = \n", " = = B1 = = \n", " b text \n"],
+             "validation": [" = C = \n", " c \n"], "test": ["", " = D = \n", " d \n", " = E = \n", " e \n"]}
+    for split, rows in lines.items():
+        pd.DataFrame({"text": rows}).to_parquet(wiki / f"{split}.parquet")
+    corpus = data._load_hub("wiki", data.HubDataset(str(wiki), None, wikitext=True))
+    assert corpus.documents("train") == ["\n = A = \n a text \n\n", " = B = \n = = B1 = = \n b text \n"]
+    assert corpus.documents("test") == ["\n = D = \n d \n", " = E = \n e \n"]
+    assert corpus.size("train") == len(lines["train"])  # progress counts rows
+
+    one = tmp_path / "one"
+    one.mkdir()
+    texts = [f"document {i} " + words(i, 1) for i in range(60)]
+    pd.DataFrame({"content": texts}).to_parquet(one / "data.parquet")
+    with pytest.raises(LenxError, match="no column 'text'.*content.*--text-field"):
+        data._load_hub("one", data.HubDataset(str(one), None))
+    corpus = data._load_hub("one", data.HubDataset(str(one), None, text_field="content"))
+    by_split = corpus.splits
+    assert sorted(d for docs in by_split.values() for d in docs) == sorted(texts)  # one split, divided by row hash
+    assert by_split["test"] == [t for i, t in enumerate(texts) if data._split_of(str(i)) == "test"]
+    again = data._load_hub("one", data.HubDataset(str(one), None, text_field="content"))
+    assert again.fingerprint == corpus.fingerprint
