@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 import os
 import re
 import sysconfig
@@ -429,7 +430,7 @@ def _dtype_for(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """A tokenizer as lenx uses it: ids in [0, vocab_size), an end-of-document id, a per-token byte table."""
 
     name: str
@@ -443,14 +444,16 @@ class Tokenizer:
     def dtype(self):
         return _dtype_for(self.vocab_size)
 
+    @abstractmethod
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        raise NotImplementedError
+        """Token ids of each text, without end-of-document or other special tokens."""
+
+    @abstractmethod
+    def decode(self, tokens) -> str:
+        """The text behind `tokens` (end-of-document and special tokens dropped)."""
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]
-
-    def decode(self, tokens) -> str:
-        raise NotImplementedError
 
     def encode_documents(self, docs: list[str]) -> np.ndarray:
         """Documents as one stream, each followed by the end-of-document token."""

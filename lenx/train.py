@@ -242,6 +242,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     else:
         tok = get_tokenizer(cfg.tokenizer, spec, progress)
         tok.save(run_dir)
+        tok = load_run_tokenizer(run_dir, cfg.tokenizer)  # train with exactly what eval will read back
     stream = token_stream(spec, tok, "train", progress)
     if len(stream) < cfg.train_len + 2:
         raise LenxError(

@@ -443,3 +443,17 @@ def test_hub_code_path_on_a_local_dataset_directory(tmp_path, cache):
     assert by_split["test"] == [t for i, t in enumerate(texts) if data._split_of(str(i)) == "test"]
     again = data._load_hub("one", data.HubDataset(str(one), None, text_field="content"))
     assert again.fingerprint == corpus.fingerprint
+
+
+def test_eval_on_another_corpus_keeps_its_own_rows(text_dataset, tmp_path, cache, capsys):
+    out, res = tmp_path / "run", tmp_path / "res"
+    assert lenx("train", "--pe", "alibi", *TINY, "--dataset", text_dataset, "--tokenizer", "bpe:300", "--out", out) == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"body": words(100 + i, 10)}) + "\n" for i in range(3)))
+    assert lenx("eval", out, "--lengths", "16", "--tokens", "32", "--out", res) == 0
+    assert lenx("eval", out, "--lengths", "16", "--tokens", "32", "--out", res, "--test-file", other,
+                "--text-field", "body") == 0
+    df = pd.read_csv(res / "results.csv")
+    assert sorted(df["dataset"]) == sorted([str(text_dataset), "files"]) and df["ppl"].notna().all()
+    assert df["dataset_fingerprint"].nunique() == 2 and (df["tokenizer"] == "bpe:300").all()
+    one_line_error(capsys, lenx("eval", out, "--text-field", "body", "--out", res), "--text-field", "--dataset")
