@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from .data import DATASET_HELP
+
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -31,7 +33,14 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 def train(
     pe: Optional[str] = typer.Option(None, "--pe", help="Positional scheme (see `lenx schemes`)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (flags override it)."),
-    dataset: Optional[str] = typer.Option(None, help="'stdlib' (embedded), a .txt file or a directory of .txt files."),
+    dataset: Optional[str] = typer.Option(None, help=f"Corpus: {DATASET_HELP}."),
+    tokenizer: Optional[str] = typer.Option(
+        None, help="byte | bpe:<vocab_size> (trained on the training split) | a transformers tokenizer name or path."
+    ),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column (.jsonl/.json/.parquet/hf:)."),
+    train_file: Optional[str] = typer.Option(None, "--train-file", help="Explicit training split (file or directory)."),
+    validation_file: Optional[str] = typer.Option(None, "--validation-file", help="Explicit validation split."),
+    test_file: Optional[str] = typer.Option(None, "--test-file", help="Explicit test split."),
     train_len: Optional[int] = typer.Option(None, "--train-len", help="Training context length in tokens."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per step per process."),
@@ -53,8 +62,10 @@ def train(
 
     cfg = resolve(
         str(config) if config else None,
-        pe=pe, dataset=dataset, train_len=train_len, steps=steps, batch_size=batch_size, grad_accum=grad_accum, layers=layers,
-        d_model=d_model, heads=heads, lr=lr, seed=seed, precision=precision, save_every=save_every,
+        pe=pe, dataset=dataset, tokenizer=tokenizer, text_field=text_field, train_file=train_file,
+        validation_file=validation_file, test_file=test_file, train_len=train_len, steps=steps, batch_size=batch_size,
+        grad_accum=grad_accum, layers=layers, d_model=d_model, heads=heads, lr=lr, seed=seed, precision=precision,
+        save_every=save_every,
     )
     run_dir = run_train(cfg, out=out, overwrite=overwrite, device=device)
     typer.echo(f"run saved to {run_dir}")
@@ -89,10 +100,24 @@ def eval_(
     attn_backend: Optional[str] = typer.Option(
         None, "--attn-backend", help="sdpa | blocked | flex | materialized [default: the run's own setting]."
     ),
+    dataset: Optional[str] = typer.Option(
+        None, help="Score on this corpus's test split [default: each run's own dataset]; same forms as `train`."
+    ),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column, with --dataset / --test-file."),
+    test_file: Optional[str] = typer.Option(None, "--test-file", help="Score on this file (or directory) instead."),
 ) -> None:
-    """Perplexity of trained runs at 1x, 2x, ... 16x their training length."""
+    """Perplexity of trained runs at 1x, 2x, ... 16x their training length (each with its own tokenizer)."""
+    from .data import DataSpec
     from .errors import LenxError
     from .evaluate import evaluate
+
+    data = None
+    if dataset is not None or test_file is not None:
+        if dataset is not None and test_file is not None:
+            raise LenxError(f"give either --dataset ({dataset}) or --test-file, not both")
+        data = DataSpec(dataset=dataset or "files", text_field=text_field or "text", test_file=test_file)
+    elif text_field is not None:
+        raise LenxError("--text-field applies with --dataset or --test-file; give one of them")
 
     lens = _ints(lengths, "--lengths")
     if max_len is not None and max_len <= 0:
@@ -116,7 +141,7 @@ def eval_(
     protocols = [p for item in (protocol or []) for p in item.replace(" ", "").split(",") if p] or None
     table = evaluate(run_dirs or None, max_len=max_len, lengths=lens, tokens=tokens, out=out, runs_dir=runs_dir,
                      device=device, protocols=protocols, stride=stride, position_buckets=position_buckets,
-                     attn_backend=attn_backend, rope_scalings=scalings, rope_factors=factors)
+                     attn_backend=attn_backend, rope_scalings=scalings, rope_factors=factors, dataset=data)
     typer.echo(f"{len(table)} rows in {out / 'results.csv'}")
 
 

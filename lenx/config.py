@@ -20,6 +20,10 @@ class TrainConfig:
     pe_options: dict = field(default_factory=dict)
     dataset: str = "stdlib"
     tokenizer: str = "byte"
+    text_field: str = "text"
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
     train_len: int = 128
     steps: int = 800
     batch_size: int = 32
@@ -48,7 +52,8 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = {"int": int, "float": float, "str": str, "dict": dict}
+_TYPES = {"int": int, "float": float, "str": str, "dict": dict, "str | None": str}
+_FILE_KEYS = ("train_file", "validation_file", "test_file")
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -80,6 +85,9 @@ def check_values(values: dict, source: str) -> dict:
         if key not in _FIELDS:
             raise LenxError(f"{source}: unknown key '{key}'; known keys: {', '.join(_FIELDS)}")
         want = _TYPES[_FIELDS[key].type]
+        if value is None and _FIELDS[key].type.endswith("| None"):
+            out[key] = None
+            continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, want) or isinstance(value, bool):
@@ -90,9 +98,16 @@ def check_values(values: dict, source: str) -> dict:
 
 def resolve(config_file: str | None = None, **flags) -> TrainConfig:
     values = check_values(read_yaml(DEFAULTS_FILE), str(DEFAULTS_FILE)) if DEFAULTS_FILE.exists() else {}
-    if config_file:
-        values.update(check_values(read_yaml(config_file), str(config_file)))
-    values.update(check_values({k: v for k, v in flags.items() if v is not None}, "flag"))
+    explicit = check_values(read_yaml(config_file), str(config_file)) if config_file else {}
+    explicit.update(check_values({k: v for k, v in flags.items() if v is not None}, "flag"))
+    values.update(explicit)
+    if any(values.get(k) for k in _FILE_KEYS):
+        # explicit split files name the corpus themselves: dataset becomes 'files'
+        if explicit.get("dataset", "files") != "files":
+            raise LenxError(
+                f"give either --dataset ({explicit['dataset']}) or --train-file/--validation-file/--test-file, not both"
+            )
+        values["dataset"] = "files"
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
@@ -120,6 +135,13 @@ def validate(cfg: TrainConfig) -> None:
         raise LenxError("--warmup and --seed must be >= 0")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise LenxError(f"unknown precision '{cfg.precision}'; known: auto, fp32, bf16")
+    from .data import check_tokenizer_name
+
+    check_tokenizer_name(cfg.tokenizer)
+    if not cfg.text_field.strip():
+        raise LenxError("--text-field is empty; name the column that holds the text (default: text)")
+    if cfg.dataset == "files" and not (cfg.train_file and cfg.test_file):
+        raise LenxError("--dataset files needs --train-file and --test-file (--validation-file is optional)")
     from .attention import BACKENDS
 
     if cfg.attn_backend not in BACKENDS:

@@ -40,12 +40,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .data import document_tokens, get_tokenizer, load_corpus, token_stream
+from .data import DataSpec, Tokenizer, document_tokens, load_corpus, load_run_tokenizer, token_stream
 from .errors import LengthNotSupported, LenxError
 from .io import write_table
 from .runinfo import default_device, provenance, quiet_hf
 
-KEY = ["run", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor"]
+KEY = ["run", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", "dataset"]
 COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "ratio", "protocol", "stride", "rope_scaling", "rope_factor",
     "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note",
@@ -55,7 +55,8 @@ NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "t
            "ppl", "bpb", "bytes", "seconds", "bucket_start", "bucket_end"]
 BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
 BY_POSITION_COLUMNS = [
-    "run", "pe", "seed", "train_len", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", *BUCKET_FIELDS,
+    "run", "pe", "seed", "train_len", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", "dataset",
+    *BUCKET_FIELDS,
 ]
 
 
@@ -95,9 +96,13 @@ def load_model(run_dir: Path, device: str):
     return model.to(device).eval()
 
 
-def check_run_matches(run_dir: Path, model, cfg: dict) -> None:
+def run_tokenizer(run_dir: Path, info: dict) -> Tokenizer:
+    """The tokenizer the run was trained with, read from its directory."""
+    return load_run_tokenizer(run_dir, info["config"]["tokenizer"], (info.get("tokenizer") or {}).get("fingerprint"))
+
+
+def check_run_matches(run_dir: Path, model, cfg: dict, tok: Tokenizer) -> None:
     """The weights' config.json must agree with run.json and with the run's tokenizer."""
-    tok = get_tokenizer(cfg["tokenizer"])
     mc = model.config
     pairs = [("pe", mc.pe, cfg["pe"]), ("train_len", mc.train_len, cfg["train_len"]),
              ("vocab_size", mc.vocab_size, tok.vocab_size)]
@@ -263,9 +268,9 @@ def _opt(x, kind):
 
 
 def _key(row) -> tuple:
-    """A cell's identity: (run, eval_len, protocol, stride, rope_scaling, rope_factor)."""
+    """A cell's identity: (run, eval_len, protocol, stride, rope_scaling, rope_factor, dataset)."""
     return (row["run"], int(row["eval_len"]), row["protocol"], _opt(row["stride"], int),
-            _opt(row["rope_scaling"], str) or "none", _opt(row["rope_factor"], float))
+            _opt(row["rope_scaling"], str) or "none", _opt(row["rope_factor"], float), str(row["dataset"]))
 
 
 def append_rows(stem: Path, table: pd.DataFrame, rows: list[dict], cell: dict, columns: list[str]) -> pd.DataFrame:
@@ -383,9 +388,11 @@ def evaluate(
     rope_factors: list[float] | None = None,
     bar=None,
     on_cell=None,
+    dataset: DataSpec | str | None = None,
 ) -> pd.DataFrame:
     """Evaluate runs cell by cell; each finished cell is written at once. `bar`: a rich Progress to draw into;
-    `on_cell(cell)` is called after each cell."""
+    `on_cell(cell)` is called after each cell. `dataset`: score every run on this corpus's test split instead
+    of its own dataset's."""
     protocols = list(dict.fromkeys(protocols or ["nonoverlap"]))
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad:
@@ -428,8 +435,10 @@ def evaluate(
         task = bar.add_task("eval", total=n_cells)
         for run, info, lens, width, cells in plan:
             cfg = info["config"]
+            spec = DataSpec.of(dataset if dataset is not None else cfg)
             model = data = fingerprint = None
             for base in cells:
+                base = {**base, "dataset": spec.dataset}
                 L, protocol, cell_stride = base["eval_len"], base["protocol"], base["stride"]
                 scaling, factor = base["rope_scaling"], base["rope_factor"]
                 extra = "" if scaling == "none" else f" {scaling}"
@@ -439,27 +448,28 @@ def evaluate(
                     continue
                 if model is None:
                     model = load_model(run, device)
-                    check_run_matches(run, model, cfg)
+                    tok = run_tokenizer(run, info)
+                    check_run_matches(run, model, cfg, tok)
                     if attn_backend is not None:
                         model.set_attention(attn_backend)
                     data = {
-                        "tokenizer": get_tokenizer(cfg["tokenizer"]),
-                        "stream": token_stream(cfg["dataset"], cfg["tokenizer"], "test"),
-                        "documents": document_tokens(cfg["dataset"], cfg["tokenizer"], "test"),
+                        "tokenizer": tok,
+                        "stream": token_stream(spec, tok, "test"),
+                        "documents": document_tokens(spec, tok, "test"),
                     }
-                    fingerprint = load_corpus(cfg["dataset"]).fingerprint
+                    fingerprint = load_corpus(spec).fingerprint
                     n_tok = tokens or max(65536, max(lens))
                     n_tok = math.ceil(n_tok / max(lens)) * max(lens)  # a multiple of every length: same text at each
                     if any(p != "truncate" for p in protocols) and len(data["stream"]) < n_tok + 1:
                         raise LenxError(
-                            f"the test split of '{cfg['dataset']}' has {len(data['stream'])} tokens; scoring {n_tok} "
+                            f"the test split of '{spec.dataset}' has {len(data['stream'])} tokens; scoring {n_tok} "
                             f"tokens needs {n_tok + 1}; lower --tokens or --max-len"
                         )
                 model.pe.set_eval_scaling(scaling, factor)
                 row = {
                     **base,
                     "pe": cfg["pe"], "seed": cfg["seed"], "train_len": cfg["train_len"], "ratio": L / cfg["train_len"],
-                    "dataset": cfg["dataset"], "dataset_fingerprint": fingerprint, "tokenizer": cfg["tokenizer"],
+                    "dataset_fingerprint": fingerprint, "tokenizer": cfg["tokenizer"],
                     "run_dir": str(run), "device": prov["device"], "lenx_version": prov["lenx_version"],
                     "attn_backend": model.config.attn_backend,
                     "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -19,7 +19,7 @@ def style(scheme: str) -> dict:
     from .positional import REGISTRY
 
     names = list(REGISTRY)
-    base = scheme.split("+")[0]
+    base = scheme.split(" [")[0].split("+")[0]  # "alibi+yarn [bpe:4096]" -> alibi
     i = names.index(base) if base in names else sum(map(ord, base)) % len(_PALETTE)
     s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}
     if "+" in scheme:  # a RoPE extension: same colour family, dashed

@@ -43,10 +43,18 @@ def read_results(results_dir: Path) -> pd.DataFrame:
     raise LenxError(f"no results in {results_dir}/; run `lenx eval` first")
 
 
+def tokenizers(df: pd.DataFrame) -> list[str]:
+    return sorted(df["tokenizer"].fillna("byte").astype(str).unique()) if "tokenizer" in df else ["byte"]
+
+
 def label(df: pd.DataFrame) -> pd.Series:
-    """Scheme label: the scheme, plus the RoPE extension when one was used at evaluation."""
+    """Scheme label: the scheme, plus the RoPE extension when one was used at evaluation, plus the
+    tokenizer when the results mix tokenizers."""
     scaling = df["rope_scaling"].fillna("none").astype(str)
-    return df["pe"].where(scaling == "none", df["pe"] + "+" + scaling)
+    lab = df["pe"].where(scaling == "none", df["pe"] + "+" + scaling)
+    if len(tokenizers(df)) > 1:
+        lab = lab + " [" + df["tokenizer"].fillna("byte").astype(str) + "]"
+    return lab
 
 
 PROTOCOL_ORDER = ("nonoverlap", "sliding", "truncate")
@@ -316,7 +324,7 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
                     "training length: 1.00 is perfect extrapolation.",
                     to_markdown(wide(part, lambda r: _fmt(r.rel_1x)), names)),
         ]
-        if df["tokenizer"].nunique() > 1:
+        if len(tokenizers(df)) > 1:
             sections.append(Section(f"Bits per byte ({protocol})", "Tokenizers differ between runs: bits per UTF-8 "
                                     "byte compares them fairly.", to_markdown(wide(part, lambda r: _fmt(r.bpb, 3)), names)))
     sections.append(Section("Perplexity vs length", image="ppl_vs_length.png"))

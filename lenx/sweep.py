@@ -79,6 +79,7 @@ class Job:
 
 def plan(spec: SweepSpec, device: str) -> list[Job]:
     """Every training run and evaluation cell of the sweep, whether it is done, and an estimated time."""
+    from .data import DataSpec
     from .evaluate import _key, cell_keys, default_lengths, load_results, scaling_plan
     from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
 
@@ -98,8 +99,10 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
             lengths = spec.eval.get("lengths") or default_lengths(cfg.train_len, spec.eval.get("max_len") or 16 * cfg.train_len)
             tokens = spec.eval.get("tokens") or max(65536, max(lengths))
             scalings = scaling_plan(pe, _as_list(spec.eval.get("rope_scaling")), _as_list(spec.eval.get("rope_factor")))
+            dataset = DataSpec.of(cfg).dataset
             for cell in cell_keys(run_dir, cfg.to_dict(), lengths, scalings, _as_list(spec.eval.get("protocols"))
                                   or ["nonoverlap"], spec.eval.get("stride")):
+                cell["dataset"] = dataset
                 L = cell["eval_len"]
                 seconds = tokens * eval_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, L) / peak
                 jobs.append(Job("eval", pe, seed, run_dir, _cell_name(cell), seconds, _key(cell) in done_cells))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
 from .config import TrainConfig
-from .data import get_tokenizer, load_corpus, token_stream
+from .data import DataSpec, get_tokenizer, load_corpus, load_run_tokenizer, token_stream
 from .errors import LenxError
 from .io import atomic_path, write_json
 from .progress import progress as make_progress
@@ -195,6 +195,9 @@ RESUME_FREE = ("batch_size", "grad_accum")  # may change on resume (e.g. other p
 
 
 def identity(config: dict, world: int) -> dict:
+    """What makes two runs the same run. Keys added to lenx since a run was made take their defaults,
+    which preserve the old behaviour."""
+    config = {**TrainConfig().to_dict(), **config}
     out = {k: v for k, v in config.items() if k not in RESUME_FREE}
     out["global_batch"] = config["batch_size"] * config.get("grad_accum", 1) * world
     return out
@@ -249,9 +252,16 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
 
     device = distributed.device_for(ctx, device)
     precision = resolve_precision(cfg.precision, device)
-    tok = get_tokenizer(cfg.tokenizer)
-    corpus = load_corpus(cfg.dataset)
-    stream = token_stream(cfg.dataset, cfg.tokenizer, "train")
+    spec = DataSpec.of(cfg)
+    corpus = load_corpus(spec)
+    if state == "resume":  # the tokenizer the checkpoint was trained with, from the run directory
+        saved = json.loads((run_dir / "run.json").read_text()).get("tokenizer") or {}
+        tok = load_run_tokenizer(run_dir, cfg.tokenizer, saved.get("fingerprint"))
+    else:
+        tok = get_tokenizer(cfg.tokenizer, spec, progress)
+        tok.save(run_dir)
+        tok = load_run_tokenizer(run_dir, cfg.tokenizer)  # train with exactly what eval will read back
+    stream = token_stream(spec, tok, "train", progress)
     if len(stream) < cfg.train_len + 2:
         raise LenxError(
             f"the training split of '{cfg.dataset}' has {len(stream)} tokens; one window of --train-len "
@@ -270,6 +280,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         "config": cfg.to_dict(),
         "precision": precision,
         "dataset_fingerprint": corpus.fingerprint,
+        "tokenizer": tok.info(),
         "n_params": sum(p.numel() for p in model.parameters()),
         "world_size": ctx.world,
         "global_batch": cfg.batch_size * cfg.grad_accum * ctx.world,

@@ -1,5 +1,16 @@
+import atexit
+import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
+
+# Before anything imports datasets / huggingface_hub (they read these once): no test touches the network,
+# and the token, tokenizer and datasets caches live in a scratch directory, not the user's.
+_SCRATCH = tempfile.mkdtemp(prefix="lenx-tests-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", LENX_CACHE=os.path.join(_SCRATCH, "lenx"),
+                  HF_DATASETS_CACHE=os.path.join(_SCRATCH, "datasets"))
 
 import pytest
 import torch

@@ -1,0 +1,459 @@
+"""Corpora, tokenizers and the token cache, on files each test writes itself (no network, ever)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from lenx import data
+from lenx.cli import main
+from lenx.config import DEFAULTS_FILE, TrainConfig, resolve
+from lenx.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    DataSpec,
+    cache_dir,
+    document_tokens,
+    get_tokenizer,
+    group_wikitext,
+    load_corpus,
+    token_stream,
+)
+from lenx.errors import LenxError
+
+TINY = ["--steps", "4", "--train-len", "16", "--batch-size", "4", "--layers", "1", "--d-model", "32", "--heads", "2"]
+# text the tokenizers must carry through unchanged: accents, CJK, emoji, tabs, CR, the separator's own spelling
+TRICKY = "naïve café — 日本語 😀 tabs\tand\r\nCRLF  double  spaces <|endoftext|> end\n"
+
+
+def lenx(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A private token cache for this test."""
+    monkeypatch.setenv("LENX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def words(seed: int, n_lines: int = 20) -> str:
+    import random
+
+    rng = random.Random(seed)
+    vocab = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    return "\n".join(" ".join(rng.choice(vocab) for _ in range(10)) for _ in range(n_lines))
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def test_txt_file_is_one_document_cut_90_5_5(tmp_path, cache):
+    path = tmp_path / "book.txt"
+    text = words(1, 200)
+    path.write_text(text)
+    corpus = load_corpus(str(path))
+    a, b = int(len(text) * 0.9), int(len(text) * 0.95)
+    assert corpus.documents("train") == [text[:a]]
+    assert corpus.documents("validation") == [text[a:b]]
+    assert corpus.documents("test") == [text[b:]]
+    stream = token_stream(str(path), "byte", "test")
+    assert bytes(stream[:-1].astype(np.uint8)) == text[b:].encode() and stream[-1] == 256
+
+
+def test_directory_of_txt_files_one_document_per_file(text_dataset, cache):
+    corpus = load_corpus(str(text_dataset))
+    files = sorted(text_dataset.glob("*.txt"))
+    texts = {p.read_text() for p in files}
+    got = [d for docs in corpus.splits.values() for d in docs]
+    assert sorted(got) == sorted(texts) and len(got) == 30
+    # the split and fingerprint are those of the (name, text) documents, as before datasets did the reading
+    named = [(p.name, p.read_text()) for p in files]
+    assert corpus.fingerprint == data._fingerprint(named)
+    assert corpus.documents("test") == data._split_documents(named)["test"]
+    (text_dataset / "doc00.txt").write_text("changed")
+    data._load.cache_clear()
+    assert load_corpus(str(text_dataset)).fingerprint != corpus.fingerprint
+
+
+def test_jsonl_with_a_custom_text_field(tmp_path, cache, capsys):
+    rows = [{"id": i, "body": words(i, 3) + (TRICKY if i == 7 else "")} for i in range(25)]
+    rows.append({"id": 99, "body": None})  # a row without text is skipped, not an error
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = load_corpus(DataSpec(str(path), text_field="body"))
+    got = [d for docs in corpus.splits.values() for d in docs]
+    assert sorted(got) == sorted(r["body"] for r in rows if r["body"])
+    # the default field 'text' is missing: one line naming the columns and the flag
+    code = lenx("train", "--pe", "nope", "--dataset", path, "--out", tmp_path / "r")
+    one_line_error(capsys, code, "no column 'text'", "body", "--text-field")
+
+
+def test_json_array_file(tmp_path, cache):
+    path = tmp_path / "docs.json"
+    path.write_text(json.dumps([{"text": words(i, 2)} for i in range(5)]))
+    corpus = load_corpus(str(path))
+    assert corpus.documents("train") == [words(i, 2) for i in range(3)]  # few documents: last two are val / test
+    assert corpus.documents("test") == [words(4, 2)]
+
+
+def test_parquet(tmp_path, cache):
+    texts = [words(i, 4) for i in range(40)]
+    path = tmp_path / "docs.parquet"
+    pd.DataFrame({"text": texts, "n": range(40)}).to_parquet(path)
+    corpus = load_corpus(str(path))
+    got = [d for docs in corpus.splits.values() for d in docs]
+    assert sorted(got) == sorted(texts)
+    expect = data._split_documents([(f"docs.parquet#{i}", t) for i, t in enumerate(texts)])
+    assert corpus.documents("train") == expect["train"] and corpus.documents("test") == expect["test"]
+
+
+def test_explicit_split_files(tmp_path, text_dataset, cache, capsys):
+    val, test = tmp_path / "val.jsonl", tmp_path / "test.parquet"
+    val.write_text(json.dumps({"text": "validation text"}) + "\n")
+    pd.DataFrame({"text": ["test one", "test two"]}).to_parquet(test)
+    cfg = resolve(train_file=str(text_dataset), validation_file=str(val), test_file=str(test))
+    assert cfg.dataset == "files"
+    corpus = load_corpus(cfg)
+    assert sorted(corpus.documents("train")) == sorted(p.read_text() for p in text_dataset.glob("*.txt"))
+    assert corpus.documents("validation") == ["validation text"]
+    assert corpus.documents("test") == ["test one", "test two"]
+    stream = token_stream(cfg, "byte", "test")
+    assert bytes(stream[stream != 256].astype(np.uint8)) == b"test onetest two" and (stream == 256).sum() == 2
+    with pytest.raises(LenxError, match="not both"):
+        resolve(dataset="stdlib", train_file=str(text_dataset), test_file=str(test))
+    one_line_error(capsys, lenx("train", "--pe", "nope", "--train-file", text_dataset), "--test-file")
+
+
+def test_wikitext_lines_group_into_articles():
+    lines = ["", " = First = \n", "", " Some text . \n", " = = Section = = \n", " more \n", "", " = Second = \n",
+             " body \n"]
+    articles = list(group_wikitext(lines))
+    assert [a for a, _ in articles] == [
+        "\n = First = \n\n Some text . \n = = Section = = \n more \n\n",
+        " = Second = \n body \n",
+    ]
+    assert sum(n for _, n in articles) == len(lines)
+
+
+def test_stdlib_is_unchanged():
+    corpus = load_corpus("stdlib")
+    root, files = data.stdlib_files()
+    assert not any(part in {"test", "tests", "site-packages"} for p in files for part in p.relative_to(root).parts)
+    n = sum(len(corpus.documents(s)) for s in ("train", "validation", "test"))
+    assert n == len(files)
+
+
+# ---------------------------------------------------------------- the token cache
+
+
+def test_second_call_hits_the_cache_and_a_corrupted_file_is_rebuilt(text_dataset, cache, monkeypatch):
+    calls = []
+    original = ByteTokenizer.encode_batch
+
+    def counting(self, texts):
+        calls.append(len(texts))
+        return original(self, texts)
+
+    monkeypatch.setattr(ByteTokenizer, "encode_batch", counting)
+    tok = ByteTokenizer()
+    first = np.array(token_stream(str(text_dataset), tok, "train"))
+    assert calls and first.dtype == np.uint16
+    expect = ByteTokenizer().encode_documents(load_corpus(str(text_dataset)).documents("train"))
+    assert np.array_equal(first, expect)
+    [path] = (cache / "tokens").glob("*-train.bin")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["length"] == len(first) and meta["dtype"] == "uint16"
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (path, path.with_suffix(".json")):  # a shared cache: umask permissions, not the temp file's 0600
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask
+    mtime = path.stat().st_mtime_ns
+
+    calls.clear()
+    time.sleep(0.01)
+    again = token_stream(str(text_dataset), tok, "train")
+    assert calls == [] and path.stat().st_mtime_ns == mtime  # not re-tokenised, not rewritten
+    assert isinstance(again, np.memmap) and np.array_equal(again, first)
+
+    # same length, one flipped token: the checksum catches it; the file is rebuilt, never read
+    raw = bytearray(path.read_bytes())
+    raw[10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    rebuilt = token_stream(str(text_dataset), tok, "train")
+    assert calls and np.array_equal(rebuilt, first)
+    assert data._sha256_file(path) == json.loads(path.with_suffix(".json").read_text())["sha256"]
+
+    # a truncated file, and a file whose sidecar never got written (a crash between the two)
+    for damage in ("truncate", "no sidecar"):
+        calls.clear()
+        if damage == "truncate":
+            path.write_bytes(path.read_bytes()[:100])
+        else:
+            path.with_suffix(".json").unlink()
+        assert np.array_equal(token_stream(str(text_dataset), tok, "train"), first) and calls, damage
+    assert not list((cache / "tokens").glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_cache_location_follows_hf_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("LENX_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert cache_dir() == tmp_path / "hf" / "lenx"
+    monkeypatch.setenv("LENX_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_memmap_dtype_follows_vocabulary():
+    assert data._dtype_for(257) == np.uint16 and data._dtype_for(65536) == np.uint16
+    assert data._dtype_for(65537) == np.uint32
+
+
+# ---------------------------------------------------------------- tokenizers and bytes
+
+
+@pytest.fixture
+def bpe300(text_dataset, cache) -> BPETokenizer:
+    return get_tokenizer("bpe:300", str(text_dataset))
+
+
+def test_bpe_round_trips_text(bpe300, text_dataset, cache):
+    tok = bpe300
+    assert tok.vocab_size == 300 and tok.decode([tok.eod_id]) == ""
+    samples = [TRICKY, "", " leading space", "alpha beta gamma\n" * 3, "\x00 control \x7f", "Ω≈ç√∫˜µ≤≥÷"]
+    for text in samples:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.token_bytes(ids) == len(text.encode("utf-8"))  # the per-token byte table is exact
+    # the training text really merged (fewer tokens than bytes), and the separator is only ever a separator
+    doc = (text_dataset / "doc00.txt").read_text()
+    assert len(tok.encode(doc)) < len(doc.encode()) / 2
+    stream = tok.encode_documents([TRICKY, doc, TRICKY])
+    assert (stream == tok.eod_id).sum() == 3
+    # cached: the same trained tokenizer comes back, not a new training
+    [saved] = (cache / "tokenizers").glob("bpe300-*.json")
+    mtime = saved.stat().st_mtime_ns
+    again = get_tokenizer("bpe:300", str(text_dataset))
+    assert again.fingerprint == tok.fingerprint and saved.stat().st_mtime_ns == mtime
+
+
+def test_bpe_is_trained_on_the_training_split_only(tmp_path, cache):
+    root = tmp_path / "c"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.txt").write_text(("zzqq " if i == 2 else "abab ") * 200)  # 3 documents: the last is test
+    tok = get_tokenizer("bpe:400", str(root))
+    vocab = tok.tk.get_vocab()
+    assert any("ab" in t for t in vocab) and not any("zq" in t or "qz" in t for t in vocab)
+
+
+def test_document_tokens_are_the_split_documents(bpe300, text_dataset, cache):
+    docs = load_corpus(str(text_dataset)).documents("test")
+    got = document_tokens(str(text_dataset), bpe300, "test")
+    assert len(got) == len(docs)
+    for ids, doc in zip(got, docs):
+        assert bpe300.eod_id not in ids and bpe300.decode(ids) == doc
+        assert np.array_equal(ids, bpe300.encode(doc))
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe:300"])
+def test_bpb_counts_the_utf8_bytes_of_the_scored_text(tokenizer, text_dataset, tmp_path, cache):
+    """One window covering the whole test stream: the scored text is everything after the first token.
+    The test text starts with '~', which never occurs in training, so that first token is the one byte '~'."""
+    test_text = "~ " + TRICKY + words(5, 3) + " ünïcödé ✓"
+    test_file = tmp_path / "test.txt"
+    test_file.write_text(test_text)
+    out = tmp_path / "run"
+    assert lenx("train", "--pe", "rope", *TINY, "--tokenizer", tokenizer, "--train-file", text_dataset,
+                "--test-file", test_file, "--out", out) == 0
+    info = json.loads((out / "run.json").read_text())
+    tok = data.load_run_tokenizer(out, tokenizer)
+    spec = DataSpec.of(info["config"])
+    stream = token_stream(spec, tok, "test")
+    assert tok.decode(stream[:1]) == "~"
+    k = len(stream) - 1
+    assert lenx("eval", out, "--lengths", k, "--tokens", k, "--out", tmp_path / "res") == 0
+    row = pd.read_csv(tmp_path / "res" / "results.csv").iloc[0]
+    [scored_doc] = load_corpus(spec).documents("test")
+    assert scored_doc == test_text.replace("\r\n", "\n")  # text files are read with universal newlines
+    assert row["tokens"] == k and row["bytes"] == len(scored_doc[1:].encode("utf-8"))
+    assert row["bpb"] == pytest.approx(row["nll"] * k / row["bytes"] / np.log(2))
+
+
+def test_transformers_tokenizer_from_a_local_directory(bpe300, text_dataset, tmp_path, cache):
+    """A tokenizer without an eos token gets one extra id for end of document; loading is local, offline."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf_dir = tmp_path / "hf_tok"
+    PreTrainedTokenizerFast(tokenizer_object=bpe300.tk).save_pretrained(hf_dir)
+    tok = get_tokenizer(str(hf_dir))
+    assert tok.kind == "hf" and tok.eod_id == 300 and tok.vocab_size == 301
+    for text in (TRICKY, "alpha beta"):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text and tok.token_bytes(ids) == len(text.encode())
+        assert tok.eod_id not in ids
+    out = tmp_path / "run"
+    assert lenx("train", "--pe", "alibi", *TINY, "--dataset", text_dataset, "--tokenizer", hf_dir, "--out", out) == 0
+    assert (out / "tokenizer" / "tokenizer.json").exists()
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 301
+    assert lenx("eval", out, "--lengths", "16", "--tokens", "32", "--out", tmp_path / "res") == 0
+
+
+def test_bpe_run_end_to_end_through_the_cli(text_dataset, tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert lenx("train", "--pe", "alibi", *TINY, "--dataset", text_dataset, "--tokenizer", "bpe:300", "--out", out) == 0
+    saved = out / "tokenizer.json"
+    assert saved.exists()
+    info = json.loads((out / "run.json").read_text())
+    assert info["tokenizer"]["vocab_size"] == 300
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 300
+    # eval reads the run's own tokenizer: with the tokenizer cache gone it still works ...
+    for f in (cache / "tokenizers").glob("*"):
+        f.unlink()
+    res = tmp_path / "res"
+    assert lenx("eval", out, "--lengths", "16,32", "--tokens", "64", "--out", res) == 0
+    df = pd.read_csv(res / "results.csv")
+    assert len(df) == 2 and df["ppl"].notna().all() and (df["bpb"] > 0).all()
+    assert (df["tokenizer"] == "bpe:300").all() and (df["bytes"] > df["tokens"]).all()  # BPE tokens hold >1 byte
+    # ... and a damaged copy in the run directory is refused, not replaced by a fresh tokenizer
+    saved.write_text(saved.read_text().replace('"alpha"', '"alphx"', 1) if '"alpha"' in saved.read_text()
+                     else "{broken")
+    code = lenx("eval", out, "--lengths", "16", "--tokens", "64", "--out", tmp_path / "res2")
+    one_line_error(capsys, code, str(out))
+
+
+def test_bad_tokenizer_names_are_one_line(capsys, tmp_path):
+    one_line_error(capsys, lenx("train", "--pe", "nope", "--tokenizer", "bpe:10", "--out", tmp_path / "a"), "257")
+    code = lenx("train", "--pe", "nope", "--tokenizer", "bpe:many", "--out", tmp_path / "b")
+    one_line_error(capsys, code, "bpe:4096")
+    code = lenx("train", "--pe", "nope", *TINY, "--tokenizer", "no-such-org/no-such-tokenizer", "--out", tmp_path / "c")
+    one_line_error(capsys, code, "no-such-org/no-such-tokenizer", "HF_HUB_OFFLINE")
+
+
+# ---------------------------------------------------------------- hub names, offline
+
+
+@pytest.mark.parametrize("name", ["wikitext-2", "hf:no-such-user/no-such-dataset:cfg"])
+def test_unreachable_hub_dataset_is_one_line_in_process(name, capsys, tmp_path):
+    t0 = time.monotonic()
+    code = lenx("train", "--pe", "nope", *TINY, "--dataset", name, "--out", tmp_path / "r")
+    one_line_error(capsys, code, name, "HF_DATASETS_OFFLINE", "local")
+    assert time.monotonic() - t0 < 60
+
+
+def test_unreachable_hub_dataset_subprocess(tmp_path):
+    """The installed entry point with the documented offline variables: exit 2, one line, promptly."""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_DATASETS_CACHE", None)
+    proc = subprocess.run([sys.executable, "-m", "lenx", "train", "--pe", "nope", "--dataset", "wikitext-103",
+                           "--out", tmp_path / "r"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "wikitext-103" in proc.stderr and "Salesforce/wikitext" in proc.stderr
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_default_yaml_lists_every_config_key():
+    keys = set(yaml.safe_load(DEFAULTS_FILE.read_text()))
+    assert keys == set(TrainConfig().to_dict())
+
+
+# ---------------------------------------------------------------- report
+
+
+def results_rows(tokenizers_and_values):
+    rows = []
+    for i, (tok, ppl, bpb) in enumerate(tokenizers_and_values):
+        for L, f in ((16, 1.0), (32, 1.5)):
+            rows.append({"run": f"alibi-{i}", "pe": "alibi", "seed": 0, "train_len": 16, "eval_len": L, "ratio": L / 16,
+                         "protocol": "nonoverlap", "rope_scaling": "none", "rope_factor": None, "ppl": ppl * f,
+                         "bpb": bpb * f, "note": "", "dataset": "d", "tokenizer": tok})
+    return pd.DataFrame(rows)
+
+
+def test_report_shows_bpb_when_tokenizers_differ(tmp_path):
+    from lenx.report import report
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    results_rows([("byte", 3.0, 1.25), ("bpe:300", 40.0, 1.125)]).to_csv(mixed / "results.csv", index=False)
+    md = report(mixed).read_text()
+    assert "| alibi [byte] | 3.00 (1.250) | 4.50 (1.875) |" in md
+    assert "| alibi [bpe:300] | 40.00 (1.125) | 60.00 (1.688) |" in md
+    assert "bits per UTF-8 byte" in md
+
+    same = tmp_path / "same"
+    same.mkdir()
+    results_rows([("bpe:300", 40.0, 1.125)]).to_csv(same / "results.csv", index=False)
+    md = report(same).read_text()
+    assert "| alibi | 40.00 | 60.00 |" in md and "bits per UTF-8 byte" not in md
+
+
+def test_runs_from_before_the_new_keys_still_match(text_dataset, tmp_path, capsys):
+    """A finished run whose run.json predates text_field / *_file is the same run, not a 'different config'."""
+    out = tmp_path / "run"
+    assert lenx("train", "--pe", "nope", *TINY, "--dataset", text_dataset, "--out", out) == 0
+    info = json.loads((out / "run.json").read_text())
+    for key in ("text_field", "train_file", "validation_file", "test_file"):
+        del info["config"][key]
+    (out / "run.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert lenx("train", "--pe", "nope", *TINY, "--dataset", text_dataset, "--out", out) == 0
+    assert "already trained" in " ".join(capsys.readouterr().err.split())  # rich may wrap the line
+
+
+def test_hub_code_path_on_a_local_dataset_directory(tmp_path, cache):
+    """`load_dataset` on a directory stands in for a hub repo (offline): split mapping, wikitext grouping."""
+    wiki = tmp_path / "wiki"
+    wiki.mkdir()
+    lines = {"train": ["", " = A = \n", " a text \n", "", " = B = \n", " = = B1 = = \n", " b text \n"],
+             "validation": [" = C = \n", " c \n"], "test": ["", " = D = \n", " d \n", " = E = \n", " e \n"]}
+    for split, rows in lines.items():
+        pd.DataFrame({"text": rows}).to_parquet(wiki / f"{split}.parquet")
+    corpus = data._load_hub("wiki", data.HubDataset(str(wiki), None, wikitext=True))
+    assert corpus.documents("train") == ["\n = A = \n a text \n\n", " = B = \n = = B1 = = \n b text \n"]
+    assert corpus.documents("test") == ["\n = D = \n d \n", " = E = \n e \n"]
+    assert corpus.size("train") == len(lines["train"])  # progress counts rows
+
+    one = tmp_path / "one"
+    one.mkdir()
+    texts = [f"document {i} " + words(i, 1) for i in range(60)]
+    pd.DataFrame({"content": texts}).to_parquet(one / "data.parquet")
+    with pytest.raises(LenxError, match="no column 'text'.*content.*--text-field"):
+        data._load_hub("one", data.HubDataset(str(one), None))
+    corpus = data._load_hub("one", data.HubDataset(str(one), None, text_field="content"))
+    by_split = corpus.splits
+    assert sorted(d for docs in by_split.values() for d in docs) == sorted(texts)  # one split, divided by row hash
+    assert by_split["test"] == [t for i, t in enumerate(texts) if data._split_of(str(i)) == "test"]
+    again = data._load_hub("one", data.HubDataset(str(one), None, text_field="content"))
+    assert again.fingerprint == corpus.fingerprint
+
+
+def test_eval_on_another_corpus_keeps_its_own_rows(text_dataset, tmp_path, cache, capsys):
+    out, res = tmp_path / "run", tmp_path / "res"
+    assert lenx("train", "--pe", "alibi", *TINY, "--dataset", text_dataset, "--tokenizer", "bpe:300", "--out", out) == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"body": words(100 + i, 10)}) + "\n" for i in range(3)))
+    assert lenx("eval", out, "--lengths", "16", "--tokens", "32", "--out", res) == 0
+    assert lenx("eval", out, "--lengths", "16", "--tokens", "32", "--out", res, "--test-file", other,
+                "--text-field", "body") == 0
+    df = pd.read_csv(res / "results.csv")
+    assert sorted(df["dataset"]) == sorted([str(text_dataset), "files"]) and df["ppl"].notna().all()
+    assert df["dataset_fingerprint"].nunique() == 2 and (df["tokenizer"] == "bpe:300").all()
+    one_line_error(capsys, lenx("eval", out, "--text-field", "body", "--out", res), "--text-field", "--dataset")
