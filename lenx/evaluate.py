@@ -220,8 +220,9 @@ class Scores:
 
 @torch.no_grad()
 def score_windows(model, windows: torch.Tensor, first: torch.Tensor | None, batch_tokens: int, device: str,
-                  eod_id: int | None = None) -> Scores:
-    """Run the model on (n, L + 1) windows; sum the NLL (nats) of the targets at positions >= first[w]."""
+                  tok: Tokenizer | None = None) -> Scores:
+    """Run the model on (n, L + 1) windows; sum the NLL (nats) of the targets at positions >= first[w], and
+    (given the tokenizer) the UTF-8 bytes of those targets."""
     n, L1 = windows.shape
     L = L1 - 1
     first = torch.zeros(n, dtype=torch.int64) if first is None else first
@@ -238,8 +239,8 @@ def score_windows(model, windows: torch.Tensor, first: torch.Tensor | None, batc
         losses = losses.view(w.shape[0], L).cpu().double() * keep
         nll += losses.sum(0)
         count += keep.sum(0)
-        if eod_id is not None:
-            n_bytes += int((keep & (w[:, 1:] != eod_id)).sum())
+        if tok is not None:
+            n_bytes += tok.token_bytes(w[:, 1:][keep].numpy())
     return Scores(nll, count, n_bytes)
 
 
@@ -360,7 +361,7 @@ def eval_cell(model, data: dict, eval_len: int, protocol: str, *, stride: int | 
     if len(win.tokens) == 0:
         return {**metrics, **empty}, []
     try:
-        sc = score_windows(model, win.tokens, win.first, batch_tokens, device, tok.eod_id)
+        sc = score_windows(model, win.tokens, win.first, batch_tokens, device, tok)
     except LengthNotSupported as e:
         return {**metrics, **empty, "note": str(e)}, []
     total = float(sc.nll.sum())

@@ -29,6 +29,11 @@ def t975(df: int) -> float:
     return _T975[df - 1] if 1 <= df <= len(_T975) else 1.960
 
 
+# Columns a results table from an older lenx (or another tool) may lack, and what they mean when absent.
+_OPTIONAL = {"run_dir": None, "lenx_version": "unknown", "device": "unknown", "dataset_fingerprint": "unknown",
+             "stride": float("nan"), "tokenizer": "byte", "note": "", "bpb": float("nan")}
+
+
 def read_results(results_dir: Path) -> pd.DataFrame:
     for name in ("results.parquet", "results.csv"):
         path = results_dir / name
@@ -39,7 +44,7 @@ def read_results(results_dir: Path) -> pd.DataFrame:
                 raise LenxError(f"{path} is unreadable; rerun `lenx eval` to rebuild it") from None
             if df.empty:
                 break
-            return df
+            return df.assign(**{k: v for k, v in _OPTIONAL.items() if k not in df})
     raise LenxError(f"no results in {results_dir}/; run `lenx eval` first")
 
 

@@ -266,8 +266,9 @@ def test_document_tokens_are_the_split_documents(bpe300, text_dataset, cache):
     got = document_tokens(str(text_dataset), bpe300, "test")
     assert len(got) == len(docs)
     for ids, doc in zip(got, docs):
-        assert bpe300.eod_id not in ids and bpe300.decode(ids) == doc
-        assert np.array_equal(ids, bpe300.encode(doc))
+        assert ids[-1] == bpe300.eod_id  # each document ends with its end-of-document token
+        assert bpe300.eod_id not in ids[:-1] and bpe300.decode(ids[:-1]) == doc
+        assert np.array_equal(ids[:-1], bpe300.encode(doc))
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe:300"])
@@ -394,9 +395,9 @@ def test_report_shows_bpb_when_tokenizers_differ(tmp_path):
     mixed.mkdir()
     results_rows([("byte", 3.0, 1.25), ("bpe:300", 40.0, 1.125)]).to_csv(mixed / "results.csv", index=False)
     md = report(mixed).read_text()
-    assert "| alibi [byte] | 3.00 (1.250) | 4.50 (1.875) |" in md
-    assert "| alibi [bpe:300] | 40.00 (1.125) | 60.00 (1.688) |" in md
-    assert "bits per UTF-8 byte" in md
+    assert "| alibi [byte] | 3.00 | 4.50 |" in md and "| alibi [bpe:300] | 40.00 | 60.00 |" in md
+    assert "## Bits per byte (nonoverlap)" in md and "bits per UTF-8 byte" in md
+    assert "| alibi [byte] | 1.250 | 1.875 |" in md and "| alibi [bpe:300] | 1.125 | 1.688 |" in md
 
     same = tmp_path / "same"
     same.mkdir()
