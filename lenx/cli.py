@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -142,7 +143,8 @@ def eval_(
     table = evaluate(run_dirs or None, max_len=max_len, lengths=lens, tokens=tokens, out=out, runs_dir=runs_dir,
                      device=device, protocols=protocols, stride=stride, position_buckets=position_buckets,
                      attn_backend=attn_backend, rope_scalings=scalings, rope_factors=factors, dataset=data)
-    typer.echo(f"{len(table)} rows in {out / 'results.csv'}")
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"{len(table)} rows in {out / 'results.csv'}")
 
 
 @app.command()

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from .data import DataSpec, Tokenizer, document_tokens, load_corpus, load_run_tokenizer, token_stream
 from .errors import LengthNotSupported, LenxError
 from .io import write_table
-from .runinfo import default_device, provenance, quiet_hf
+from . import distributed
+from .runinfo import provenance, quiet_hf
 
 KEY = ["run", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", "dataset"]
 COLUMNS = [
@@ -410,7 +411,8 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LenxError(f"cannot create output directory {out}: {e.strerror}; choose another --out") from None
-    device = device or default_device()
+    ctx = distributed.init()
+    device = distributed.device_for(ctx, device)
     prov = provenance(device)
 
     plan = []
@@ -427,67 +429,85 @@ def evaluate(
     # a cell is finished when its row is in results (written last) and its buckets are there too
     finished = {_key(r) for _, r in table.iterrows() if _key(r) in have_buckets or not (r["tokens"] > 0)}
 
+    todo = []  # the unfinished cells, in order: (run, info, lens, width, data spec, cell key)
+    for run, info, lens, width, cells in plan:
+        spec = DataSpec.of(dataset if dataset is not None else info["config"])
+        todo += [(run, info, lens, width, spec, c) for c in ({**c, "dataset": spec.dataset} for c in cells)
+                 if _key(c) not in finished]
+    current: dict = {}  # the model and test data of the run being evaluated
+
+    def compute(item) -> tuple[dict, list[dict]]:
+        run, info, lens, width, spec, base = item
+        cfg = info["config"]
+        if current.get("run") != run:
+            current.clear()
+            model = load_model(run, device)
+            tok = run_tokenizer(run, info)
+            check_run_matches(run, model, cfg, tok)
+            if attn_backend is not None:
+                model.set_attention(attn_backend)
+            data = {"tokenizer": tok, "stream": token_stream(spec, tok, "test"),
+                    "documents": document_tokens(spec, tok, "test")}
+            n_tok = tokens or max(65536, max(lens))
+            n_tok = math.ceil(n_tok / max(lens)) * max(lens)  # a multiple of every length: same text at each
+            if any(p != "truncate" for p in protocols) and len(data["stream"]) < n_tok + 1:
+                raise LenxError(
+                    f"the test split of '{spec.dataset}' has {len(data['stream'])} tokens; scoring {n_tok} "
+                    f"tokens needs {n_tok + 1}; lower --tokens or --max-len"
+                )
+            current.update(run=run, model=model, data=data, n_tok=n_tok, fingerprint=load_corpus(spec).fingerprint)
+        model, L = current["model"], base["eval_len"]
+        model.pe.set_eval_scaling(base["rope_scaling"], base["rope_factor"])
+        row = {
+            **base,
+            "pe": cfg["pe"], "seed": cfg["seed"], "train_len": cfg["train_len"], "ratio": L / cfg["train_len"],
+            "dataset_fingerprint": current["fingerprint"], "tokenizer": cfg["tokenizer"],
+            "run_dir": str(run), "device": prov["device"], "lenx_version": prov["lenx_version"],
+            "attn_backend": model.config.attn_backend,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        t0 = time.perf_counter()
+        metrics, buckets = eval_cell(model, current["data"], L, base["protocol"], stride=base["stride"],
+                                     n_tokens=current["n_tok"], width=width, batch_tokens=batch_tokens, device=device)
+        row.update(metrics, seconds=round(time.perf_counter() - t0, 3))
+        return row, buckets
+
     from .progress import progress as make_progress
 
     n_cells = sum(len(cells) for *_, cells in plan)
     own = bar is None
-    progress_cm = make_progress(disable=not progress) if own else nullcontext(bar)
+    progress_cm = make_progress(disable=not (progress and ctx.main)) if own else nullcontext(bar)
     with progress_cm as bar:
-        task = bar.add_task("eval", total=n_cells)
-        for run, info, lens, width, cells in plan:
-            cfg = info["config"]
-            spec = DataSpec.of(dataset if dataset is not None else cfg)
-            model = data = fingerprint = None
-            for base in cells:
-                base = {**base, "dataset": spec.dataset}
-                L, protocol, cell_stride = base["eval_len"], base["protocol"], base["stride"]
-                scaling, factor = base["rope_scaling"], base["rope_factor"]
-                extra = "" if scaling == "none" else f" {scaling}"
-                bar.update(task, description=f"eval {run.name} @ {L} {protocol}{extra}")
-                if _key(base) in finished:
-                    bar.advance(task)
-                    continue
-                if model is None:
-                    model = load_model(run, device)
-                    tok = run_tokenizer(run, info)
-                    check_run_matches(run, model, cfg, tok)
-                    if attn_backend is not None:
-                        model.set_attention(attn_backend)
-                    data = {
-                        "tokenizer": tok,
-                        "stream": token_stream(spec, tok, "test"),
-                        "documents": document_tokens(spec, tok, "test"),
-                    }
-                    fingerprint = load_corpus(spec).fingerprint
-                    n_tok = tokens or max(65536, max(lens))
-                    n_tok = math.ceil(n_tok / max(lens)) * max(lens)  # a multiple of every length: same text at each
-                    if any(p != "truncate" for p in protocols) and len(data["stream"]) < n_tok + 1:
-                        raise LenxError(
-                            f"the test split of '{spec.dataset}' has {len(data['stream'])} tokens; scoring {n_tok} "
-                            f"tokens needs {n_tok + 1}; lower --tokens or --max-len"
-                        )
-                model.pe.set_eval_scaling(scaling, factor)
-                row = {
-                    **base,
-                    "pe": cfg["pe"], "seed": cfg["seed"], "train_len": cfg["train_len"], "ratio": L / cfg["train_len"],
-                    "dataset_fingerprint": fingerprint, "tokenizer": cfg["tokenizer"],
-                    "run_dir": str(run), "device": prov["device"], "lenx_version": prov["lenx_version"],
-                    "attn_backend": model.config.attn_backend,
-                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                }
-                t0 = time.perf_counter()
-                metrics, buckets = eval_cell(model, data, L, protocol, stride=cell_stride, n_tokens=n_tok,
-                                             width=width, batch_tokens=batch_tokens, device=device)
-                row.update(metrics, seconds=round(time.perf_counter() - t0, 3))
-                ident = {k: row[k] for k in BY_POSITION_COLUMNS if k in row and k not in BUCKET_FIELDS}
-                # buckets first, the results row last: the row marks the cell finished
-                by_pos = append_rows(out / "results_by_position", by_pos, [{**ident, **b} for b in buckets], row,
-                                     BY_POSITION_COLUMNS)
-                table = append_rows(out / "results", table, [row], row, COLUMNS)
+        task = bar.add_task("eval", total=n_cells, completed=n_cells - len(todo))
+        # Under torchrun, rank r takes cells r, r + world, ...; rank 0 alone writes the tables.
+        for start in range(0, len(todo), ctx.world):
+            batch = todo[start : start + ctx.world]
+            mine = batch[ctx.rank] if ctx.rank < len(batch) else None
+            if mine is not None:
+                run, base = mine[0], mine[-1]
+                extra = "" if base["rope_scaling"] == "none" else f" {base['rope_scaling']}"
+                bar.update(task, description=f"eval {run.name} @ {base['eval_len']} {base['protocol']}{extra}")
+            try:
+                result = compute(mine) if mine is not None else None
+            except LenxError as e:
+                if not ctx.active:
+                    raise
+                result = e  # handed to every rank, so none waits forever
+            results = distributed.gather(ctx, result)
+            for r in results:
+                if isinstance(r, LenxError):
+                    raise r
+            for item, (row, buckets) in zip(batch, results):
+                if ctx.main:
+                    ident = {k: row[k] for k in BY_POSITION_COLUMNS if k in row and k not in BUCKET_FIELDS}
+                    # buckets first, the results row last: the row marks the cell finished
+                    by_pos = append_rows(out / "results_by_position", by_pos, [{**ident, **b} for b in buckets], row,
+                                         BY_POSITION_COLUMNS)
+                    table = append_rows(out / "results", table, [row], row, COLUMNS)
                 finished.add(_key(row))
                 bar.advance(task)
                 if on_cell:
-                    on_cell(base)
+                    on_cell(item[-1])
         if not own:
             bar.remove_task(task)
     return table

@@ -184,9 +184,11 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
 
     spec.results_dir.mkdir(parents=True, exist_ok=True)
     write_text(spec.results_dir / "sweep_config.yaml", spec.path.read_text())
+    from . import distributed
     from .progress import progress
 
-    with progress() as bar:
+    ctx = distributed.init()  # under torchrun: each run trains data-parallel, eval cells split across ranks
+    with progress(disable=not ctx.main) as bar:
         overall = bar.add_task(f"sweep {spec.name}", total=sum(j.seconds for j in jobs if not j.done) or 1)
         for job in jobs:
             if job.kind == "train" and not job.done:
@@ -201,4 +203,4 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
                  protocols=_as_list(spec.eval.get("protocols")), stride=spec.eval.get("stride"),
                  position_buckets=spec.eval.get("position_buckets", 1),
                  on_cell=lambda cell: bar.advance(overall, seconds.get((cell["run"], _cell_name(cell)), 0.0)))
-    return report(spec.results_dir, config=spec)
+    return report(spec.results_dir, config=spec) if ctx.main else None

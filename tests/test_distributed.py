@@ -64,3 +64,23 @@ def test_two_rank_run_stopped_midway_resumes_on_one_rank(tmp_path, text_dataset)
     run(lenx1(*args, "--grad-accum", "2", "--out", tmp_path / "ref"), tmp_path)
     assert json.loads((out / "run.json").read_text())["status"] == "done"
     assert_same_weights(out, tmp_path / "ref")
+
+
+def test_two_rank_eval_equals_one_rank_eval(tmp_path, text_dataset):
+    run_dir = tmp_path / "run"
+    run(lenx1("train", "--pe", "alibi", *SMALL, "--steps", "3", "--batch-size", "4", "--dataset", text_dataset,
+              "--out", run_dir), tmp_path)
+    args = ["eval", run_dir, "--lengths", "16,32,64", "--tokens", "128", "--protocol", "nonoverlap,sliding",
+            "--stride", "8"]
+    run([*TORCHRUN, *args, "--out", tmp_path / "r2"], tmp_path)
+    run(lenx1(*args, "--out", tmp_path / "r1"), tmp_path)
+    key = ["eval_len", "protocol", "stride"]
+    drop = ["seconds", "timestamp"]
+    for name in ("results", "results_by_position"):
+        a = pd.read_parquet(tmp_path / "r1" / f"{name}.parquet").drop(columns=drop, errors="ignore")
+        b = pd.read_parquet(tmp_path / "r2" / f"{name}.parquet").drop(columns=drop, errors="ignore")
+        sort = key + (["bucket_start"] if "bucket_start" in a else [])
+        a, b = a.sort_values(sort).reset_index(drop=True), b.sort_values(sort).reset_index(drop=True)
+        assert len(a) == len(b) and not b.duplicated(sort).any()
+        pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6, rtol=1e-6)
+    assert len(pd.read_csv(tmp_path / "r2" / "results.csv")) == 6
