@@ -51,7 +51,7 @@ def causal_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if backend == "flex" and flex_supported(q, bias):
         return _flex(q, k, v, bias)
-    if backend in ("sdpa", "flex") and _separable_supported(q, bias):
+    if backend in ("sdpa", "flex") and _separable_supported(q, k, bias):
         return _separable(q, k, v, bias, block_size)
     return _blocked(q, k, v, bias, block_size)
 
@@ -113,11 +113,13 @@ def _blocked_toeplitz(q: Tensor, k: Tensor, v: Tensor, table: Tensor, block_size
 # separable: b = s_h * g_j + (per-row constant), folded into one extra q/k dimension
 
 
-def _separable_supported(q: Tensor, bias: Bias) -> bool:
+def _separable_supported(q: Tensor, k: Tensor, bias: Bias) -> bool:
     # fp32 only: the extra dimension carries s_h * (g_j - c) through the kernel's own dot product, which
     # in bf16/fp16 would round it to 8/11 bits. CPU only: the route needs the CPU kernel's log-sum-exp.
+    # Inference only: it rewrites one extra key column in place per block; training takes `blocked`.
     return (
         _CPU_FLASH is not None
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
         and q.device.type == "cpu"
         and q.dtype == torch.float32
         and not bias.needs_probs

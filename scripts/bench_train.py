@@ -57,6 +57,10 @@ def lenx_model(a, pe: str):
 def make_step(build, a, device):
     torch.manual_seed(0)
     model = build().to(device).train()
+    if a.compile:  # torch 2.13's inductor cache mis-replays complex views (RoPE) when warm: compile afresh
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_disable_caches = True
     fwd = torch.compile(model) if a.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if a.precision == "bf16" else nullcontext()

@@ -25,9 +25,9 @@ class XPos(RoPE):
     )
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        cos, sin = self.cos_sin(pos)
+        rot = self.rotation(pos)
         d = self.head_dim
         zeta = (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) + 0.4 * d) / (1.4 * d)
         centre = (int(pos.min()) + int(pos.max()) + 1) // 2
         scale = (zeta[None, :] ** ((pos - centre).double()[:, None] / self.options["scale_base"])).float()
-        return apply_rotation(q, cos * scale, sin * scale), apply_rotation(k, cos / scale, sin / scale)
+        return apply_rotation(q, rot * scale), apply_rotation(k, rot / scale)
