@@ -105,8 +105,16 @@ def eval_(
     ),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column, with --dataset / --test-file."),
     test_file: Optional[str] = typer.Option(None, "--test-file", help="Score on this file (or directory) instead."),
+    model: Optional[List[str]] = typer.Option(
+        None, "--model", help="A Hugging Face causal LM (local directory, or hub name when online) to score with its own "
+        "tokenizer, through the same protocols and tables; repeatable. With --model, RUN_DIRS default to none."),
+    train_len: Optional[int] = typer.Option(
+        None, "--train-len", help="1x length of --model [default: its max_position_embeddings / n_positions]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="--model weights: float32 | bfloat16 | float16 "
+                                        "[default: float32]."),
 ) -> None:
-    """Perplexity of trained runs at 1x, 2x, ... 16x their training length (each with its own tokenizer)."""
+    """Perplexity of trained runs (or HF models, --model) at 1x, 2x, ... 16x their training length (each with its
+    own tokenizer)."""
     from .data import DataSpec
     from .errors import LenxError
     from .evaluate import evaluate
@@ -141,7 +149,8 @@ def eval_(
     protocols = [p for item in (protocol or []) for p in item.replace(" ", "").split(",") if p] or None
     table = evaluate(run_dirs or None, max_len=max_len, lengths=lens, tokens=tokens, out=out, runs_dir=runs_dir,
                      device=device, protocols=protocols, stride=stride, position_buckets=position_buckets,
-                     attn_backend=attn_backend, rope_scalings=scalings, rope_factors=factors, dataset=data)
+                     attn_backend=attn_backend, rope_scalings=scalings, rope_factors=factors, dataset=data,
+                     models=model or None, train_len=train_len, dtype=dtype)
     typer.echo(f"{len(table)} rows in {out / 'results.csv'}")
 
 
