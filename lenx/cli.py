@@ -167,6 +167,22 @@ def report(
 
 
 @app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished lenx run directory."),
+    out: Path = typer.Option(..., "--out", help="Directory to write the Hugging Face model to."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+    results: Path = typer.Option(Path("results"), "--results", help="Results directory whose rows for this run go "
+                                 "into the model card."),
+) -> None:
+    """Write RUN_DIR as a self-contained Hugging Face directory (weights, config, tokenizer, model card) that
+    AutoModelForCausalLM / AutoTokenizer load after `import lenx`."""
+    from .export import export as run_export
+
+    path = run_export(run_dir, out, overwrite=overwrite, results_dir=results)
+    typer.echo(f"exported {run_dir} to {path}")
+
+
+@app.command()
 def sweep(
     config: Path = typer.Option(..., "--config", help="Sweep YAML (e.g. configs/quick.yaml)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would run and its estimated time; change nothing."),
