@@ -1,5 +1,8 @@
 """`lenx eval`: perplexity of trained runs at multiples of their training length.
 
+What is evaluated is a subject: a lenx run directory (`LenxRun`) or any Hugging Face causal LM (`lenx.hf.HFModel`,
+`--model`); both go through the same cells, protocols and tables.
+
 A cell is (run, evaluation length, protocol, stride, RoPE scaling, factor). Protocols (`--protocol`, several
 allowed; recorded in every row's `protocol` and `stride` columns):
 
@@ -259,6 +262,9 @@ class Scores:
         return out
 
 
+CE_CHUNK = 1 << 27  # logits per float32 cross-entropy call (512 MiB)
+
+
 @torch.no_grad()
 def score_windows(model, windows: torch.Tensor, first: torch.Tensor | None, batch_tokens: int, device: str,
                   tok: Tokenizer | None = None) -> Scores:
@@ -275,8 +281,14 @@ def score_windows(model, windows: torch.Tensor, first: torch.Tensor | None, batc
     for i in range(0, n, per_batch):
         w = windows[i : i + per_batch]
         keep = pos[None, :] >= first[i : i + per_batch, None]  # (b, L)
-        logits = model(w[:, :-1].to(device)).logits
-        losses = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten().to(device), reduction="none")
+        logits = model(w[:, :-1].to(device)).logits.flatten(0, 1)
+        targets = w[:, 1:].flatten().to(device)
+        # float32 cross-entropy in chunks of at most CE_CHUNK logits: a long window of a large vocabulary never
+        # needs a second, float32 copy of all its logits (one chunk, i.e. one call, for small ones)
+        step = max(1, CE_CHUNK // logits.shape[1])
+        losses = torch.cat([F.cross_entropy(logits[j : j + step].float(), targets[j : j + step], reduction="none")
+                            for j in range(0, len(logits), step)])
+        del logits
         losses = losses.view(w.shape[0], L).cpu().double() * keep
         nll += losses.sum(0)
         count += keep.sum(0)
