@@ -312,7 +312,7 @@ OOM_NOTE = "out of memory"
 
 
 def is_oom(e: BaseException) -> bool:
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
     text = str(e).lower()
     return isinstance(e, RuntimeError) and any(

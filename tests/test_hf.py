@@ -178,7 +178,7 @@ def test_out_of_memory_is_a_row_and_the_sweep_goes_on(llama_dir, text_dataset, t
 
     def limited(self, input_ids):
         if input_ids.shape[1] >= 64:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, input_ids)
 
     monkeypatch.setattr(hf.HFForward, "__call__", limited)
@@ -312,3 +312,32 @@ def test_cross_entropy_in_chunks_is_exact(monkeypatch):
     monkeypatch.setattr(ev, "CE_CHUNK", 64 * 7)  # 7 positions per chunk, the last chunk partial
     chunked = ev.score_windows(model, w, None, 10**6, "cpu")
     assert torch.equal(whole.nll, chunked.nll) and torch.equal(whole.count, chunked.count)
+
+
+def test_scheme_table_follows_the_config():
+    from transformers import BertConfig, BloomConfig, FalconConfig, GPTNeoXConfig, MptConfig
+
+    from lenx.hf import max_positions, scheme_of
+
+    assert scheme_of(FalconConfig(alibi=True)) == "alibi" and scheme_of(FalconConfig(alibi=False)) == "rope"
+    assert scheme_of(MptConfig()) == "alibi" and scheme_of(MptConfig(attn_config={"alibi": False})) == "learned"
+    assert scheme_of(BloomConfig()) == "alibi" and scheme_of(GPTNeoXConfig()) == "rope"
+    assert scheme_of(BertConfig()) == "unknown"  # not in the table: `bert/unknown`
+    assert max_positions(MptConfig(max_seq_len=777)) == 777 and max_positions(BloomConfig()) is None
+
+
+def test_alibi_model_without_a_position_count_needs_train_len(hf_tokenizer, text_dataset, tmp_path, capsys):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    cfg = BloomConfig(vocab_size=len(hf_tokenizer), hidden_size=32, n_layer=2, n_head=4,
+                      bos_token_id=hf_tokenizer.eos_token_id, eos_token_id=hf_tokenizer.eos_token_id)
+    model_dir = _save(BloomForCausalLM(cfg).eval(), hf_tokenizer, tmp_path / "tiny-bloom")
+    code = lenx_cli("eval", "--model", model_dir, "--dataset", text_dataset, "--out", tmp_path / "res")
+    one_line_error(capsys, code, "bloom/alibi", "--train-len")
+    assert lenx_cli("eval", "--model", model_dir, "--train-len", 16, "--dataset", text_dataset, "--lengths", "16,64",
+                    "--tokens", "64", "--out", tmp_path / "res") == 0
+    df = pd.read_csv(tmp_path / "res" / "results.csv").set_index("eval_len")
+    assert (df["pe"] == "bloom/alibi").all() and df.loc[64, "ratio"] == 4 and df["ppl"].notna().all()
+    stream = _stream(model_dir, text_dataset)
+    assert df.loc[64, "nll"] == pytest.approx(_own_loss(model_dir, stream[:65]), abs=1e-5)
