@@ -106,8 +106,16 @@ def eval_(
     ),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column, with --dataset / --test-file."),
     test_file: Optional[str] = typer.Option(None, "--test-file", help="Score on this file (or directory) instead."),
+    model: Optional[List[str]] = typer.Option(
+        None, "--model", help="A Hugging Face causal LM (local directory, or hub name when online) to score with its own "
+        "tokenizer, through the same protocols and tables; repeatable. With --model, RUN_DIRS default to none."),
+    train_len: Optional[int] = typer.Option(
+        None, "--train-len", help="1x length of --model [default: its max_position_embeddings / n_positions]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="--model weights: float32 | bfloat16 | float16 "
+                                        "[default: float32]."),
 ) -> None:
-    """Perplexity of trained runs at 1x, 2x, ... 16x their training length (each with its own tokenizer)."""
+    """Perplexity of trained runs (or HF models, --model) at 1x, 2x, ... 16x their training length (each with its
+    own tokenizer)."""
     from .data import DataSpec
     from .errors import LenxError
     from .evaluate import evaluate
@@ -142,7 +150,8 @@ def eval_(
     protocols = [p for item in (protocol or []) for p in item.replace(" ", "").split(",") if p] or None
     table = evaluate(run_dirs or None, max_len=max_len, lengths=lens, tokens=tokens, out=out, runs_dir=runs_dir,
                      device=device, protocols=protocols, stride=stride, position_buckets=position_buckets,
-                     attn_backend=attn_backend, rope_scalings=scalings, rope_factors=factors, dataset=data)
+                     attn_backend=attn_backend, rope_scalings=scalings, rope_factors=factors, dataset=data,
+                     models=model or None, train_len=train_len, dtype=dtype)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(f"{len(table)} rows in {out / 'results.csv'}")
 
@@ -157,6 +166,22 @@ def report(
 
     path = make_report(results_dir, out)
     typer.echo(f"report written to {path}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished lenx run directory."),
+    out: Path = typer.Option(..., "--out", help="Directory to write the Hugging Face model to."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+    results: Path = typer.Option(Path("results"), "--results", help="Results directory whose rows for this run go "
+                                 "into the model card."),
+) -> None:
+    """Write RUN_DIR as a self-contained Hugging Face directory (weights, config, tokenizer, model card) that
+    AutoModelForCausalLM / AutoTokenizer load after `import lenx`."""
+    from .export import export as run_export
+
+    path = run_export(run_dir, out, overwrite=overwrite, results_dir=results)
+    typer.echo(f"exported {run_dir} to {path}")
 
 
 @app.command()

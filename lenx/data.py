@@ -553,15 +553,18 @@ class BPETokenizer(Tokenizer):
 
 class HFTokenizer(Tokenizer):
     """A transformers tokenizer (AutoTokenizer: a hub name or a local directory; never remote code).
-    End of document: its eos token, else one extra id after its vocabulary."""
+    End of document: `eod_id` when given (an HF model's own end-of-text id), else its eos token, else one extra id
+    after its vocabulary."""
 
     kind = "hf"
 
-    def __init__(self, tok, name: str):
+    def __init__(self, tok, name: str, eod_id: int | None = None):
         self.tok, self.name = tok, name
         vocab = tok.get_vocab()
         n = max(len(tok), max(vocab.values(), default=-1) + 1)
-        if tok.eos_token_id is not None:
+        if eod_id is not None:
+            self.eod_id, self.vocab_size = int(eod_id), max(n, int(eod_id) + 1)
+        elif tok.eos_token_id is not None:
             self.eod_id, self.vocab_size = int(tok.eos_token_id), n
         else:
             self.eod_id, self.vocab_size = n, n + 1

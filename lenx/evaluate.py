@@ -1,5 +1,8 @@
 """`lenx eval`: perplexity of trained runs at multiples of their training length.
 
+What is evaluated is a subject: a lenx run directory (`LenxRun`) or any Hugging Face causal LM (`lenx.hf.HFModel`,
+`--model`); both go through the same cells, protocols and tables.
+
 A cell is (run, evaluation length, protocol, stride, RoPE scaling, factor). Protocols (`--protocol`, several
 allowed; recorded in every row's `protocol` and `stride` columns):
 
@@ -115,6 +118,47 @@ def check_run_matches(run_dir: Path, model, cfg: dict, tok: Tokenizer) -> None:
             )
 
 
+class LenxRun:
+    """A lenx run directory as an evaluation subject. `evaluate` asks the same of an HF model (`lenx.hf.HFModel`):
+    name, pe, seed, train_len, tokenizer_name, run_dir, default_data, scaling_plan(), open(), check_tokens(),
+    prepare(), attn_backend, batch_tokens()."""
+
+    kind = "lenx"
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir)
+        self.info = read_run(self.path)
+        self.cfg = cfg = self.info["config"]
+        self.name, self.pe, self.seed, self.train_len = self.path.name, cfg["pe"], cfg["seed"], cfg["train_len"]
+        self.tokenizer_name, self.run_dir, self.default_data = cfg["tokenizer"], str(self.path), cfg
+        self.model = None
+
+    def scaling_plan(self, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:
+        return scaling_plan(self.pe, scalings, factors)
+
+    def open(self, device: str, attn_backend: str | None = None) -> Tokenizer:
+        self.model = load_model(self.path, device)
+        tok = run_tokenizer(self.path, self.info)
+        check_run_matches(self.path, self.model, self.cfg, tok)
+        if attn_backend is not None:
+            self.model.set_attention(attn_backend)
+        return tok
+
+    def check_tokens(self, stream) -> None:
+        pass  # check_run_matches: the run's vocabulary is its tokenizer's
+
+    def prepare(self, scaling: str, factor: float | None):
+        self.model.pe.set_eval_scaling(scaling, factor)
+        return self.model
+
+    @property
+    def attn_backend(self) -> str:
+        return self.model.config.attn_backend
+
+    def batch_tokens(self, eval_len: int, batch_tokens: int) -> int:
+        return batch_tokens
+
+
 def default_lengths(train_len: int, max_len: int) -> list[int]:
     lengths, n = [], train_len
     while n <= max_len:
@@ -219,6 +263,9 @@ class Scores:
         return out
 
 
+CE_CHUNK = 1 << 27  # logits per float32 cross-entropy call (512 MiB)
+
+
 @torch.no_grad()
 def score_windows(model, windows: torch.Tensor, first: torch.Tensor | None, batch_tokens: int, device: str,
                   tok: Tokenizer | None = None) -> Scores:
@@ -235,8 +282,14 @@ def score_windows(model, windows: torch.Tensor, first: torch.Tensor | None, batc
     for i in range(0, n, per_batch):
         w = windows[i : i + per_batch]
         keep = pos[None, :] >= first[i : i + per_batch, None]  # (b, L)
-        logits = model(w[:, :-1].to(device)).logits
-        losses = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten().to(device), reduction="none")
+        logits = model(w[:, :-1].to(device)).logits.flatten(0, 1)
+        targets = w[:, 1:].flatten().to(device)
+        # float32 cross-entropy in chunks of at most CE_CHUNK logits: a long window of a large vocabulary never
+        # needs a second, float32 copy of all its logits (one chunk, i.e. one call, for small ones)
+        step = max(1, CE_CHUNK // logits.shape[1])
+        losses = torch.cat([F.cross_entropy(logits[j : j + step].float(), targets[j : j + step], reduction="none")
+                            for j in range(0, len(logits), step)])
+        del logits
         losses = losses.view(w.shape[0], L).cpu().double() * keep
         nll += losses.sum(0)
         count += keep.sum(0)
@@ -307,15 +360,16 @@ def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | Non
     return [(s, f) for s in takes or ["none"] for f in ([None] if s == "none" else factors or [None])]
 
 
-def cell_keys(run: Path, cfg: dict, lens: list[int], scalings: list[tuple[str, float | None]],
+def cell_keys(run: Path | str, cfg: dict, lens: list[int], scalings: list[tuple[str, float | None]],
               protocols: list[str], stride: int | None) -> list[dict]:
-    """The evaluation cells of one run, keyed as in the results table: one per (RoPE extension, factor,
-    eval_len, protocol)."""
+    """The evaluation cells of one run (a run directory, or the name of an HF model), keyed as in the results
+    table: one per (RoPE extension, factor, eval_len, protocol)."""
+    name = run if isinstance(run, str) else run.name
     cells = []
     for (scaling, factor), L, protocol in itertools.product(scalings, lens, protocols):
         if scaling in STATIC_SCALINGS and factor is None:
             factor = max(1.0, L / cfg["train_len"])  # the default: stretch the training length to L
-        cells.append({"run": run.name, "eval_len": L, "protocol": protocol,
+        cells.append({"run": name, "eval_len": L, "protocol": protocol,
                       "stride": resolve_stride(protocol, L, stride), "rope_scaling": scaling, "rope_factor": factor})
     return cells
 
@@ -365,6 +419,18 @@ def eval_cell(model, data: dict, eval_len: int, protocol: str, *, stride: int | 
         sc = score_windows(model, win.tokens, win.first, batch_tokens, device, tok)
     except LengthNotSupported as e:
         return {**metrics, **empty, "note": str(e)}, []
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        from .hf import is_oom
+
+        if not is_oom(e):
+            raise
+        sc = None  # the failed batch's tensors are freed when this block ends
+    if sc is None:
+        from .hf import oom_note
+
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+        return {**metrics, **empty, "note": oom_note(eval_len, device)}, []
     total = float(sc.nll.sum())
     n = sc.tokens
     metrics.update(tokens=n, nll=total / n, ppl=math.exp(total / n), bpb=total / max(sc.bytes, 1) / math.log(2),
@@ -391,10 +457,15 @@ def evaluate(
     bar=None,
     on_cell=None,
     dataset: DataSpec | str | None = None,
+    models: list[str] | None = None,
+    train_len: int | None = None,
+    dtype: str | None = None,
 ) -> pd.DataFrame:
     """Evaluate runs cell by cell; each finished cell is written at once. `bar`: a rich Progress to draw into;
     `on_cell(cell)` is called after each cell. `dataset`: score every run on this corpus's test split instead
-    of its own dataset's."""
+    of its own dataset's. `models`: Hugging Face causal LMs (directories or hub names) scored the same way, with
+    their own tokenizers (`lenx.hf`); `train_len` (their 1x) and `dtype` apply to them. With `models` and no
+    `run_dirs`, no lenx run is evaluated."""
     protocols = list(dict.fromkeys(protocols or ["nonoverlap"]))
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad:
@@ -404,8 +475,16 @@ def evaluate(
 
         if attn_backend not in BACKENDS:
             raise LenxError(f"unknown attention backend '{attn_backend}'; known: {', '.join(BACKENDS)}")
-    runs = [Path(r) for r in run_dirs] if run_dirs else find_runs(runs_dir)
-    infos = [read_run(r) for r in runs]
+    if not models and (train_len is not None or dtype is not None):
+        raise LenxError("--train-len and --dtype apply to HF models; give --model PATH_OR_NAME")
+    subjects: list = [LenxRun(r) for r in ([Path(r) for r in run_dirs] if run_dirs else
+                                           [] if models else find_runs(runs_dir))]
+    if models:
+        from .hf import HFModel
+
+        if attn_backend is not None and not run_dirs:
+            raise LenxError("--attn-backend applies to lenx runs; HF models use their own attention implementation")
+        subjects += [HFModel(m, train_len, dtype) for m in models]
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -416,38 +495,40 @@ def evaluate(
     prov = provenance(device)
 
     plan = []
-    for run, info in zip(runs, infos):
-        L = info["config"]["train_len"]
+    for subj in subjects:
+        L = subj.train_len
         check_lengths(lengths or [], L, max_len)
         lens = lengths or default_lengths(L, max_len or 16 * L)
+        if subj.kind == "hf":  # ascending: transformers' dynamic NTK keeps the frequencies of the longest length seen
+            lens = sorted(set(lens))
         width = bucket_width(L, position_buckets)
-        scalings = scaling_plan(info["config"]["pe"], rope_scalings, rope_factors)
-        plan.append((run, info, lens, width, cell_keys(run, info["config"], lens, scalings, protocols, stride)))
+        scalings = subj.scaling_plan(rope_scalings, rope_factors)
+        plan.append((subj, lens, width, cell_keys(subj.name, {"train_len": L}, lens, scalings, protocols, stride)))
     table = load_results(out)
     by_pos = load_by_position(out)
     have_buckets = {_key(r) for _, r in by_pos.iterrows()}
-    # a cell is finished when its row is in results (written last) and its buckets are there too
-    finished = {_key(r) for _, r in table.iterrows() if _key(r) in have_buckets or not (r["tokens"] > 0)}
+    # a cell is finished when its row is in results (written last) and its buckets are there too; a cell that
+    # ran out of memory is tried again
+    from .hf import OOM_NOTE
 
-    todo = []  # the unfinished cells, in order: (run, info, lens, width, data spec, cell key)
-    for run, info, lens, width, cells in plan:
-        spec = DataSpec.of(dataset if dataset is not None else info["config"])
-        todo += [(run, info, lens, width, spec, c) for c in ({**c, "dataset": spec.dataset} for c in cells)
+    finished = {_key(r) for _, r in table.iterrows()
+                if (_key(r) in have_buckets or not (r["tokens"] > 0)) and not str(r["note"]).startswith(OOM_NOTE)}
+
+    todo = []  # the unfinished cells, in order: (subject, lens, width, data spec, cell key)
+    for subj, lens, width, cells in plan:
+        spec = DataSpec.of(dataset if dataset is not None else subj.default_data)
+        todo += [(subj, lens, width, spec, c) for c in ({**c, "dataset": spec.dataset} for c in cells)
                  if _key(c) not in finished]
-    current: dict = {}  # the model and test data of the run being evaluated
+    current: dict = {}  # the test data of the subject being evaluated (the subject holds its model)
 
     def compute(item) -> tuple[dict, list[dict]]:
-        run, info, lens, width, spec, base = item
-        cfg = info["config"]
-        if current.get("run") != run:
+        subj, lens, width, spec, base = item
+        if current.get("subject") is not subj:
             current.clear()
-            model = load_model(run, device)
-            tok = run_tokenizer(run, info)
-            check_run_matches(run, model, cfg, tok)
-            if attn_backend is not None:
-                model.set_attention(attn_backend)
+            tok = subj.open(device, attn_backend if subj.kind == "lenx" else None)
             data = {"tokenizer": tok, "stream": token_stream(spec, tok, "test"),
                     "documents": document_tokens(spec, tok, "test")}
+            subj.check_tokens(data["stream"])
             n_tok = tokens or max(65536, max(lens))
             n_tok = math.ceil(n_tok / max(lens)) * max(lens)  # a multiple of every length: same text at each
             if any(p != "truncate" for p in protocols) and len(data["stream"]) < n_tok + 1:
@@ -455,20 +536,21 @@ def evaluate(
                     f"the test split of '{spec.dataset}' has {len(data['stream'])} tokens; scoring {n_tok} "
                     f"tokens needs {n_tok + 1}; lower --tokens or --max-len"
                 )
-            current.update(run=run, model=model, data=data, n_tok=n_tok, fingerprint=load_corpus(spec).fingerprint)
-        model, L = current["model"], base["eval_len"]
-        model.pe.set_eval_scaling(base["rope_scaling"], base["rope_factor"])
+            current.update(subject=subj, data=data, n_tok=n_tok, fingerprint=load_corpus(spec).fingerprint)
+        L = base["eval_len"]
+        model = subj.prepare(base["rope_scaling"], base["rope_factor"])
         row = {
             **base,
-            "pe": cfg["pe"], "seed": cfg["seed"], "train_len": cfg["train_len"], "ratio": L / cfg["train_len"],
-            "dataset_fingerprint": current["fingerprint"], "tokenizer": cfg["tokenizer"],
-            "run_dir": str(run), "device": prov["device"], "lenx_version": prov["lenx_version"],
-            "attn_backend": model.config.attn_backend,
+            "pe": subj.pe, "seed": subj.seed, "train_len": subj.train_len, "ratio": L / subj.train_len,
+            "dataset_fingerprint": current["fingerprint"], "tokenizer": subj.tokenizer_name,
+            "run_dir": subj.run_dir, "device": prov["device"], "lenx_version": prov["lenx_version"],
+            "attn_backend": subj.attn_backend,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         t0 = time.perf_counter()
         metrics, buckets = eval_cell(model, current["data"], L, base["protocol"], stride=base["stride"],
-                                     n_tokens=current["n_tok"], width=width, batch_tokens=batch_tokens, device=device)
+                                     n_tokens=current["n_tok"], width=width,
+                                     batch_tokens=subj.batch_tokens(L, batch_tokens), device=device)
         row.update(metrics, seconds=round(time.perf_counter() - t0, 3))
         return row, buckets
 
@@ -484,9 +566,9 @@ def evaluate(
             batch = todo[start : start + ctx.world]
             mine = batch[ctx.rank] if ctx.rank < len(batch) else None
             if mine is not None:
-                run, base = mine[0], mine[-1]
+                subj, base = mine[0], mine[-1]
                 extra = "" if base["rope_scaling"] == "none" else f" {base['rope_scaling']}"
-                bar.update(task, description=f"eval {run.name} @ {base['eval_len']} {base['protocol']}{extra}")
+                bar.update(task, description=f"eval {subj.name} @ {base['eval_len']} {base['protocol']}{extra}")
             try:
                 result = compute(mine) if mine is not None else None
             except LenxError as e:

@@ -113,6 +113,8 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
         for m in self.pe.modules():
             m._lenx_pe_owned = True
         self.post_init()
+        if getattr(self, "generation_config", None) is not None:
+            self.generation_config.use_cache = False  # no KV cache: generate() re-reads the whole prefix
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -181,6 +183,12 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         return CausalLMOutput(loss=loss, logits=logits)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache for this model (it has no KV cache and no
+        # num_hidden_layers for the cache to size itself by), even when a caller asks for use_cache=True
+        return False
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, **kwargs) -> dict:
         # No KV cache: every step re-reads the whole prefix (positions restart at 0 each step).

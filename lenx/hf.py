@@ -1,0 +1,324 @@
+"""Any Hugging Face causal LM as something `lenx eval --model` scores, through the same cells as lenx runs.
+
+A model is a local directory (`save_pretrained`: config.json + model.safetensors + its tokenizer) or a hub
+name (the usual HF cache; offline, a one-line error says how to supply a local copy). It is loaded with
+`AutoConfig` / `AutoModelForCausalLM` / `AutoTokenizer`, safetensors only, never remote code, with its own
+attention implementation (transformers picks `sdpa` where the model has one).
+
+- 1x (the `train_len` column) is the config's `max_position_embeddings` (`n_positions`; MPT: `max_seq_len`;
+  lenx models: `train_len`) unless `--train-len` says otherwise.
+- `pe` is `<model_type>/<scheme>`, the scheme from `SCHEMES` (Falcon and MPT per config), else `unknown`.
+- RoPE extensions go through transformers' own `rope_parameters` (set on the config before the weights are
+  loaded): pi -> `linear`, dynamic-ntk -> `dynamic`, yarn -> `yarn`; each (extension, factor) loads the model
+  afresh. Static NTK has no transformers rope type, so it is refused for HF models.
+- Learned absolute positions (GPT-2, OPT, GPT-Neo, ...) past the table: the cell gets an empty ppl and a note
+  (the length is checked before the model runs, as lenx's own learned scheme does).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import torch
+
+from .errors import LengthNotSupported, LenxError
+
+# model_type -> positional scheme (Falcon and MPT are decided per config in `scheme_of`)
+SCHEMES = {
+    **dict.fromkeys(["gpt2", "gpt_neo", "opt", "gpt_bigcode", "biogpt", "imagegpt"], "learned"),
+    **dict.fromkeys(["xglm"], "sinusoidal"),
+    **dict.fromkeys(["bloom", "mpt"], "alibi"),
+    **dict.fromkeys([
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+        "phi", "phi3", "gpt_neox", "gpt_neox_japanese", "gptj", "codegen", "stablelm", "olmo", "olmo2", "starcoder2",
+        "cohere", "persimmon", "falcon", "granite", "smollm3", "helium", "glm", "exaone4",
+    ], "rope"),
+    **dict.fromkeys(["mamba", "mamba2", "rwkv"], "none"),
+}
+# lenx's --rope-scaling names -> transformers' rope types (ROPE_INIT_FUNCTIONS keys)
+HF_ROPE_TYPES = {"pi": "linear", "dynamic-ntk": "dynamic", "yarn": "yarn", "ntk": "ntk"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LONG_LEN = 2048  # at and past this window length an HF model is run one window at a time
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def scheme_of(config) -> str:
+    """The positional scheme of a transformers config, `unknown` for model types lenx does not know."""
+    mt = config.model_type
+    if mt == "lenx":
+        return config.pe
+    if mt == "falcon":
+        return "alibi" if getattr(config, "alibi", False) else "rope"
+    if mt == "mpt":
+        ac = getattr(config, "attn_config", None)
+        alibi = ac.get("alibi", True) if isinstance(ac, dict) else getattr(ac, "alibi", True)
+        return "alibi" if alibi else "learned"
+    return SCHEMES.get(mt, "unknown")
+
+
+def max_positions(config) -> int | None:
+    """The config's position count (its own idea of 1x), or None when it has none (ALiBi models)."""
+    if config.model_type == "lenx":
+        return int(config.train_len)
+    for attr in ("max_seq_len", "max_position_embeddings", "n_positions") if config.model_type == "mpt" else (
+            "max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def rope_scaled(config, scaling: str, factor: float | None, train_len: int, name: str):
+    """A copy of `config` whose `rope_parameters` ask transformers for the RoPE extension `scaling` with scale
+    s = factor (dynamic-ntk without a factor: s = 1, i.e. base * (n / train_len)^(d/(d-2)) per length n)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_type = HF_ROPE_TYPES[scaling]
+    if hf_type not in ROPE_INIT_FUNCTIONS:
+        raise LenxError(
+            f"--rope-scaling {scaling} has no transformers rope type (this transformers has "
+            f"{', '.join(ROPE_INIT_FUNCTIONS)}), so it cannot be applied to the HF model {name}; use pi, dynamic-ntk "
+            "or yarn (lenx runs take ntk)"
+        )
+    config = copy.deepcopy(config)
+    rp = dict(config.rope_parameters)
+    new = {k: rp[k] for k in ("rope_theta", "partial_rotary_factor") if k in rp}
+    new.update(rope_type=hf_type, factor=1.0 if factor is None else float(factor))
+    if hf_type in ("linear", "yarn"):
+        new["original_max_position_embeddings"] = train_len
+    if hf_type == "dynamic":
+        config.max_position_embeddings = train_len  # transformers' dynamic NTK reads its original length here
+    config.rope_parameters = new
+    return config
+
+
+class HFForward:
+    """What `score_windows` calls: the model without a KV cache; a window past a learned position table raises
+    `LengthNotSupported` before the model sees it."""
+
+    def __init__(self, model, limit: int | None, name: str):
+        self.model, self.limit, self.name = model, limit, name
+        self.kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+    def __call__(self, input_ids: torch.Tensor):
+        T = input_ids.shape[1]
+        if self.limit is not None and T > self.limit:
+            raise LengthNotSupported(
+                f"learned positions of {self.name} end at {self.limit}; position {T - 1} has no vector"
+            )
+        return self.model(input_ids=input_ids, **self.kwargs)
+
+
+class HFModel:
+    """A transformers causal LM as an evaluation subject (what `evaluate` needs of a lenx run, for an HF model)."""
+
+    kind = "hf"
+    seed = None
+
+    def __init__(self, name: str, train_len: int | None = None, dtype: str | None = None):
+        from .runinfo import quiet_hf
+
+        quiet_hf()
+        self.given = name
+        path = Path(name).expanduser()
+        self.local = path.exists()
+        if self.local:
+            if not path.is_dir() or not (path / "config.json").exists():
+                raise LenxError(
+                    f"--model {name} is not a model directory (no config.json); give a save_pretrained directory "
+                    "or a hub name"
+                )
+            self.source = str(path)
+            self.name = path.resolve().name
+        else:
+            self.source = self.name = name
+        self.run_dir = self.source
+        self.tokenizer_name = self.source
+        dtype = dtype or "float32"
+        if dtype not in DTYPES:
+            raise LenxError(f"unknown --dtype '{dtype}'; known: {', '.join(DTYPES)}")
+        self.dtype = dtype
+        self.config = self._load_config()
+        self.scheme = scheme_of(self.config)
+        self.pe = f"{self.config.model_type}/{self.scheme}"
+        self.positions = max_positions(self.config)
+        if train_len is not None and train_len <= 0:
+            raise LenxError(f"--train-len must be a positive integer, got {train_len}")
+        if train_len is None and self.positions is None:
+            raise LenxError(
+                f"model {name} ({self.pe}) has no max_position_embeddings in its config; give its 1x length with "
+                "--train-len N"
+            )
+        self.train_len = int(train_len or self.positions)
+        self.limit = self.positions if self.scheme == "learned" and self.config.model_type != "lenx" else None
+        self.default_data = "stdlib"
+        self.model = self.forward = None
+        self.loaded_as = None
+        self.device = None
+
+    # ------------------------------------------------------------------ loading
+
+    def _hub_hint(self) -> str:
+        return (f"without network, save it once online (`AutoModelForCausalLM.from_pretrained('{self.given}')."
+                "save_pretrained(DIR)` and the same for its tokenizer, or `hf download "
+                f"{self.given} --local-dir DIR`) and pass --model DIR")
+
+    def _load_config(self):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.source, trust_remote_code=False, local_files_only=self.local)
+        except Exception as e:
+            hint = "check the directory" if self.local else self._hub_hint()
+            raise LenxError(f"cannot load model '{self.given}' ({_first_line(e)}); {hint}") from None
+
+    def open(self, device: str, attn_backend: str | None = None):
+        """Load the tokenizer (the model's own, wrapped for lenx: exact byte counts where it is byte-level)."""
+        from .data import HFTokenizer, _first_line as first
+        from transformers import AutoTokenizer
+
+        if attn_backend is not None:
+            raise LenxError("--attn-backend applies to lenx runs; HF models use their own attention implementation")
+        self.device = device
+        try:
+            tok = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False, local_files_only=self.local)
+        except Exception as e:
+            hint = "save the model's tokenizer into its directory" if self.local else self._hub_hint()
+            raise LenxError(f"cannot load the tokenizer of model '{self.given}' ({first(e)}); {hint}") from None
+        eod = None
+        if tok.eos_token_id is None:  # documents are separated by a token the model knows
+            for cand in (self.config.eos_token_id, self.config.bos_token_id):
+                cand = cand[0] if isinstance(cand, (list, tuple)) and cand else cand
+                if isinstance(cand, int):
+                    eod = cand
+                    break
+            if eod is None:
+                raise LenxError(
+                    f"model {self.given}: neither its tokenizer nor its config names an end-of-text token to "
+                    "separate documents; set eos_token in its tokenizer_config.json"
+                )
+        self.tokenizer = HFTokenizer(tok, self.source, eod_id=eod)
+        return self.tokenizer
+
+    def check_tokens(self, stream) -> None:
+        """Every token id of the scored text must have a row in the model's embedding."""
+        n = self.config.get_text_config(decoder=True).vocab_size
+        top = int(stream.max()) if len(stream) else 0
+        if top >= n:
+            raise LenxError(
+                f"model {self.given}: its tokenizer produced token id {top} but the model has {n} embeddings; "
+                "the tokenizer does not belong to the model"
+            )
+
+    def scaling_plan(self, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:
+        """(RoPE extension, factor) cells, as for lenx runs: a model without RoPE takes none (and refuses an
+        extension asked for alone); an extension transformers cannot express is refused."""
+        from .evaluate import scaling_plan
+
+        if self.config.model_type == "lenx":
+            return scaling_plan(self.config.pe, scalings, factors)
+        scalings = scalings or ["none"]
+        asked = [s for s in scalings if s != "none"]
+        if asked and self.scheme != "rope":
+            if len(scalings) == 1:
+                raise LenxError(
+                    f"--rope-scaling {asked[0]} applies to RoPE models; {self.given} is {self.pe}, without RoPE"
+                )
+            return [("none", None)]
+        if asked:
+            rp = getattr(self.config, "rope_parameters", None)
+            if not isinstance(rp, dict) or "rope_theta" not in rp:
+                raise LenxError(
+                    f"model {self.given} ({self.pe}) has no flat rope_parameters in its config; transformers cannot "
+                    "rescale its RoPE through it"
+                )
+            own = rp.get("rope_type", "default")
+            if own != "default":
+                raise LenxError(
+                    f"model {self.given} already uses RoPE scaling '{own}'; lenx only applies --rope-scaling to "
+                    "models with plain RoPE (rope_type default)"
+                )
+            for s in asked:
+                rope_scaled(self.config, s, None, self.train_len, self.given)  # refuses what transformers lacks
+        return [(s, f) for s in scalings for f in ([None] if s == "none" else factors or [None])]
+
+    def prepare(self, scaling: str, factor: float | None):
+        """The callable to score with, the model (re)loaded for this RoPE extension and factor."""
+        if self.config.model_type == "lenx":
+            if self.model is None:
+                self._load(self.config, None)
+            self.model.pe.set_eval_scaling(scaling, factor)
+            return self.forward
+        key = (scaling, factor)
+        if key != self.loaded_as:
+            config = self.config if scaling == "none" else rope_scaled(self.config, scaling, factor, self.train_len,
+                                                                      self.given)
+            self.model = self.forward = None
+            if self.device and self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            self._load(config, None if scaling == "none" else HF_ROPE_TYPES[scaling])
+            self.loaded_as = key
+        return self.forward
+
+    def _load(self, config, rope_type: str | None) -> None:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.source, config=config, dtype=DTYPES[self.dtype], use_safetensors=True, trust_remote_code=False,
+                local_files_only=self.local,
+            )
+        except Exception as e:
+            hint = ("it needs a model.safetensors (lenx never reads pickled weights)" if self.local
+                    else self._hub_hint())
+            raise LenxError(f"cannot load the weights of model '{self.given}' ({_first_line(e)}); {hint}") from None
+        if rope_type is not None:
+            used = {m.rope_type for m in model.modules() if isinstance(getattr(m, "rope_type", None), str)}
+            if used != {rope_type}:
+                raise LenxError(
+                    f"model {self.given} does not build its RoPE from rope_parameters (found {sorted(used) or 'none'}); "
+                    "--rope-scaling cannot be applied to it"
+                )
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False
+        try:
+            model = model.to(self.device).eval()
+        except Exception as e:
+            if is_oom(e):
+                raise LenxError(f"model {self.given} does not fit on {self.device}; try --dtype bfloat16") from None
+            raise
+        self.model = model
+        self.forward = HFForward(model, self.limit, self.given)
+
+    @property
+    def attn_backend(self) -> str | None:
+        if self.model is None:
+            return None
+        cfg = self.model.config
+        return getattr(cfg, "attn_backend", None) or getattr(cfg, "_attn_implementation", None)
+
+    def batch_tokens(self, eval_len: int, batch_tokens: int) -> int:
+        """Long windows go one at a time (the activations and the logits of one window are already large)."""
+        return eval_len if eval_len >= LONG_LEN else batch_tokens
+
+
+OOM_NOTE = "out of memory"
+
+
+def is_oom(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+    )
+
+
+def oom_note(eval_len: int, device: str) -> str:
+    return f"{OOM_NOTE} at length {eval_len} on {device} (one window at a time); rerun on a larger device"
