@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# GPU check, within 8 minutes on one CUDA device: the CUDA-marked tests, then both benchmarks at GPU
+# sizes (bf16; FlexAttention for score-bias schemes), every output in one folder.
+#   bash scripts/gpu_check.sh [OUT_DIR]        (default: gpu_check/)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu_check}}"
+mkdir -p "$out"
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script is for a GPU machine')" || exit 1
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+export PYTHONUNBUFFERED=1
+t0=$SECONDS
+timeout 150 python -m pytest -q -m cuda tests/ 2>&1 | tee "$out/tests_cuda.txt"
+timeout 150 python scripts/bench_train.py --device cuda --precision bf16 --layers 12 --d-model 768 --heads 12 \
+    --d-ff 3072 --vocab 50304 --batch 8 --seq 1024 --steps 8 --json > "$out/bench_train_bf16.json" 2> "$out/bench_train.log"
+timeout 150 python scripts/bench_eval.py --device cuda --dtypes bf16 --backend flex --train-len 1024 --multiples 1,4,16 \
+    --layers 4 --d-model 256 --heads 4 --json > "$out/bench_eval_flex_bf16.json" 2> "$out/bench_eval.log"
+echo "gpu_check: $((SECONDS - t0)) s; outputs in $out/" | tee "$out/summary.txt"
