@@ -125,19 +125,22 @@ def test_corrupt_weights_give_one_line(small_run, tmp_path, capsys):
     one_line(capsys, lenx("eval", run, "--lengths", "16", "--tokens", "16", "--out", tmp_path / "r"), "cannot load")
 
 
-def test_corrupt_checkpoint_gives_one_line(tmp_path, text_dataset, capsys):
-    out = tmp_path / "run"
-    proc = run_cli(["train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "2", "--dataset", text_dataset,
-                    "--out", out], tmp_path)
+def interrupted_run(out: Path, text_dataset: Path) -> tuple[list, Path]:
+    """A training run killed after its first checkpoint: (its command's arguments, the checkpoint)."""
+    args = ["train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "2", "--dataset", text_dataset,
+            "--out", out]
+    proc = run_cli(args, out.parent)
     while proc.poll() is None and not (out / "latest.json").exists():
         time.sleep(0.01)
     proc.kill()
     proc.wait()
-    ckpt = out / json.loads((out / "latest.json").read_text())["checkpoint"]
+    return args, out / json.loads((out / "latest.json").read_text())["checkpoint"]
+
+
+def test_corrupt_checkpoint_gives_one_line(tmp_path, text_dataset, capsys):
+    args, ckpt = interrupted_run(tmp_path / "run", text_dataset)
     (ckpt / "optimizer.pt").write_bytes(b"not a checkpoint")
-    code = lenx("train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "2", "--dataset", text_dataset,
-                "--out", out)
-    one_line(capsys, code, "corrupt")
+    one_line(capsys, lenx(*args), "corrupt")
 
 
 def test_mismatched_run_directory(small_run, tmp_path, capsys):
@@ -187,18 +190,9 @@ def test_planted_pickles_are_never_executed(small_run, tmp_path, text_dataset, c
     (run / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
     assert lenx("eval", run, "--lengths", "16", "--tokens", "32", "--out", tmp_path / "r") == 0
     # 2. a pickle as the optimizer state of a checkpoint being resumed
-    out = tmp_path / "ckrun"
-    proc = run_cli(["train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "2", "--dataset", text_dataset,
-                    "--out", out], tmp_path)
-    while proc.poll() is None and not (out / "latest.json").exists():
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    ckpt = out / json.loads((out / "latest.json").read_text())["checkpoint"]
+    args, ckpt = interrupted_run(tmp_path / "ckrun", text_dataset)
     torch.save({"optimizer": Payload(marker)}, ckpt / "optimizer.pt")
-    code = lenx("train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "2", "--dataset", text_dataset,
-                "--out", out)
-    assert code == 2
+    assert lenx(*args) == 2
     # 3. a YAML config that asks for a Python object
     cfg = tmp_path / "evil.yaml"
     cfg.write_text(f"pe: !!python/object/apply:os.system ['touch {marker}']\n")
