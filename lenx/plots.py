@@ -22,9 +22,23 @@ def style(scheme: str) -> dict:
     base = scheme.split(" [")[0].split("+")[0]  # "alibi+yarn [bpe:4096]" -> alibi
     i = names.index(base) if base in names else sum(map(ord, base)) % len(_PALETTE)
     s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}
-    if "+" in scheme:  # a RoPE extension: same colour family, dashed
-        s["linestyle"] = "--"
+    if "+" in scheme:  # a RoPE extension: the scheme's colour; its own dash pattern and hollow marker
+        ext = scheme.split(" [")[0].split("+", 1)[1]
+        s["linestyle"] = _EXTENSION_DASHES.get(ext, "--")
+        s["markerfacecolor"] = "white"
     return s
+
+
+_EXTENSION_DASHES = {"pi": ":", "ntk": "--", "dynamic-ntk": (0, (6, 2, 1, 2)), "yarn": "-."}
+
+
+def readable_log_y(ax) -> None:
+    """Plain numbers (6, 8, 10, 20) on a log y axis instead of a lone 10^1."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(lambda *_: "")
 
 
 def new_figure(width: float = 8.0, height: float = 4.8, ncols: int = 1, sharey: bool = False):

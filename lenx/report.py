@@ -18,7 +18,7 @@ import pandas as pd
 
 from .errors import LenxError
 from .io import write_json, write_text
-from .plots import finish, new_figure, style
+from .plots import finish, new_figure, readable_log_y, style
 
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard tables); normal beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -168,6 +168,7 @@ def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
     _mark_train_len(ax, summary["train_len"].unique())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    readable_log_y(ax)
     ax.set_xlabel("evaluation length (tokens, log2 scale)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title("Perplexity vs evaluation length (mean over seeds, 95% CI band)")
@@ -195,7 +196,8 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
         return False
     logs = pd.concat(logs)
     fig, ax = new_figure()
-    for pe, g in logs.groupby("pe", sort=False):
+    order = _scheme_order(logs["pe"].unique())
+    for pe, g in sorted(logs.groupby("pe", sort=False), key=lambda item: order[item[0]]):
         curve = g.groupby("step")["loss"].mean().rolling(5, min_periods=1).mean()
         st = {k: v for k, v in style(pe).items() if k != "marker"}
         ax.plot(curve.index, curve.values, label=pe, linewidth=1.8, **st)
