@@ -35,7 +35,7 @@ def hf_models(a) -> dict:
     d_ff (LLaMA's own convention) to match the parameters and FLOPs of a two-matrix FFN of width d_ff."""
     from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    common = dict(vocab_size=a.vocab)
+    common = dict(vocab_size=a.vocab, bos_token_id=a.vocab - 1, eos_token_id=a.vocab - 1)
     return {
         "hf-gpt2 (learned, sdpa)": lambda: GPT2LMHeadModel(GPT2Config(
             n_embd=a.d_model, n_layer=a.layers, n_head=a.heads, n_inner=a.d_ff, n_positions=a.seq, attn_implementation="sdpa",
@@ -51,7 +51,8 @@ def hf_models(a) -> dict:
 
 def lenx_model(a, pe: str):
     return lambda: LenxForCausalLM(LenxConfig(vocab_size=a.vocab, n_layer=a.layers, d_model=a.d_model, n_head=a.heads,
-                                              d_ff=a.d_ff, train_len=a.seq, pe=pe))
+                                              d_ff=a.d_ff, train_len=a.seq, pe=pe,
+                                              eod_token_id=a.vocab - 1))
 
 
 def make_step(build, a, device):
