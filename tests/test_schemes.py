@@ -331,3 +331,15 @@ def test_non_rope_schemes_refuse_rope_scaling(pe):
     scheme.set_eval_scaling("none")
     with pytest.raises(LenxError, match="applies to rope, xpos runs"):
         scheme.set_eval_scaling("yarn", 4.0)
+
+
+def test_fire_bias_built_in_row_chunks_equals_one_piece(monkeypatch):
+    from lenx.positional.fire import FireBias
+
+    from .conftest import tiny_model
+
+    bias = tiny_model("fire").pe.bias(0, torch.arange(20))
+    whole, tail = bias.block(0, 20), bias.block(5, 20)
+    monkeypatch.setattr(FireBias, "rows", 3)
+    torch.testing.assert_close(bias.block(0, 20), whole)
+    torch.testing.assert_close(bias.block(5, 20), tail)

@@ -11,9 +11,14 @@ class FireBias(Bias):
     def __init__(self, scheme: "FIRE", pos: Tensor):
         self.scheme, self.pos = scheme, pos
 
+    rows = 64  # query rows per MLP call: its hidden layer (rows x keys x width) is the memory peak
+
     def block(self, q0: int, q1: int, q: Tensor | None = None) -> Tensor:
-        x = self.scheme.normalized_distance(self.pos[q0:q1], self.pos[:q1])
-        return self.scheme.f(x).permute(2, 0, 1).unsqueeze(0)
+        parts = []
+        for r0 in range(q0, q1, self.rows):
+            x = self.scheme.normalized_distance(self.pos[r0 : min(r0 + self.rows, q1)], self.pos[:q1])
+            parts.append(self.scheme.f(x))
+        return torch.cat(parts).permute(2, 0, 1).unsqueeze(0)
 
 
 @register
