@@ -202,6 +202,15 @@ def test_planted_pickles_are_never_executed(small_run, tmp_path, text_dataset, c
 
 # ---------------------------------------------------------------- property-based: any flags, exit 0 or 2
 
+def exits_cleanly(capsys, code: int) -> None:
+    """Exit 0, or 2 with one line on stderr; never a traceback."""
+    err = capsys.readouterr().err
+    assert code in (0, 2), err
+    assert "Traceback" not in err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1, err
+
+
 ints = st.one_of(st.integers(-3, 3), st.sampled_from([0, -1, 16, 17, 32, 10**9]))
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e-3, 0.0, -1.0]))
 texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
@@ -219,12 +228,7 @@ def test_random_train_flags_exit_0_or_2(data, tmp_path, text_dataset, capsys):
                         ("--precision", st.one_of(st.sampled_from(["fp32", "auto"]), texts))]:
         if data.draw(st.booleans()):
             args += [flag, data.draw(strat)]
-    code = lenx(*args)
-    err = capsys.readouterr().err
-    assert code in (0, 2), err
-    assert "Traceback" not in err
-    if code == 2:
-        assert len(err.strip().splitlines()) == 1, err
+    exits_cleanly(capsys, lenx(*args))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -237,9 +241,4 @@ def test_random_eval_flags_exit_0_or_2(data, small_run, tmp_path, capsys):
     if data.draw(st.booleans()):
         args += ["--max-len", data.draw(st.one_of(st.integers(-2, 64), st.just(10**9)))]
     args += ["--tokens", data.draw(st.one_of(st.integers(-2, 64), texts))]
-    code = lenx(*args)
-    err = capsys.readouterr().err
-    assert code in (0, 2), err
-    assert "Traceback" not in err
-    if code == 2:
-        assert len(err.strip().splitlines()) == 1, err
+    exits_cleanly(capsys, lenx(*args))
