@@ -40,6 +40,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import LenxError
+from .io import atomic_path, write_text
 
 SPLITS = ("train", "validation", "test")
 FILE_KEYS = ("train_file", "validation_file", "test_file")
@@ -546,8 +547,6 @@ class BPETokenizer(Tokenizer):
         return self.tk.decode([int(t) for t in tokens], skip_special_tokens=True)
 
     def save(self, run_dir: Path) -> None:
-        from .io import write_text
-
         write_text(Path(run_dir) / "tokenizer.json", self.tk.to_str(pretty=True))
 
 
@@ -655,7 +654,7 @@ def get_tokenizer(name: str, dataset: Any = None, progress: bool = True) -> Toke
         except Exception:  # unreadable: train it again below
             pass
     tok = BPETokenizer.train(name, size, corpus, progress)
-    _write_shared(path, tok.tk.to_str())
+    write_text(path, tok.tk.to_str())
     return tok
 
 
@@ -700,21 +699,6 @@ def cache_dir() -> Path:
     return Path(hf_home).expanduser() / "lenx"
 
 
-def _umask_mode(path: Path) -> None:
-    """Cache files get the usual umask permissions (temporary files are created 0600), so a shared cache works."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _write_shared(path: Path, text: str) -> None:
-    from .io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-        _umask_mode(tmp)
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -741,8 +725,6 @@ def _read_cached(path: Path, meta_path: Path, want: dict) -> np.ndarray | None:
 def token_stream(spec: Any, tokenizer: Tokenizer | str, split: str, progress: bool = True) -> np.ndarray:
     """The split as one token stream (a read-only memmap), each document followed by the end-of-document token.
     Cached under `cache_dir()/tokens`, keyed by (dataset fingerprint, tokenizer fingerprint, split)."""
-    from .io import atomic_path
-
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer, spec, progress)
     corpus = load_corpus(spec)
     key = f"{corpus.fingerprint}-{tok.fingerprint}-{split}"
@@ -777,10 +759,9 @@ def token_stream(spec: Any, tokenizer: Tokenizer | str, split: str, progress: bo
                 advance(units)
         if n == 0:
             raise LenxError(f"dataset '{corpus.name}' has no {split} documents; give it more text or files")
-        _umask_mode(tmp)
     meta = {**want, "length": n, "documents": n_docs, "sha256": h.hexdigest(), "dataset": corpus.name,
             "tokenizer": tok.name}
-    _write_shared(meta_path, json.dumps(meta, indent=2) + "\n")
+    write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     stream = _read_cached(path, meta_path, want)
     if stream is None:
         raise LenxError(f"the token cache {path} changed while it was written; rerun (or set LENX_CACHE)")
