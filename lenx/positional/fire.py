@@ -38,7 +38,8 @@ class FIRE(PositionalScheme):
         "relative: above the threshold L the normaliser grows with the query position i.\n"
         "As the paper's reference listing: |c| and L = |m * L0| with m learned (init 1) and L0 the\n"
         "training length; init_c = 0.1; eps = 1e-6 added to the denominator; PyTorch's default init\n"
-        "for the MLP. One f, c and m for all layers."
+        "for the MLP. One f, c and m for all layers (believed to be the paper's choice; not verified\n"
+        "against its text)."
     )
 
     def __init__(self, config):
