@@ -49,7 +49,6 @@ from .io import write_table
 from . import distributed
 from .runinfo import provenance, quiet_hf
 
-KEY = ["run", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", "dataset"]
 COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "ratio", "protocol", "stride", "rope_scaling", "rope_factor",
     "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note",
