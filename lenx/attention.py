@@ -81,7 +81,9 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, bias: Bias, block_size: int) -> Te
 
 def _block(q: Tensor, k: Tensor, v: Tensor, bias: Bias, q0: int, q1: int) -> Tensor:
     qb, kb, vb = q[:, :, q0:q1], k[:, :, :q1], v[:, :, :q1]
-    b = bias.block(q0, q1, qb).masked_fill(_future_mask(q0, q1, q.device), float("-inf"))
+    b = bias.block(q0, q1, qb)
+    if not bias.masks_future:
+        b = b.masked_fill(_future_mask(q0, q1, q.device), float("-inf"))
     if bias.needs_probs:
         scores = (qb @ kb.transpose(-1, -2)).float() * qb.shape[-1] ** -0.5 + b
         probs = scores.softmax(dim=-1)

@@ -48,6 +48,7 @@ class Bias:
     """
 
     needs_probs: bool = False
+    masks_future: bool = False  # block() already puts -inf on keys after the query (attention skips its own mask)
 
     def block(self, q0: int, q1: int, q: Tensor | None = None) -> Tensor:
         raise NotImplementedError
