@@ -53,6 +53,8 @@ def causal_attention(
         return _flex(q, k, v, bias)
     if backend in ("sdpa", "flex") and _separable_supported(q, k, bias):
         return _separable(q, k, v, bias, block_size)
+    if backend in ("sdpa", "flex") and _clipped_supported(q, bias):
+        return _clipped(q, k, v, *bias.clipped_kv())
     return _blocked(q, k, v, bias, block_size)
 
 
@@ -184,6 +186,118 @@ def _separable(q: Tensor, k: Tensor, v: Tensor, bias: Bias, block_size: int) -> 
         w1, w2 = (w1 / total).to(q.dtype)[..., None], (w2 / total).to(q.dtype)[..., None]
         out[:, :, q0:q1] = o1[..., :hd] * w1 + o2 * w2
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# clipped relative key/value vectors (Shaw): a band of K distances plus the fused kernel for the rest
+
+
+class _FlashLSE(torch.autograd.Function):
+    """The CPU flash kernel's output and log-sum-exp, both differentiable (torch's own autograd treats the
+    log-sum-exp as a constant).
+
+    Backward: the kernel's backward forms dS = P * (dO.v_j - D_i) with D_i = dO_i.o_i. A gradient g on
+    lse_i adds P * g_i to dS (d lse_i / d s_ij = p_ij), i.e. D_i - g_i: given to the kernel by one extra
+    head column, zero in q, k and v, holding -g in the output and 1 in dO.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = _CPU_FLASH(q, k, v, is_causal=True, scale=scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, g_o, g_lse):
+        q, k, v, o, lse = ctx.saved_tensors
+        g_o = torch.zeros_like(o) if g_o is None else g_o
+        if g_lse is not None:
+            col = lambda t, x: torch.cat([t, torch.as_tensor(x, dtype=t.dtype).expand(*t.shape[:-1], 1)], -1)  # noqa: E731
+            q, k, v, g_o = col(q, 0.0), col(k, 0.0), col(v, 0.0), col(g_o, 1.0)
+            o = torch.cat([o, -g_lse.to(o.dtype)[..., None]], -1)
+        dq, dk, dv = _CPU_FLASH_BACKWARD(g_o.contiguous(), q, k, v, o, lse, 0.0, True, scale=ctx.scale)
+        hd = ctx.saved_tensors[0].shape[-1]
+        return dq[..., :hd], dk[..., :hd], dv[..., :hd], None
+
+
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _clipped_supported(q: Tensor, bias: Bias) -> bool:
+    return (
+        _CPU_FLASH_BACKWARD is not None
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and bias.clipped_kv() is not None
+    )
+
+
+def _clipped(q: Tensor, k: Tensor, v: Tensor, a_k: Tensor, a_v: Tensor, chunk: int = 64) -> Tensor:
+    """Exact attention with s_ij = (q_i.k_j + q_i.a_k[r]) / sqrt(hd), out_i = sum_j p_ij (v_j + a_v[r]),
+    r = min(i - j, K), K = len(a_k) - 1 (Shaw et al.'s relative keys and values, clipped at K).
+
+    Past the clip every key shares a_k[K] and a_v[K]: q_i.a_k[K] is one constant per row, and a_v[K] one
+    vector. So keys at distance >= K are plain causal attention shifted by K (the fused kernel, with its
+    log-sum-exp), and the K nearest keys a band of K explicit scores per query; the two are joined by
+    their log-sum-exp. Memory and time stay those of plain attention plus O(T x K); differentiable.
+    """
+    B, H, T, hd = q.shape
+    K = a_k.shape[0] - 1
+    scale = hd**-0.5
+    qa = (q @ a_k.T.to(q.dtype)) * scale  # (B, H, T, K + 1)
+    band = _band_scores(q, k, K, chunk) * scale + qa[..., :K].flip(-1)  # column u: distance K - 1 - u
+    band = band.masked_fill(_band_before_start(T, K, q.device), float("-inf"))
+    lse = torch.logsumexp(band, -1)
+    if T > K:
+        o_far, lse_far = _FlashLSE.apply(q[:, :, K:], k[:, :, : T - K], v[:, :, : T - K], scale)
+        lse_far = F.pad(lse_far + qa[:, :, K:, K], (K, 0), value=float("-inf"))  # rows i < K: no far keys
+        lse = torch.logaddexp(lse, lse_far)
+        out = F.pad((o_far + a_v[K].to(q.dtype)) * (lse_far[:, :, K:] - lse[:, :, K:]).exp()[..., None], (0, 0, K, 0))
+    else:
+        out = torch.zeros_like(q)
+    p = (band - lse[..., None]).exp()
+    return out + _band_apply(p, v, K, chunk) + p @ a_v[:K].flip(0).to(q.dtype)
+
+
+def _windows(x: Tensor, K: int, chunk: int) -> tuple[Tensor, int]:
+    """Rows of x (B, H, T, d) in windows of chunk + K - 1 rows, window c starting K - 1 rows before row
+    c * chunk (zeros before row 0 and after row T - 1): (B, H, n, chunk + K - 1, d), and n."""
+    B, H, T, d = x.shape
+    n = -(-T // chunk)
+    xp = F.pad(x, (0, 0, K - 1, n * chunk - T)).contiguous()
+    return xp.as_strided((B, H, n, chunk + K - 1, d), (xp.stride(0), xp.stride(1), chunk * d, d, 1)), n
+
+
+def _band_scores(q: Tensor, k: Tensor, K: int, chunk: int) -> Tensor:
+    """(B, H, T, K): column u holds q_i . k_(i - (K - 1 - u)), i.e. distances K - 1 ... 0, by one matmul per
+    chunk of query rows against its window of keys, then a strided view of each chunk's K diagonals."""
+    B, H, T, hd = q.shape
+    kw, n = _windows(k, K, chunk)
+    qc = F.pad(q, (0, 0, 0, n * chunk - T)).view(B, H, n, chunk, hd)
+    s = (qc @ kw.transpose(-1, -2)).contiguous()  # (B, H, n, chunk, chunk + K - 1); row c sees columns c..c+K-1
+    W = chunk + K - 1
+    band = s.as_strided((B, H, n, chunk, K), (s.stride(0), s.stride(1), s.stride(2), W + 1, 1))
+    return band.reshape(B, H, n * chunk, K)[:, :, :T]
+
+
+def _band_apply(p: Tensor, v: Tensor, K: int, chunk: int) -> Tensor:
+    """sum_u p[i, u] v_(i - (K - 1 - u)): each chunk's band of probabilities laid into a zero (chunk, window)
+    matrix (the transpose of _band_scores's view) and multiplied by the chunk's window of values."""
+    B, H, T, hd = v.shape
+    vw, n = _windows(v, K, chunk)
+    W = chunk + K - 1
+    z = p.new_zeros(B, H, n, chunk, W)
+    pc = F.pad(p, (0, 0, 0, n * chunk - T)).view(B, H, n, chunk, K)
+    z = z.as_strided_scatter(pc, (B, H, n, chunk, K), (z.stride(0), z.stride(1), z.stride(2), W + 1, 1))
+    return (z @ vw).reshape(B, H, n * chunk, hd)[:, :, :T]
+
+
+def _band_before_start(T: int, K: int, device) -> Tensor:
+    """(T, K): True where band column u of row i points before the first key (i < K - 1 - u)."""
+    i = torch.arange(T, device=device)[:, None]
+    u = torch.arange(K, device=device)[None, :]
+    return i < K - 1 - u
 
 
 def _reversed_table(table: Tensor, T: int, block_size: int, dtype) -> Tensor:

@@ -44,6 +44,10 @@ class Bias:
     - ``key_term()``: (s, g), s of shape (H,) and g of shape (T,), with b[h, i, j] = s[h] * g[j] plus a
       term that depends on (h, i) only, which softmax ignores (ALiBi: -m (i - j) = m j - m i). Attention
       can then fold the bias into one extra query/key dimension and keep the fused causal kernel.
+    - ``clipped_kv()``: (a_k, a_v), each (K + 1, hd), for Shaw et al.'s relative keys and values over
+      contiguous positions: b[h, i, j] = q_i . a_k[min(i - j, K)] / sqrt(hd), and the output adds
+      sum_j p_ij a_v[min(i - j, K)]. Attention then runs the fused kernel for keys past K and only a band
+      of K explicit scores per query.
     - ``score_mod()``: a FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` giving the same scores.
     """
 
@@ -60,6 +64,9 @@ class Bias:
         return None
 
     def key_term(self) -> tuple[Tensor, Tensor] | None:
+        return None
+
+    def clipped_kv(self) -> tuple[Tensor, Tensor] | None:
         return None
 
     def score_mod(self):

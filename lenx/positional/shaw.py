@@ -26,6 +26,11 @@ class ShawBias(Bias):
         qa = (q.float() @ self.a_k.float().T) * q.shape[-1] ** -0.5
         return qa.gather(-1, self.rel(q0, q1).expand(*qa.shape[:-1], -1))
 
+    def clipped_kv(self) -> tuple[Tensor, Tensor] | None:
+        T = self.pos.numel()
+        contiguous = T == 0 or torch.equal(self.pos - self.pos[0], torch.arange(T, device=self.pos.device))
+        return (self.a_k, self.a_v) if contiguous else None
+
     def value(self, q0: int, q1: int, probs: Tensor) -> Tensor:
         idx = self.rel(q0, q1).expand_as(probs)
         w = probs.new_zeros(*probs.shape[:-1], len(self.a_v)).scatter_add_(-1, idx, probs)
