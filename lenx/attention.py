@@ -244,29 +244,33 @@ def _clipped(q: Tensor, k: Tensor, v: Tensor, a_k: Tensor, a_v: Tensor, chunk: i
     """
     B, H, T, hd = q.shape
     K = a_k.shape[0] - 1
+    chunk = max(chunk, K)
     scale = hd**-0.5
     qa = (q @ a_k.T.to(q.dtype)) * scale  # (B, H, T, K + 1)
     band = _band_scores(q, k, K, chunk) * scale + qa[..., :K].flip(-1)  # column u: distance K - 1 - u
     band = band.masked_fill(_band_before_start(T, K, q.device), float("-inf"))
     lse = torch.logsumexp(band, -1)
-    if T > K:
-        o_far, lse_far = _FlashLSE.apply(q[:, :, K:], k[:, :, : T - K], v[:, :, : T - K], scale)
-        lse_far = F.pad(lse_far + qa[:, :, K:, K], (K, 0), value=float("-inf"))  # rows i < K: no far keys
-        lse = torch.logaddexp(lse, lse_far)
-        out = F.pad((o_far + a_v[K].to(q.dtype)) * (lse_far[:, :, K:] - lse[:, :, K:]).exp()[..., None], (0, 0, K, 0))
-    else:
-        out = torch.zeros_like(q)
-    p = (band - lse[..., None]).exp()
-    return out + _band_apply(p, v, K, chunk) + p @ a_v[:K].flip(0).to(q.dtype)
+    if T <= K:
+        p = (band - lse[..., None]).exp()
+        return _band_apply(p, v, K, chunk) + p @ a_v[:K].flip(0).to(q.dtype)
+    o_far, lse_far = _FlashLSE.apply(q[:, :, K:], k[:, :, : T - K], v[:, :, : T - K], scale)
+    lse_far = F.pad(lse_far + qa[:, :, K:, K], (K, 0), value=float("-inf"))  # rows i < K: no far keys
+    lse = torch.logaddexp(lse, lse_far)
+    # probabilities of the band's K distances and, last, the far keys' total (which all get a_v[K])
+    p = (torch.cat([band, lse_far[..., None]], -1) - lse[..., None]).exp()
+    out = _band_apply(p[..., :K], v, K, chunk) + p @ torch.cat([a_v[:K].flip(0), a_v[K:]]).to(q.dtype)
+    return out.index_add(2, torch.arange(K, T, device=q.device), o_far * p[:, :, K:, K:])
 
 
 def _windows(x: Tensor, K: int, chunk: int) -> tuple[Tensor, int]:
     """Rows of x (B, H, T, d) in windows of chunk + K - 1 rows, window c starting K - 1 rows before row
-    c * chunk (zeros before row 0 and after row T - 1): (B, H, n, chunk + K - 1, d), and n."""
+    c * chunk (zeros before row 0 and after row T - 1): (B, H, n, chunk + K - 1, d), and n. Built from two
+    slices of the chunked rows (no overlapping view, whose gradient would need a scatter); chunk >= K - 1."""
     B, H, T, d = x.shape
     n = -(-T // chunk)
-    xp = F.pad(x, (0, 0, K - 1, n * chunk - T)).contiguous()
-    return xp.as_strided((B, H, n, chunk + K - 1, d), (xp.stride(0), xp.stride(1), chunk * d, d, 1)), n
+    xc = (F.pad(x, (0, 0, 0, n * chunk - T)) if n * chunk > T else x).reshape(B, H, n, chunk, d)
+    prev = F.pad(xc[:, :, :-1, chunk - (K - 1) :], (0, 0, 0, 0, 1, 0))  # the K - 1 rows before each chunk
+    return torch.cat([prev, xc], -2), n
 
 
 def _band_scores(q: Tensor, k: Tensor, K: int, chunk: int) -> Tensor:
@@ -274,8 +278,8 @@ def _band_scores(q: Tensor, k: Tensor, K: int, chunk: int) -> Tensor:
     chunk of query rows against its window of keys, then a strided view of each chunk's K diagonals."""
     B, H, T, hd = q.shape
     kw, n = _windows(k, K, chunk)
-    qc = F.pad(q, (0, 0, 0, n * chunk - T)).view(B, H, n, chunk, hd)
-    s = (qc @ kw.transpose(-1, -2)).contiguous()  # (B, H, n, chunk, chunk + K - 1); row c sees columns c..c+K-1
+    qc = (F.pad(q, (0, 0, 0, n * chunk - T)) if n * chunk > T else q).reshape(B, H, n, chunk, hd)
+    s = qc @ kw.transpose(-1, -2)  # (B, H, n, chunk, chunk + K - 1); row c sees columns c..c+K-1
     W = chunk + K - 1
     band = s.as_strided((B, H, n, chunk, K), (s.stride(0), s.stride(1), s.stride(2), W + 1, 1))
     return band.reshape(B, H, n * chunk, K)[:, :, :T]
@@ -288,8 +292,8 @@ def _band_apply(p: Tensor, v: Tensor, K: int, chunk: int) -> Tensor:
     vw, n = _windows(v, K, chunk)
     W = chunk + K - 1
     z = p.new_zeros(B, H, n, chunk, W)
-    pc = F.pad(p, (0, 0, 0, n * chunk - T)).view(B, H, n, chunk, K)
-    z = z.as_strided_scatter(pc, (B, H, n, chunk, K), (z.stride(0), z.stride(1), z.stride(2), W + 1, 1))
+    pc = (F.pad(p, (0, 0, 0, n * chunk - T)) if n * chunk > T else p).reshape(B, H, n, chunk, K)
+    z.as_strided((B, H, n, chunk, K), (z.stride(0), z.stride(1), z.stride(2), W + 1, 1)).copy_(pc)
     return (z @ vw).reshape(B, H, n * chunk, hd)[:, :, :T]
 
 
