@@ -9,6 +9,9 @@ with no mask at all. With a bias:
     * a separable bias (b = s_h * g_j + per-row constant, e.g. ALiBi) on CPU in fp32: the bias is
       folded into one extra query/key dimension and queries run in blocks on the fused kernel with
       no mask (see ``_separable``);
+    * Shaw's clipped relative keys and values (``Bias.clipped_kv``) on CPU in fp32: the fused kernel for
+      keys past the clip, where both terms are constants, and a band of K explicit scores for the
+      nearest keys, joined by a differentiable log-sum-exp (see ``_clipped``); training and inference;
     * anything else: the ``blocked`` route below.
 - ``blocked``: queries in blocks of ``block_size`` rows; each block's bias (causal mask included) is the
   fused kernel's mask, so memory grows with block_size x L rather than L x L. A relative bias over
@@ -20,8 +23,9 @@ with no mask at all. With a bias:
 - ``materialized``: the plain reference: the full (H, L, L) scores, bias and mask, softmax written out.
   Tests compare every other backend against it.
 
-A bias that also adds to the output (Shaw's a^V) needs the attention probabilities; for it the
-blocked route computes each block's softmax explicitly (still block_size x L memory).
+A bias that also adds to the output (Shaw's a^V) needs the attention probabilities; where the
+``_clipped`` route does not apply, the blocked route computes each block's softmax explicitly
+(still block_size x L memory).
 """
 
 from __future__ import annotations

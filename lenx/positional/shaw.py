@@ -55,9 +55,11 @@ class Shaw(PositionalScheme):
         "keeps those k + 1 vectors per layer and kind; all distances beyond k share a^K_-k and\n"
         "a^V_-k.\n"
         "The key term enters the scores as q_i.a^K/sqrt(d) (attention adds biases to q.k/sqrt(d)):\n"
-        "content-dependent, built per block of queries. The value term needs the attention\n"
-        "probabilities, so this scheme runs the explicit-softmax blocked path. Init: N(0, 0.02), like\n"
-        "the token embeddings (the paper states none)."
+        "content-dependent. Past the clip both terms are the same for every key (a per-row score\n"
+        "constant and one value vector), so attention runs the fused kernel for keys at distance >= k\n"
+        "and a band of k explicit scores for the nearest ones, joined by their log-sum-exp (CPU, fp32;\n"
+        "elsewhere an explicit softmax per block of queries). Init: N(0, 0.02), like the token\n"
+        "embeddings (the paper states none)."
     )
 
     def __init__(self, config):
