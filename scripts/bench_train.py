@@ -35,11 +35,12 @@ def hf_models(a) -> dict:
     d_ff (LLaMA's own convention) to match the parameters and FLOPs of a two-matrix FFN of width d_ff."""
     from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    # No dropout anywhere (lenx has none; GPT-2's config defaults to 0.1 in three places).
     common = dict(vocab_size=a.vocab, bos_token_id=a.vocab - 1, eos_token_id=a.vocab - 1)
     return {
         "hf-gpt2 (learned, sdpa)": lambda: GPT2LMHeadModel(GPT2Config(
             n_embd=a.d_model, n_layer=a.layers, n_head=a.heads, n_inner=a.d_ff, n_positions=a.seq, attn_implementation="sdpa",
-            **common)),
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)),
         "hf-llama (rope, sdpa)": lambda: LlamaForCausalLM(LlamaConfig(
             hidden_size=a.d_model, num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
             intermediate_size=2 * a.d_ff // 3, max_position_embeddings=a.seq, tie_word_embeddings=True,
@@ -63,7 +64,7 @@ def make_step(build, a, device):
 
         inductor_config.force_disable_caches = True
     fwd = torch.compile(model) if a.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for every contender, as lenx trains
     ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if a.precision == "bf16" else nullcontext()
 
     def step(batch):
