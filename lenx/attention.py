@@ -79,6 +79,7 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, bias: Bias, block_size: int) -> Te
     if table is not None:
         return _blocked_toeplitz(q, k, v, table, block_size)
     out = torch.empty_like(q)
+    block_size = min(block_size, bias.max_block_rows or block_size)
     for q0 in range(0, T, block_size):
         q1 = min(q0 + block_size, T)
         out[:, :, q0:q1] = _block(q, k, v, bias, q0, q1)

@@ -180,6 +180,121 @@ def test_fire_bias_is_the_mlp_of_the_papers_normalised_distance():
         torch.testing.assert_close(b[:, i - 5, j], pe.f(torch.tensor([[x]]))[0], atol=1e-6, rtol=1e-5)
 
 
+def fire_with_breakpoints_in_unit_interval(train_len=16, c=0.37, L_mult=0.4, n_head=4, seed=0):
+    """A FIRE scheme whose ReLU units switch inside the MLP's input range [0, 1], with rows past the threshold."""
+    pe = tiny_model("fire", n_head=n_head, d_model=8 * n_head, train_len=train_len, seed=seed).pe
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w1 = torch.randn(pe.f[0].weight.shape[0], generator=g)
+        pe.f[0].weight[:, 0] = w1
+        pe.f[0].bias.copy_(-w1 * torch.rand(w1.shape, generator=g))
+        pe.f[2].weight.normal_(generator=g)
+        pe.c.fill_(c)
+        pe.L_mult.fill_(L_mult)
+    return pe
+
+
+def fire_blocks(T, block):
+    return [(q0, min(q0 + block, T)) for q0 in range(0, T, block)]
+
+
+@pytest.mark.parametrize("T, p0, block, c", [(256, 0, 32, 0.37), (250, 0, 32, 0.37), (256, 0, 7, -2.0),
+                                             (200, 45, 64, 0.37), (256, 0, 256, 5.0)])
+def test_fire_fast_bias_equals_the_mlp_past_the_threshold(T, p0, block, c):
+    """block() (piecewise-linear f, one strided buffer per block) equals the MLP on every pair, up to 16x the
+    training length, future keys -inf; the blocks do contain units that switch between their rows."""
+    pe = fire_with_breakpoints_in_unit_interval(c=c)
+    bias = pe.bias(0, torch.arange(T) + p0)
+    assert bias.masks_future and bias.toeplitz_table() is None
+    switching = 0
+    with torch.no_grad():
+        w1, b1 = pe.f[0].weight[:, 0], pe.f[0].bias
+        for q0, q1 in fire_blocks(T, block):
+            fast, ref = bias.block(q0, q1)[0], bias.direct_block(q0, q1)[0]
+            assert fast.shape == ref.shape == (4, q1 - q0, q1)
+            future = torch.arange(q1)[None, :] > torch.arange(q0, q1)[:, None]
+            assert torch.isneginf(fast[:, future]).all()
+            torch.testing.assert_close(fast[:, ~future], ref[:, ~future], atol=1e-5, rtol=1e-5)
+            # (unit, key) pairs where the unit is on for some of the block's rows and off for others
+            x = pe.normalized_distance(torch.arange(q0, q1) + p0, torch.arange(q1) + p0)[..., 0]
+            on = w1[:, None, None] * x + b1[:, None, None] > 0  # (W, rows, keys)
+            switching += int(((on & ~future).any(1) & (~on & ~future).any(1)).sum())
+    assert switching > 0
+
+
+def test_fire_fast_bias_gradients_equal_the_mlps():
+    pe = fire_with_breakpoints_in_unit_interval()
+    T = 256
+    g = torch.Generator().manual_seed(5)
+    for q0, q1 in [(0, T), (40, 136), (224, 256)]:
+        future = torch.arange(q1)[None, :] > torch.arange(q0, q1)[:, None]
+        weight = torch.randn(4, q1 - q0, q1, generator=g)
+        grads = []
+        for fast in (True, False):
+            pe.zero_grad()
+            bias = pe.bias(0, torch.arange(T) + 3)  # one backward per bias: its blocks share per-layer pieces
+            b = bias.block(q0, q1) if fast else bias.direct_block(q0, q1)
+            (b[0].masked_fill(future, 0) * weight).sum().backward()
+            grads.append([p.grad.clone() for p in pe.parameters()])
+        for fast, ref in zip(*grads):
+            torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fire_uses_a_distance_table_below_the_threshold():
+    from lenx.positional.fire import FireBias
+
+    pe = fire_with_breakpoints_in_unit_interval(L_mult=1.0)  # threshold 16: positions 0..15 lie below it
+    bias = pe.bias(0, torch.arange(16))
+    table = bias.toeplitz_table()
+    d = (torch.arange(16)[:, None] - torch.arange(16)[None, :]).clamp(min=0)
+    with torch.no_grad():
+        causal = d.tril() == d
+        ref = bias.direct_block(0, 16)[0]
+        torch.testing.assert_close(table[:, d][:, causal.tril()], ref[:, causal.tril()], atol=1e-6, rtol=1e-5)
+    assert table.requires_grad  # training takes the table route with gradients
+    assert pe.bias(0, torch.arange(17)).toeplitz_table() is None  # position 16 reaches the threshold
+    assert pe.bias(0, torch.arange(16) + 1).toeplitz_table() is None
+    assert pe.bias(0, torch.arange(0, 16, 2)).toeplitz_table() is None  # not contiguous
+
+
+def test_fire_training_at_the_training_length_never_builds_blocks(monkeypatch):
+    from lenx.positional.fire import FireBias
+
+    model = tiny_model("fire", train_len=16, attn_block_size=4)
+    with torch.no_grad():
+        model.pe.L_mult.fill_(1.0)
+    x = torch.randint(0, 60, (2, 16))
+    ref = tiny_model("fire", train_len=16, attn_backend="materialized")
+    ref.load_state_dict(model.state_dict())
+    ref(x, labels=x).loss.backward()
+    monkeypatch.setattr(FireBias, "block", lambda *a: pytest.fail("block() called below the threshold"))
+    model.train()(x, labels=x).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "materialized"])
+def test_fire_attention_with_the_fast_bias_equals_the_mlp(monkeypatch, backend):
+    """Logits and gradients at 16x the training length, the fast bias against the MLP on every pair."""
+    from lenx.positional.fire import FireBias
+
+    x = torch.randint(0, 60, (1, 256), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for name in ("fast", "direct"):
+        model = tiny_model("fire", train_len=16, attn_block_size=48, attn_backend=backend)
+        model.pe.load_state_dict(fire_with_breakpoints_in_unit_interval().state_dict())
+        if name == "direct":
+            future = lambda q0, q1: torch.arange(q1)[None, :] > torch.arange(q0, q1)[:, None]  # noqa: E731
+            monkeypatch.setattr(FireBias, "block",
+                                lambda self, q0, q1, q=None: self.direct_block(q0, q1).masked_fill(future(q0, q1), -math.inf))
+        loss = model(x, labels=x).loss
+        loss.backward()
+        out[name] = loss.detach(), [p.grad for p in model.parameters()]
+    torch.testing.assert_close(out["fast"][0], out["direct"][0], atol=1e-5, rtol=1e-5)
+    for fast, ref in zip(out["fast"][1], out["direct"][1]):
+        torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------- relative schemes: shift
 
 
@@ -339,7 +454,22 @@ def test_fire_bias_built_in_row_chunks_equals_one_piece(monkeypatch):
     from .conftest import tiny_model
 
     bias = tiny_model("fire").pe.bias(0, torch.arange(20))
-    whole, tail = bias.block(0, 20), bias.block(5, 20)
+    whole, tail = bias.direct_block(0, 20), bias.direct_block(5, 20)
     monkeypatch.setattr(FireBias, "rows", 3)
-    torch.testing.assert_close(bias.block(0, 20), whole)
-    torch.testing.assert_close(bias.block(5, 20), tail)
+    torch.testing.assert_close(bias.direct_block(0, 20), whole)
+    torch.testing.assert_close(bias.direct_block(5, 20), tail)
+
+
+def test_blocked_attention_honours_max_block_rows(monkeypatch):
+    from lenx.positional.fire import FireBias
+
+    sizes, block = [], FireBias.block
+    monkeypatch.setattr(FireBias, "max_block_rows", 16)
+    monkeypatch.setattr(FireBias, "block", lambda self, q0, q1, q=None: sizes.append(q1 - q0) or block(self, q0, q1))
+    x = torch.randint(0, 60, (1, 100), generator=torch.Generator().manual_seed(3))
+    model = tiny_model("fire", train_len=16, attn_block_size=48)
+    ref = tiny_model("fire", train_len=16, attn_backend="materialized")
+    with torch.no_grad():
+        fast = model(x).logits
+        assert sizes == ([16] * 6 + [4]) * 2  # two layers
+        torch.testing.assert_close(fast, ref(x).logits, atol=1e-5, rtol=1e-5)

@@ -30,7 +30,8 @@ class Bias:
 
     ``block(q0, q1, q)`` returns the bias for query rows q0..q1-1 against keys 0..q1-1, shaped
     (1 or B, H, q1 - q0, q1); entries above the diagonal are ignored (attention masks them).
-    ``q`` is the (B, H, q1 - q0, hd) block of queries, for content-dependent schemes.
+    ``q`` is the (B, H, q1 - q0, hd) block of queries, for content-dependent schemes. A block may share
+    memory with the next block() of the same bias (FIRE reuses one buffer in inference): use it first.
     A bias may also add to the attention output (Shaw's a^V): then ``needs_probs`` is True and
     ``value(q0, q1, probs)`` returns the extra (B, H, q1 - q0, hd) output given the block's
     attention probabilities.
@@ -53,6 +54,7 @@ class Bias:
 
     needs_probs: bool = False
     masks_future: bool = False  # block() already puts -inf on keys after the query (attention skips its own mask)
+    max_block_rows: int | None = None  # at most this many query rows per block() (its own buffers' memory)
 
     def block(self, q0: int, q1: int, q: Tensor | None = None) -> Tensor:
         raise NotImplementedError
