@@ -75,6 +75,12 @@ class Bias:
         return None
 
 
+def contiguous_positions(pos: Tensor) -> bool:
+    """Positions p0, p0 + 1, ...: then pos_i - pos_j = i - j, and a bias can be laid out by index."""
+    T = pos.numel()
+    return bool(T == 0 or torch.equal(pos - pos[0], torch.arange(T, device=pos.device)))
+
+
 class TableBias(Bias):
     """Bias from a per-head table over causal distances: b[h, i, j] = table[h, pos_i - pos_j] for j <= i."""
 
@@ -88,9 +94,8 @@ class TableBias(Bias):
         return self.table[:, dist].unsqueeze(0)
 
     def toeplitz_table(self) -> Tensor | None:
-        if self._contiguous is None:  # positions p0, p0 + 1, ...: then pos_i - pos_j = i - j
-            T = self.pos.numel()
-            self._contiguous = bool(T == 0 or torch.equal(self.pos - self.pos[0], torch.arange(T, device=self.pos.device)))
+        if self._contiguous is None:
+            self._contiguous = contiguous_positions(self.pos)
         return self.table if self._contiguous else None
 
     def score_mod(self):

@@ -2,7 +2,7 @@ import torch
 from torch import Tensor, nn
 
 from . import register
-from .base import Bias, PositionalScheme
+from .base import Bias, PositionalScheme, contiguous_positions
 
 
 class FireBias(Bias):
@@ -17,15 +17,14 @@ class FireBias(Bias):
     Other positions run the MLP on every (query, key) pair (``direct_block``).
     """
 
-    masks_future = True
     max_block_rows = 256  # a block's buffer is H x rows x (keys + rows) floats
     rows = 64  # query rows per MLP call in direct_block: its hidden layer (rows x keys x width) is the memory peak
     correction_elements = 1 << 20  # (unit, row, column) triples per correction chunk in _fast_block
 
     def __init__(self, scheme: "FIRE", pos: Tensor):
         self.scheme, self.pos = scheme, pos
-        T = pos.numel()
-        self.contiguous = bool(T == 0 or torch.equal(pos - pos[0], torch.arange(T, device=pos.device)))
+        self.contiguous = contiguous_positions(pos)
+        self.masks_future = self.contiguous  # _fast_block's layout puts -inf on future keys; direct_block leaves them
         self._parts = None  # per-layer pieces of _fast_block, built on its first call
         self._buffer = None  # inference: the storage that every block of this layer reuses
 
@@ -38,11 +37,7 @@ class FireBias(Bias):
         return torch.cat(parts).permute(2, 0, 1).unsqueeze(0)
 
     def block(self, q0: int, q1: int, q: Tensor | None = None) -> Tensor:
-        if self.contiguous:
-            return self._fast_block(q0, q1)
-        dev = self.pos.device
-        future = torch.arange(q1, device=dev)[None, :] > torch.arange(q0, q1, device=dev)[:, None]
-        return self.direct_block(q0, q1).masked_fill(future, float("-inf"))
+        return self._fast_block(q0, q1) if self.contiguous else self.direct_block(q0, q1)
 
     def toeplitz_table(self) -> Tensor | None:
         s, T = self.scheme, self.pos.numel()

@@ -2,7 +2,7 @@ import torch
 from torch import Tensor, nn
 
 from . import register
-from .base import Bias, PositionalScheme
+from .base import Bias, PositionalScheme, contiguous_positions
 
 
 class ShawBias(Bias):
@@ -18,6 +18,7 @@ class ShawBias(Bias):
 
     def __init__(self, a_k: Tensor, a_v: Tensor, pos: Tensor):
         self.a_k, self.a_v, self.pos = a_k, a_v, pos
+        self.contiguous = contiguous_positions(pos)
 
     def rel(self, q0: int, q1: int) -> Tensor:
         return (self.pos[q0:q1, None] - self.pos[None, :q1]).clamp(0, len(self.a_k) - 1)
@@ -27,9 +28,7 @@ class ShawBias(Bias):
         return qa.gather(-1, self.rel(q0, q1).expand(*qa.shape[:-1], -1))
 
     def clipped_kv(self) -> tuple[Tensor, Tensor] | None:
-        T = self.pos.numel()
-        contiguous = T == 0 or torch.equal(self.pos - self.pos[0], torch.arange(T, device=self.pos.device))
-        return (self.a_k, self.a_v) if contiguous else None
+        return (self.a_k, self.a_v) if self.contiguous else None
 
     def value(self, q0: int, q1: int, probs: Tensor) -> Tensor:
         idx = self.rel(q0, q1).expand_as(probs)
