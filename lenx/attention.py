@@ -216,13 +216,13 @@ class _FlashLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_o, g_lse):
         q, k, v, o, lse = ctx.saved_tensors
+        hd = q.shape[-1]
         g_o = torch.zeros_like(o) if g_o is None else g_o
         if g_lse is not None:
             col = lambda t, x: torch.cat([t, torch.as_tensor(x, dtype=t.dtype).expand(*t.shape[:-1], 1)], -1)  # noqa: E731
             q, k, v, g_o = col(q, 0.0), col(k, 0.0), col(v, 0.0), col(g_o, 1.0)
             o = torch.cat([o, -g_lse.to(o.dtype)[..., None]], -1)
         dq, dk, dv = _CPU_FLASH_BACKWARD(g_o.contiguous(), q, k, v, o, lse, 0.0, True, scale=ctx.scale)
-        hd = ctx.saved_tensors[0].shape[-1]
         return dq[..., :hd], dk[..., :hd], dv[..., :hd], None
 
 
@@ -267,39 +267,44 @@ def _clipped(q: Tensor, k: Tensor, v: Tensor, a_k: Tensor, a_v: Tensor, chunk: i
     return out.index_add(2, torch.arange(K, T, device=q.device), o_far * p[:, :, K:, K:])
 
 
-def _windows(x: Tensor, K: int, chunk: int) -> tuple[Tensor, int]:
-    """Rows of x (B, H, T, d) in windows of chunk + K - 1 rows, window c starting K - 1 rows before row
-    c * chunk (zeros before row 0 and after row T - 1): (B, H, n, chunk + K - 1, d), and n. Built from two
-    slices of the chunked rows (no overlapping view, whose gradient would need a scatter); chunk >= K - 1."""
+def _chunked(x: Tensor, chunk: int) -> Tensor:
+    """x (B, H, T, d) as (B, H, n, chunk, d), zero rows after row T - 1 filling the last chunk."""
     B, H, T, d = x.shape
     n = -(-T // chunk)
-    xc = (F.pad(x, (0, 0, 0, n * chunk - T)) if n * chunk > T else x).reshape(B, H, n, chunk, d)
+    return (F.pad(x, (0, 0, 0, n * chunk - T)) if n * chunk > T else x).reshape(B, H, n, chunk, d)
+
+
+def _diagonals(s: Tensor, K: int) -> Tensor:
+    """(B, H, n, chunk, K) view of a contiguous (B, H, n, chunk, chunk + K - 1): row c, columns c..c+K-1."""
+    B, H, n, chunk, W = s.shape
+    return s.as_strided((B, H, n, chunk, K), (s.stride(0), s.stride(1), s.stride(2), W + 1, 1))
+
+
+def _windows(x: Tensor, K: int, chunk: int) -> Tensor:
+    """Rows of x (B, H, T, d) in windows of chunk + K - 1 rows, window c starting K - 1 rows before row
+    c * chunk (zeros before row 0 and after row T - 1): (B, H, n, chunk + K - 1, d). Built from two slices of
+    the chunked rows (no overlapping view, whose gradient would need a scatter); chunk >= K - 1."""
+    xc = _chunked(x, chunk)
     prev = F.pad(xc[:, :, :-1, chunk - (K - 1) :], (0, 0, 0, 0, 1, 0))  # the K - 1 rows before each chunk
-    return torch.cat([prev, xc], -2), n
+    return torch.cat([prev, xc], -2)
 
 
 def _band_scores(q: Tensor, k: Tensor, K: int, chunk: int) -> Tensor:
     """(B, H, T, K): column u holds q_i . k_(i - (K - 1 - u)), i.e. distances K - 1 ... 0, by one matmul per
     chunk of query rows against its window of keys, then a strided view of each chunk's K diagonals."""
-    B, H, T, hd = q.shape
-    kw, n = _windows(k, K, chunk)
-    qc = (F.pad(q, (0, 0, 0, n * chunk - T)) if n * chunk > T else q).reshape(B, H, n, chunk, hd)
-    s = qc @ kw.transpose(-1, -2)  # (B, H, n, chunk, chunk + K - 1); row c sees columns c..c+K-1
-    W = chunk + K - 1
-    band = s.as_strided((B, H, n, chunk, K), (s.stride(0), s.stride(1), s.stride(2), W + 1, 1))
-    return band.reshape(B, H, n * chunk, K)[:, :, :T]
+    B, H, T, _ = q.shape
+    s = _chunked(q, chunk) @ _windows(k, K, chunk).transpose(-1, -2)  # (B, H, n, chunk, chunk + K - 1)
+    return _diagonals(s, K).reshape(B, H, -1, K)[:, :, :T]
 
 
 def _band_apply(p: Tensor, v: Tensor, K: int, chunk: int) -> Tensor:
     """sum_u p[i, u] v_(i - (K - 1 - u)): each chunk's band of probabilities laid into a zero (chunk, window)
     matrix (the transpose of _band_scores's view) and multiplied by the chunk's window of values."""
     B, H, T, hd = v.shape
-    vw, n = _windows(v, K, chunk)
-    W = chunk + K - 1
-    z = p.new_zeros(B, H, n, chunk, W)
-    pc = (F.pad(p, (0, 0, 0, n * chunk - T)) if n * chunk > T else p).reshape(B, H, n, chunk, K)
-    z.as_strided((B, H, n, chunk, K), (z.stride(0), z.stride(1), z.stride(2), W + 1, 1)).copy_(pc)
-    return (z @ vw).reshape(B, H, n * chunk, hd)[:, :, :T]
+    pc = _chunked(p, chunk)
+    z = p.new_zeros(*pc.shape[:-1], chunk + K - 1)
+    _diagonals(z, K).copy_(pc)
+    return (z @ _windows(v, K, chunk)).reshape(B, H, -1, hd)[:, :, :T]
 
 
 def _band_before_start(T: int, K: int, device) -> Tensor:
