@@ -1,11 +1,15 @@
 """Causal attention with an optional score bias, on several backends that give the same numbers.
 
 Backends (``BACKENDS``); without a bias every one but ``materialized`` runs the fused causal kernel
-with no mask at all. With a bias:
+with no mask at all, except that ``sdpa`` trains on the CPU by the stored route below. With a bias:
 
 - ``sdpa`` (default): the fastest exact route this device and the bias allow, chosen from what the
   bias declares (``Bias.key_term`` / ``Bias.toeplitz_table``, see positional/base.py), never from a
   scheme's name:
+    * training on the CPU in fp32, with no bias or a relative bias over contiguous positions
+      (``Bias.toeplitz_table``): batched matmuls over chunks of query rows, each chunk's probabilities
+      kept for the backward pass, up to ``STORED_MAX_BYTES`` per call (see ``_StoredProbs``); faster
+      here than the fused kernel's backward, which recomputes them;
     * a separable bias (b = s_h * g_j + per-row constant, e.g. ALiBi) on CPU in fp32: the bias is
       folded into one extra query/key dimension and queries run in blocks on the fused kernel with
       no mask (see ``_separable``);
@@ -51,6 +55,10 @@ def causal_attention(
     """q, k, v: (B, H, T, hd). Returns (B, H, T, hd)."""
     if backend == "materialized":
         return _reference(q, k, v, bias)
+    if backend in ("sdpa", "flex") and _stored_supported(q, k, v):
+        table = None if bias is None or bias.needs_probs else bias.toeplitz_table()
+        if bias is None or table is not None:
+            return _StoredProbs.apply(q, k, v, None if table is None else _distance_row(table, q.shape[-2]))
     if bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if backend == "flex" and flex_supported(q, bias):
@@ -119,13 +127,115 @@ def _blocked_toeplitz(q: Tensor, k: Tensor, v: Tensor, table: Tensor, block_size
 
 
 # ---------------------------------------------------------------------------------------------------
+# stored: training on the CPU in fp32, the probabilities kept for the backward pass
+
+STORED_CHUNK = 64  # query rows per matmul
+STORED_MAX_BYTES = 128 * 2**20  # probabilities kept per attention call (layer); above this, the routes below
+
+
+def _stored_bytes(BH: int, T: int, chunk: int = STORED_CHUNK) -> int:
+    return 4 * BH * sum(min(chunk, T - q0) * min(q0 + chunk, T) for q0 in range(0, T, chunk))
+
+
+def _stored_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    B, H, T, _ = q.shape
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and _stored_bytes(B * H, T) <= STORED_MAX_BYTES
+        and not torch.compiler.is_compiling()  # compiled models keep the fused kernel, which inductor knows
+    )
+
+
+def _distance_row(table: Tensor, T: int) -> Tensor:
+    """G (H, 2T - 1) with G[h, w] = table[h, w - (T - 1)] for w >= T - 1 and -inf below (future keys)."""
+    return F.pad(table[:, :T].float(), (T - 1, 0), value=float("-inf"))
+
+
+class _StoredProbs(torch.autograd.Function):
+    """Exact causal attention, optionally with a relative bias b[h, i, j] = G[h, i - j + T - 1], for training
+    on the CPU: plain batched matmuls over chunks of query rows, with each chunk's probabilities kept for the
+    backward pass (2 matmuls forward, 4 backward, no recomputation). On this hardware that is faster than
+    the fused flash kernel, whose backward recomputes the scores in small tiles; the price is memory,
+    about B*H*T*T/2 floats per layer, which ``STORED_MAX_BYTES`` caps.
+
+    With a bias, keys and values are kept in reverse order, so that a chunk's bias is a strided view of G
+    (strides (1, 1), no gather): with k'_c = k_(T-1-c), query i and key column c read G[i + c], that is
+    the bias at distance i - j for key j = T - 1 - c, and -inf for j > i. Chunk [q0, q1) then sees the
+    last q1 reversed keys. The gradient of G sums each chunk's score gradient along its anti-diagonals.
+    The output is laid out as (B, T, H, hd) in memory, so that the model's merge of the heads is a view.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, G: Tensor | None) -> Tensor:
+        B, H, T, hd = q.shape
+        rev = G is not None
+        qs = torch.mul(q, hd**-0.5, out=q.new_empty(B, H, T, hd)).view(B * H, T, hd)
+        kk, vv = (_keys_copy(x, rev).view(B * H, T, hd) for x in (k, v))
+        o = q.new_empty(B, T, H, hd).transpose(1, 2)
+        probs = []
+        for q0, q1, keys in _stored_chunks(T, rev):
+            n = q1 - q0
+            s = torch.bmm(qs[:, q0:q1], kk[:, keys].transpose(1, 2))  # (BH, n, q1)
+            if rev:
+                s.view(B, H, n, q1).add_(G.as_strided((H, n, q1), (G.stride(0), 1, 1), G.storage_offset() + q0 + T - q1))
+            else:
+                s[:, :, q0:].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+            p = torch.softmax(s, -1)
+            o[:, :, q0:q1] = torch.bmm(p, vv[:, keys]).view(B, H, n, hd)
+            probs.append(p)
+        ctx.save_for_backward(qs, kk, vv, o, *probs)
+        ctx.rev = rev
+        return o
+
+    @staticmethod
+    def backward(ctx, g_o: Tensor):
+        qs, kk, vv, o, *probs = ctx.saved_tensors
+        B, H, T, hd = o.shape
+        neg_D = (g_o * o).sum(-1).neg_().view(B * H, T, 1)  # -D_i = -dO_i . o_i
+        do = g_o.contiguous().view(B * H, T, hd)
+        dq, dkk, dvv = torch.empty_like(qs), torch.zeros_like(kk), torch.zeros_like(vv)
+        dG = qs.new_zeros(H, 2 * T - 1) if ctx.needs_input_grad[3] else None
+        for (q0, q1, keys), p in zip(_stored_chunks(T, ctx.rev), probs):
+            n = q1 - q0
+            do_c = do[:, q0:q1]
+            dvv[:, keys] += torch.bmm(p.transpose(1, 2), do_c)
+            ds = torch.baddbmm(neg_D[:, q0:q1], do_c, vv[:, keys].transpose(1, 2)).mul_(p)  # P * (dO v^T - D)
+            dq[:, q0:q1] = torch.bmm(ds, kk[:, keys])
+            dkk[:, keys] += torch.bmm(ds.transpose(1, 2), qs[:, q0:q1])
+            if dG is not None:  # G[q0 + T - q1 + r + c] received ds[r, c]: sum each anti-diagonal r + c = u
+                z = ds.new_zeros(H, n * (q1 + n - 1))
+                z.as_strided((H, n, q1), (z.stride(0), q1 + n, 1)).copy_(ds.view(B, H, n, q1).sum(0))
+                dG[:, q0 + T - q1 : q0 + T + n - 1] += z.view(H, n, q1 + n - 1).sum(1)
+        dk, dv = (_keys_copy(x.view(B, H, T, hd), ctx.rev) for x in (dkk, dvv))
+        return dq.mul_(hd**-0.5).view(B, H, T, hd), dk, dv, dG
+
+
+def _stored_chunks(T: int, rev: bool):
+    """(q0, q1, keys) per chunk of query rows: keys 0..q1-1, or in reversed order the last q1 rows."""
+    for q0 in range(0, T, STORED_CHUNK):
+        q1 = min(q0 + STORED_CHUNK, T)
+        yield q0, q1, slice(T - q1, T) if rev else slice(0, q1)
+
+
+def _keys_copy(x: Tensor, reverse: bool) -> Tensor:
+    """A contiguous copy of x (B, H, T, hd), its rows in reverse order if asked."""
+    out = x.new_empty(x.shape)
+    if reverse:
+        return torch.index_select(x, 2, torch.arange(x.shape[2] - 1, -1, -1, device=x.device), out=out)
+    return out.copy_(x)
+
+
+# ---------------------------------------------------------------------------------------------------
 # separable: b = s_h * g_j + (per-row constant), folded into one extra q/k dimension
 
 
 def _separable_supported(q: Tensor, k: Tensor, bias: Bias) -> bool:
     # fp32 only: the extra dimension carries s_h * (g_j - c) through the kernel's own dot product, which
     # in bf16/fp16 would round it to 8/11 bits. CPU only: the route needs the CPU kernel's log-sum-exp.
-    # Inference only: it rewrites one extra key column in place per block; training takes `blocked`.
+    # Inference only: it rewrites one extra key column in place per block (training takes `_StoredProbs`).
     return (
         _CPU_FLASH is not None
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))

@@ -88,7 +88,7 @@ def test_routes_are_chosen_by_capability():
     assert attention._separable_supported(q, q, alibi)
     assert not attention._separable_supported(q.bfloat16(), q.bfloat16(), alibi)  # fp32 only
     trained = q.clone().requires_grad_()
-    assert not attention._separable_supported(trained, trained, alibi)  # inference only: training takes blocked
+    assert not attention._separable_supported(trained, trained, alibi)  # inference only: training takes the stored route
     gapped = TableBias(torch.randn(H, 3 * T), pos * 3)
     assert gapped.toeplitz_table() is None  # not contiguous: gathered per block instead
     assert DenseBias(torch.zeros(H, T, T)).key_term() is None

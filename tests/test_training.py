@@ -83,3 +83,74 @@ def _compiled_step_agrees_with_eager(pe):
     torch.testing.assert_close(lc, le, atol=1e-5, rtol=1e-5)
     for name in ge:
         torch.testing.assert_close(gc[name], ge[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [1, 29, 64, 100, 130])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_stored_probabilities_route_equals_the_reference_with_gradients(T, with_bias):
+    """Training on the CPU in fp32 keeps each chunk's probabilities for the backward pass (_StoredProbs): outputs
+    and the gradients of q, k, v and a learned distance table equal the materialised reference's, for lengths
+    of one chunk, several, and not a multiple of the chunk."""
+    from lenx import attention
+    from lenx.positional.base import TableBias
+
+    torch.manual_seed(T)
+    B, H, hd = 2, 3, 8
+    qkv = torch.randn(B, T, 3, H, hd, requires_grad=True)  # q, k, v as strided views, as the model makes them
+    table = torch.randn(H, T, requires_grad=True)
+    leaves = (qkv, table) if with_bias else (qkv,)
+    g = torch.randn(B, H, T, hd)
+    outs = {}
+    for backend in ("sdpa", "materialized"):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        bias = TableBias(table, torch.arange(T) + 7) if with_bias else None
+        if backend == "sdpa":
+            assert attention._stored_supported(q, k, v)
+        out = attention.causal_attention(q, k, v, bias, backend)
+        outs[backend] = (out, *torch.autograd.grad((out * g).sum(), leaves))
+    for a, b in zip(outs["sdpa"], outs["materialized"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_stored_probabilities_route_is_for_cpu_fp32_training_within_its_memory_cap(monkeypatch):
+    from lenx import attention
+
+    q = torch.randn(2, 4, 100, 8)
+    trained = q.clone().requires_grad_()
+    assert attention._stored_supported(trained, trained, trained)
+    assert not attention._stored_supported(q, q, q)  # inference: the fused kernel, no probabilities kept
+    with torch.no_grad():
+        assert not attention._stored_supported(trained, trained, trained)
+    bf = trained.detach().bfloat16().requires_grad_()
+    assert not attention._stored_supported(bf, bf, bf)
+    assert attention._stored_bytes(8, 100) == 4 * 8 * (64 * 64 + 36 * 100)
+    monkeypatch.setattr(attention, "STORED_MAX_BYTES", attention._stored_bytes(8, 100) - 1)
+    assert not attention._stored_supported(trained, trained, trained)  # over the cap: the fused kernel's backward
+
+
+@pytest.mark.parametrize("pe", ["nope", "rope", "alibi", "t5", "kerple-log", "fire"])
+def test_model_gradients_over_several_chunks_equal_the_reference(pe, monkeypatch):
+    """The model's parameter gradients at a length of several stored chunks (and over the memory cap, on the
+    fused kernel) equal the materialised reference's."""
+    from lenx import attention
+
+    torch.manual_seed(5)
+    x = torch.randint(0, 60, (2, 150))
+    ref = tiny_model(pe, train_len=160, attn_backend="materialized")
+    calls = []
+    apply = attention._StoredProbs.apply
+    monkeypatch.setattr(attention._StoredProbs, "apply", lambda *a: calls.append(a[3] is not None) or apply(*a))
+    grads = {}
+    for name, cap in (("stored", attention.STORED_MAX_BYTES), ("capped", 0), ("materialized", None)):
+        monkeypatch.setattr(attention, "STORED_MAX_BYTES", cap or 0)
+        model = tiny_model(pe, train_len=160, attn_backend="materialized" if cap is None else "sdpa")
+        model.load_state_dict(ref.state_dict())
+        F.cross_entropy(model(x).logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        if name == "stored":  # every layer took the route, with its distance table where the scheme has a bias
+            assert calls == [pe not in ("nope", "rope")] * model.config.n_layer
+    for name in ("stored", "capped"):
+        assert grads[name].keys() == grads["materialized"].keys()
+        for n in grads[name]:
+            torch.testing.assert_close(grads[name][n], grads["materialized"][n], atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"{name} {n}: {m}")
