@@ -166,15 +166,19 @@ class _StoredProbs(torch.autograd.Function):
     the bias at distance i - j for key j = T - 1 - c, and -inf for j > i. Chunk [q0, q1) then sees the
     last q1 reversed keys. The gradient of G sums each chunk's score gradient along its anti-diagonals.
     The output is laid out as (B, T, H, hd) in memory, so that the model's merge of the heads is a view.
+
+    ``with_lse``: also return each row's log-sum-exp of scores (B, H, T), differentiable (a gradient g on it
+    adds p_ij * g_i to the score gradient), for routes that join attention over separate sets of keys.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, G: Tensor | None) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, G: Tensor | None, with_lse: bool = False):
         B, H, T, hd = q.shape
         rev = G is not None
         qs = torch.mul(q, hd**-0.5, out=q.new_empty(B, H, T, hd)).view(B * H, T, hd)
         kk, vv = (_keys_copy(x, rev).view(B * H, T, hd) for x in (k, v))
         o = q.new_empty(B, T, H, hd).transpose(1, 2)
+        lse = q.new_empty(B * H, T, 1) if with_lse else None
         probs = []
         for q0, q1, keys in _stored_chunks(T, rev):
             n = q1 - q0
@@ -183,18 +187,23 @@ class _StoredProbs(torch.autograd.Function):
                 s.view(B, H, n, q1).add_(G.as_strided((H, n, q1), (G.stride(0), 1, 1), G.storage_offset() + q0 + T - q1))
             else:
                 s[:, :, q0:].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+            m = s.amax(-1, keepdim=True) if with_lse else None
             p = torch.softmax(s, -1)
+            if with_lse:  # p is exp(s - lse), and its largest entry exp(m - lse): no second exp over s
+                lse[:, q0:q1] = m - p.amax(-1, keepdim=True).log()
             o[:, :, q0:q1] = torch.bmm(p, vv[:, keys]).view(B, H, n, hd)
             probs.append(p)
         ctx.save_for_backward(qs, kk, vv, o, *probs)
         ctx.rev = rev
-        return o
+        return (o, lse.view(B, H, T)) if with_lse else o
 
     @staticmethod
-    def backward(ctx, g_o: Tensor):
+    def backward(ctx, g_o: Tensor | None, g_lse: Tensor | None = None):
         qs, kk, vv, o, *probs = ctx.saved_tensors
         B, H, T, hd = o.shape
-        neg_D = (g_o * o).sum(-1).neg_().view(B * H, T, 1)  # -D_i = -dO_i . o_i
+        g_o = torch.zeros_like(o) if g_o is None else g_o
+        neg_D = (g_o * o).sum(-1).neg_()  # -D_i = -dO_i . o_i, plus the log-sum-exp's gradient
+        neg_D = (neg_D if g_lse is None else neg_D.add_(g_lse)).view(B * H, T, 1)
         do = g_o.contiguous().view(B * H, T, hd)
         dq, dkk, dvv = torch.empty_like(qs), torch.zeros_like(kk), torch.zeros_like(vv)
         dG = qs.new_zeros(H, 2 * T - 1) if ctx.needs_input_grad[3] else None
@@ -210,7 +219,7 @@ class _StoredProbs(torch.autograd.Function):
                 z.as_strided((H, n, q1), (z.stride(0), q1 + n, 1)).copy_(ds.view(B, H, n, q1).sum(0))
                 dG[:, q0 + T - q1 : q0 + T + n - 1] += z.view(H, n, q1 + n - 1).sum(1)
         dk, dv = (_keys_copy(x.view(B, H, T, hd), ctx.rev) for x in (dkk, dvv))
-        return dq.mul_(hd**-0.5).view(B, H, T, hd), dk, dv, dG
+        return dq.mul_(hd**-0.5).view(B, H, T, hd), dk, dv, dG, None
 
 
 def _stored_chunks(T: int, rev: bool):
@@ -368,7 +377,8 @@ def _clipped(q: Tensor, k: Tensor, v: Tensor, a_k: Tensor, a_v: Tensor, chunk: i
     if T <= K:
         p = (band - lse[..., None]).exp()
         return _band_apply(p, v, K, chunk) + p @ a_v[:K].flip(0).to(q.dtype)
-    o_far, lse_far = _FlashLSE.apply(q[:, :, K:], k[:, :, : T - K], v[:, :, : T - K], scale)
+    far = q[:, :, K:], k[:, :, : T - K], v[:, :, : T - K]
+    o_far, lse_far = _StoredProbs.apply(*far, None, True) if _stored_supported(*far) else _FlashLSE.apply(*far, scale)
     lse_far = F.pad(lse_far + qa[:, :, K:, K], (K, 0), value=float("-inf"))  # rows i < K: no far keys
     lse = torch.logaddexp(lse, lse_far)
     # probabilities of the band's K distances and, last, the far keys' total (which all get a_v[K])
