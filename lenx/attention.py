@@ -244,7 +244,7 @@ def _keys_copy(x: Tensor, reverse: bool) -> Tensor:
 def _separable_supported(q: Tensor, k: Tensor, bias: Bias) -> bool:
     # fp32 only: the extra dimension carries s_h * (g_j - c) through the kernel's own dot product, which
     # in bf16/fp16 would round it to 8/11 bits. CPU only: the route needs the CPU kernel's log-sum-exp.
-    # Inference only: it rewrites one extra key column in place per block (training takes `_StoredProbs`).
+    # Inference only: it rewrites one extra key column in place per block (training: `_StoredProbs`, `blocked`).
     return (
         _CPU_FLASH is not None
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
