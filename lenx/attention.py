@@ -230,11 +230,11 @@ def _stored_chunks(T: int, rev: bool):
 
 
 def _keys_copy(x: Tensor, reverse: bool) -> Tensor:
-    """A contiguous copy of x (B, H, T, hd), its rows in reverse order if asked."""
-    out = x.new_empty(x.shape)
+    """x (B, H, T, hd) contiguous (copied only if it is not), its rows in reverse order if asked."""
     if reverse:
+        out = x.new_empty(x.shape)
         return torch.index_select(x, 2, torch.arange(x.shape[2] - 1, -1, -1, device=x.device), out=out)
-    return out.copy_(x)
+    return x.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------
