@@ -186,7 +186,7 @@ class _StoredProbs(torch.autograd.Function):
             if rev:
                 s.view(B, H, n, q1).add_(G.as_strided((H, n, q1), (G.stride(0), 1, 1), G.storage_offset() + q0 + T - q1))
             else:
-                s[:, :, q0:].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+                s[:, :, q0:].masked_fill_(_future_mask(0, n, q.device), float("-inf"))  # the chunk's own square
             m = s.amax(-1, keepdim=True) if with_lse else None
             p = torch.softmax(s, -1)
             if with_lse:  # p is exp(s - lse), and its largest entry exp(m - lse): no second exp over s
