@@ -52,6 +52,10 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16."),
+    compile: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile",
+        help="torch.compile the model [default: off; on CPU lenx's own training route is faster than compiled code].",
+    ),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint period in steps."),
     out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/<pe>-L<train_len>-s<seed>]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
@@ -66,7 +70,7 @@ def train(
         pe=pe, dataset=dataset, tokenizer=tokenizer, text_field=text_field, train_file=train_file,
         validation_file=validation_file, test_file=test_file, train_len=train_len, steps=steps, batch_size=batch_size,
         grad_accum=grad_accum, layers=layers, d_model=d_model, heads=heads, lr=lr, seed=seed, precision=precision,
-        save_every=save_every,
+        compile=compile, save_every=save_every,
     )
     run_dir = run_train(cfg, out=out, overwrite=overwrite, device=device)
     typer.echo(f"run saved to {run_dir}")

@@ -42,6 +42,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "auto"
+    compile: bool = False  # torch.compile the model (slower on CPU, where lenx's own training route is faster)
     attn_backend: str = "sdpa"
     attn_block_size: int = 512
     log_every: int = 10
@@ -52,7 +53,7 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = {"int": int, "float": float, "str": str, "dict": dict, "str | None": str}
+_TYPES = {"int": int, "float": float, "str": str, "dict": dict, "str | None": str, "bool": bool}
 _FILE_KEYS = ("train_file", "validation_file", "test_file")
 
 
@@ -90,7 +91,7 @@ def check_values(values: dict, source: str) -> dict:
             continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, want) or isinstance(value, bool):
+        if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
             raise LenxError(f"{source}: key '{key}' must be {want.__name__}, got {value!r}")
         out[key] = value
     return out

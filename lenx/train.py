@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -71,6 +72,22 @@ def autocast(precision: str, device: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
     return nullcontext()
+
+
+def compile_problem(device: str) -> str | None:
+    """Why torch.compile cannot run here, or None: inductor builds CPU kernels with a C++ compiler."""
+    if device.startswith("cpu") and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return "torch.compile on the CPU needs a C++ compiler (g++ or clang++), and none is on PATH"
+    return None
+
+
+def compile_model(model, **options):
+    """torch.compile, from scratch: torch 2.13's inductor cache, when warm, replays views of a graph's outputs
+    with garbage shapes ("shape '[94090752410837, ...]' is invalid") wherever a graph breaks between them."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.force_disable_caches = True
+    return torch.compile(model, **options)
 
 
 def get_batch(stream: np.ndarray, cfg: TrainConfig, step: int, rows: int) -> torch.Tensor:
@@ -193,7 +210,8 @@ def _read_log(run_dir: Path, upto: int) -> list[dict]:
 # ---------------------------------------------------------------- the loop
 
 
-RESUME_FREE = ("batch_size", "grad_accum")  # may change on resume (e.g. other process count) if the global batch does not
+# may change on resume (e.g. other process count) if the global batch does not; compiling changes no result
+RESUME_FREE = ("batch_size", "grad_accum", "compile")
 
 
 def identity(config: dict, world: int) -> dict:
@@ -254,6 +272,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
 
     device = distributed.device_for(ctx, device)
     precision = resolve_precision(cfg.precision, device)
+    if cfg.compile and compile_problem(device):
+        raise LenxError(f"{compile_problem(device)}; install one or train without --compile")
     spec = DataSpec.of(cfg)
     corpus = load_corpus(spec)
     if state == "resume":  # the tokenizer the checkpoint was trained with, from the run directory
@@ -297,6 +317,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
 
     model.train()
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.active else model
+    net = compile_model(net) if cfg.compile else net
     rows = cfg.batch_size * cfg.grad_accum  # this process's share of the global batch
     tokens_per_step = rows * ctx.world * cfg.train_len
     progress, bar = progress and ctx.main, bar if ctx.main else None

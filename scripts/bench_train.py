@@ -4,6 +4,8 @@
 Each contender gets the same random batches; steps (forward + backward + AdamW) are timed round-robin,
 one step per contender in turn, so that machine drift hits all alike. Tokens/s is the median over the
 timed steps; MFU is against a matrix-multiply peak measured in the same run, at the same precision.
+A ratio is paired: each round's two step times, divided, then the median over rounds (the JSON also
+gives the quartiles), so that a slow round slows both sides of the ratio it enters.
 
   python scripts/bench_train.py                       # this issue's CPU size: 4 layers, d 256, 4 heads, 8 x 512
   python scripts/bench_train.py --precision bf16 --json
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lenx.model import LenxConfig, LenxForCausalLM  # noqa: E402
 from lenx.perf import matmul_peak, train_flops_per_token  # noqa: E402
 from lenx.positional import REGISTRY  # noqa: E402
+from lenx.train import compile_model  # noqa: E402
 
 
 def hf_models(a) -> dict:
@@ -59,11 +62,7 @@ def lenx_model(a, pe: str):
 def make_step(build, a, device):
     torch.manual_seed(0)
     model = build().to(device).train()
-    if a.compile:  # torch 2.13's inductor cache mis-replays complex views (RoPE) when warm: compile afresh
-        import torch._inductor.config as inductor_config
-
-        inductor_config.force_disable_caches = True
-    fwd = torch.compile(model) if a.compile else model
+    fwd = compile_model(model) if a.compile else model  # as `lenx train --compile` does
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for every contender, as lenx trains
     ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if a.precision == "bf16" else nullcontext()
 
@@ -89,7 +88,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per contender (median reported)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per contender (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile every contender")
@@ -98,6 +97,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args()
+    if a.steps < 2:
+        p.error("--steps must be at least 2 (the ratios' quartiles need two rounds)")
     device = a.device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -125,15 +126,20 @@ def main() -> None:
         tps = tokens / statistics.median(ts)
         rows.append({"model": name, "params": steps[name][1], "tokens_per_s": round(tps, 1),
                      "mfu": round(tps * flops / peak, 4)})
-    by = {r["model"]: r for r in rows}
     peers = {"lenx-rope": "hf-llama (rope, sdpa)", "lenx-alibi": "hf-bloom (alibi, eager)",
              "lenx-learned": "hf-gpt2 (learned, sdpa)"}
-    nope = by.get("lenx-nope")
+
+    def paired(name: str, other: str) -> tuple[float, list[float]]:
+        """Median and quartiles over rounds of other's step time / name's (speed of name relative to other)."""
+        ratios = [o / t for t, o in zip(times[name], times[other])]
+        return round(statistics.median(ratios), 3), [round(q, 3) for q in statistics.quantiles(ratios, n=4)]
+
     for r in rows:
-        peer = by.get(peers.get(r["model"], ""))
-        r["vs_peer"] = round(r["tokens_per_s"] / peer["tokens_per_s"], 3) if peer else None
-        r["peer"] = peer["model"] if peer else None
-        r["vs_nope"] = round(r["tokens_per_s"] / nope["tokens_per_s"], 3) if nope and r["model"].startswith("lenx") else None
+        peer = peers.get(r["model"]) if peers.get(r["model"]) in times else None
+        r["peer"] = peer
+        r["vs_peer"], r["vs_peer_quartiles"] = paired(r["model"], peer) if peer else (None, None)
+        lenx = r["model"].startswith("lenx") and "lenx-nope" in times
+        r["vs_nope"], r["vs_nope_quartiles"] = paired(r["model"], "lenx-nope") if lenx else (None, None)
     meta = {"device": device, "precision": a.precision, "compile": a.compile, "batch": a.batch, "seq": a.seq,
             "layers": a.layers, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "vocab": a.vocab,
             "timed_steps": a.steps, "matmul_peak_gflops": round(peak / 1e9, 1), "torch": torch.__version__,
@@ -147,11 +153,12 @@ def main() -> None:
     t = Table(title=f"training tokens/s, {device} {a.precision}{' compiled' if a.compile else ''}, "
                     f"{a.layers}L d{a.d_model} h{a.heads} ffn{a.d_ff}, batch {a.batch}x{a.seq}; "
                     f"matmul peak {peak / 1e9:.0f} GFLOP/s")
-    for col in ("model", "params", "tokens/s", "MFU", "vs HF peer", "vs lenx-nope"):
+    for col in ("model", "params", "tokens/s", "MFU", "vs HF peer [quartiles]", "vs lenx-nope"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         t.add_row(r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.0%}",
-                  f"{r['vs_peer']:.2f}x ({r['peer'].split(' ')[0]})" if r["vs_peer"] else "",
+                  f"{r['vs_peer']:.2f}x [{r['vs_peer_quartiles'][0]:.2f}-{r['vs_peer_quartiles'][2]:.2f}] "
+                  f"({r['peer'].split(' ')[0]})" if r["vs_peer"] else "",
                   f"{r['vs_nope']:.2f}x" if r["vs_nope"] else "")
     Console().print(t)
 

@@ -1,7 +1,6 @@
 """Training paths: precisions, torch.compile, and gradients of the fast attention routes."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -49,29 +48,25 @@ def test_fast_path_gradients_equal_the_reference(pe):
 
 
 def _can_compile() -> str | None:
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        return "torch.compile on CPU needs a C compiler, and none is installed"
-    return None
+    from lenx.train import compile_problem
+
+    return compile_problem("cpu")
 
 
 @pytest.mark.skipif(_can_compile() is not None, reason=str(_can_compile()))
-@pytest.mark.parametrize("pe", ["rope", "alibi"])
-def test_compiled_step_agrees_with_eager(pe):
-    # torch 2.13's inductor cache replays RoPE's complex views with garbage shapes on a warm cache
-    # ("shape [94090752410837, ...] is invalid"): compile from scratch, as scripts/bench_train.py does.
-    import torch._inductor.config as inductor_config
+@pytest.mark.parametrize("pe, fullgraph", [("rope", True), ("xpos", True), ("learned", True), ("alibi", False)])
+def test_compiled_step_agrees_with_eager(pe, fullgraph):
+    """Loss and gradients of a compiled step equal eager's. Schemes that act on the embedding or on q and k
+    compile into one graph (fullgraph: no break, RoPE's rotation in real arithmetic); bias schemes compile
+    with breaks where a bias reads its positions' range."""
+    from lenx.train import compile_model
 
-    with inductor_config.patch(force_disable_caches=True):
-        _compiled_step_agrees_with_eager(pe)
-
-
-def _compiled_step_agrees_with_eager(pe):
     torch.manual_seed(4)
     x = torch.randint(0, 60, (2, 24))
     eager = tiny_model(pe, train_len=32)
     compiled_model = tiny_model(pe, train_len=32)
     compiled_model.load_state_dict(eager.state_dict())
-    compiled = torch.compile(compiled_model)
+    compiled = compile_model(compiled_model, fullgraph=fullgraph)
 
     def step(fwd, params):
         loss = F.cross_entropy(fwd(x).logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
@@ -154,3 +149,51 @@ def test_model_gradients_over_several_chunks_equal_the_reference(pe, monkeypatch
         for n in grads[name]:
             torch.testing.assert_close(grads[name][n], grads["materialized"][n], atol=1e-5, rtol=1e-4,
                                        msg=lambda m: f"{name} {n}: {m}")
+
+
+def test_train_compile_without_a_compiler_is_one_clear_line(tmp_path, text_dataset, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    monkeypatch.delenv("CXX", raising=False)
+    code = main(["train", "--pe", "rope", *TINY, "--compile", "--device", "cpu", "--dataset", str(text_dataset),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "C++ compiler" in err and "without --compile" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(_can_compile() is not None, reason=str(_can_compile()))
+def test_train_compile_flag_gives_the_eager_run(tmp_path, text_dataset):
+    """`lenx train --compile` trains the same run as eager (same batches, same losses within float noise),
+    and records the setting in run.json."""
+    losses = {}
+    for flag in ("--no-compile", "--compile"):
+        out = tmp_path / flag
+        args = [*TINY[:-4], "--steps", "10", "--save-every", "1000"]
+        assert main(["train", "--pe", "rope", *args, "--precision", "fp32", flag, "--dataset", str(text_dataset),
+                     "--out", str(out)]) == 0
+        info = json.loads((out / "run.json").read_text())
+        assert info["config"]["compile"] is (flag == "--compile")
+        losses[flag] = [float(line.split(",")[1]) for line in (out / "train_log.csv").read_text().splitlines()[1:]]
+    assert losses["--compile"] == pytest.approx(losses["--no-compile"], rel=1e-4)
+
+
+def test_training_benchmark_reports_paired_ratios():
+    """scripts/bench_train.py at a tiny size: one JSON row per contender, each lenx ratio paired per round."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_train.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64",
+         "--vocab", "64", "--batch", "2", "--seq", "32", "--steps", "3", "--warmup", "1",
+         "--schemes", "nope,rope", "--json"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    rows = {r["model"]: r for r in json.loads(out)["rows"]}
+    assert set(rows) == {"lenx-nope", "lenx-rope", "hf-gpt2 (learned, sdpa)", "hf-llama (rope, sdpa)",
+                         "hf-bloom (alibi, eager)"}
+    rope = rows["lenx-rope"]
+    assert rope["peer"] == "hf-llama (rope, sdpa)" and rope["vs_peer"] > 0
+    low, mid, high = rope["vs_peer_quartiles"]
+    assert low <= mid <= high and rows["lenx-nope"]["vs_nope"] == 1.0
+    assert rows["hf-llama (rope, sdpa)"]["vs_peer"] is None and all(r["tokens_per_s"] > 0 for r in rows.values())

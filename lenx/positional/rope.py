@@ -54,11 +54,16 @@ def rope_frequencies(
 
 
 def apply_rotation(x: Tensor, rot: Tensor) -> Tensor:
-    """Rotate each pair (2k, 2k+1) of the last dimension: the pair as the complex number x[2k] + i x[2k+1],
-    times rot[t, k] = cos + i sin (T, d/2, complex64). One fused complex multiply, about 2x faster on CPU
-    than writing the four real products out."""
+    """Rotate each pair (2k, 2k+1) of the last dimension by rot[t, k] = (cos, sin) (T, d/2, 2, float32).
+    Eager: the pair as the complex number x[2k] + i x[2k+1] times cos + i sin, one fused complex multiply,
+    about 2x faster on CPU than the four real products. Under torch.compile: the real products, which
+    inductor fuses (it has no complex kernels, and torch 2.13's compile cache mis-replays complex views)."""
+    if torch.compiler.is_compiling():
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rot.unbind(-1)
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * torch.view_as_complex(rot)).flatten(-2).to(x.dtype)
 
 
 @register
@@ -98,6 +103,13 @@ class RoPE(PositionalScheme):
     def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin of pos * theta, (T, d/2) in float32, times the extension's attention factor.
         Tables are cached per length (dynamic NTK's frequencies depend on it)."""
+        if torch.compiler.is_compiling():
+            # in the graph, no host sync: computed from pos itself, the length taken as pos's own (under
+            # compile, lenx trains on positions 0..T-1; only dynamic NTK's frequencies read the length)
+            inv_freq, attn = rope_frequencies(self.head_dim, self.options["base"], *self.scaling,
+                                              train_len=self.train_len, seq_len=pos.shape[-1])
+            angle = pos.double()[:, None] * inv_freq.to(pos.device)[None, :]
+            return (angle.cos() * attn).float(), (angle.sin() * attn).float()
         n = int(pos.max()) + 1
         key = (pos.device, n)
         if key not in self._cache:
@@ -110,10 +122,12 @@ class RoPE(PositionalScheme):
         return cos[pos], sin[pos]
 
     def rotation(self, pos: Tensor) -> Tensor:
-        """cos + i sin of pos * theta (T, d/2, complex64). Every layer of a forward gets the same `pos`
+        """(cos, sin) of pos * theta, (T, d/2, 2) float32. Every layer of a forward gets the same `pos`
         object, so the table is gathered once per forward, not once per layer."""
+        if torch.compiler.is_compiling():
+            return torch.stack(self.cos_sin(pos), -1)
         if self._last is None or self._last[0] is not pos:
-            self._last = (pos, torch.complex(*self.cos_sin(pos)))
+            self._last = (pos, torch.stack(self.cos_sin(pos), -1))
         return self._last[1]
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:

@@ -28,6 +28,6 @@ class XPos(RoPE):
         rot = self.rotation(pos)
         d = self.head_dim
         zeta = (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) + 0.4 * d) / (1.4 * d)
-        centre = (int(pos.min()) + int(pos.max()) + 1) // 2
-        scale = (zeta[None, :] ** ((pos - centre).double()[:, None] / self.options["scale_base"])).float()
+        centre = (pos.min() + pos.max() + 1).div(2, rounding_mode="floor")  # a tensor: no host sync
+        scale = (zeta[None, :] ** ((pos - centre).double()[:, None] / self.options["scale_base"])).float()[..., None]
         return apply_rotation(q, rot * scale), apply_rotation(k, rot / scale)
