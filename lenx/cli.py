@@ -14,6 +14,7 @@ from .data import DATASET_HELP
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: ...]" and "cuda[:N]" print as written
     help="lenx: which positional encoding keeps working past its training length, and by how much.",
 )
 

@@ -182,3 +182,10 @@ def test_schemes_lists_every_scheme(capsys):
         assert name in out
     assert lenx("schemes", "rope") == 0
     assert "m - n" in capsys.readouterr().out
+
+
+def test_help_prints_defaults_and_brackets_as_written(capsys):
+    """Help texts are plain text: '[default: ...]' and 'cuda[:N]' are not swallowed as markup."""
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[default: runs/<pe>-L<train_len>-s<seed>]" in text and "cpu or cuda[:N] [default: cuda when present]" in text
