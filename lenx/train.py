@@ -84,9 +84,12 @@ def compile_problem(device: str) -> str | None:
 def compile_model(model, **options):
     """torch.compile, from scratch: torch 2.13's inductor cache, when warm, replays views of a graph's outputs
     with garbage shapes ("shape '[94090752410837, ...]' is invalid") wherever a graph breaks between them."""
+    import warnings
+
     import torch._inductor.config as inductor_config
 
     inductor_config.force_disable_caches = True
+    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # the expected effect of the line above
     return torch.compile(model, **options)
 
 
