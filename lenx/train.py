@@ -275,8 +275,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
 
     device = distributed.device_for(ctx, device)
     precision = resolve_precision(cfg.precision, device)
-    if cfg.compile and compile_problem(device):
-        raise LenxError(f"{compile_problem(device)}; install one or train without --compile")
+    problem = compile_problem(device) if cfg.compile else None
+    if problem:
+        raise LenxError(f"{problem}; install one or train without --compile")
     spec = DataSpec.of(cfg)
     corpus = load_corpus(spec)
     if state == "resume":  # the tokenizer the checkpoint was trained with, from the run directory

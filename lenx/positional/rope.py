@@ -102,24 +102,24 @@ class RoPE(PositionalScheme):
 
     def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin of pos * theta, (T, d/2) in float32, times the extension's attention factor.
-        Tables are cached per length (dynamic NTK's frequencies depend on it)."""
+        Tables are cached per length (dynamic NTK's frequencies depend on it). Under torch.compile they are
+        computed in the graph from pos itself (no host sync), the length taken as pos's own: compiled, lenx
+        trains on positions 0..T-1, and only dynamic NTK's frequencies read the length."""
         if torch.compiler.is_compiling():
-            # in the graph, no host sync: computed from pos itself, the length taken as pos's own (under
-            # compile, lenx trains on positions 0..T-1; only dynamic NTK's frequencies read the length)
-            inv_freq, attn = rope_frequencies(self.head_dim, self.options["base"], *self.scaling,
-                                              train_len=self.train_len, seq_len=pos.shape[-1])
-            angle = pos.double()[:, None] * inv_freq.to(pos.device)[None, :]
-            return (angle.cos() * attn).float(), (angle.sin() * attn).float()
+            return self._cos_sin_at(pos, pos.shape[-1])
         n = int(pos.max()) + 1
         key = (pos.device, n)
         if key not in self._cache:
             self._cache.clear()
-            inv_freq, attn = rope_frequencies(self.head_dim, self.options["base"], *self.scaling,
-                                              train_len=self.train_len, seq_len=n)
-            angle = torch.arange(n, dtype=torch.float64, device="cpu")[:, None] * inv_freq[None, :]
-            self._cache[key] = tuple((t * attn).float().to(pos.device) for t in (angle.cos(), angle.sin()))
+            self._cache[key] = tuple(t.to(pos.device) for t in self._cos_sin_at(torch.arange(n), n))
         cos, sin = self._cache[key]
         return cos[pos], sin[pos]
+
+    def _cos_sin_at(self, pos: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+        inv_freq, attn = rope_frequencies(self.head_dim, self.options["base"], *self.scaling,
+                                          train_len=self.train_len, seq_len=seq_len)
+        angle = pos.double()[:, None] * inv_freq.to(pos.device)[None, :]  # float64: exact angles at long lengths
+        return (angle.cos() * attn).float(), (angle.sin() * attn).float()
 
     def rotation(self, pos: Tensor) -> Tensor:
         """(cos, sin) of pos * theta, (T, d/2, 2) float32. Every layer of a forward gets the same `pos`
