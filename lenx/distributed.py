@@ -40,8 +40,28 @@ def init() -> Context:
 
 def device_for(ctx: Context, device: str | None) -> str:
     if device:
-        return device
+        return check_device(device)
     return f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> str:
+    """A device lenx can run on here, or one clear line saying why not."""
+    from .errors import LenxError
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise LenxError(f"unknown device '{device}'; use cpu or cuda[:N]")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "sees no GPU" if torch.backends.cuda.is_built() else f"{torch.__version__} is a build without CUDA"
+            raise LenxError(f"--device {device}: this torch {why}; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise LenxError(f"--device {device}: there are {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def barrier(ctx: Context) -> None:

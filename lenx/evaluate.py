@@ -465,6 +465,8 @@ def evaluate(
     of its own dataset's. `models`: Hugging Face causal LMs (directories or hub names) scored the same way, with
     their own tokenizers (`lenx.hf`); `train_len` (their 1x) and `dtype` apply to them. With `models` and no
     `run_dirs`, no lenx run is evaluated."""
+    ctx = distributed.init()
+    device = distributed.device_for(ctx, device)  # checked before anything is read or made
     protocols = list(dict.fromkeys(protocols or ["nonoverlap"]))
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad:
@@ -489,8 +491,6 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LenxError(f"cannot create output directory {out}: {e.strerror}; choose another --out") from None
-    ctx = distributed.init()
-    device = distributed.device_for(ctx, device)
     prov = provenance(device)
 
     plan = []

@@ -45,8 +45,10 @@ def byte_tokenizer_json():
     return tk
 
 
-def hf_tokenizer(tok: Tokenizer, train_len: int):
-    """The run's tokenizer as a transformers tokenizer object (saved with save_pretrained)."""
+def hf_tokenizer(tok: Tokenizer, max_len: int | None):
+    """The run's tokenizer as a transformers tokenizer object (saved with save_pretrained). Its model_max_length
+    is the longest sequence the model's scheme represents (a learned table's length), else transformers'
+    "no limit": a length-extrapolation model is meant to read past its training length."""
     from transformers import PreTrainedTokenizerFast
 
     if isinstance(tok, (ByteTokenizer, BPETokenizer)):
@@ -56,7 +58,8 @@ def hf_tokenizer(tok: Tokenizer, train_len: int):
             from tokenizers import Tokenizer as HFTok
 
             tk = HFTok.from_str(tok.tk.to_str())  # a copy: the run's tokenizer object stays as it is
-        return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOD_TOKEN, model_max_length=train_len)
+        limit = {} if max_len is None else {"model_max_length": max_len}
+        return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOD_TOKEN, **limit)
     if isinstance(tok, HFTokenizer):
         # without an eos token, lenx gave it one extra id for end of document: name that token
         return tok.tok if tok.tok.eos_token_id is not None else _copy_with_eos(tok)
@@ -180,7 +183,7 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False, result
     model = load_model(run_dir, "cpu")
     tok = run_tokenizer(run_dir, info)
     check_run_matches(run_dir, model, info["config"], tok)
-    hf_tok = hf_tokenizer(tok, info["config"]["train_len"])
+    hf_tok = hf_tokenizer(tok, model.pe.max_len)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,9 @@ class HFModel:
                 )
             self.source = str(path)
             self.name = path.resolve().name
+        elif name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
+            # not a hub id ("name" or "org/name"): a path, and it is not there
+            raise LenxError(f"--model {name}: no such directory; give a save_pretrained directory or a hub name")
         else:
             self.source = self.name = name
         self.run_dir = self.source

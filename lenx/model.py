@@ -175,7 +175,13 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutput:
-        """``attention_mask`` may only mark padding on the left (as generate() does); lenx itself never pads."""
+        """``attention_mask`` is accepted when it masks nothing (as generate() passes for unpadded prompts);
+        lenx attention has no padding mask, so a batch with padding is refused rather than scored wrongly."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(
+                "lenx models take no padding: attention_mask has zeros; run padded sequences one at a time "
+                "(or batch sequences of equal length)"
+            )
         logits = self.lm_head(self.hidden(input_ids, position_ids))
         loss = None
         if labels is not None:

@@ -264,6 +264,11 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     from .model import LenxForCausalLM
 
     ctx = distributed.init()
+    device = distributed.device_for(ctx, device)  # checked before any directory is made
+    precision = resolve_precision(cfg.precision, device)
+    problem = compile_problem(device) if cfg.compile else None
+    if problem:
+        raise LenxError(f"{problem}; install one or train without --compile")
     run_dir = Path(out) if out else default_run_dir(cfg)
     state = distributed.from_main(ctx, lambda: prepare_run_dir(run_dir, cfg, overwrite, ctx.world))
     if state == "done":
@@ -273,11 +278,6 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
             Console(stderr=True).print(f"[green]{run_dir} is already trained[/]; nothing to do (--overwrite retrains)")
         return run_dir
 
-    device = distributed.device_for(ctx, device)
-    precision = resolve_precision(cfg.precision, device)
-    problem = compile_problem(device) if cfg.compile else None
-    if problem:
-        raise LenxError(f"{problem}; install one or train without --compile")
     spec = DataSpec.of(cfg)
     corpus = load_corpus(spec)
     if state == "resume":  # the tokenizer the checkpoint was trained with, from the run directory

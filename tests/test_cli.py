@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from lenx.cli import main
 from lenx.positional import REGISTRY
@@ -126,6 +127,17 @@ def one_line_error(capsys, code, *needles):
     assert "Traceback" not in err
     for needle in needles:
         assert needle in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
+def test_unusable_device_is_one_line_and_leaves_no_run_directory(capsys, tmp_path):
+    for device, needle in (("gpu", "unknown device 'gpu'"), ("tpu", "cpu or cuda[:N]"), ("cuda", "--device cpu"),
+                           ("cuda:1", "--device cpu")):
+        out = tmp_path / device.replace(":", "_")
+        one_line_error(capsys, lenx("train", "--pe", "rope", *TINY, "--device", device, "--out", out), needle)
+        assert not out.exists()
+    one_line_error(capsys, lenx("eval", "--device", "gpu", "--out", tmp_path / "res"), "unknown device")
+    assert not (tmp_path / "res").exists()
 
 
 def test_unknown_scheme_lists_known_ones(capsys):

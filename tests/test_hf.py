@@ -202,6 +202,9 @@ def test_model_errors_are_one_line(tmp_path, capsys, text_dataset):
     one_line_error(capsys, code, "config.json")
     code = lenx_cli("eval", "--dtype", "bfloat16", "--out", tmp_path / "o")
     one_line_error(capsys, code, "--model")
+    for missing in (tmp_path / "gone", "gone/", "./gone"):  # a path that is not there, not a hub problem
+        code = lenx_cli("eval", "--model", missing, "--out", tmp_path / "o")
+        one_line_error(capsys, code, "no such directory")
 
 
 # ------------------------------------------------------------------------------ lenx runs in transformers
@@ -237,6 +240,18 @@ def test_lenx_run_loads_and_generates_with_plain_transformers(pe, tmp_path):
         for _ in range(5):  # the same five tokens, one full forward per step
             greedy = torch.cat([greedy, ours(greedy).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert out.shape == (1, ids.shape[1] + 5) and torch.equal(out, greedy)
+
+
+def test_padding_is_refused_not_scored_wrongly(tmp_path):
+    """lenx attention has no padding mask: a mask of ones is accepted, any zero is a clear error."""
+    model = load_model(make_run(tmp_path, "rope"), "cpu")
+    ids = torch.tensor([list(b"def f(x)")] * 2)
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=torch.ones_like(ids)).logits, model(ids).logits)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0  # the second row left-padded
+        with pytest.raises(ValueError, match="no padding"):
+            model(ids, attention_mask=mask)
 
 
 def test_byte_tokenizer_export_encodes_like_lenx():
@@ -279,6 +294,8 @@ def test_export_loads_with_auto_classes(kind, tmp_path, text_dataset, capsys):
     text = "alpha beta gamma " + TRICKY.replace(EOD_TOKEN, "")
     ids = auto_tok(text, add_special_tokens=False)["input_ids"]
     assert ids == lenx_tok.encode(text).tolist() and auto_tok.eos_token_id == lenx_tok.eod_id
+    if kind != "hf":  # no length limit for RoPE (an HF tokenizer keeps its own)
+        assert auto_tok.model_max_length > 10**9
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     x = torch.tensor([ids[:16]])
     with torch.no_grad():
@@ -300,6 +317,13 @@ def test_export_loads_with_auto_classes(kind, tmp_path, text_dataset, capsys):
     (out / "stale.txt").write_text("old")
     assert lenx_cli("export", run, "--out", out, "--overwrite") == 0
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_export_of_learned_positions_limits_the_tokenizer_to_its_table(tmp_path):
+    from transformers import AutoTokenizer
+
+    assert lenx_cli("export", make_run(tmp_path / "runs", "learned"), "--out", tmp_path / "export") == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "export").model_max_length == 16  # the table's 16 positions
 
 
 def test_cross_entropy_in_chunks_is_exact(monkeypatch):
