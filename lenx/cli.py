@@ -248,13 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        print("lenx: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        _interrupted()
         return 130
     except typer.TyperException as e:  # usage errors: unknown option, bad value, missing argument
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         print(f"lenx: error: {_one_line(' '.join(message.split()))}", file=sys.stderr)
         return 2
+    if result == 130:  # typer turns Ctrl-C into Exit(130), which standalone_mode=False returns
+        _interrupted()
     return result if isinstance(result, int) else 0
+
+
+def _interrupted() -> None:
+    print("lenx: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
 
 
 def _one_line(message: str) -> str:

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -316,6 +317,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         start = load_checkpoint(run_dir, model, opt)
         log = _read_log(run_dir, start)
         run_info = {**json.loads((run_dir / "run.json").read_text()), **run_info}
+        if ctx.main and progress:
+            print(f"resuming {run_dir} from its checkpoint at step {start} of {cfg.steps}", file=sys.stderr)
     if ctx.main:
         write_json(run_dir / "run.json", run_info)
 

@@ -137,6 +137,28 @@ def interrupted_run(out: Path, text_dataset: Path) -> tuple[list, Path]:
     return args, out / json.loads((out / "latest.json").read_text())["checkpoint"]
 
 
+def test_ctrl_c_says_how_to_resume_and_the_rerun_says_it_resumes(tmp_path, text_dataset):
+    out = tmp_path / "run"
+    args = ["train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "2", "--dataset", text_dataset,
+            "--out", out]
+    # SIGINT as a terminal's Ctrl-C sends it (a child of a background job would inherit it ignored)
+    code = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+           "from lenx.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while proc.poll() is None and not (out / "latest.json").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "rerun the same command to resume" in err, err
+    step = json.loads((out / "latest.json").read_text())["step"]
+    rerun = run_cli(args, tmp_path)  # the same command: it says where it resumes, first thing
+    first = rerun.stderr.readline()
+    rerun.kill()
+    rerun.communicate()
+    assert f"resuming {out} from its checkpoint at step {step} of 400" in first, first
+
+
 def test_corrupt_checkpoint_gives_one_line(tmp_path, text_dataset, capsys):
     args, ckpt = interrupted_run(tmp_path / "run", text_dataset)
     (ckpt / "optimizer.pt").write_bytes(b"not a checkpoint")
