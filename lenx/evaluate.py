@@ -24,7 +24,8 @@ the sum of its buckets' tokens and its nll their token-weighted mean.
 
 Resumable: each finished cell is written at once, atomically (its buckets first, then its results row, which
 marks it finished); a killed sweep loses at most the cell in progress, and a rerun skips finished cells. A
-finished cell is never recomputed: to change --tokens or --position-buckets, write to another --out.
+finished cell is never recomputed: a rerun into the same --out with another --tokens or --position-buckets (the
+row's token_budget / bucket_width) is refused; write to another --out.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ from .runinfo import provenance, quiet_hf
 
 COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "ratio", "protocol", "stride", "rope_scaling", "rope_factor",
-    "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note",
+    "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note", "token_budget", "bucket_width",
     "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
 ]
 NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "tokens", "windows", "documents", "nll",
-           "ppl", "bpb", "bytes", "seconds", "bucket_start", "bucket_end"]
+           "ppl", "bpb", "bytes", "seconds", "token_budget", "bucket_width", "bucket_start", "bucket_end"]
 BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
 BY_POSITION_COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", "dataset",
@@ -327,6 +328,19 @@ def _key(row) -> tuple:
             _opt(row["rope_scaling"], str) or "none", _opt(row["rope_factor"], float), str(row["dataset"]))
 
 
+SETTINGS = {"token_budget": "--tokens", "bucket_width": "--position-buckets"}  # not in a cell's key; change its numbers
+
+
+def check_settings(row, cell: dict, fix: str) -> None:
+    """Refuse a finished cell (its results row) computed with other settings than `cell` asks for: it is never
+    recomputed. Rows from lenx versions that did not record a setting pass."""
+    diff = [f"{k} {int(row[k])}, not {cell[k]} ({flag})" for k, flag in SETTINGS.items()
+            if not pd.isna(row[k]) and int(row[k]) != cell[k]]
+    if diff:
+        raise LenxError(f"the results hold {row['run']} @{int(row['eval_len'])} computed with {'; '.join(diff)}; "
+                        f"a finished cell is never recomputed: {fix}")
+
+
 def append_rows(stem: Path, table: pd.DataFrame, rows: list[dict], cell: dict, columns: list[str]) -> pd.DataFrame:
     """Replace the cell's rows in `table` by `rows` and write the table (csv + parquet, each atomically)."""
     key = _key(cell)
@@ -359,17 +373,29 @@ def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | Non
     return [(s, f) for s in takes or ["none"] for f in ([None] if s == "none" else factors or [None])]
 
 
+def token_budget(tokens: int | None, lens: list[int]) -> int:
+    """The targets each cell scores: --tokens (default max(65536, longest length)), rounded up to a multiple of the
+    longest length, so every length scores the same text."""
+    n = tokens or max(65536, max(lens))
+    return math.ceil(n / max(lens)) * max(lens)
+
+
 def cell_keys(run: Path | str, cfg: dict, lens: list[int], scalings: list[tuple[str, float | None]],
-              protocols: list[str], stride: int | None) -> list[dict]:
+              protocols: list[str], stride: int | None, tokens: int | None = None,
+              position_buckets: int = 1) -> list[dict]:
     """The evaluation cells of one run (a run directory, or the name of an HF model), keyed as in the results
-    table: one per (RoPE extension, factor, eval_len, protocol)."""
+    table: one per (RoPE extension, factor, eval_len, protocol), with the settings outside the key
+    (token_budget, bucket_width) that its numbers depend on."""
     name = run if isinstance(run, str) else run.name
+    settings = {"token_budget": token_budget(tokens, lens),
+                "bucket_width": bucket_width(cfg["train_len"], position_buckets)}
     cells = []
     for (scaling, factor), L, protocol in itertools.product(scalings, lens, protocols):
         if scaling in STATIC_SCALINGS and factor is None:
             factor = max(1.0, L / cfg["train_len"])  # the default: stretch the training length to L
         cells.append({"run": name, "eval_len": L, "protocol": protocol,
-                      "stride": resolve_stride(protocol, L, stride), "rope_scaling": scaling, "rope_factor": factor})
+                      "stride": resolve_stride(protocol, L, stride), "rope_scaling": scaling, "rope_factor": factor,
+                      **settings})
     return cells
 
 
@@ -502,7 +528,8 @@ def evaluate(
             lens = sorted(set(lens))
         width = bucket_width(L, position_buckets)
         scalings = subj.scaling_plan(rope_scalings, rope_factors)
-        plan.append((subj, lens, width, cell_keys(subj.name, {"train_len": L}, lens, scalings, protocols, stride)))
+        plan.append((subj, lens, width, cell_keys(subj.name, {"train_len": L}, lens, scalings, protocols, stride,
+                                                  tokens, position_buckets)))
     table = load_results(out)
     by_pos = load_by_position(out)
     have_buckets = {_key(r) for _, r in by_pos.iterrows()}
@@ -510,14 +537,17 @@ def evaluate(
     # ran out of memory is tried again
     from .hf import OOM_NOTE
 
-    finished = {_key(r) for _, r in table.iterrows()
+    finished = {_key(r): r for _, r in table.iterrows()
                 if (_key(r) in have_buckets or not (r["tokens"] > 0)) and not str(r["note"]).startswith(OOM_NOTE)}
 
     todo = []  # the unfinished cells, in order: (subject, lens, width, data spec, cell key)
     for subj, lens, width, cells in plan:
         spec = DataSpec.of(dataset if dataset is not None else subj.default_data)
-        todo += [(subj, lens, width, spec, c) for c in ({**c, "dataset": spec.dataset} for c in cells)
-                 if _key(c) not in finished]
+        for c in ({**c, "dataset": spec.dataset} for c in cells):
+            if _key(c) in finished:
+                check_settings(finished[_key(c)], c, f"use another --out than {out}")
+            else:
+                todo.append((subj, lens, width, spec, c))
     current: dict = {}  # the test data of the subject being evaluated (the subject holds its model)
 
     def compute(item) -> tuple[dict, list[dict]]:
@@ -528,8 +558,7 @@ def evaluate(
             data = {"tokenizer": tok, "stream": token_stream(spec, tok, "test"),
                     "documents": document_tokens(spec, tok, "test")}
             subj.check_tokens(data["stream"])
-            n_tok = tokens or max(65536, max(lens))
-            n_tok = math.ceil(n_tok / max(lens)) * max(lens)  # a multiple of every length: same text at each
+            n_tok = token_budget(tokens, lens)
             if any(p != "truncate" for p in protocols) and len(data["stream"]) < n_tok + 1:
                 raise LenxError(
                     f"the test split of '{spec.dataset}' has {len(data['stream'])} tokens; scoring {n_tok} "
@@ -585,7 +614,7 @@ def evaluate(
                     by_pos = append_rows(out / "results_by_position", by_pos, [{**ident, **b} for b in buckets], row,
                                          BY_POSITION_COLUMNS)
                     table = append_rows(out / "results", table, [row], row, COLUMNS)
-                finished.add(_key(row))
+                finished[_key(row)] = row
                 bar.advance(task)
                 if on_cell:
                     on_cell(item[-1])

@@ -1,9 +1,11 @@
 """`lenx sweep`: schemes x seeds from one YAML file: train what is missing, evaluate what is
-missing, write the report. A rerun does only what is missing."""
+missing, write the report. A rerun does only what is missing, and refuses run directories and results made with
+other train: or eval: settings than the file now asks for."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,12 +82,14 @@ class Job:
 def plan(spec: SweepSpec, device: str) -> list[Job]:
     """Every training run and evaluation cell of the sweep, whether it is done, and an estimated time."""
     from .data import DataSpec
-    from .evaluate import _key, cell_keys, default_lengths, load_results, scaling_plan
+    from .evaluate import _key, cell_keys, check_settings, default_lengths, load_results, scaling_plan
     from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
+    from .train import check_run_dir
 
     peak = matmul_peak(device) * _efficiency(spec, device)
     table = load_results(spec.results_dir) if spec.results_dir.exists() else None
-    done_cells = {_key(r) for _, r in table.iterrows()} if table is not None else set()
+    done_cells = {_key(r): r for _, r in table.iterrows()} if table is not None else {}
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun, the runs train with this many processes
     jobs = []
     for pe in spec.schemes:
         for seed in spec.seeds:
@@ -93,19 +97,22 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
             run_dir = spec.runs_dir / f"{pe}-L{cfg.train_len}-s{seed}"
             vocab = 257
             fpt = train_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, cfg.train_len)
-            trained = _is_trained(run_dir)
+            trained = check_run_dir(run_dir, cfg, world, f"delete it or set another runs_dir in {spec.path}") == "done"
             jobs.append(Job("train", pe, seed, run_dir, f"{cfg.steps} steps", cfg.steps * cfg.batch_size * cfg.train_len * fpt / peak,
                             trained))
             lengths = spec.eval.get("lengths") or default_lengths(cfg.train_len, spec.eval.get("max_len") or 16 * cfg.train_len)
-            tokens = spec.eval.get("tokens") or max(65536, max(lengths))
             scalings = scaling_plan(pe, _as_list(spec.eval.get("rope_scaling")), _as_list(spec.eval.get("rope_factor")))
             dataset = DataSpec.of(cfg).dataset
             for cell in cell_keys(run_dir, cfg.to_dict(), lengths, scalings, _as_list(spec.eval.get("protocols"))
-                                  or ["nonoverlap"], spec.eval.get("stride")):
+                                  or ["nonoverlap"], spec.eval.get("stride"), spec.eval.get("tokens"),
+                                  spec.eval.get("position_buckets", 1)):
                 cell["dataset"] = dataset
-                L = cell["eval_len"]
+                L, tokens = cell["eval_len"], cell["token_budget"]
                 seconds = tokens * eval_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, L) / peak
-                jobs.append(Job("eval", pe, seed, run_dir, _cell_name(cell), seconds, _key(cell) in done_cells))
+                done = done_cells.get(_key(cell))
+                if done is not None:
+                    check_settings(done, cell, f"set another results_dir in {spec.path}")
+                jobs.append(Job("eval", pe, seed, run_dir, _cell_name(cell), seconds, done is not None))
     return jobs
 
 
@@ -117,13 +124,6 @@ def _cell_name(cell: dict) -> str:
     extra = "" if cell["protocol"] == "nonoverlap" else f" {cell['protocol']}/{cell['stride']}"
     extra += "" if cell["rope_scaling"] == "none" else f" {cell['rope_scaling']}"
     return f"@{cell['eval_len']}{extra}" + ("" if cell["rope_factor"] is None else f" x{cell['rope_factor']:g}")
-
-
-def _is_trained(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get("status") == "done"
-    except (OSError, ValueError):
-        return False
 
 
 def _efficiency(spec: SweepSpec, device: str) -> float:

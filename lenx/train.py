@@ -227,27 +227,33 @@ def identity(config: dict, world: int) -> dict:
     return out
 
 
+def check_run_dir(run_dir: Path, cfg: TrainConfig, world: int = 1,
+                  fix: str = "use another --out or pass --overwrite") -> str:
+    """'new', 'resume' or 'done' for `cfg` in `run_dir`, changing nothing. Refuses a directory holding a
+    different config; `fix` tells the caller's way out."""
+    run_json = run_dir / "run.json"
+    if not run_json.exists():
+        return "new"
+    try:
+        info = json.loads(run_json.read_text())
+        old = identity(info["config"], info.get("world_size", 1))
+    except (ValueError, KeyError, TypeError):
+        raise LenxError(f"{run_json} is corrupt; {fix}") from None
+    new = identity(cfg.to_dict(), world)
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise LenxError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); {fix}")
+    if (run_dir / "model.safetensors").exists() and info.get("status") == "done":
+        return "done"
+    return "resume" if (run_dir / "latest.json").exists() else "new"
+
+
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool, world: int = 1) -> str:
     """Returns 'new', 'resume' or 'done'. Refuses a directory holding a different config."""
-    run_json = run_dir / "run.json"
     if run_dir.exists() and overwrite:
         shutil.rmtree(run_dir)
-    if run_json.exists():
-        try:
-            info = json.loads(run_json.read_text())
-            old = identity(info["config"], info.get("world_size", 1))
-        except (ValueError, KeyError, TypeError):
-            raise LenxError(f"{run_json} is corrupt; pass --overwrite to start the run again") from None
-        new = identity(cfg.to_dict(), world)
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise LenxError(
-                f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
-                "use another --out or pass --overwrite"
-            )
-        if (run_dir / "model.safetensors").exists() and json.loads(run_json.read_text()).get("status") == "done":
-            return "done"
-        return "resume" if (run_dir / "latest.json").exists() else "new"
+    if (run_dir / "run.json").exists():
+        return check_run_dir(run_dir, cfg, world)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"

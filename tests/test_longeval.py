@@ -15,6 +15,7 @@ from lenx import attention
 from lenx.attention import BACKENDS, causal_attention
 from lenx.cli import main
 from lenx.data import document_tokens, get_tokenizer, token_stream
+from lenx.errors import LenxError
 from lenx.positional import Bias, LinearBias, TableBias
 from lenx.positional.alibi import alibi_slopes
 
@@ -319,6 +320,24 @@ def test_cell_without_its_buckets_is_recomputed(runs, tmp_path):
     ev.evaluate(runs[:1], out=out, **kw)
     pd.testing.assert_frame_equal(_stable(pd.read_parquet(out / "results_by_position.parquet")), _stable(pos))
     assert len(pd.read_parquet(out / "results.parquet")) == len(table)
+
+
+def test_rerun_with_other_tokens_or_buckets_is_refused(runs, tmp_path):
+    """A finished cell is never recomputed, so a rerun into the same --out whose --tokens or --position-buckets would
+    change its numbers is refused rather than silently keeping the old rows; rows from before those columns pass."""
+    out = tmp_path / "res"
+    kw = {**SWEEP, "lengths": [16, 32], "protocols": ["nonoverlap"]}
+    table = ev.evaluate(runs[:1], out=out, **kw)
+    assert (table["token_budget"] == 192).all() and (table["bucket_width"] == 4).all()
+    for change, needle in (({"tokens": 256}, "token_budget 192, not 256"),
+                           ({"position_buckets": 2}, "bucket_width 4, not 8")):
+        with pytest.raises(LenxError, match=f"alibi-L16-s0 @16 computed with {needle}.*another --out"):
+            ev.evaluate(runs[:1], out=out, **{**kw, **change})
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), table, check_dtype=False)
+    from lenx.io import write_table
+
+    write_table(table.drop(columns=["token_budget", "bucket_width"]), out / "results")  # an older lenx's table
+    assert len(ev.evaluate(runs[:1], out=out, **{**kw, "tokens": 256})) == len(table)
 
 
 def test_cli_protocols_and_report(runs, tmp_path, capsys):

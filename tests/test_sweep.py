@@ -78,6 +78,51 @@ def test_sweep_report_and_rerun(tiny_sweep, capsys):
     pd.testing.assert_frame_equal(pd.read_csv(res / "results.csv"), rows)  # nothing re-evaluated
 
 
+def test_changed_train_or_eval_settings_are_refused(tmp_path, capsys):
+    """A rerun whose train: or eval: section changed refuses, naming the run or cell and the fix; it never reuses
+    models or rows made with the old settings (and `lenx eval` into the same --out refuses the same way)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(3000)))
+    cfg = tmp_path / "s.yaml"
+
+    def write(train="", evals=""):
+        cfg.write_text(f"""name: tiny
+schemes: [rope]
+train: {{dataset: {corpus}, steps: 3, train_len: 16, batch_size: 2, layers: 1, d_model: 16, heads: 2, d_ff: 32{train}}}
+eval: {{max_len: 32, tokens: 64{evals}}}
+runs_dir: {tmp_path / 'runs'}
+results_dir: {tmp_path / 'results'}
+""")
+
+    def refused(*needles):
+        for args in (["--dry-run"], []):
+            assert lenx("sweep", "--config", cfg, *args) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
+
+    write()
+    assert lenx("sweep", "--config", cfg) == 0
+    run, res = tmp_path / "runs" / "rope-L16-s0", tmp_path / "results"
+    saved = {p: p.read_bytes() for p in (run / "run.json", res / "results.csv", res / "sweep_config.yaml")}
+
+    write(train=", steps: 4, d_ff: 64")
+    refused(str(run), "different config (d_ff, steps)", "runs_dir")
+    write(evals=", tokens: 128")
+    refused("rope-L16-s0 @16", "token_budget 64, not 128", "results_dir")
+    write(evals=", position_buckets: 4")
+    refused("bucket_width 16, not 4", "results_dir")
+    assert {p: p.read_bytes() for p in saved} == saved  # nothing retrained, re-evaluated or rewritten
+
+    assert lenx("eval", run, "--max-len", "32", "--tokens", "128", "--out", res) == 2
+    assert "token_budget 64, not 128" in capsys.readouterr().err and (res / "results.csv").read_bytes() == saved[
+        res / "results.csv"]
+    write(evals=", tokens: 128")  # into a new results_dir the same runs are evaluated afresh
+    cfg.write_text(cfg.read_text().replace("results_dir: " + str(res), f"results_dir: {tmp_path / 'results2'}"))
+    assert lenx("sweep", "--config", cfg) == 0
+    assert (pd.read_csv(tmp_path / "results2" / "results.csv")["tokens"] == 128).all()
+    assert (run / "run.json").read_bytes() == saved[run / "run.json"]
+
+
 @pytest.mark.parametrize("body, needle", [
     ("schemes: [alibi]\nbogus: 1\n", "bogus"),
     ("schemes: []\n", "schemes"),
