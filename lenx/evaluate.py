@@ -30,6 +30,7 @@ row's token_budget / bucket_width) is refused; write to another --out.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -54,13 +55,14 @@ COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "ratio", "protocol", "stride", "rope_scaling", "rope_factor",
     "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note", "token_budget", "bucket_width",
     "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
+    "config_id",
 ]
 NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "tokens", "windows", "documents", "nll",
            "ppl", "bpb", "bytes", "seconds", "token_budget", "bucket_width", "bucket_start", "bucket_end"]
 BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
 BY_POSITION_COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", "dataset",
-    *BUCKET_FIELDS,
+    *BUCKET_FIELDS, "config_id",
 ]
 
 
@@ -118,10 +120,26 @@ def check_run_matches(run_dir: Path, model, cfg: dict, tok: Tokenizer) -> None:
             )
 
 
+def short_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:6]
+
+
+NOT_EXPERIMENT = ("seed", "log_every", "save_every")  # left out of config_id: seeds of one experiment share it
+
+
+def config_id(info: dict) -> str:
+    """A short fingerprint of a run's training config (as `train.identity` compares configs) apart from its seed
+    and bookkeeping: runs that share it are seeds of one experiment, and `lenx report` pools only those."""
+    from .train import identity
+
+    ident = identity(info["config"], info.get("world_size", 1))
+    return short_hash({k: v for k, v in ident.items() if k not in NOT_EXPERIMENT})
+
+
 class LenxRun:
     """A lenx run directory as an evaluation subject. `evaluate` asks the same of an HF model (`lenx.hf.HFModel`):
-    name, pe, seed, train_len, tokenizer_name, run_dir, default_data, scaling_plan(), open(), check_tokens(),
-    prepare(), attn_backend, batch_tokens()."""
+    name, pe, seed, train_len, config_id, tokenizer_name, run_dir, default_data, scaling_plan(), open(),
+    check_tokens(), prepare(), attn_backend, batch_tokens()."""
 
     kind = "lenx"
 
@@ -131,6 +149,7 @@ class LenxRun:
         self.cfg = cfg = self.info["config"]
         self.name, self.pe, self.seed, self.train_len = self.path.name, cfg["pe"], cfg["seed"], cfg["train_len"]
         self.tokenizer_name, self.run_dir, self.default_data = cfg["tokenizer"], str(self.path), cfg
+        self.config_id = config_id(self.info)
         self.model = None
 
     def scaling_plan(self, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:
@@ -572,7 +591,7 @@ def evaluate(
             "pe": subj.pe, "seed": subj.seed, "train_len": subj.train_len, "ratio": L / subj.train_len,
             "dataset_fingerprint": current["fingerprint"], "tokenizer": subj.tokenizer_name,
             "run_dir": subj.run_dir, "device": prov["device"], "lenx_version": prov["lenx_version"],
-            "attn_backend": subj.attn_backend,
+            "attn_backend": subj.attn_backend, "config_id": subj.config_id,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         t0 = time.perf_counter()

@@ -147,6 +147,9 @@ class HFModel:
         if dtype not in DTYPES:
             raise LenxError(f"unknown --dtype '{dtype}'; known: {', '.join(DTYPES)}")
         self.dtype = dtype
+        from .evaluate import short_hash
+
+        self.config_id = short_hash({"model": self.source, "dtype": dtype})  # one model, one dtype: one experiment
         self.config = self._load_config()
         self.scheme = scheme_of(self.config)
         self.pe = f"{self.config.model_type}/{self.scheme}"

@@ -19,16 +19,21 @@ def style(scheme: str) -> dict:
     from .positional import REGISTRY
 
     names = list(REGISTRY)
-    base = scheme.split(" [")[0].split("+")[0]  # "alibi+yarn [bpe:4096]" -> alibi
+    base = scheme.split(" ")[0].split("+")[0]  # "alibi+yarn [bpe:4096] (L16)" -> alibi
     i = names.index(base) if base in names else sum(map(ord, base)) % len(_PALETTE)
     s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}
+    if " (" in scheme:  # a training variant, "rope (L16)" (lenx.report.variant): its own marker and dashes
+        k = sum(map(ord, scheme.split(" (", 1)[1]))
+        s["marker"] = _MARKERS[(i + 1 + k % (len(_MARKERS) - 1)) % len(_MARKERS)]
+        s["linestyle"] = _VARIANT_DASHES[k % len(_VARIANT_DASHES)]
     if "+" in scheme:  # a RoPE extension: the scheme's colour; its own dash pattern and hollow marker
-        ext = scheme.split(" [")[0].split("+", 1)[1]
+        ext = scheme.split(" ")[0].split("+", 1)[1]
         s["linestyle"] = _EXTENSION_DASHES.get(ext, "--")
         s["markerfacecolor"] = "white"
     return s
 
 
+_VARIANT_DASHES = ["-", "--", "-.", ":"]
 _EXTENSION_DASHES = {"pi": ":", "ntk": "--", "dynamic-ntk": (0, (6, 2, 1, 2)), "yarn": "-."}
 
 

@@ -1,7 +1,8 @@
 """`lenx report`: Markdown, self-contained HTML, figures and an lm-eval-style JSON from a results directory.
 
 Tables give the mean over seeds with a 95% confidence interval (Student t), perplexity relative to
-1x, and, where the sweep config names published numbers, the paper's figures side by side.
+1x, and, where the sweep config names published numbers, the paper's figures side by side. Only seeds of one
+experiment are pooled: runs of a scheme trained differently (training length, `config_id`) get rows of their own.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def t975(df: int) -> float:
 
 # Columns a results table from an older lenx (or another tool) may lack, and what they mean when absent.
 _OPTIONAL = {"run_dir": None, "lenx_version": "unknown", "device": "unknown", "dataset_fingerprint": "unknown",
-             "stride": float("nan"), "tokenizer": "byte", "note": "", "bpb": float("nan")}
+             "stride": float("nan"), "tokenizer": "byte", "note": "", "bpb": float("nan"), "config_id": ""}
 
 
 def read_results(results_dir: Path) -> pd.DataFrame:
@@ -54,12 +55,26 @@ def tokenizers(df: pd.DataFrame) -> list[str]:
 
 def label(df: pd.DataFrame) -> pd.Series:
     """Scheme label: the scheme, plus the RoPE extension when one was used at evaluation, plus the
-    tokenizer when the results mix tokenizers."""
+    tokenizer when the results mix tokenizers, plus `variant` where runs of one label were trained differently.
+    Rows that share a label are seeds of one experiment."""
     scaling = df["rope_scaling"].fillna("none").astype(str)
     lab = df["pe"].where(scaling == "none", df["pe"] + "+" + scaling)
     if len(tokenizers(df)) > 1:
         lab = lab + " [" + df["tokenizer"].fillna("byte").astype(str) + "]"
-    return lab
+    return lab + variant(df, lab)
+
+
+def variant(df: pd.DataFrame, lab: pd.Series) -> pd.Series:
+    """' (L16)', ' (L32, 3f9a2c)': where rows of one label come from runs trained differently, the training length
+    where that differs and the training config's fingerprint (`config_id`: all but the seed) where that does;
+    '' elsewhere."""
+    config = df["config_id"] if "config_id" in df else pd.Series("", index=df.index)
+    config = config.astype(object).fillna("").astype(str)
+    lens = df["train_len"].groupby(lab).transform("nunique") > 1
+    configs = config.groupby([lab, df["train_len"]]).transform("nunique") > 1
+    tag = ("L" + df["train_len"].astype("Int64").astype(str)).where(lens, "") + ", " + config.where(configs, "")
+    tag = tag.str.strip(", ")
+    return tag.where(tag == "", " (" + tag + ")")
 
 
 PROTOCOL_ORDER = ("nonoverlap", "sliding", "truncate")
@@ -84,7 +99,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     df = df.assign(scheme=label(df), protocol_label=protocol_label(df))
     rows = []
     for (protocol, scheme, L), g in df.groupby(["protocol_label", "scheme", "eval_len"], sort=False):
-        ppl = g["ppl"].dropna()
+        ppl = g.groupby("seed", dropna=False)["ppl"].mean().dropna()  # a seed evaluated twice counts once
         n = len(ppl)
         sd = ppl.std(ddof=1) if n > 1 else float("nan")
         rows.append({
@@ -105,11 +120,20 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
                            if c.name == "protocol" else c)
 
 
+def seeds_text(part: pd.DataFrame) -> str:
+    """'3 seed(s)', or each scheme's count where they differ."""
+    per_scheme = part.groupby("scheme", sort=False)["seeds"].max()
+    if per_scheme.nunique() == 1:
+        return f"{per_scheme.iloc[0]} seed(s)"
+    return "each scheme's seeds (" + ", ".join(f"{s}: {n}" for s, n in per_scheme.items()) + ")"
+
+
 def _scheme_order(schemes) -> dict:
     from .positional import REGISTRY
 
     names = list(REGISTRY)
-    return {s: (names.index(s.split("+")[0]) if s.split("+")[0] in names else len(names), s) for s in schemes}
+    base = {s: s.split(" ")[0].split("+")[0] for s in schemes}  # "rope+pi [byte] (L16)" -> rope
+    return {s: (names.index(base[s]) if base[s] in names else len(names), s) for s in schemes}
 
 
 def _fmt(x, digits=2) -> str:
@@ -186,12 +210,13 @@ def _mark_train_len(ax, train_lens) -> None:
 
 
 def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
-    """Training loss vs step, mean over seeds per scheme. False when no run's log is at hand."""
+    """Training loss vs step, mean over seeds per scheme (and training variant). False when no run's log is at hand."""
+    df = df.assign(curve=df["pe"] + variant(df, df["pe"]))
     logs = []
     for run_dir, g in df.groupby("run_dir"):
         log = Path(run_dir) / "train_log.csv"
         if log.exists():
-            logs.append(pd.read_csv(log).assign(pe=g["pe"].iloc[0], run=run_dir))
+            logs.append(pd.read_csv(log).assign(pe=g["curve"].iloc[0], run=run_dir))
     if not logs:
         return False
     logs = pd.concat(logs)
@@ -317,14 +342,13 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
         config = load_sweep(results_dir / "sweep_config.yaml")
     summary = summarise(df)
     names = column_names(summary)
-    n_seeds = int(summary["seeds"].max())
 
     plot_ppl_vs_length(summary, out / "ppl_vs_length.png")
     sections = []
     for protocol, part in summary.groupby("protocol", sort=False):
         sections += [
             Section(f"Perplexity ({protocol})", f"Test-split perplexity, mean ± 95% confidence interval over "
-                    f"{n_seeds} seed(s) (Student t; no interval with one seed). Columns: evaluation length (multiple "
+                    f"{seeds_text(part)} (Student t; no interval with one seed). Columns: evaluation length (multiple "
                     "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
                     "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
             Section(f"Perplexity relative to 1× ({protocol})", "Mean perplexity divided by the same scheme's at its "
@@ -334,6 +358,13 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
         if len(tokenizers(df)) > 1:
             sections.append(Section(f"Bits per byte ({protocol})", "Tokenizers differ between runs: bits per UTF-8 "
                                     "byte compares them fairly.", to_markdown(wide(part, lambda r: _fmt(r.bpb, 3)), names)))
+    runs = df.assign(scheme=label(df)).groupby("scheme", sort=False)["run"].unique()
+    tagged = [s for s in runs.index if s.endswith(")")]
+    if tagged:
+        sections.append(Section("Training variants", "Runs of one scheme trained differently are not pooled: "
+                                "(L16) is the training length, a hex tag the fingerprint of the training config "
+                                "apart from the seed (results column config_id).\n"
+                                + "\n".join(f"- {s}: {', '.join(map(str, runs[s]))}" for s in sorted(tagged))))
     sections.append(Section("Perplexity vs length", image="ppl_vs_length.png"))
     by_position = read_by_position(results_dir)
     if by_position is not None:

@@ -75,6 +75,31 @@ def test_eval_and_report(trained, capsys):
     assert (out / "ppl_vs_length.png").stat().st_size > 10_000
 
 
+def test_report_pools_only_seeds_of_one_experiment(tmp_path):
+    """One scheme, one seed, trained differently (steps; training length): separate rows, never '2 seeds'."""
+    small = TINY[4:]  # TINY without --steps and --train-len
+    runs = {"long": (6, 16, 0), "short": (3, 16, 0), "L8-s0": (3, 8, 0), "L8-s1": (3, 8, 1)}
+    for name, (steps, train_len, seed) in runs.items():
+        assert lenx("train", "--pe", "rope", "--steps", steps, "--train-len", train_len, "--seed", seed, *small,
+                    "--out", tmp_path / name) == 0
+    out = tmp_path / "results"
+    assert lenx("eval", *(tmp_path / name for name in runs), "--lengths", "16,32", "--tokens", "64", "--out", out) == 0
+    df = pd.read_csv(out / "results.csv")
+    assert df.columns[-1] == "config_id"  # appended: the columns before it keep their places
+    ids = df.groupby("run")["config_id"].first()
+    assert ids["long"] != ids["short"] and ids["L8-s0"] == ids["L8-s1"] != ids["long"]
+
+    assert lenx("report", out) == 0
+    md = (out / "report.md").read_text()
+    ppl, relative = md.split("## Perplexity relative to 1×")
+    rows = {line.split(" | ")[0][2:]: line for line in ppl.splitlines() if line.startswith("| rope")}
+    assert set(rows) == {f"rope (L16, {ids['long']})", f"rope (L16, {ids['short']})", "rope (L8)"}, rows
+    assert "±" in rows["rope (L8)"] and not any("±" in rows[k] for k in rows if "L16" in k)  # two seeds; one each
+    assert f"rope (L16, {ids['long']}): 1" in md and "rope (L8): 2" in md  # 'over N seed(s)' per scheme
+    assert f"- rope (L16, {ids['short']}): short" in md
+    assert f"| rope (L16, {ids['long']}) | 1.00 |" in relative  # each at its own training length
+
+
 def test_rope_scaling_sweep(trained, capsys):
     out = trained / "results-scaling"
     runs = [trained / "runs" / pe for pe in ("rope", "xpos", "alibi")]
