@@ -53,9 +53,9 @@ from .runinfo import provenance, quiet_hf
 
 COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "ratio", "protocol", "stride", "rope_scaling", "rope_factor",
-    "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note", "token_budget", "bucket_width",
+    "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note",
     "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
-    "config_id",
+    "token_budget", "bucket_width", "config_id", "weights_id",  # (added later: appended, so older tables still read)
 ]
 NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "tokens", "windows", "documents", "nll",
            "ppl", "bpb", "bytes", "seconds", "token_budget", "bucket_width", "bucket_start", "bucket_end"]
@@ -136,6 +136,23 @@ def config_id(info: dict) -> str:
     return short_hash({k: v for k, v in ident.items() if k not in NOT_EXPERIMENT})
 
 
+def weights_id(run_dir: Path) -> str:
+    """A short fingerprint of a run's trained weights: a run retrained in place gets another one."""
+    digest = hashlib.sha256()
+    with open(run_dir / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def check_weights(row, subject, fix: str) -> None:
+    """Refuse a finished cell computed from other weights than the run now holds (retrained since)."""
+    recorded = row.get("weights_id")
+    if subject.weights_id and isinstance(recorded, str) and recorded != subject.weights_id:
+        raise LenxError(f"the results hold {row['run']} @{int(row['eval_len'])} computed from other weights than "
+                        f"{subject.run_dir} holds now (retrained since?); a finished cell is never recomputed: {fix}")
+
+
 class LenxRun:
     """A lenx run directory as an evaluation subject. `evaluate` asks the same of an HF model (`lenx.hf.HFModel`):
     name, pe, seed, train_len, config_id, tokenizer_name, run_dir, default_data, scaling_plan(), open(),
@@ -150,6 +167,7 @@ class LenxRun:
         self.name, self.pe, self.seed, self.train_len = self.path.name, cfg["pe"], cfg["seed"], cfg["train_len"]
         self.tokenizer_name, self.run_dir, self.default_data = cfg["tokenizer"], str(self.path), cfg
         self.config_id = config_id(self.info)
+        self.weights_id = weights_id(self.path)
         self.model = None
 
     def scaling_plan(self, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:
@@ -565,6 +583,7 @@ def evaluate(
         for c in ({**c, "dataset": spec.dataset} for c in cells):
             if _key(c) in finished:
                 check_settings(finished[_key(c)], c, f"use another --out than {out}")
+                check_weights(finished[_key(c)], subj, f"use another --out than {out}")
             else:
                 todo.append((subj, lens, width, spec, c))
     current: dict = {}  # the test data of the subject being evaluated (the subject holds its model)
@@ -592,6 +611,7 @@ def evaluate(
             "dataset_fingerprint": current["fingerprint"], "tokenizer": subj.tokenizer_name,
             "run_dir": subj.run_dir, "device": prov["device"], "lenx_version": prov["lenx_version"],
             "attn_backend": subj.attn_backend, "config_id": subj.config_id,
+            "weights_id": subj.weights_id,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         t0 = time.perf_counter()

@@ -150,6 +150,7 @@ class HFModel:
         from .evaluate import short_hash
 
         self.config_id = short_hash({"model": self.source, "dtype": dtype})  # one model, one dtype: one experiment
+        self.weights_id = None  # not fingerprinted: a hub model or saved directory is not retrained in place
         self.config = self._load_config()
         self.scheme = scheme_of(self.config)
         self.pe = f"{self.config.model_type}/{self.scheme}"

@@ -170,8 +170,10 @@ def print_plan(spec: SweepSpec, jobs: list[Job], device: str) -> None:
 def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = None) -> Path | None:
     from .runinfo import default_device
 
+    from .distributed import check_device
+
     spec = load_sweep(config)
-    device = device or default_device()
+    device = check_device(device) if device else default_device()
     jobs = plan(spec, device)
     if dry_run:
         print_plan(spec, jobs, device)

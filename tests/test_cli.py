@@ -226,3 +226,19 @@ def test_help_prints_defaults_and_brackets_as_written(capsys):
     assert main(["train", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "[default: runs/<pe>-L<train_len>-s<seed>]" in text and "cpu or cuda[:N] [default: cuda when present]" in text
+
+
+def test_results_of_other_weights_are_refused(tmp_path, capsys):
+    """A run retrained in place (other weights) is not silently reported with its old numbers."""
+    from safetensors.torch import load_file, save_file
+
+    run, res = tmp_path / "runs" / "rope", tmp_path / "res"
+    assert lenx("train", "--pe", "rope", *TINY, "--out", run) == 0
+    cell = ["--lengths", "16", "--tokens", "64", "--out", res]
+    assert lenx("eval", run, *cell) == 0
+    assert lenx("eval", run, *cell) == 0  # the same weights: the finished cell stands
+    weights = load_file(run / "model.safetensors")
+    save_file({k: v * 1.01 for k, v in weights.items()}, run / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    one_line_error(capsys, lenx("eval", run, *cell), "computed from other weights", "another --out")
+    assert lenx("eval", run, "--lengths", "16", "--tokens", "64", "--out", tmp_path / "fresh") == 0
