@@ -50,6 +50,8 @@ def train(
     layers: Optional[int] = typer.Option(None, help="Transformer blocks."),
     d_model: Optional[int] = typer.Option(None, "--d-model", help="Model width."),
     heads: Optional[int] = typer.Option(None, help="Attention heads."),
+    d_ff: Optional[int] = typer.Option(None, "--d-ff", help="Feed-forward width."),
+    warmup: Optional[int] = typer.Option(None, help="Linear warm-up steps before the cosine decay."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16."),
@@ -70,7 +72,7 @@ def train(
         str(config) if config else None,
         pe=pe, dataset=dataset, tokenizer=tokenizer, text_field=text_field, train_file=train_file,
         validation_file=validation_file, test_file=test_file, train_len=train_len, steps=steps, batch_size=batch_size,
-        grad_accum=grad_accum, layers=layers, d_model=d_model, heads=heads, lr=lr, seed=seed, precision=precision,
+        grad_accum=grad_accum, layers=layers, d_model=d_model, heads=heads, d_ff=d_ff, warmup=warmup, lr=lr, seed=seed, precision=precision,
         compile=compile, save_every=save_every,
     )
     run_dir = run_train(cfg, out=out, overwrite=overwrite, device=device)

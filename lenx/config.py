@@ -114,26 +114,38 @@ def resolve(config_file: str | None = None, **flags) -> TrainConfig:
     return cfg
 
 
+# Settings that `lenx train` takes as flags; the others are set in a --config file (or configs/default.yaml).
+FLAGS = ("pe", "dataset", "tokenizer", "text_field", "train_file", "validation_file", "test_file", "train_len", "steps",
+         "batch_size", "grad_accum", "layers", "d_model", "heads", "d_ff", "warmup", "lr", "seed", "precision",
+         "compile", "save_every")
+
+
+def _name(key: str) -> str:
+    """How a user sets `key`: its flag, or its config key."""
+    return f"--{key.replace('_', '-')}" if key in FLAGS else f"config key '{key}'"
+
+
 def validate(cfg: TrainConfig) -> None:
     from .positional import get_scheme
 
     get_scheme(cfg.pe)
     for key in ("train_len", "steps", "batch_size", "grad_accum", "layers", "d_model", "heads", "d_ff", "attn_block_size", "log_every", "save_every"):
         if getattr(cfg, key) <= 0:
-            raise LenxError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(cfg, key)}")
+            raise LenxError(f"{_name(key)} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.d_model % cfg.heads or (cfg.d_model // cfg.heads) % 2:
         raise LenxError(f"--d-model {cfg.d_model} must split into {cfg.heads} heads of an even size")
     for key in ("lr", "pos_lr_mult"):
         value = getattr(cfg, key)
         if not (value > 0 and math.isfinite(value)):
-            raise LenxError(f"--{key.replace('_', '-')} must be a positive finite number, got {value}")
+            raise LenxError(f"{_name(key)} must be a positive finite number, got {value}")
     for key in ("weight_decay", "grad_clip"):
         if not (getattr(cfg, key) >= 0 and math.isfinite(getattr(cfg, key))):
             raise LenxError(f"{key} must be a finite number >= 0, got {getattr(cfg, key)}")
     if not (0 <= cfg.min_lr_ratio <= 1 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise LenxError("min_lr_ratio must lie in [0, 1] and beta1, beta2 in [0, 1)")
-    if cfg.warmup < 0 or cfg.seed < 0:
-        raise LenxError("--warmup and --seed must be >= 0")
+    for key in ("warmup", "seed"):
+        if getattr(cfg, key) < 0:
+            raise LenxError(f"{_name(key)} must be >= 0, got {getattr(cfg, key)}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise LenxError(f"unknown precision '{cfg.precision}'; known: auto, fp32, bf16")
     from .data import check_tokenizer_name

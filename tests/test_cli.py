@@ -242,3 +242,16 @@ def test_results_of_other_weights_are_refused(tmp_path, capsys):
     capsys.readouterr()
     one_line_error(capsys, lenx("eval", run, *cell), "computed from other weights", "another --out")
     assert lenx("eval", run, "--lengths", "16", "--tokens", "64", "--out", tmp_path / "fresh") == 0
+
+
+def test_every_flag_named_in_errors_exists(capsys, tmp_path):
+    """Errors name a setting the way a user sets it: a `lenx train` flag where there is one, else a config key."""
+    from lenx.config import FLAGS
+
+    assert lenx("train", "--help") == 0
+    text = capsys.readouterr().out
+    assert all(f"--{key.replace('_', '-')}" in text for key in FLAGS)
+    one_line_error(capsys, lenx("train", "--d-ff", "0"), "--d-ff must be a positive integer")
+    one_line_error(capsys, lenx("train", "--warmup", "-3"), "--warmup must be >= 0")
+    (tmp_path / "c.yaml").write_text("log_every: 0\npos_lr_mult: -1\n")
+    one_line_error(capsys, lenx("train", "--config", tmp_path / "c.yaml"), "config key 'log_every'")
