@@ -125,6 +125,16 @@ def _name(key: str) -> str:
     return f"--{key.replace('_', '-')}" if key in FLAGS else f"config key '{key}'"
 
 
+def _check_scheme_options(cfg: TrainConfig) -> None:
+    """Build the scheme once (it is small): its options are checked before any run directory is made."""
+    from types import SimpleNamespace
+
+    from .positional import build_scheme
+
+    build_scheme(SimpleNamespace(pe=cfg.pe, pe_options=cfg.pe_options, n_head=cfg.heads, n_layer=cfg.layers,
+                                 d_model=cfg.d_model, train_len=cfg.train_len))
+
+
 def validate(cfg: TrainConfig) -> None:
     from .positional import get_scheme
 
@@ -134,6 +144,7 @@ def validate(cfg: TrainConfig) -> None:
             raise LenxError(f"{_name(key)} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.d_model % cfg.heads or (cfg.d_model // cfg.heads) % 2:
         raise LenxError(f"--d-model {cfg.d_model} must split into {cfg.heads} heads of an even size")
+    _check_scheme_options(cfg)
     for key in ("lr", "pos_lr_mult"):
         value = getattr(cfg, key)
         if not (value > 0 and math.isfinite(value)):

@@ -255,3 +255,13 @@ def test_every_flag_named_in_errors_exists(capsys, tmp_path):
     one_line_error(capsys, lenx("train", "--warmup", "-3"), "--warmup must be >= 0")
     (tmp_path / "c.yaml").write_text("log_every: 0\npos_lr_mult: -1\n")
     one_line_error(capsys, lenx("train", "--config", tmp_path / "c.yaml"), "config key 'log_every'")
+
+
+@pytest.mark.parametrize("pe, options, needle", [("rope", "{base: -5}", "rope option base must be a number above 1"),
+                                                 ("xpos", "{scale_base: 0}", "xpos option scale_base"),
+                                                 ("alibi", "{foo: 1}", "unknown option(s) foo")])
+def test_bad_scheme_options_are_one_line_before_any_run_directory(pe, options, needle, capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text(f"pe_options: {options}\n")
+    out = tmp_path / "run"
+    one_line_error(capsys, lenx("train", "--pe", pe, "--config", tmp_path / "c.yaml", "--out", out), needle)
+    assert not out.exists()

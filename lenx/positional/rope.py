@@ -90,6 +90,13 @@ class RoPE(PositionalScheme):
 
     def __init__(self, config):
         super().__init__(config)
+        for key in ("base", "scale_base"):  # (xPos has scale_base too)
+            value = self.options.get(key)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1):
+                from ..errors import LenxError
+
+                raise LenxError(f"{self.name} option {key} must be a number above 1 (default "
+                                f"{self.defaults[key]:g}), got {value!r}")
         self._cache: dict = {}
         self._last = None  # (pos, rotation) of the latest forward
         self.scaling: tuple[str, float | None] = ("none", None)
