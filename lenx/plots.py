@@ -14,12 +14,17 @@ _PALETTE = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p"]
 
 
+def base_scheme(label: str) -> str:
+    """The registered scheme of a report label: "alibi+yarn [bpe:4096] (L16)" -> alibi."""
+    return label.split(" ")[0].split("+")[0]
+
+
 def style(scheme: str) -> dict:
     """Colour and marker of a scheme: fixed by its place in the registry (others hash to a slot)."""
     from .positional import REGISTRY
 
     names = list(REGISTRY)
-    base = scheme.split(" ")[0].split("+")[0]  # "alibi+yarn [bpe:4096] (L16)" -> alibi
+    base = base_scheme(scheme)
     i = names.index(base) if base in names else sum(map(ord, base)) % len(_PALETTE)
     s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}
     if " (" in scheme:  # a training variant, "rope (L16)" (lenx.report.variant): its own marker and dashes

@@ -19,7 +19,7 @@ import pandas as pd
 
 from .errors import LenxError
 from .io import write_json, write_text
-from .plots import finish, new_figure, readable_log_y, style
+from .plots import base_scheme, finish, new_figure, readable_log_y, style
 
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard tables); normal beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -132,7 +132,7 @@ def _scheme_order(schemes) -> dict:
     from .positional import REGISTRY
 
     names = list(REGISTRY)
-    base = {s: s.split(" ")[0].split("+")[0] for s in schemes}  # "rope+pi [byte] (L16)" -> rope
+    base = {s: base_scheme(s) for s in schemes}
     return {s: (names.index(base[s]) if base[s] in names else len(names), s) for s in schemes}
 
 

@@ -168,10 +168,10 @@ def print_plan(spec: SweepSpec, jobs: list[Job], device: str) -> None:
 
 
 def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = None) -> Path | None:
+    from .distributed import check_device
     from .runinfo import default_device
 
-    from .distributed import check_device
-
+    # "cuda", not device_for's "cuda:0": under torchrun each rank's "cuda" is its own device
     spec = load_sweep(config)
     device = check_device(device) if device else default_device()
     jobs = plan(spec, device)
