@@ -126,13 +126,17 @@ def _name(key: str) -> str:
 
 
 def _check_scheme_options(cfg: TrainConfig) -> None:
-    """Build the scheme once (it is small): its options are checked before any run directory is made."""
+    """Build the scheme once, on the meta device (no memory, whatever the sizes): its options are checked before
+    any run directory is made."""
     from types import SimpleNamespace
+
+    import torch
 
     from .positional import build_scheme
 
-    build_scheme(SimpleNamespace(pe=cfg.pe, pe_options=cfg.pe_options, n_head=cfg.heads, n_layer=cfg.layers,
-                                 d_model=cfg.d_model, train_len=cfg.train_len))
+    with torch.device("meta"):
+        build_scheme(SimpleNamespace(pe=cfg.pe, pe_options=cfg.pe_options, n_head=cfg.heads, n_layer=cfg.layers,
+                                     d_model=cfg.d_model, train_len=cfg.train_len))
 
 
 def validate(cfg: TrainConfig) -> None:
