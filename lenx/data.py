@@ -338,13 +338,19 @@ def _local_path(value: str, what: str) -> Path:
 def _load_hub(name: str, hub: HubDataset) -> Corpus:
     import datasets
 
+    from .hub import offline_unless_reachable, unreachable_note
+
     quiet_datasets()
     shown = hub.repo + (f":{hub.config}" if hub.config else "")
+    offline = None
     try:
-        dd = datasets.load_dataset(hub.repo, hub.config)
+        with offline_unless_reachable() as offline:
+            dd = datasets.load_dataset(hub.repo, hub.config)
     except Exception as e:
         raise LenxError(
-            f"cannot load dataset '{name}' ({shown}) from the Hugging Face Hub ({_first_line(e)}); without network, "
+            f"cannot load dataset '{name}' ({shown}) from the Hugging Face Hub ({_first_line(e)}); "
+            + unreachable_note(offline)
+            + "without network, "
             "pass a local copy (--dataset a .txt/.jsonl/.parquet file or a directory of .txt files), or load it once "
             "online so the HF cache holds it and set HF_DATASETS_OFFLINE=1"
         ) from None
@@ -589,17 +595,20 @@ class HFTokenizer(Tokenizer):
     def load(cls, name: str, local_only: bool = False) -> "HFTokenizer":
         from transformers import AutoTokenizer
 
+        from .hub import offline_reason, unreachable_note
         from .runinfo import quiet_hf
 
         quiet_hf()
         quiet_datasets()
         local = local_only or Path(name).expanduser().exists()
         source = str(Path(name).expanduser()) if local else name
+        offline = None if local else offline_reason()
         try:
-            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False, local_files_only=local)
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False,
+                                                local_files_only=local or offline is not None)
         except Exception as e:
             raise LenxError(
-                f"cannot load tokenizer '{name}' ({_first_line(e)}); use byte, bpe:<vocab_size>, a local tokenizer "
+                f"cannot load tokenizer '{name}' ({_first_line(e)}); {unreachable_note(offline)}use byte, bpe:<vocab_size>, a local tokenizer "
                 "directory, or a hub name already in the HF cache (offline: HF_HUB_OFFLINE=1)"
             ) from None
         return cls(tok, name)

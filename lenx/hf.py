@@ -141,6 +141,10 @@ class HFModel:
             raise LenxError(f"--model {name}: no such directory; give a save_pretrained directory or a hub name")
         else:
             self.source = self.name = name
+        from .hub import offline_reason
+
+        self.offline = None if self.local else offline_reason()  # hub name, no Hub: the HF cache, at once
+        self.cache_only = self.local or self.offline is not None
         self.run_dir = self.source
         self.tokenizer_name = self.source
         dtype = dtype or "float32"
@@ -172,7 +176,9 @@ class HFModel:
     # ------------------------------------------------------------------ loading
 
     def _hub_hint(self) -> str:
-        return (f"without network, save it once online (`AutoModelForCausalLM.from_pretrained('{self.given}')."
+        from .hub import unreachable_note
+
+        return (f"{unreachable_note(self.offline)}without network, save it once online (`AutoModelForCausalLM.from_pretrained('{self.given}')."
                 "save_pretrained(DIR)` and the same for its tokenizer, or `hf download "
                 f"{self.given} --local-dir DIR`) and pass --model DIR")
 
@@ -180,7 +186,7 @@ class HFModel:
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(self.source, trust_remote_code=False, local_files_only=self.local)
+            return AutoConfig.from_pretrained(self.source, trust_remote_code=False, local_files_only=self.cache_only)
         except Exception as e:
             hint = "check the directory" if self.local else self._hub_hint()
             raise LenxError(f"cannot load model '{self.given}' ({_first_line(e)}); {hint}") from None
@@ -194,7 +200,7 @@ class HFModel:
             raise LenxError("--attn-backend applies to lenx runs; HF models use their own attention implementation")
         self.device = device
         try:
-            tok = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False, local_files_only=self.local)
+            tok = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False, local_files_only=self.cache_only)
         except Exception as e:
             hint = "save the model's tokenizer into its directory" if self.local else self._hub_hint()
             raise LenxError(f"cannot load the tokenizer of model '{self.given}' ({first(e)}); {hint}") from None
@@ -279,7 +285,7 @@ class HFModel:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 self.source, config=config, dtype=DTYPES[self.dtype], use_safetensors=True, trust_remote_code=False,
-                local_files_only=self.local,
+                local_files_only=self.cache_only,
             )
         except Exception as e:
             hint = ("it needs a model.safetensors (lenx never reads pickled weights)" if self.local
