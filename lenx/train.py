@@ -325,6 +325,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         run_info = {**json.loads((run_dir / "run.json").read_text()), **run_info}
         if ctx.main and progress:
             print(f"resuming {run_dir} from its checkpoint at step {start} of {cfg.steps}", file=sys.stderr)
+    elif ctx.main and progress and cfg.warmup >= cfg.steps:
+        print(f"note: warmup ({cfg.warmup} steps) is not below steps ({cfg.steps}): the learning rate never reaches "
+              f"its peak {cfg.lr:g}; lower --warmup for a full schedule", file=sys.stderr)
     if ctx.main:
         write_json(run_dir / "run.json", run_info)
 

@@ -72,6 +72,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tmp_path, text_datase
     # a sane run that checkpoints at step 2, then continue with an absurd learning rate
     assert lenx("train", "--pe", "rope", *SMALL, "--steps", "4", "--save-every", "2", "--dataset", text_dataset,
                 "--out", out) == 0
+    capsys.readouterr()
     cfg = tmp_path / "boom.yaml"
     cfg.write_text("lr: 1.0e+30\nwarmup: 0\n")
     out2 = tmp_path / "run2"
@@ -84,6 +85,17 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tmp_path, text_datase
     state = load_file(ckpt / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in state.values())
     assert step >= 1
+
+
+def test_warmup_not_below_steps_is_noted_once(tmp_path, text_dataset, capsys):
+    """A schedule whose warm-up outlasts the run never reaches its peak learning rate: a note says so (stderr, one
+    line); a run with a proper warm-up and a resumed run print none."""
+    assert lenx("train", "--pe", "nope", *SMALL, "--steps", "3", "--dataset", text_dataset, "--out", tmp_path / "a") == 0
+    err = capsys.readouterr().err
+    assert "note: warmup (80 steps) is not below steps (3)" in " ".join(err.split()) and "--warmup" in err, err
+    assert lenx("train", "--pe", "nope", *SMALL, "--steps", "3", "--warmup", "2", "--dataset", text_dataset,
+                "--out", tmp_path / "b") == 0
+    assert "note: warmup" not in capsys.readouterr().err
 
 
 def test_existing_run_with_other_config_is_refused(tmp_path, text_dataset, capsys):

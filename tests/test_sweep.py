@@ -88,7 +88,7 @@ def test_changed_train_or_eval_settings_are_refused(tmp_path, capsys):
     def write(train="", evals=""):
         cfg.write_text(f"""name: tiny
 schemes: [rope]
-train: {{dataset: {corpus}, steps: 3, train_len: 16, batch_size: 2, layers: 1, d_model: 16, heads: 2, d_ff: 32{train}}}
+train: {{dataset: {corpus}, steps: 3, warmup: 1, train_len: 16, batch_size: 2, layers: 1, d_model: 16, heads: 2, d_ff: 32{train}}}
 eval: {{max_len: 32, tokens: 64{evals}}}
 runs_dir: {tmp_path / 'runs'}
 results_dir: {tmp_path / 'results'}
