@@ -41,8 +41,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not isinstance(schemes, list) or not schemes or not all(isinstance(s, str) for s in schemes):
         raise LenxError(f"{path}: 'schemes' must be a non-empty list of scheme names")
     seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
         raise LenxError(f"{path}: 'seeds' must be a non-empty list of integers >= 0")
+    for key, values in (("schemes", schemes), ("seeds", seeds)):
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise LenxError(f"{path}: '{key}' lists {twice} twice; list each once")
     train = raw.get("train") or {}
     evals = raw.get("eval") or {}
     for key, value in (("train", train), ("eval", evals)):
@@ -140,6 +144,8 @@ def _efficiency(spec: SweepSpec, device: str) -> float:
 
 
 def _fmt_seconds(s: float) -> str:
+    if 0 < s < 0.5:
+        return "<1s"
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 

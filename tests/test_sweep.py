@@ -130,6 +130,9 @@ results_dir: {tmp_path / 'results'}
     ("schemes: [alibi]\ntrain: {stepz: 3}\n", "stepz"),
     ("schemes: [alibi]\neval: {max_length: 3}\n", "eval.max_length"),
     ("schemes: [alibi]\nseeds: [a]\n", "seeds"),
+    ("schemes: [alibi]\nseeds: [true]\n", "seeds"),
+    ("schemes: [alibi]\nseeds: [0, 1, 0]\n", "'seeds' lists 0 twice"),
+    ("schemes: [alibi, rope, alibi]\n", "'schemes' lists alibi twice"),
 ])
 def test_bad_sweep_config_is_one_line(tmp_path, capsys, body, needle):
     cfg = tmp_path / "bad.yaml"
@@ -160,3 +163,9 @@ def test_default_yaml_lists_every_training_key():
     from lenx.config import DEFAULTS_FILE, TrainConfig, read_yaml
 
     assert set(read_yaml(DEFAULTS_FILE)) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_plan_durations_read_well():
+    from lenx.sweep import _fmt_seconds
+
+    assert [_fmt_seconds(s) for s in (0, 0.2, 0.6, 75, 3700)] == ["0m00s", "<1s", "0m01s", "1m15s", "1h01m"]
