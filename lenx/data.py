@@ -306,6 +306,8 @@ def _load_files(kind: str, files: list[Path], text_field: str, shown: Path) -> l
 
     quiet_datasets()
     kwargs = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
+    if kind != "text" and all(f.stat().st_size == 0 for f in files):  # datasets' json/parquet readers fail opaquely
+        raise LenxError(f"dataset {shown} is empty; give it some text")
     try:
         ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as e:  # a malformed file: name it, never a traceback

@@ -104,6 +104,14 @@ def test_jsonl_with_a_custom_text_field(tmp_path, cache, capsys):
     one_line_error(capsys, code, "no column 'text'", "body", "--text-field")
 
 
+@pytest.mark.parametrize("name", ["empty.txt", "empty.jsonl", "empty.json", "empty.parquet", "blank.jsonl"])
+def test_empty_dataset_file_is_one_line(name, tmp_path, cache, capsys):
+    path = tmp_path / name
+    path.write_text('{"text": "  "}\n' if name.startswith("blank") else "")
+    code = lenx("train", "--pe", "nope", "--dataset", path, "--out", tmp_path / "r")
+    one_line_error(capsys, code, f"dataset {path} is empty")
+
+
 def test_json_array_file(tmp_path, cache):
     path = tmp_path / "docs.json"
     path.write_text(json.dumps([{"text": words(i, 2)} for i in range(5)]))
