@@ -328,6 +328,16 @@ class Section:
     image: str = ""  # file name beside the report
 
 
+def note_lines(summary: pd.DataFrame) -> list[str]:
+    """One line per scheme, protocol and distinct note, with the lengths it applies to (a scheme's notes can differ
+    from length to length: fewer documents qualify, then none)."""
+    lines = []
+    for (scheme, protocol, note), g in summary[summary["note"] != ""].groupby(["scheme", "protocol", "note"]):
+        lengths = sorted(set(g["eval_len"].astype(int)))
+        lines.append((scheme, protocol, lengths[0], f"- {scheme}, {protocol}, at {', '.join(map(str, lengths))}: {note}"))
+    return [line for *_, line in sorted(lines, key=lambda t: t[:3])]
+
+
 def report(results_dir: str | Path = "results", out: str | Path | None = None, config=None) -> Path:
     results_dir = Path(results_dir)
     out = Path(out) if out else results_dir
@@ -376,11 +386,9 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
         sections.append(Section("Training loss", image="training_loss.png"))
     if config is not None and config.published is not None:
         sections.append(Section("Published numbers", table=published_table(summary, config.published)))
-    notes = summary[summary["note"] != ""][["protocol", "scheme", "eval_len", "note"]]
-    notes = notes.drop_duplicates(["protocol", "scheme"])
-    if len(notes):
-        sections.append(Section("Notes", "\n".join(f"- {r.scheme}, {r.protocol}, from {r.eval_len}: {r.note}"
-                                                     for r in notes.itertuples())))
+    notes = note_lines(summary)
+    if notes:
+        sections.append(Section("Notes", "\n".join(notes)))
     prov = provenance(df)
     prov_text = "\n".join(f"- {k}: {v}" for k, v in prov.items() if k != "training_config")
     prov_text += "\n\nTraining config of the first run:\n\n```json\n" + json.dumps(prov["training_config"], indent=1) + "\n```"

@@ -169,3 +169,20 @@ def test_plan_durations_read_well():
     from lenx.sweep import _fmt_seconds
 
     assert [_fmt_seconds(s) for s in (0, 0.2, 0.6, 75, 3700)] == ["0m00s", "<1s", "0m01s", "1m15s", "1h01m"]
+
+
+def test_report_notes_keep_every_distinct_note_with_its_lengths():
+    from lenx.report import note_lines
+
+    summary = pd.DataFrame({
+        "scheme": ["alibi"] * 4 + ["rope"],
+        "protocol": ["documents"] * 5,
+        "eval_len": [512, 1024, 2048, 4096, 4096],
+        "note": ["", "3 test documents qualify", "3 test documents qualify", "no test document has 4097 tokens",
+                 "no test document has 4097 tokens"],
+    })
+    assert note_lines(summary) == [
+        "- alibi, documents, at 1024, 2048: 3 test documents qualify",
+        "- alibi, documents, at 4096: no test document has 4097 tokens",
+        "- rope, documents, at 4096: no test document has 4097 tokens",
+    ]
