@@ -390,7 +390,8 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     if notes:
         sections.append(Section("Notes", "\n".join(notes)))
     prov = provenance(df)
-    prov_text = "\n".join(f"- {k}: {v}" for k, v in prov.items() if k != "training_config")
+    prov_text = "\n".join(f"- {k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                          for k, v in prov.items() if k != "training_config")
     prov_text += "\n\nTraining config of the first run:\n\n```json\n" + json.dumps(prov["training_config"], indent=1) + "\n```"
     if config is not None:
         prov_text += f"\n\nSweep config `{config.path}`:\n\n```yaml\n{config.path.read_text().strip()}\n```"

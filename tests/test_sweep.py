@@ -54,6 +54,7 @@ def test_sweep_report_and_rerun(tiny_sweep, capsys):
     assert len(df) == 2 * 2 * 3 and set(df["seed"]) == {0, 1}
     md = (res / "report.md").read_text()
     assert "±" in md and "relative to 1×" in md and "Provenance" in md and "dataset_fingerprint" in md
+    assert "- lenx_version: 0.1.0\n" in md and "['" not in md  # provenance values as text, not Python lists
     html = (res / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2 and "<table>" in html
     stamped = list(res.glob("results_*.json"))
