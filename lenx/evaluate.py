@@ -190,7 +190,9 @@ class LenxRun:
 
     @property
     def attn_backend(self) -> str:
-        return self.model.config.attn_backend
+        """The backend that ran: `flex` off CUDA runs the `sdpa` route (attention.py), and is recorded so."""
+        backend = self.model.config.attn_backend
+        return "sdpa" if backend == "flex" and self.model.device.type != "cuda" else backend
 
     def batch_tokens(self, eval_len: int, batch_tokens: int) -> int:
         return batch_tokens

@@ -357,6 +357,13 @@ def test_cli_protocols_and_report(runs, tmp_path, capsys):
     assert "sliding" in md and "truncate" in md and "loss_by_position.png" in md
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the CPU records for a CUDA-only backend")
+def test_flex_on_the_cpu_is_recorded_as_the_route_that_ran(runs, tmp_path):
+    out = tmp_path / "res"
+    assert main(["eval", str(runs[0]), "--lengths", "16", "--tokens", "64", "--attn-backend", "flex", "--out", str(out)]) == 0
+    assert (pd.read_csv(out / "results.csv")["attn_backend"] == "sdpa").all()
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
