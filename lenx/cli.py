@@ -226,14 +226,17 @@ def schemes(name: Optional[str] = typer.Argument(None, help="Show one scheme in 
         console.print()
         console.print(cls.details, markup=False)
         return
-    table = Table(title="positional schemes", show_lines=False)
-    for col in ("name", "acts on", "learned", "formula", "paper", "used by"):
-        table.add_column(col, overflow="fold", no_wrap=col == "name")  # names stay whole, to copy into --pe
+    wide = console.width >= 160  # paper and users only where they fit; else `lenx schemes NAME` has them
+    table = Table(title="positional schemes", show_lines=not wide,
+                  caption=None if wide else "lenx schemes NAME: paper, models that use it, options, details")
+    for col in ("name", "acts on", "learned", "formula", *(("paper", "used by") if wide else ())):
+        # names stay whole, to copy into --pe; the formula gets the room
+        table.add_column(col, overflow="fold", no_wrap=col in ("name", "learned"), ratio=3 if col == "formula" else 1)
     where = {"embedding": "embedding", "qk": "q·k", "bias": "score bias"}
     for cls in REGISTRY.values():
         learned = "yes" if cls.learned else "no"
-        table.add_row(cls.name, ", ".join(where[a] for a in cls.acts) or "—", learned, escape(cls.formula),
-                      escape(cls.paper), escape(cls.used_by))
+        row = [cls.name, ", ".join(where[a] for a in cls.acts) or "—", learned, escape(cls.formula)]
+        table.add_row(*row, *((escape(cls.paper), escape(cls.used_by)) if wide else ()))
     console.print(table)
 
 

@@ -212,11 +212,15 @@ def test_console_script_has_no_traceback(tmp_path):
     assert "known schemes" in proc.stderr
 
 
-def test_schemes_lists_every_scheme(capsys):
-    assert lenx("schemes") == 0
-    out = capsys.readouterr().out
-    for name in REGISTRY:
-        assert name in out
+def test_schemes_lists_every_scheme(capsys, monkeypatch):
+    for width, papers in ((80, False), (200, True)):  # paper and users as columns only where they fit
+        monkeypatch.setenv("COLUMNS", str(width))
+        assert lenx("schemes") == 0
+        out = capsys.readouterr().out
+        assert max(map(len, out.splitlines())) <= width
+        for name in REGISTRY:
+            assert f"│ {name} " in out
+        assert ("Vaswani et al. 2017" in out) == papers and ("lenx schemes NAME" in out) != papers
     assert lenx("schemes", "rope") == 0
     assert "m - n" in capsys.readouterr().out
 
