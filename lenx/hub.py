@@ -2,7 +2,7 @@
 
 huggingface_hub retries a failed connection five times with back-off (about 30 s) before transformers or
 datasets give up. Before a hub name is loaded, `offline_unless_reachable` tries one TCP connection to the
-Hub's endpoint (HF_ENDPOINT, default https://huggingface.co); if that fails within a few seconds, the load
+Hub's endpoint (HF_ENDPOINT, default https://huggingface.co, or the proxy that HTTPS_PROXY names); if that fails within a few seconds, the load
 runs in the libraries' own offline mode (as HF_HUB_OFFLINE=1 would): the HF cache answers, or the load fails
 at once with the library's "not in the cache" error.
 """
@@ -14,16 +14,27 @@ import threading
 from contextlib import contextmanager
 from functools import lru_cache
 from urllib.parse import urlparse
+from urllib.request import getproxies, proxy_bypass
 
 PROBE_SECONDS = 3.0
 
 
-def reachable(timeout: float = PROBE_SECONDS) -> bool:
-    """Whether one TCP connection to the Hub's endpoint opens within `timeout` seconds (name lookup included)."""
+def probe_address() -> tuple[str | None, int]:
+    """Where a connection to the Hub first goes: the endpoint's host and port, or its proxy's (HTTPS_PROXY etc.,
+    unless NO_PROXY exempts the host)."""
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = getproxies().get(url.scheme) or getproxies().get("all")
+    if proxy and url.hostname and not proxy_bypass(url.hostname):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    return url.hostname, url.port or (443 if url.scheme == "https" else 80)
+
+
+def reachable(timeout: float = PROBE_SECONDS) -> bool:
+    """Whether one TCP connection to the Hub's endpoint (or its proxy) opens within `timeout` seconds, name
+    lookup included."""
+    host, port = probe_address()
     if not host:
         return False
     ok = []

@@ -17,7 +17,9 @@ UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the con
 
 @pytest.fixture
 def no_hub(monkeypatch):
-    """Online by the environment, with an endpoint that refuses connections."""
+    """Online by the environment, with an endpoint that refuses connections (and no proxy in between)."""
+    for var in [k for k in os.environ if "proxy" in k.lower()]:
+        monkeypatch.delenv(var)
     monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
@@ -27,15 +29,29 @@ def no_hub(monkeypatch):
 
 
 def test_probe_tells_a_listening_endpoint_from_a_refusing_one(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
         assert hub.reachable()
+    for var in [k for k in os.environ if "proxy" in k.lower()]:
+        monkeypatch.delenv(var)
     monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)
     assert not hub.reachable()
     monkeypatch.setattr(constants, "ENDPOINT", "https://no-such-host.invalid")
     assert not hub.reachable()
+
+
+def test_probe_goes_to_the_proxy_when_one_is_set(monkeypatch):
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    assert hub.probe_address() == ("huggingface.co", 443)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub.probe_address() == ("proxy.example", 3128)
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert hub.probe_address() == ("huggingface.co", 443)
 
 
 def test_unreachable_hub_turns_offline_mode_on_inside_only(no_hub):
@@ -74,7 +90,8 @@ def test_local_dataset_still_loads_with_the_hub_unreachable(no_hub, tmp_path, mo
 def test_hub_names_without_a_hub_fail_in_one_line_without_retries(args, needle, tmp_path):
     """Not offline by the environment, and the endpoint refuses: huggingface_hub would retry with back-off and
     log each retry; lenx probes once, loads from the (empty) cache, and prints one line."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE") and "proxy" not in k.lower()}
     env.update(HF_ENDPOINT=UNREACHABLE, HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "ds"))
     proc = subprocess.run([sys.executable, "-m", "lenx", *args, "--out", str(tmp_path / "out")], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300)
