@@ -15,7 +15,7 @@ _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p"]
 
 
 def base_scheme(label: str) -> str:
-    """The registered scheme of a report label: "alibi+yarn [bpe:4096] (L16)" -> alibi."""
+    """The registered scheme of a report label: "alibi+yarn×4 [bpe:4096] (L16)" -> alibi."""
     return label.split(" ")[0].split("+")[0]
 
 
@@ -32,9 +32,11 @@ def style(scheme: str) -> dict:
         s["marker"] = _MARKERS[(i + 1 + k % (len(_MARKERS) - 1)) % len(_MARKERS)]
         s["linestyle"] = _VARIANT_DASHES[k % len(_VARIANT_DASHES)]
     if "+" in scheme:  # a RoPE extension: the scheme's colour; its own dash pattern and hollow marker
-        ext = scheme.split(" ")[0].split("+", 1)[1]
+        ext, _, factor = scheme.split(" ")[0].split("+", 1)[1].partition("×")
         s["linestyle"] = _EXTENSION_DASHES.get(ext, "--")
         s["markerfacecolor"] = "white"
+        if factor:  # a factor given at evaluation ("rope+yarn×4"): a marker of its own per factor
+            s["marker"] = _MARKERS[(i + 1 + sum(map(ord, factor)) % (len(_MARKERS) - 1)) % len(_MARKERS)]
     return s
 
 

@@ -58,10 +58,23 @@ def label(df: pd.DataFrame) -> pd.Series:
     tokenizer when the results mix tokenizers, plus `variant` where runs of one label were trained differently.
     Rows that share a label are seeds of one experiment."""
     scaling = df["rope_scaling"].fillna("none").astype(str)
-    lab = df["pe"].where(scaling == "none", df["pe"] + "+" + scaling)
+    lab = df["pe"].where(scaling == "none", df["pe"] + "+" + scaling) + factor_tag(df, scaling)
     if len(tokenizers(df)) > 1:
         lab = lab + " [" + df["tokenizer"].fillna("byte").astype(str) + "]"
     return lab + variant(df, lab)
+
+
+def factor_tag(df: pd.DataFrame, scaling: pd.Series) -> pd.Series:
+    """'×4' where a RoPE extension was evaluated with a factor given by the user (`--rope-factor`), so that factors
+    are not pooled as seeds; '' for the default factor (eval_len / train_len at each length; none for dynamic-ntk).
+    A factor counts as given when it is not the length's default, or when one run and extension used it at
+    several lengths (a given factor equal to one length's default stays on its own curve there)."""
+    factor = df["rope_factor"].astype(float) if "rope_factor" in df else pd.Series(float("nan"), index=df.index)
+    default = (df["eval_len"] / df["train_len"]).clip(lower=1.0)
+    run = df["run"].astype(str) if "run" in df else df["pe"].astype(str)
+    lengths = df["eval_len"].groupby([run, scaling, factor.fillna(-1.0)]).transform("nunique")
+    given = factor.notna() & (scaling != "none") & (((factor - default).abs() > 1e-9 * default) | (lengths > 1))
+    return factor.map(lambda f: "" if pd.isna(f) else f"×{f:g}").where(given, "")
 
 
 def variant(df: pd.DataFrame, lab: pd.Series) -> pd.Series:

@@ -118,6 +118,16 @@ def test_rope_scaling_sweep(trained, capsys):
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 18 + 4
     assert sorted(df[(df["pe"] == "rope") & (df["rope_scaling"] == "pi")]["rope_factor"]) == [1, 2, 4, 4, 8, 8]
+    # the report keeps given factors apart (never pooled as seeds), next to the default-factor curve
+    assert lenx("report", out) == 0
+    md = (out / "report.md").read_text()
+    table = md.split("## Perplexity relative to 1×")[0]
+    labels = [line.split(" | ")[0][2:] for line in table.splitlines() if line.startswith("| rope+pi")]
+    assert labels == ["rope+pi", "rope+pi×4", "rope+pi×8"], labels
+    from lenx.plots import style
+
+    assert style("rope+pi×4")["marker"] != style("rope+pi×8")["marker"]
+    assert style("rope+pi×4")["linestyle"] == style("rope+pi")["linestyle"]  # one extension, one dash pattern
     # one extension asked of a scheme without RoPE: one line
     code = lenx("eval", runs[2], *args, "--rope-scaling", "yarn")
     one_line_error(capsys, code, "applies to rope, xpos runs", "alibi")
