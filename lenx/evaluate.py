@@ -199,11 +199,13 @@ class LenxRun:
 
 
 def default_lengths(train_len: int, max_len: int) -> list[int]:
+    """1x, 2x, 4x, ... of the training length up to max_len, and max_len itself when it is not on that ladder
+    (it was asked for)."""
     lengths, n = [], train_len
     while n <= max_len:
         lengths.append(n)
         n *= 2
-    return lengths
+    return lengths + ([max_len] if lengths[-1] != max_len else [])
 
 
 def check_lengths(lengths: list[int], train_len: int, max_len: int | None) -> None:

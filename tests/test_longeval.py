@@ -357,6 +357,14 @@ def test_cli_protocols_and_report(runs, tmp_path, capsys):
     assert "sliding" in md and "truncate" in md and "loss_by_position.png" in md
 
 
+def test_max_len_off_the_doubling_ladder_is_evaluated_too(runs, tmp_path):
+    assert ev.default_lengths(64, 256) == [64, 128, 256]
+    assert ev.default_lengths(64, 100) == [64, 100] and ev.default_lengths(64, 64) == [64]
+    out = tmp_path / "res"
+    assert main(["eval", str(runs[0]), "--max-len", "40", "--tokens", "80", "--out", str(out)]) == 0
+    assert sorted(pd.read_csv(out / "results.csv")["eval_len"]) == [16, 32, 40]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the CPU records for a CUDA-only backend")
 def test_flex_on_the_cpu_is_recorded_as_the_route_that_ran(runs, tmp_path):
     out = tmp_path / "res"
