@@ -34,6 +34,7 @@ import hashlib
 import itertools
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -67,10 +68,22 @@ BY_POSITION_COLUMNS = [
 
 
 def find_runs(runs_dir: str | Path = "runs") -> list[Path]:
+    """The finished runs under runs_dir; unfinished ones (training, or interrupted) are named on stderr and skipped."""
     root = Path(runs_dir)
-    runs = sorted(p.parent for p in root.glob("*/run.json") if (p.parent / "model.safetensors").exists())
+    runs, unfinished = [], []
+    for run in sorted(p.parent for p in root.glob("*/run.json")):
+        try:
+            done = json.loads((run / "run.json").read_text()).get("status") == "done"
+        except (OSError, ValueError):
+            done = False
+        (runs if done and (run / "model.safetensors").exists() else unfinished).append(run)
+    names = ", ".join(r.name for r in unfinished)
     if not runs:
-        raise LenxError(f"no trained runs under {root}/; train one with `lenx train --pe NAME` or name RUN_DIRs")
+        raise LenxError(f"no trained runs under {root}/" + (f" (unfinished: {names})" if unfinished else "")
+                        + "; train one with `lenx train --pe NAME` (rerun its command to finish one) or name RUN_DIRs")
+    if unfinished:
+        print(f"note: skipping {len(unfinished)} unfinished run(s) under {root}/: {names} (rerun a run's `lenx train` "
+              "command to finish it)", file=sys.stderr)
     return runs
 
 

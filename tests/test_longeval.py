@@ -357,6 +357,24 @@ def test_cli_protocols_and_report(runs, tmp_path, capsys):
     assert "sliding" in md and "truncate" in md and "loss_by_position.png" in md
 
 
+def test_unfinished_runs_are_named_and_skipped(runs, tmp_path, capsys):
+    root = runs[0].parent
+    partial = root / "fire-L16-s0"
+    partial.mkdir()
+    (partial / "run.json").write_text(json.dumps({"status": "training", "config": {"pe": "fire"}}))
+    out = tmp_path / "res"
+    assert main(["eval", "--runs-dir", str(root), "--lengths", "16", "--tokens", "32", "--out", str(out)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "skipping 1 unfinished run(s)" in err and "fire-L16-s0" in err, err
+    assert sorted(pd.read_csv(out / "results.csv")["pe"]) == ["alibi", "rope"]
+    only = tmp_path / "only"
+    (only / "fire-L16-s0").mkdir(parents=True)
+    (only / "fire-L16-s0" / "run.json").write_text("{}")
+    assert main(["eval", "--runs-dir", str(only), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no trained runs" in err and "unfinished: fire-L16-s0" in err, err
+
+
 def test_max_len_off_the_doubling_ladder_is_evaluated_too(runs, tmp_path):
     assert ev.default_lengths(64, 256) == [64, 128, 256]
     assert ev.default_lengths(64, 100) == [64, 100] and ev.default_lengths(64, 64) == [64]
