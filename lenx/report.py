@@ -385,7 +385,7 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     tagged = [s for s in runs.index if s.endswith(")")]
     if tagged:
         sections.append(Section("Training variants", "Runs of one scheme trained differently are not pooled: "
-                                "(L16) is the training length, a hex tag the fingerprint of the training config "
+                                "L<n> in the tag is the training length n, a hex tag the fingerprint of the training config "
                                 "apart from the seed (results column config_id).\n"
                                 + "\n".join(f"- {s}: {', '.join(map(str, runs[s]))}" for s in sorted(tagged))))
     sections.append(Section("Perplexity vs length", image="ppl_vs_length.png"))
