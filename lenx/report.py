@@ -216,10 +216,12 @@ def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
 
 
 def _mark_train_len(ax, train_lens) -> None:
-    for L in sorted(train_lens):
+    """A dotted line at each training length, labelled; several labels stacked downwards so they never overlap."""
+    for k, L in enumerate(sorted(int(x) for x in train_lens)):
         ax.axvline(L, color="black", linestyle=":", linewidth=1)
-        ax.annotate(f"train length {L}", (L, 1), xycoords=("data", "axes fraction"), xytext=(4, -14),
-                    textcoords="offset points", fontsize=9)
+        ax.annotate(f"train length {L}", (L, 1), xycoords=("data", "axes fraction"), xytext=(4, -14 - 13 * k),
+                    textcoords="offset points", fontsize=9,
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
 
 
 def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
@@ -239,6 +241,9 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
         curve = g.groupby("step")["loss"].mean().rolling(5, min_periods=1).mean()
         st = {k: v for k, v in style(pe).items() if k != "marker"}
         ax.plot(curve.index, curve.values, label=pe, linewidth=1.8, **st)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, also on short runs
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss (nats/token, 5-point moving mean)")
     ax.set_title("Training loss")
@@ -266,14 +271,16 @@ def plot_loss_by_position(pos: pd.DataFrame, path: Path) -> None:
     order = protocols(pos)
     fig, axes = new_figure(width=6.0 * len(order) + 2, height=4.8, ncols=len(order), sharey=True)
     axes = axes if len(order) > 1 else [axes]
-    schemes = list(dict.fromkeys(pos["scheme"]))
+    rank = _scheme_order(pos["scheme"].unique())
+    schemes = sorted(pos["scheme"].unique(), key=rank.get)  # the legend order of the other figures
     for ax, protocol in zip(axes, order):
         part = pos[pos["_protocol"] == protocol].assign(weighted=lambda d: d["nll"] * d["tokens"])
         agg = part.groupby(["scheme", "bucket_start", "bucket_end"], as_index=False)[["weighted", "tokens"]].sum()
         for scheme in [s for s in schemes if s in set(agg["scheme"])]:
             a = agg[agg["scheme"] == scheme].sort_values("bucket_start")
             centre = (a["bucket_start"] + a["bucket_end"]) / 2
-            ax.plot(centre, a["weighted"] / a["tokens"], label=scheme, linewidth=2, markersize=5, **style(scheme))
+            ax.plot(centre, a["weighted"] / a["tokens"], label=scheme, linewidth=2, markersize=5,
+                    markevery=max(1, len(a) // 12), **style(scheme))  # at most about a dozen markers a line
         _mark_train_len(ax, part["train_len"].unique())
         lens = sorted(part["eval_len"].unique())
         ax.set_xscale("log", base=2)
