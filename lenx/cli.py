@@ -76,7 +76,8 @@ def train(
         compile=compile, save_every=save_every,
     )
     run_dir = run_train(cfg, out=out, overwrite=overwrite, device=device)
-    typer.echo(f"run saved to {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        typer.echo(f"run saved to {run_dir}")
 
 
 @app.command("eval")

@@ -80,9 +80,10 @@ def _copy_with_eos(tok: HFTokenizer):
     return t
 
 
-def model_card(run_dir: Path, info: dict, results) -> str:
+def model_card(run_dir: Path, info: dict, results, name: str | None = None) -> str:
+    """The exported directory's README; `name`: what the loading code reads from (the export's directory name)."""
     cfg = info["config"]
-    name = run_dir.name
+    name = name or run_dir.name
     lines = [
         "---",
         "library_name: transformers",
@@ -194,7 +195,7 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False, result
         model.save_pretrained(tmp)
         hf_tok.save_pretrained(tmp)
         write_json(tmp / "lenx_run.json", info)
-        write_text(tmp / "README.md", model_card(run_dir, info, run_results(run_dir, results_dir)))
+        write_text(tmp / "README.md", model_card(run_dir, info, run_results(run_dir, results_dir), name=out.name))
         _check(tmp, model, tok, AutoModelForCausalLM, AutoTokenizer)
         mask = _umask()
         for f in tmp.rglob("*"):

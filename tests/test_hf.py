@@ -288,6 +288,7 @@ def test_export_loads_with_auto_classes(kind, tmp_path, text_dataset, capsys):
     assert not list(tmp_path.glob(".export.*"))  # no temporary directory left behind
     card = (out / "README.md").read_text()
     assert "| pe | rope |" in card and "| 32 |" in card
+    assert 'from_pretrained("export")' in card  # the exported directory, not the run it came from
 
     lenx_tok = load_run_tokenizer(run, "byte" if tok is None else tok.name)
     auto_tok = AutoTokenizer.from_pretrained(out)
