@@ -101,9 +101,11 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
             run_dir = spec.runs_dir / f"{pe}-L{cfg.train_len}-s{seed}"
             vocab = 257
             fpt = train_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, cfg.train_len)
-            trained = check_run_dir(run_dir, cfg, world, f"delete it or set another runs_dir in {spec.path}") == "done"
-            jobs.append(Job("train", pe, seed, run_dir, f"{cfg.steps} steps", cfg.steps * cfg.batch_size * cfg.train_len * fpt / peak,
-                            trained))
+            state = check_run_dir(run_dir, cfg, world, f"delete it or set another runs_dir in {spec.path}")
+            start = _checkpoint_step(run_dir) if state == "resume" else 0
+            what = f"{cfg.steps} steps" if not start else f"{cfg.steps - start} of {cfg.steps} steps (resumes at {start})"
+            jobs.append(Job("train", pe, seed, run_dir, what,
+                            (cfg.steps - start) * cfg.batch_size * cfg.train_len * fpt / peak, state == "done"))
             lengths = spec.eval.get("lengths") or default_lengths(cfg.train_len, spec.eval.get("max_len") or 16 * cfg.train_len)
             scalings = scaling_plan(pe, _as_list(spec.eval.get("rope_scaling")), _as_list(spec.eval.get("rope_factor")))
             dataset = DataSpec.of(cfg).dataset
@@ -148,6 +150,14 @@ def _fmt_seconds(s: float) -> str:
         return "<1s"
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    """The step an interrupted run resumes at (its latest.json), 0 if unreadable."""
+    try:
+        return int(json.loads((run_dir / "latest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def print_plan(spec: SweepSpec, jobs: list[Job], device: str) -> None:

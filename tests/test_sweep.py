@@ -187,3 +187,26 @@ def test_report_notes_keep_every_distinct_note_with_its_lengths():
         "- alibi, documents, at 4096: no test document has 4097 tokens",
         "- rope, documents, at 4096: no test document has 4097 tokens",
     ]
+
+
+def test_dry_run_counts_the_steps_an_interrupted_run_has_left(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(3000)))
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"""name: one
+schemes: [rope]
+train: {{dataset: {corpus}, steps: 4, warmup: 1, train_len: 16, batch_size: 2, layers: 1, d_model: 16, heads: 2, save_every: 2}}
+eval: {{max_len: 16, tokens: 32}}
+runs_dir: {tmp_path / 'runs'}
+results_dir: {tmp_path / 'results'}
+""")
+    assert lenx("sweep", "--config", cfg) == 0
+    run = tmp_path / "runs" / "rope-L16-s0"
+    # as if killed after the checkpoint at step 2: run.json not yet 'done', latest.json at step 2
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "training"}))
+    (run / "latest.json").write_text(json.dumps({"step": 2, "checkpoint": "checkpoint-2"}))
+    capsys.readouterr()
+    assert lenx("sweep", "--config", cfg, "--dry-run") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 of 4 steps (resumes at 2)" in out, out
