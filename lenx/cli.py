@@ -136,29 +136,11 @@ def eval_(
     elif text_field is not None:
         raise LenxError("--text-field applies with --dataset or --test-file; give one of them")
 
+    # every other option is checked by evaluate (check_eval_options: the checks `lenx sweep` gives its eval: section)
     lens = _ints(lengths, "--lengths")
-    if max_len is not None and max_len <= 0:
-        raise LenxError(f"--max-len must be a positive integer, got {max_len}")
-    if tokens is not None and tokens <= 0:
-        raise LenxError(f"--tokens must be a positive integer, got {tokens}")
-    from .positional.rope import ROPE_SCALINGS
-
-    scalings = [x for v in rope_scaling or [] for x in v.replace(" ", "").split(",") if x] or None
-    bad = [x for x in scalings or [] if x not in ROPE_SCALINGS]
-    if bad:
-        raise LenxError(f"unknown --rope-scaling '{bad[0]}'; known: {', '.join(ROPE_SCALINGS)}")
-    try:
-        factors = [float(x) for v in rope_factor or [] for x in v.replace(" ", "").split(",") if x] or None
-    except ValueError:
-        raise LenxError(f"--rope-factor expects numbers, got {' '.join(rope_factor)}") from None
-    if factors and (min(factors) < 1 or set(scalings or ["none"]) == {"none"}):
-        raise LenxError("--rope-factor needs factors >= 1 and a --rope-scaling other than none")
-    if stride is not None and stride <= 0:
-        raise LenxError(f"--stride must be a positive integer, got {stride}")
-    protocols = [p for item in (protocol or []) for p in item.replace(" ", "").split(",") if p] or None
     table = evaluate(run_dirs or None, max_len=max_len, lengths=lens, tokens=tokens, out=out, runs_dir=runs_dir,
-                     device=device, protocols=protocols, stride=stride, position_buckets=position_buckets,
-                     attn_backend=attn_backend, rope_scalings=scalings, rope_factors=factors, dataset=data,
+                     device=device, protocols=protocol, stride=stride, position_buckets=position_buckets,
+                     attn_backend=attn_backend, rope_scalings=rope_scaling, rope_factors=rope_factor, dataset=data,
                      models=model or None, train_len=train_len, dtype=dtype)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(f"{len(table)} rows in {out / 'results.csv'}")

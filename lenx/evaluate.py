@@ -221,14 +221,88 @@ def default_lengths(train_len: int, max_len: int) -> list[int]:
     return lengths + ([max_len] if lengths[-1] != max_len else [])
 
 
-def check_lengths(lengths: list[int], train_len: int, max_len: int | None) -> None:
-    bad = [n for n in lengths if n <= 0]
+# How `lenx eval` names each evaluation option (its flag); `lenx sweep` names them eval.<key> of its YAML file.
+EVAL_FLAGS = {"max_len": "--max-len", "lengths": "--lengths", "tokens": "--tokens", "rope_scaling": "--rope-scaling",
+              "rope_factor": "--rope-factor", "protocols": "--protocol", "stride": "--stride",
+              "position_buckets": "--position-buckets"}
+
+
+def _items(value) -> list:
+    """A list of values from None (none), one value, or a list; text items split at commas, as `lenx eval`
+    takes repeated or comma-separated flags."""
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    return [p for x in items for p in (x.replace(" ", "").split(",") if isinstance(x, str) else [x]) if p != ""]
+
+
+def _shown(value) -> str:
+    return f"'{value}'" if isinstance(value, str) else repr(value)
+
+
+def check_eval_options(opts: dict, names: dict = EVAL_FLAGS, where: str = "") -> dict:
+    """The checks of every evaluation option that hold whatever the run: `evaluate` (so `lenx eval`) applies them
+    to its arguments and `lenx sweep` to a config's eval: section when it reads the file. `opts`: values keyed as
+    EVAL_FLAGS (missing: default), as given (a YAML value may be anything); `names`: how the user set each key;
+    `where`: prefix of every error (e.g. the file). Returns the values in the form `evaluate` uses: lists for
+    lengths, rope_scaling, rope_factor (floats) and protocols (default nonoverlap, each once), None where not
+    given, position_buckets 1 by default. The checks that need a run's training length are `run_lengths`'."""
+    from .positional.rope import ROPE_SCALINGS
+
+    def fail(message: str) -> LenxError:
+        return LenxError(where + message)
+
+    def whole(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    out = {key: opts.get(key) for key in EVAL_FLAGS}
+    out["position_buckets"] = 1 if out["position_buckets"] is None else out["position_buckets"]
+    for key in ("max_len", "tokens", "stride", "position_buckets"):
+        if out[key] is not None and not (whole(out[key]) and out[key] > 0):
+            raise fail(f"{names[key]} must be a positive integer, got {_shown(out[key])}")
+    lengths = _items(out["lengths"])
+    bad = [n for n in lengths if not (whole(n) and n > 0)]
     if bad:
-        raise LenxError(f"evaluation lengths must be positive integers, got {bad[0]}")
+        raise fail(f"{names['lengths']} must be positive integers, got {_shown(bad[0])}")
+    out["lengths"] = lengths or None
+    scalings = _items(out["rope_scaling"])
+    bad = [x for x in scalings if x not in ROPE_SCALINGS]
+    if bad:
+        raise fail(f"unknown {names['rope_scaling']} {_shown(bad[0])}; known: {', '.join(ROPE_SCALINGS)}")
+    out["rope_scaling"] = scalings or None
+    factors = []
+    for x in _items(out["rope_factor"]):
+        try:
+            if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+                raise ValueError
+            factors.append(float(x))
+        except ValueError:
+            raise fail(f"{names['rope_factor']} expects numbers, got {_shown(x)}") from None
+    bad = [f for f in factors if not (math.isfinite(f) and f >= 1)]
+    if bad:
+        raise fail(f"{names['rope_factor']} needs finite factors >= 1, got {bad[0]:g}")
+    if factors and set(scalings or ["none"]) == {"none"}:
+        raise fail(f"{names['rope_factor']} needs {names['rope_scaling']} other than none")
+    out["rope_factor"] = factors or None
+    protocols = _items(out["protocols"])
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad:
+        raise fail(f"unknown protocol {_shown(bad[0])} in {names['protocols']}; known: {', '.join(PROTOCOLS)}")
+    out["protocols"] = list(dict.fromkeys(protocols)) or ["nonoverlap"]
+    return out
+
+
+def run_lengths(train_len: int, opts: dict, names: dict = EVAL_FLAGS, where: str = "") -> list[int]:
+    """The evaluation lengths of a run with this training length, from options checked by `check_eval_options`:
+    `lengths`, else 1x, 2x, 4x ... up to `max_len` (default 16x). Refuses a max_len below the training length and
+    a sliding stride longer than a length."""
+    max_len = opts["max_len"]
     if max_len is not None and max_len < train_len:
-        raise LenxError(
-            f"--max-len {max_len} is below the training length {train_len}; give --max-len >= {train_len}"
-        )
+        raise LenxError(f"{where}{names['max_len']} {max_len} is below the training length {train_len}; "
+                        f"give {names['max_len']} >= {train_len}")
+    lens = opts["lengths"] or default_lengths(train_len, max_len or 16 * train_len)
+    for protocol in opts["protocols"]:
+        for L in lens:
+            resolve_stride(protocol, L, opts["stride"], names["stride"], where)
+    return lens
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -412,18 +486,20 @@ def append_rows(stem: Path, table: pd.DataFrame, rows: list[dict], cell: dict, c
 STATIC_SCALINGS = ("pi", "ntk", "yarn")  # one factor per evaluation; dynamic-ntk derives its own per window
 
 
-def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:
+def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | None, name: str = "--rope-scaling",
+                 where: str = "") -> list[tuple[str, float | None]]:
     """The (RoPE extension, factor) cells for one run. Schemes without RoPE get only 'none' when several
     extensions are asked for, and an error when the one asked for does not apply to them. A factor of None:
     eval_len / train_len for the static extensions; for dynamic-ntk, transformers' default factor 1, i.e.
-    s = max(1, window length / train_len) recomputed per window (recorded as an empty rope_factor)."""
+    s = max(1, window length / train_len) recomputed per window (recorded as an empty rope_factor). `name`,
+    `where`: as in `check_eval_options`."""
     from .positional import get_scheme
     from .positional.base import scaling_not_supported
 
     scalings = scalings or ["none"]
     takes = [s for s in scalings if s in get_scheme(pe).eval_scalings]
     if not takes and len(scalings) == 1:
-        raise scaling_not_supported(pe, scalings[0])
+        raise scaling_not_supported(pe, scalings[0], name, where)
     return [(s, f) for s in takes or ["none"] for f in ([None] if s == "none" else factors or [None])]
 
 
@@ -461,9 +537,10 @@ def bucket_width(train_len: int, position_buckets: int = 1) -> int:
     return max(1, train_len // position_buckets)
 
 
-def resolve_stride(protocol: str, eval_len: int, stride: int | None) -> int | None:
+def resolve_stride(protocol: str, eval_len: int, stride: int | None, name: str = "--stride",
+                   where: str = "") -> int | None:
     """The stride a cell runs with: eval_len for nonoverlap, --stride (default eval_len // 2) for sliding,
-    none for truncate."""
+    none for truncate. `name`, `where`: as in `check_eval_options`."""
     if protocol == "nonoverlap":
         return eval_len
     if protocol == "truncate":
@@ -471,7 +548,7 @@ def resolve_stride(protocol: str, eval_len: int, stride: int | None) -> int | No
     if stride is None:
         return max(1, eval_len // 2)
     if not 1 <= stride <= eval_len:
-        raise LenxError(f"--stride {stride} must be between 1 and the evaluation length {eval_len}")
+        raise LenxError(f"{where}{name} {stride} must be between 1 and the evaluation length {eval_len}")
     return stride
 
 
@@ -532,7 +609,7 @@ def evaluate(
     position_buckets: int = 1,
     attn_backend: str | None = None,
     rope_scalings: list[str] | None = None,
-    rope_factors: list[float] | None = None,
+    rope_factors: list[float | str] | None = None,
     bar=None,
     on_cell=None,
     dataset: DataSpec | str | None = None,
@@ -544,13 +621,15 @@ def evaluate(
     `on_cell(cell)` is called after each cell. `dataset`: score every run on this corpus's test split instead
     of its own dataset's. `models`: Hugging Face causal LMs (directories or hub names) scored the same way, with
     their own tokenizers (`lenx.hf`); `train_len` (their 1x) and `dtype` apply to them. With `models` and no
-    `run_dirs`, no lenx run is evaluated."""
+    `run_dirs`, no lenx run is evaluated. The evaluation options get `check_eval_options` before anything else
+    (list options also as comma-separated text, as `lenx eval` takes them)."""
+    opts = check_eval_options({"max_len": max_len, "lengths": lengths, "tokens": tokens, "rope_scaling": rope_scalings,
+                               "rope_factor": rope_factors, "protocols": protocols, "stride": stride,
+                               "position_buckets": position_buckets})
+    lengths, tokens, protocols = opts["lengths"], opts["tokens"], opts["protocols"]
+    rope_scalings, rope_factors, position_buckets = opts["rope_scaling"], opts["rope_factor"], opts["position_buckets"]
     ctx = distributed.init()
     device = distributed.device_for(ctx, device)  # checked before anything is read or made
-    protocols = list(dict.fromkeys(protocols or ["nonoverlap"]))
-    bad = [p for p in protocols if p not in PROTOCOLS]
-    if bad:
-        raise LenxError(f"unknown protocol '{bad[0]}'; known: {', '.join(PROTOCOLS)}")
     if attn_backend is not None:
         from .attention import BACKENDS
 
@@ -576,8 +655,7 @@ def evaluate(
     plan = []
     for subj in subjects:
         L = subj.train_len
-        check_lengths(lengths or [], L, max_len)
-        lens = lengths or default_lengths(L, max_len or 16 * L)
+        lens = run_lengths(L, opts)
         if subj.kind == "hf":  # ascending: transformers' dynamic NTK keeps the frequencies of the longest length seen
             lens = sorted(set(lens))
         width = bucket_width(L, position_buckets)

@@ -184,13 +184,14 @@ class PositionalScheme(nn.Module):
             raise scaling_not_supported(self.name, method)
 
 
-def scaling_not_supported(scheme: str, method: str):
-    """The one-line error for a RoPE extension asked of a scheme that has no such thing."""
+def scaling_not_supported(scheme: str, method: str, name: str = "--rope-scaling", where: str = ""):
+    """The one-line error for a RoPE extension asked of a scheme that has no such thing. `name`: how the user
+    asked for it (a flag, or a sweep file's key); `where`: a prefix (the file)."""
     from ..errors import LenxError
     from . import REGISTRY
 
     takers = [n for n, c in REGISTRY.items() if method in c.eval_scalings] or ["no"]
     return LenxError(
-        f"--rope-scaling {method} applies to {', '.join(takers)} runs, not to '{scheme}'; "
-        "use --rope-scaling none, or give several methods to evaluate such runs without one"
+        f"{where}{name} {method} applies to {', '.join(takers)} runs, not to '{scheme}'; "
+        f"use {name} none, or give several methods to evaluate such runs without one"
     )
