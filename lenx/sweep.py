@@ -11,9 +11,11 @@ from pathlib import Path
 
 from .config import check_values, read_yaml, resolve
 from .errors import LenxError
+from .evaluate import EVAL_FLAGS, check_eval_options, run_lengths, scaling_plan
 
 TOP_KEYS = {"name", "description", "schemes", "seeds", "train", "eval", "runs_dir", "results_dir", "published"}
-EVAL_KEYS = {"max_len", "lengths", "tokens", "rope_scaling", "rope_factor", "protocols", "stride", "position_buckets"}
+EVAL_KEYS = set(EVAL_FLAGS)  # the options of `lenx eval`, keyed as in a sweep's eval: section
+PATH_KEYS = {"runs_dir": "a directory path", "results_dir": "a directory path", "published": "a file path"}
 
 
 @dataclass
@@ -23,7 +25,7 @@ class SweepSpec:
     schemes: list[str]
     seeds: list[int]
     train: dict
-    eval: dict
+    eval: dict  # as check_eval_options returns it: every key of EVAL_KEYS, checked, defaults filled in
     runs_dir: Path
     results_dir: Path
     published: Path | None = None
@@ -58,8 +60,16 @@ def load_sweep(path: str | Path) -> SweepSpec:
     bad = set(evals) - EVAL_KEYS
     if bad:
         raise LenxError(f"{path}: unknown key 'eval.{sorted(bad)[0]}'; known: {', '.join(sorted(EVAL_KEYS))}")
+    # eval: gets the checks `lenx eval` gives its flags, named eval.<key> of this file
+    names, where = {k: f"eval.{k}" for k in EVAL_KEYS}, f"{path}: "
+    evals = check_eval_options(evals, names, where)
+    for key, what in PATH_KEYS.items():
+        if raw.get(key) is not None and not (isinstance(raw[key], str) and raw[key].strip()):
+            raise LenxError(f"{path}: '{key}' must be {what} (text), got {raw[key]!r}")
     for s in schemes:
-        resolve(None, pe=s, **train)  # validates scheme names and every training value now, not hours later
+        cfg = resolve(None, pe=s, **train)  # validates scheme names and every training value now, not hours later
+        run_lengths(cfg.train_len, evals, names, where)  # and the eval values that depend on the run
+        scaling_plan(s, evals["rope_scaling"], evals["rope_factor"], names["rope_scaling"], where)
     published = raw.get("published")
     if published is not None:
         published = (path.parent / published).resolve()
@@ -67,7 +77,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
             raise LenxError(f"{path}: published numbers file {published} not found")
     return SweepSpec(
         path=path, name=name, schemes=schemes, seeds=seeds, train=train, eval=evals,
-        runs_dir=Path(raw.get("runs_dir", f"runs/{name}")), results_dir=Path(raw.get("results_dir", f"results/{name}")),
+        runs_dir=Path(raw.get("runs_dir") or f"runs/{name}"), results_dir=Path(raw.get("results_dir") or f"results/{name}"),
         published=published, raw=raw,
     )
 
@@ -86,7 +96,7 @@ class Job:
 def plan(spec: SweepSpec, device: str) -> list[Job]:
     """Every training run and evaluation cell of the sweep, whether it is done, and an estimated time."""
     from .data import DataSpec
-    from .evaluate import _key, cell_keys, check_settings, default_lengths, load_results, scaling_plan
+    from .evaluate import _key, cell_keys, check_settings, load_results
     from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
     from .train import check_run_dir
 
@@ -106,12 +116,12 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
             what = f"{cfg.steps} steps" if not start else f"{cfg.steps - start} of {cfg.steps} steps (resumes at {start})"
             jobs.append(Job("train", pe, seed, run_dir, what,
                             (cfg.steps - start) * cfg.batch_size * cfg.train_len * fpt / peak, state == "done"))
-            lengths = spec.eval.get("lengths") or default_lengths(cfg.train_len, spec.eval.get("max_len") or 16 * cfg.train_len)
-            scalings = scaling_plan(pe, _as_list(spec.eval.get("rope_scaling")), _as_list(spec.eval.get("rope_factor")))
+            ev = spec.eval
+            lengths = run_lengths(cfg.train_len, ev)
+            scalings = scaling_plan(pe, ev["rope_scaling"], ev["rope_factor"])
             dataset = DataSpec.of(cfg).dataset
-            for cell in cell_keys(run_dir, cfg.to_dict(), lengths, scalings, _as_list(spec.eval.get("protocols"))
-                                  or ["nonoverlap"], spec.eval.get("stride"), spec.eval.get("tokens"),
-                                  spec.eval.get("position_buckets", 1)):
+            for cell in cell_keys(run_dir, cfg.to_dict(), lengths, scalings, ev["protocols"], ev["stride"], ev["tokens"],
+                                  ev["position_buckets"]):
                 cell["dataset"] = dataset
                 L, tokens = cell["eval_len"], cell["token_budget"]
                 seconds = tokens * eval_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, L) / peak
@@ -120,10 +130,6 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
                     check_settings(done, cell, f"set another results_dir in {spec.path}")
                 jobs.append(Job("eval", pe, seed, run_dir, _cell_name(cell), seconds, done is not None))
     return jobs
-
-
-def _as_list(value) -> list | None:
-    return None if value is None else value if isinstance(value, list) else [value]
 
 
 def _cell_name(cell: dict) -> str:
@@ -214,11 +220,9 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
                 bar.advance(overall, job.seconds)
         runs = list(dict.fromkeys(j.run_dir for j in jobs))
         seconds = {(j.run_dir.name, j.what): j.seconds for j in jobs if j.kind == "eval"}
-        evaluate(runs, max_len=spec.eval.get("max_len"), lengths=spec.eval.get("lengths"),
-                 tokens=spec.eval.get("tokens"), out=spec.results_dir, device=device, bar=bar,
-                 rope_scalings=_as_list(spec.eval.get("rope_scaling")),
-                 rope_factors=_as_list(spec.eval.get("rope_factor")),
-                 protocols=_as_list(spec.eval.get("protocols")), stride=spec.eval.get("stride"),
-                 position_buckets=spec.eval.get("position_buckets", 1),
+        ev = spec.eval
+        evaluate(runs, max_len=ev["max_len"], lengths=ev["lengths"], tokens=ev["tokens"], out=spec.results_dir,
+                 device=device, bar=bar, rope_scalings=ev["rope_scaling"], rope_factors=ev["rope_factor"],
+                 protocols=ev["protocols"], stride=ev["stride"], position_buckets=ev["position_buckets"],
                  on_cell=lambda cell: bar.advance(overall, seconds.get((cell["run"], _cell_name(cell)), 0.0)))
     return report(spec.results_dir, config=spec) if ctx.main else None

@@ -124,6 +124,9 @@ results_dir: {tmp_path / 'results'}
     assert (run / "run.json").read_bytes() == saved[run / "run.json"]
 
 
+ROPE = "schemes: [rope]\nseeds: [0]\n"
+
+
 @pytest.mark.parametrize("body, needle", [
     ("schemes: [alibi]\nbogus: 1\n", "bogus"),
     ("schemes: []\n", "schemes"),
@@ -134,13 +137,33 @@ results_dir: {tmp_path / 'results'}
     ("schemes: [alibi]\nseeds: [true]\n", "seeds"),
     ("schemes: [alibi]\nseeds: [0, 1, 0]\n", "'seeds' lists 0 twice"),
     ("schemes: [alibi, rope, alibi]\n", "'schemes' lists alibi twice"),
+    # eval: values get the checks `lenx eval` gives its flags, when the file is read (--dry-run included)
+    (ROPE + "eval: {max_len: -5}\n", "bad.yaml: eval.max_len must be a positive integer, got -5"),
+    (ROPE + "eval: {max_len: 0}\n", "bad.yaml: eval.max_len must be a positive integer, got 0"),
+    (ROPE + "eval: {max_len: 64}\n", "bad.yaml: eval.max_len 64 is below the training length 128"),
+    (ROPE + "eval: {lengths: [64, -128]}\n", "bad.yaml: eval.lengths must be positive integers, got -128"),
+    (ROPE + "eval: {tokens: many}\n", "bad.yaml: eval.tokens must be a positive integer, got 'many'"),
+    (ROPE + "eval: {tokens: -3}\n", "bad.yaml: eval.tokens must be a positive integer, got -3"),
+    (ROPE + "eval: {rope_scaling: [yarn], rope_factor: [0.5]}\n", "bad.yaml: eval.rope_factor needs finite factors >= 1"),
+    (ROPE + "eval: {rope_factor: 2}\n", "bad.yaml: eval.rope_factor needs eval.rope_scaling other than none"),
+    (ROPE + "eval: {rope_scaling: [pie]}\n",
+     "bad.yaml: unknown eval.rope_scaling 'pie'; known: none, pi, ntk, dynamic-ntk, yarn"),
+    (ROPE + "eval: {protocols: [sliding], stride: 0}\n", "bad.yaml: eval.stride must be a positive integer, got 0"),
+    (ROPE + "eval: {protocols: [sliding], stride: 200}\n", "bad.yaml: eval.stride 200 must be between 1 and"),
+    (ROPE + "eval: {position_buckets: 0}\n", "bad.yaml: eval.position_buckets must be a positive integer, got 0"),
+    (ROPE + "eval: {protocols: overlapping}\n", "bad.yaml: unknown protocol 'overlapping' in eval.protocols"),
+    (ROPE + "runs_dir: 5\n", "bad.yaml: 'runs_dir' must be a directory path (text), got 5"),
+    (ROPE + "results_dir: [a]\n", "bad.yaml: 'results_dir' must be a directory path (text), got ['a']"),
 ])
-def test_bad_sweep_config_is_one_line(tmp_path, capsys, body, needle):
+def test_bad_sweep_config_is_one_line(tmp_path, capsys, monkeypatch, body, needle):
+    monkeypatch.chdir(tmp_path)  # default runs/ and results/ would land here
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(body)
-    assert lenx("sweep", "--config", cfg) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err
+    for dry_run in (["--dry-run"], []):
+        assert lenx("sweep", "--config", cfg, *dry_run) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]  # refused before anything ran
 
 
 def test_shipped_sweep_configs_load(capsys):
