@@ -196,7 +196,8 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
         # num_hidden_layers for the cache to size itself by), even when a caller asks for use_cache=True
         return False
 
-    def prepare_inputs_for_generation(self, input_ids: Tensor, **kwargs) -> dict:
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> dict:
         # No KV cache: every step re-reads the whole prefix (positions restart at 0 each step).
-        return {"input_ids": input_ids}
+        # The mask goes on to forward, which refuses a padded batch (generate extends the mask by ones per new token).
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 

@@ -271,11 +271,33 @@ def test_every_flag_named_in_errors_exists(capsys, tmp_path):
     one_line_error(capsys, lenx("train", "--config", tmp_path / "c.yaml"), "config key 'log_every'")
 
 
-@pytest.mark.parametrize("pe, options, needle", [("rope", "{base: -5}", "rope option base must be a number above 1"),
-                                                 ("xpos", "{scale_base: 0}", "xpos option scale_base"),
-                                                 ("alibi", "{foo: 1}", "unknown option(s) foo")])
+@pytest.mark.parametrize("pe, options, needle", [
+    ("rope", "{base: -5}", "rope option base must be a number above 1 (default 10000), got -5"),
+    ("rope", "{base: .inf}", "rope option base must be a number above 1 (default 10000), got inf"),
+    ("xpos", "{scale_base: 0}", "xpos option scale_base must be a number above 1 (default 512), got 0"),
+    ("xpos", "{base: 1}", "xpos option base must be a number above 1"),
+    ("sinusoidal", "{base: -5}", "sinusoidal option base must be a number above 1 (default 10000), got -5"),
+    ("t5", "{num_buckets: -1}", "t5 option num_buckets must be an integer >= 2 (default 32), got -1"),
+    ("t5", "{num_buckets: 2.5}", "t5 option num_buckets must be an integer >= 2 (default 32), got 2.5"),
+    ("t5", "{num_buckets: 1}", "t5 option num_buckets must be an integer >= 2"),
+    ("t5", "{max_distance: 0}", "t5 option max_distance must be an integer above num_buckets // 2 = 16 (default 128), got 0"),
+    ("t5", "{num_buckets: 8, max_distance: 4}", "t5 option max_distance must be an integer above num_buckets // 2 = 4"),
+    ("t5", "{shared: maybe}", "t5 option shared must be true or false (default true), got 'maybe'"),
+    ("t5", "{init: uniform}", "t5 option init must be 'normal' or 'zero' (default 'normal'), got 'uniform'"),
+    ("shaw", "{k: 0}", "shaw option k must be an integer >= 1 (default 16), got 0"),
+    ("shaw", "{k: -2}", "shaw option k must be an integer >= 1 (default 16), got -2"),
+    ("shaw", "{k: true}", "shaw option k must be an integer >= 1 (default 16), got true"),
+    ("fire", "{mlp_width: 0}", "fire option mlp_width must be an integer >= 1 (default 32), got 0"),
+    ("fire", "{init_c: -1}", "fire option init_c must be a positive number (default 0.1), got -1"),
+    ("fire", "{init_c: 0}", "fire option init_c must be a positive number"),
+    ("fire", "{eps: 0}", "fire option eps must be a positive number (default 1e-06), got 0"),
+    ("fire", "{eps: .nan}", "fire option eps must be a positive number (default 1e-06), got nan"),
+    ("alibi", "{foo: 1}", "unknown option(s) foo"),
+    ("kerple-log", "{1: 2}", "unknown option(s) 1 for scheme 'kerple-log'; known: none"),
+])
 def test_bad_scheme_options_are_one_line_before_any_run_directory(pe, options, needle, capsys, tmp_path):
     (tmp_path / "c.yaml").write_text(f"pe_options: {options}\n")
     out = tmp_path / "run"
-    one_line_error(capsys, lenx("train", "--pe", pe, "--config", tmp_path / "c.yaml", "--out", out), needle)
+    # tiny: options that slip through make a short run (and a run directory), not a long one
+    one_line_error(capsys, lenx("train", "--pe", pe, "--config", tmp_path / "c.yaml", *TINY, "--out", out), needle)
     assert not out.exists()

@@ -254,6 +254,25 @@ def test_padding_is_refused_not_scored_wrongly(tmp_path):
             model(ids, attention_mask=mask)
 
 
+def test_generate_refuses_a_padded_batch_and_generates_an_unpadded_one(tmp_path):
+    """generate() hands the attention mask on to forward: a left-padded batch is the same clear error, not
+    generation that attends to the pad tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_run(tmp_path, "rope")).eval()
+    prompts = [list(b"import o"), list(b"def f(a)")]  # equal lengths: no padding
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+        assert out.shape == (2, ids.shape[1] + 3) and torch.equal(out[:, : ids.shape[1]], ids)
+        assert torch.equal(out, model.generate(ids, max_new_tokens=3, do_sample=False))  # no mask: the same
+        padded = torch.tensor([[0, 0, 0] + list(b"impor"), prompts[1]])
+        mask = torch.ones_like(padded)
+        mask[0, :3] = 0  # the first row left-padded, as a tokenizer with padding=True gives
+        with pytest.raises(ValueError, match="lenx models take no padding"):
+            model.generate(padded, attention_mask=mask, max_new_tokens=3, do_sample=False)
+
+
 def test_byte_tokenizer_export_encodes_like_lenx():
     from transformers import PreTrainedTokenizerFast
 

@@ -19,7 +19,8 @@ distances per forward and layer, gathered per block.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +122,25 @@ class LinearBias(TableBias):
         return self.slopes, self.pos
 
 
+def is_integer(value) -> bool:
+    """An int, not a bool (YAML's true is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A finite int or float, not a bool."""
+    return is_integer(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def show_option(value, exact: bool = False) -> str:
+    """An option value as a user writes it in YAML: true/false, 'text', 10000 (exact: the float's own digits)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if exact else f"{value:g}"
+    return repr(value)
+
+
 class PositionalScheme(nn.Module):
     """Base class: the identity in all three places. Subclasses override what their paper changes."""
 
@@ -148,9 +168,23 @@ class PositionalScheme(nn.Module):
 
             known = ", ".join(sorted(self.defaults)) or "none"
             raise LenxError(
-                f"unknown option(s) {', '.join(sorted(unknown))} for scheme '{self.name}'; known: {known}"
+                f"unknown option(s) {', '.join(sorted(map(str, unknown)))} for scheme '{self.name}'; known: {known}"
             )
         self.options = {**self.defaults, **config.pe_options}
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Type and range of each option, before any tensor is made (schemes with options override this and
+        call ``check_option`` for each)."""
+
+    def check_option(self, key: str, ok: Callable[[Any], bool], accepted: str) -> None:
+        """One line naming the scheme, the option, what it accepts, its default and the value given."""
+        value = self.options[key]
+        if not ok(value):
+            from ..errors import LenxError
+
+            raise LenxError(f"{self.name} option {key} must be {accepted} (default {show_option(self.defaults[key])}), "
+                            f"got {show_option(value, exact=True)}")
 
     # The longest sequence the scheme can represent (None: any length).
     max_len: int | None = None

@@ -2,7 +2,7 @@ import torch
 from torch import Tensor, nn
 
 from . import register
-from .base import Bias, PositionalScheme, contiguous_positions
+from .base import Bias, PositionalScheme, contiguous_positions, is_integer, is_number
 
 
 class FireBias(Bias):
@@ -146,6 +146,13 @@ class FIRE(PositionalScheme):
         self.f = nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, self.n_head))
         self.c = nn.Parameter(torch.empty(()))
         self.L_mult = nn.Parameter(torch.empty(()))
+
+    def check_options(self) -> None:
+        self.check_option("mlp_width", lambda v: is_integer(v) and v >= 1, "an integer >= 1")
+        # psi(x) = log(|c x| + 1): c = 0 makes psi zero with no gradient to leave it (|c| has none at 0), and the
+        # reference listing starts c positive (0.1); eps keeps psi(max(L, i)) + eps away from zero
+        self.check_option("init_c", lambda v: is_number(v) and v > 0, "a positive number")
+        self.check_option("eps", lambda v: is_number(v) and v > 0, "a positive number")
 
     def reset_parameters(self) -> None:
         for layer in (self.f[0], self.f[2]):

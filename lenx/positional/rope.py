@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import register
-from .base import PositionalScheme
+from .base import PositionalScheme, is_number
 
 # RoPE extensions applied at evaluation time (`lenx eval --rope-scaling`), as transformers implements them.
 ROPE_SCALINGS = ("none", "pi", "ntk", "dynamic-ntk", "yarn")
@@ -90,16 +90,12 @@ class RoPE(PositionalScheme):
 
     def __init__(self, config):
         super().__init__(config)
-        for key in ("base", "scale_base"):  # (xPos has scale_base too)
-            value = self.options.get(key)
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1):
-                from ..errors import LenxError
-
-                raise LenxError(f"{self.name} option {key} must be a number above 1 (default "
-                                f"{self.defaults[key]:g}), got {value!r}")
         self._cache: dict = {}
         self._last = None  # (pos, rotation) of the latest forward
         self.scaling: tuple[str, float | None] = ("none", None)
+
+    def check_options(self) -> None:
+        self.check_option("base", lambda v: is_number(v) and v > 1, "a number above 1")
 
     def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
         super().set_eval_scaling(method, factor)  # rejects unknown methods

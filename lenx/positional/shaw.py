@@ -2,7 +2,7 @@ import torch
 from torch import Tensor, nn
 
 from . import register
-from .base import Bias, PositionalScheme, contiguous_positions
+from .base import Bias, PositionalScheme, contiguous_positions, is_integer
 
 
 class ShawBias(Bias):
@@ -65,6 +65,9 @@ class Shaw(PositionalScheme):
         super().__init__(config)
         self.a_k = nn.Parameter(torch.empty(self.n_layer, self.options["k"] + 1, self.head_dim))
         self.a_v = nn.Parameter(torch.empty(self.n_layer, self.options["k"] + 1, self.head_dim))
+
+    def check_options(self) -> None:
+        self.check_option("k", lambda v: is_integer(v) and v >= 1, "an integer >= 1")
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.a_k, std=0.02)

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import register
-from .base import PositionalScheme
+from .base import PositionalScheme, is_number
 
 
 def sinusoid_table(pos: Tensor, d_model: int, base: float = 10000.0) -> Tensor:
@@ -30,6 +30,9 @@ class Sinusoidal(PositionalScheme):
         "fairseq), token embeddings are multiplied by sqrt(d_model) first; without that, a\n"
         "unit-amplitude sinusoid swamps GPT-style embeddings (std 0.02)."
     )
+
+    def check_options(self) -> None:
+        self.check_option("base", lambda v: is_number(v) and v > 1, "a number above 1")
 
     def embed(self, x: Tensor, pos: Tensor) -> Tensor:
         pe = sinusoid_table(pos, self.d_model, self.options["base"]).to(x.dtype)

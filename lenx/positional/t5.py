@@ -3,9 +3,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..errors import LenxError
 from . import register
-from .base import PositionalScheme
+from .base import PositionalScheme, is_integer
 
 
 def t5_bucket(dist: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
@@ -45,10 +44,17 @@ class T5Bias(PositionalScheme):
 
     def __init__(self, config):
         super().__init__(config)
-        if self.options["init"] not in ("normal", "zero"):
-            raise LenxError(f"t5 option init must be 'normal' or 'zero', got {self.options['init']!r}")
         tables = 1 if self.options["shared"] else self.n_layer
         self.table = nn.Parameter(torch.empty(tables, self.options["num_buckets"], self.n_head))
+
+    def check_options(self) -> None:
+        # t5_bucket needs num_buckets // 2 >= 1 exact buckets and max_distance above them (a positive log of the ratio)
+        self.check_option("num_buckets", lambda v: is_integer(v) and v >= 2, "an integer >= 2")
+        exact = self.options["num_buckets"] // 2
+        self.check_option("max_distance", lambda v: is_integer(v) and v > exact,
+                          f"an integer above num_buckets // 2 = {exact}")
+        self.check_option("shared", lambda v: isinstance(v, bool), "true or false")
+        self.check_option("init", lambda v: isinstance(v, str) and v in ("normal", "zero"), "'normal' or 'zero'")
 
     def reset_parameters(self) -> None:
         if self.options["init"] == "zero":

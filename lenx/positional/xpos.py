@@ -2,6 +2,7 @@ import torch
 from torch import Tensor
 
 from . import register
+from .base import is_number
 from .rope import RoPE, apply_rotation
 
 
@@ -23,6 +24,10 @@ class XPos(RoPE):
         "within float range at long lengths; the shift cancels in every score. RoPE extensions\n"
         "(--rope-scaling) change the rotation frequencies only; the decay keeps the raw positions."
     )
+
+    def check_options(self) -> None:
+        super().check_options()  # base
+        self.check_option("scale_base", lambda v: is_number(v) and v > 1, "a number above 1")
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         rot = self.rotation(pos)
