@@ -28,7 +28,7 @@ from lenx.data import (
 )
 from lenx.errors import LenxError
 
-TINY = ["--steps", "4", "--train-len", "16", "--batch-size", "4", "--layers", "1", "--d-model", "32", "--heads", "2"]
+TINY = ["--steps", "4", "--warmup", "1", "--train-len", "16", "--batch-size", "4", "--layers", "1", "--d-model", "32", "--heads", "2"]
 # text the tokenizers must carry through unchanged: accents, CJK, emoji, tabs, CR, the separator's own spelling
 TRICKY = "naïve café — 日本語 😀 tabs\tand\r\nCRLF  double  spaces <|endoftext|> end\n"
 
