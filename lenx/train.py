@@ -264,27 +264,8 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool, world: int
     return "new"
 
 
-def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = False, device: str | None = None,
-          progress: bool = True, bar=None) -> Path:
-    """Train (or resume, or skip if finished) one run. `bar`: a rich Progress to draw into (e.g. a sweep's)."""
-    from . import distributed
-    from .model import LenxForCausalLM
-
-    ctx = distributed.init()
-    device = distributed.device_for(ctx, device)  # checked before any directory is made
-    precision = resolve_precision(cfg.precision, device)
-    problem = compile_problem(device) if cfg.compile else None
-    if problem:
-        raise LenxError(f"{problem}; install one or train without --compile")
-    run_dir = Path(out) if out else default_run_dir(cfg)
-    state = distributed.from_main(ctx, lambda: prepare_run_dir(run_dir, cfg, overwrite, ctx.world))
-    if state == "done":
-        if ctx.main:
-            from rich.console import Console
-
-            Console(stderr=True).print(f"[green]{run_dir} is already trained[/]; nothing to do (--overwrite retrains)")
-        return run_dir
-
+def _training_data(cfg: TrainConfig, run_dir: Path, state: str, progress: bool):
+    """(corpus, tokenizer, training token stream); a new run's tokenizer is built and saved into run_dir."""
     spec = DataSpec.of(cfg)
     corpus = load_corpus(spec)
     if state == "resume":  # the tokenizer the checkpoint was trained with, from the run directory
@@ -300,6 +281,39 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
             f"the training split of '{cfg.dataset}' has {len(stream)} tokens; one window of --train-len "
             f"{cfg.train_len} needs {cfg.train_len + 2}"
         )
+    return corpus, tok, stream
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = False, device: str | None = None,
+          progress: bool = True, bar=None) -> Path:
+    """Train (or resume, or skip if finished) one run. `bar`: a rich Progress to draw into (e.g. a sweep's)."""
+    from . import distributed
+    from .model import LenxForCausalLM
+
+    ctx = distributed.init()
+    device = distributed.device_for(ctx, device)  # checked before any directory is made
+    precision = resolve_precision(cfg.precision, device)
+    problem = compile_problem(device) if cfg.compile else None
+    if problem:
+        raise LenxError(f"{problem}; install one or train without --compile")
+    run_dir = Path(out) if out else default_run_dir(cfg)
+    # what this run will create: its directory and any missing parents (removed again if its data is bad)
+    created = run_dir if overwrite and run_dir.exists() else next(
+        (q for q in [*reversed(run_dir.absolute().parents), run_dir.absolute()] if not q.exists()), None)
+    state = distributed.from_main(ctx, lambda: prepare_run_dir(run_dir, cfg, overwrite, ctx.world))
+    if state == "done":
+        if ctx.main:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[green]{run_dir} is already trained[/]; nothing to do (--overwrite retrains)")
+        return run_dir
+
+    try:
+        corpus, tok, stream = _training_data(cfg, run_dir, state, progress)
+    except LenxError:
+        if state == "new" and created is not None and ctx.main:  # a bad dataset or tokenizer leaves no directory
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

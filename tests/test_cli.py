@@ -201,8 +201,10 @@ def test_max_len_below_training_length(trained, capsys):
         (["train", "--no-such-flag"], "--no-such-flag"),
     ],
 )
-def test_bad_input_is_one_line(capsys, args, needle):
+def test_bad_input_is_one_line(capsys, args, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default run and result directories land here, if anywhere
     one_line_error(capsys, lenx(*args), needle)
+    assert not any(tmp_path.iterdir()), list(tmp_path.rglob("*"))  # bad input leaves nothing behind
 
 
 def test_bad_config_file_names_the_key(tmp_path, capsys):
