@@ -125,7 +125,7 @@ def test_unknown_scheme_lists_known():
 
 @pytest.mark.parametrize("chunk", [4, 64])
 @pytest.mark.parametrize("K", [1, 3, 16])
-@pytest.mark.parametrize("T", [1, 4, 23])
+@pytest.mark.parametrize("T", [1, 4, 23, 70])
 def test_clipped_relative_route_equals_the_reference_with_gradients(K, T, chunk):
     """Shaw's route (fused kernel past the clip, a band of K explicit scores, joined by log-sum-exp) gives the
     materialised reference's outputs and gradients, on either side of T = K."""
