@@ -245,21 +245,19 @@ def check_eval_options(opts: dict, names: dict = EVAL_FLAGS, where: str = "") ->
     `where`: prefix of every error (e.g. the file). Returns the values in the form `evaluate` uses: lists for
     lengths, rope_scaling, rope_factor (floats) and protocols (default nonoverlap, each once), None where not
     given, position_buckets 1 by default. The checks that need a run's training length are `run_lengths`'."""
+    from .positional.base import is_integer
     from .positional.rope import ROPE_SCALINGS
 
     def fail(message: str) -> LenxError:
         return LenxError(where + message)
 
-    def whole(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
     out = {key: opts.get(key) for key in EVAL_FLAGS}
     out["position_buckets"] = 1 if out["position_buckets"] is None else out["position_buckets"]
     for key in ("max_len", "tokens", "stride", "position_buckets"):
-        if out[key] is not None and not (whole(out[key]) and out[key] > 0):
+        if out[key] is not None and not (is_integer(out[key]) and out[key] > 0):
             raise fail(f"{names[key]} must be a positive integer, got {_shown(out[key])}")
     lengths = _items(out["lengths"])
-    bad = [n for n in lengths if not (whole(n) and n > 0)]
+    bad = [n for n in lengths if not (is_integer(n) and n > 0)]
     if bad:
         raise fail(f"{names['lengths']} must be positive integers, got {_shown(bad[0])}")
     out["lengths"] = lengths or None

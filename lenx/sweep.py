@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import check_values, read_yaml, resolve
 from .errors import LenxError
 from .evaluate import EVAL_FLAGS, check_eval_options, run_lengths, scaling_plan
+from .positional.base import is_integer
 
 TOP_KEYS = {"name", "description", "schemes", "seeds", "train", "eval", "runs_dir", "results_dir", "published"}
 EVAL_KEYS = set(EVAL_FLAGS)  # the options of `lenx eval`, keyed as in a sweep's eval: section
@@ -43,7 +44,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not isinstance(schemes, list) or not schemes or not all(isinstance(s, str) for s in schemes):
         raise LenxError(f"{path}: 'schemes' must be a non-empty list of scheme names")
     seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
+    if not isinstance(seeds, list) or not seeds or not all(is_integer(s) and s >= 0 for s in seeds):
         raise LenxError(f"{path}: 'seeds' must be a non-empty list of integers >= 0")
     for key, values in (("schemes", schemes), ("seeds", seeds)):
         twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
