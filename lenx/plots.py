@@ -29,15 +29,20 @@ def style(scheme: str) -> dict:
     s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}
     if " (" in scheme:  # a training variant, "rope (L16)" (lenx.report.variant): its own marker and dashes
         k = sum(map(ord, scheme.split(" (", 1)[1]))
-        s["marker"] = _MARKERS[(i + 1 + k % (len(_MARKERS) - 1)) % len(_MARKERS)]
+        s["marker"] = _marker_apart(i, k)
         s["linestyle"] = _VARIANT_DASHES[k % len(_VARIANT_DASHES)]
     if "+" in scheme:  # a RoPE extension: the scheme's colour; its own dash pattern and hollow marker
         ext, _, factor = scheme.split(" ")[0].split("+", 1)[1].partition("×")
         s["linestyle"] = _EXTENSION_DASHES.get(ext, "--")
         s["markerfacecolor"] = "white"
         if factor:  # a factor given at evaluation ("rope+yarn×4"): a marker of its own per factor
-            s["marker"] = _MARKERS[(i + 1 + sum(map(ord, factor)) % (len(_MARKERS) - 1)) % len(_MARKERS)]
+            s["marker"] = _marker_apart(i, sum(map(ord, factor)))
     return s
+
+
+def _marker_apart(i: int, k: int) -> str:
+    """A marker other than scheme slot i's own, picked by k (a hash of the variant's tag)."""
+    return _MARKERS[(i + 1 + k % (len(_MARKERS) - 1)) % len(_MARKERS)]
 
 
 _VARIANT_DASHES = ["-", "--", "-.", ":"]
