@@ -357,6 +357,57 @@ def test_xpos_score_is_rope_score_times_decay_of_the_offset():
         torch.testing.assert_close((xq @ xk.transpose(-1, -2))[0, 0].double(), want, atol=1e-4, rtol=1e-4)
 
 
+# --------------------------------------------------------------------- against reference libraries
+
+
+@pytest.mark.parametrize("head_dim, base", [(8, 10000.0), (64, 10000.0), (128, 500000.0)])
+def test_rope_inv_freq_matches_transformers_default(head_dim, base):
+    """theta_k = base^(-2k/d) (Su et al. 2021, eq. 15), as transformers' default RoPE (LlamaRotaryEmbedding)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf_inv, attn = LlamaRotaryEmbedding.compute_default_rope_parameters(hf_config("default", head_dim, base, 1.0, 16))
+    torch.testing.assert_close(rope_inv_freq(head_dim, base), hf_inv.double(), atol=1e-7, rtol=1e-6)
+    assert rope_frequencies(head_dim, base)[1] == attn == 1.0
+
+
+def test_rope_rotation_matches_transformers_up_to_the_pair_layout():
+    """lenx rotates pairs (2k, 2k+1) as RoFormer's eq. 34; transformers' rotate_half pairs (k, k + d/2). The same
+    rotation after that permutation of the head dimensions, hence the same scores for projections permuted alike."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    d, T = 16, 40
+    rope = REGISTRY["rope"](tiny_config("rope", d_model=2 * d, n_head=2))
+    hf = LlamaRotaryEmbedding(hf_config("default", d, 10000.0, 1.0, 16))
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, T, d), torch.randn(1, 2, T, d)
+    pos = torch.arange(100, 100 + T)
+    perm = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])  # lenx pair k -> transformers' (k, k + d/2)
+    cos, sin = hf(q, pos[None])
+    hq, hk = apply_rotary_pos_emb(q[..., perm], k[..., perm], cos, sin)
+    lq, lk = rope.rotate(q, k, pos)
+    torch.testing.assert_close(lq[..., perm], hq, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lk[..., perm], hk, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_head", list(range(1, 33)) + [40, 48, 64])
+def test_alibi_slopes_match_transformers_bloom(n_head):
+    """BLOOM's build_alibi_tensor follows the ALiBi paper's get_slopes, non-powers of two included (MPT does not)."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    alibi = build_alibi_tensor(torch.ones(1, 3), n_head, torch.float64)  # (H, 1, T): slope_h * j
+    torch.testing.assert_close(torch.tensor(alibi_slopes(n_head), dtype=torch.float64), alibi[:, 0, 1])
+
+
+def test_sinusoid_matches_transformers_table():
+    """Vaswani et al. 2017 section 3.5, as transformers builds it (DistilBERT's sinusoidal_pos_embds)."""
+    from transformers.models.distilbert.modeling_distilbert import _create_sinusoidal_embeddings
+
+    from lenx.positional.sinusoidal import sinusoid_table
+
+    theirs = _create_sinusoidal_embeddings(300, 64, torch.empty(300, 64))
+    torch.testing.assert_close(sinusoid_table(torch.arange(300), 64), theirs, atol=1e-6, rtol=0)
+
+
 # --------------------------------------------------------------------------- RoPE extensions
 
 
