@@ -357,6 +357,30 @@ def test_xpos_score_is_rope_score_times_decay_of_the_offset():
         torch.testing.assert_close((xq @ xk.transpose(-1, -2))[0, 0].double(), want, atol=1e-4, rtol=1e-4)
 
 
+def test_xpos_refuses_windows_past_float32_range_instead_of_nan():
+    """zeta^(+-n/g) with zeta down to 0.4/1.4 overflows float32 in a long enough window (NaN scores, torchscale too).
+    With scale_base 8 the bound is 882 positions; at 1200 the unchecked model gave NaN logits."""
+    from lenx.errors import LengthNotSupported
+
+    model = tiny_model("xpos", pe_options={"scale_base": 8.0})
+    assert model.pe.max_span() == model.pe.max_len == 882
+    assert tiny_model("xpos").pe.max_span() == 56463  # the default scale_base 512
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.randint(0, 60, (1, 882))).logits).all()
+        for T in (883, 1200):
+            with pytest.raises(LengthNotSupported, match=f"window of {T} positions \\(at most 882\\)"):
+                model(input_ids=torch.randint(0, 60, (1, T)))
+        # positions that do not start at 0 count by their span, not their values
+        assert torch.isfinite(model(input_ids=torch.randint(0, 60, (1, 800)),
+                                    position_ids=torch.arange(5000, 5800)[None]).logits).all()
+
+
+def test_xpos_refuses_a_training_length_past_its_range():
+    with pytest.raises(LenxError, match=r"xpos cannot train on 900-token windows at scale_base 8: .* scale_base >= 9"):
+        tiny_model("xpos", train_len=900, pe_options={"scale_base": 8.0})
+    assert tiny_model("xpos", train_len=900, pe_options={"scale_base": 9.0}).pe.max_span() >= 900
+
+
 # --------------------------------------------------------------------- against reference libraries
 
 

@@ -1,6 +1,9 @@
+import math
+
 import torch
 from torch import Tensor
 
+from ..errors import LengthNotSupported
 from . import register
 from .base import is_number
 from .rope import RoPE, apply_rotation
@@ -22,12 +25,44 @@ class XPos(RoPE):
         "As in torchscale's xpos_relative_position.py (interleaved pairs, like lenx's RoPE),\n"
         "positions are centred on the middle of the window before the decay, so zeta^(+-n/g) stays\n"
         "within float range at long lengths; the shift cancels in every score. RoPE extensions\n"
-        "(--rope-scaling) change the rotation frequencies only; the decay keeps the raw positions."
+        "(--rope-scaling) change the rotation frequencies only; the decay keeps the raw positions.\n"
+        "Even centred, zeta^(+-n/g) leaves float32's range in a window of about 2g * 70 / ln(3.5)\n"
+        "positions (56k at g = 512): past that the scores turn to inf * 0 = NaN (torchscale too), so\n"
+        "lenx refuses such a window with a note in its row rather than report a NaN perplexity."
     )
+    # The largest decay factor zeta^(-n/g) allowed: scaled queries and keys, and their products, stay finite
+    # and clear of float32's subnormals (about 1e-38) with room for the projections' own magnitudes.
+    MAX_FACTOR = 1e30
 
     def check_options(self) -> None:
         super().check_options()  # base
         self.check_option("scale_base", lambda v: is_number(v) and v > 1, "a number above 1")
+        if self.train_len > self.max_span():
+            from ..errors import LenxError
+
+            need = math.ceil(self.train_len * math.log(1.4 / 0.4) / (2 * math.log(self.MAX_FACTOR)))
+            raise LenxError(f"xpos cannot train on {self.train_len}-token windows at scale_base "
+                            f"{self.options['scale_base']:g}: its decay leaves float32's range past {self.max_span()} "
+                            f"positions; give pe_options scale_base >= {need}")
+
+    @property
+    def max_len(self) -> int:
+        return self.max_span()
+
+    def max_span(self) -> int:
+        """The longest window (last position - first + 1) whose decay stays within MAX_FACTOR: positions run
+        from the centre by half the span, and the smallest zeta (pair 0) is 0.4 / 1.4."""
+        return int(2 * self.options["scale_base"] * math.log(self.MAX_FACTOR) / math.log(1.4 / 0.4))
+
+    def rotation(self, pos: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling() and (self._last is None or self._last[0] is not pos):  # once per forward
+            span = int(pos.max() - pos.min()) + 1
+            if span > self.max_span():
+                raise LengthNotSupported(
+                    f"xPos's decay zeta^(n/{self.options['scale_base']:g}) leaves float32's range in a window of "
+                    f"{span} positions (at most {self.max_span()}); evaluate shorter windows"
+                )
+        return super().rotation(pos)
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         rot = self.rotation(pos)
