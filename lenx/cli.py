@@ -188,6 +188,19 @@ def sweep(
         typer.echo(f"report written to {path} (and report.html beside it)")
 
 
+def _reflow(text: str) -> str:
+    """A scheme's details as the terminal should show them: the lines of a paragraph (written about 90 columns
+    wide) joined, so that rich wraps them to the console's width; blank lines between paragraphs and indented
+    lines (formulas) stay as written."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        if lines and lines[-1] and line and not line[0].isspace() and not lines[-1][0].isspace():
+            lines[-1] += " " + line
+        else:
+            lines.append(line)
+    return "\n".join(lines)
+
+
 @app.command()
 def schemes(name: Optional[str] = typer.Argument(None, help="Show one scheme in detail.")) -> None:
     """List the positional schemes, or explain one."""
@@ -207,7 +220,7 @@ def schemes(name: Optional[str] = typer.Argument(None, help="Show one scheme in 
         if cls.defaults:
             console.print("options: " + ", ".join(f"{k}={v}" for k, v in cls.defaults.items()), markup=False)
         console.print()
-        console.print(cls.details, markup=False)
+        console.print(_reflow(cls.details), markup=False)
         return
     wide = console.width >= 160  # paper and users only where they fit; else `lenx schemes NAME` has them
     table = Table(title="positional schemes", show_lines=not wide,

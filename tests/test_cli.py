@@ -237,6 +237,21 @@ def test_schemes_lists_every_scheme(capsys, monkeypatch):
     assert "m - n" in capsys.readouterr().out
 
 
+def test_scheme_details_fill_the_terminal_width(capsys, monkeypatch):
+    """Details are written about 90 columns wide; at 80 columns their paragraphs are rewrapped whole (no line
+    broken after a word or two), paragraphs and indented formula lines stay as written."""
+    monkeypatch.setenv("COLUMNS", "80")
+    for name in REGISTRY:
+        assert lenx("schemes", name) == 0
+        details = capsys.readouterr().out.split("\n\n", 1)[1].splitlines()  # after the header
+        assert max(map(len, details)) <= 80, name
+        prose = [line for line in details[:-1] if line and not line.startswith(" ")]
+        assert all(len(line) > 50 for line in prose if details[details.index(line) + 1]), (name, prose)
+    assert lenx("schemes", "rope") == 0
+    out = capsys.readouterr().out
+    assert "\n  <R_m q, R_n k> = sum_k" in out and "\n\nAt evaluation," in out
+
+
 def test_help_prints_defaults_and_brackets_as_written(capsys):
     """Help texts are plain text: '[default: ...]' and 'cuda[:N]' are not swallowed as markup."""
     assert main(["train", "--help"]) == 0

@@ -134,7 +134,7 @@ class FIRE(PositionalScheme):
         "interpolation'): the MLP's input psi(i - j)/psi(max(L, i)) stays in [0, 1], the range seen\n"
         "in training, at every length; psi(x) = log(|c*x| + 1) spreads out the local distances. Not\n"
         "relative: above the threshold L the normaliser grows with the query position i.\n"
-        "As the paper's reference listing: |c| and L = |m * L0| with m learned (init 1) and L0 the\n"
+        "\nAs the paper's reference listing: |c| and L = |m * L0| with m learned (init 1) and L0 the\n"
         "training length; init_c = 0.1; eps = 1e-6 added to the denominator; PyTorch's default init\n"
         "for the MLP. One f, c and m for all layers (believed to be the paper's choice; not verified\n"
         "against its text)."

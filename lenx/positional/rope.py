@@ -84,7 +84,7 @@ class RoPE(PositionalScheme):
         "  <R_m q, R_n k> = sum_k Re(q_k e^(i m theta_k) * conj(k_k e^(i n theta_k)))\n"
         "                 = sum_k Re(q_k conj(k_k) e^(i (m - n) theta_k)),\n"
         "a function of q, k and m - n only: R_m^T R_n = R_(n-m), rotations compose by adding angles.\n"
-        "At evaluation, `lenx eval --rope-scaling pi|ntk|dynamic-ntk|yarn` changes the frequencies\n"
+        "\nAt evaluation, `lenx eval --rope-scaling pi|ntk|dynamic-ntk|yarn` changes the frequencies\n"
         "exactly as transformers' rope_parameters do (see lenx/positional/rope.py)."
     )
 

@@ -53,7 +53,7 @@ class Shaw(PositionalScheme):
         "heads, each of size head_dim, as in the paper. A causal decoder only sees r = -k..0, so lenx\n"
         "keeps those k + 1 vectors per layer and kind; all distances beyond k share a^K_-k and\n"
         "a^V_-k.\n"
-        "The key term enters the scores as q_i.a^K/sqrt(d) (attention adds biases to q.k/sqrt(d)):\n"
+        "\nThe key term enters the scores as q_i.a^K/sqrt(d) (attention adds biases to q.k/sqrt(d)):\n"
         "content-dependent. Past the clip both terms are the same for every key (a per-row score\n"
         "constant and one value vector), so attention runs the fused kernel for keys at distance >= k\n"
         "and a band of k explicit scores for the nearest ones, joined by their log-sum-exp (CPU, fp32;\n"

@@ -35,9 +35,9 @@ class T5Bias(PositionalScheme):
         "Causal bucketing (HF bidirectional=False): distances 0..15 get a bucket each, 16..127 share\n"
         "16 log-spaced buckets, and every distance >= max_distance = 128 falls in the last bucket, so\n"
         "the bias is constant beyond 128 at any evaluation length.\n"
-        "shared: true (the default, as in HF T5, where the first layer computes the bias and every\n"
+        "\nshared: true (the default, as in HF T5, where the first layer computes the bias and every\n"
         "layer reuses it): one table for all layers; shared: false: one table per layer.\n"
-        "init: normal (the default, HF T5's N(0, d_model^-0.5)) or zero (the table starts as NoPE;\n"
+        "\ninit: normal (the default, HF T5's N(0, d_model^-0.5)) or zero (the table starts as NoPE;\n"
         "REFERENCE.md notes how slowly it then moves). The table trains at pos_lr_mult x the learning\n"
         "rate. The bias is a per-head table over distances, gathered per block: memory linear in L."
     )

@@ -22,13 +22,16 @@ class XPos(RoPE):
         "zeta_k = (2k + 0.4d)/(1.4d) in (0.29, 1) and g = scale_base = 512. The score of pair k then\n"
         "carries zeta_k^((n-m)/g): a function of n - m only, decaying with distance fastest for the\n"
         "high-frequency pairs, whose rotation alone extrapolates worst.\n"
-        "As in torchscale's xpos_relative_position.py (interleaved pairs, like lenx's RoPE),\n"
+        "\nAs in torchscale's xpos_relative_position.py (interleaved pairs, like lenx's RoPE),\n"
         "positions are centred on the middle of the window before the decay, so zeta^(+-n/g) stays\n"
         "within float range at long lengths; the shift cancels in every score. RoPE extensions\n"
         "(--rope-scaling) change the rotation frequencies only; the decay keeps the raw positions.\n"
-        "Even centred, zeta^(+-n/g) leaves float32's range in a window of about 2g * 70 / ln(3.5)\n"
+        "\nEven centred, zeta^(+-n/g) leaves float32's range in a window of about 2g * 70 / ln(3.5)\n"
         "positions (56k at g = 512): past that the scores turn to inf * 0 = NaN (torchscale too), so\n"
-        "lenx refuses such a window with a note in its row rather than report a NaN perplexity."
+        "lenx refuses such a window with a note in its row rather than report a NaN perplexity.\n"
+        "\nThe paper's extrapolation results pair xPos with blockwise causal attention at inference (each\n"
+        "query sees its own and the previous block of train_len keys); lenx evaluates every scheme with\n"
+        "full causal attention over the window, so xPos rows measure the encoding alone."
     )
     # The largest decay factor zeta^(-n/g) allowed: scaled queries and keys, and their products, stay finite
     # and clear of float32's subnormals (about 1e-38) with room for the projections' own magnitudes.
