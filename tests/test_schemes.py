@@ -357,6 +357,22 @@ def test_xpos_score_is_rope_score_times_decay_of_the_offset():
         torch.testing.assert_close((xq @ xk.transpose(-1, -2))[0, 0].double(), want, atol=1e-4, rtol=1e-4)
 
 
+def test_a_scheme_built_on_its_own_holds_its_papers_init():
+    """Not torch.empty's leftovers: each learned scheme initialises itself in its constructor, as torch modules do."""
+    torch.manual_seed(0)
+    built = {name: REGISTRY[name](tiny_config(name, d_model=64, n_head=4, n_layer=3)) for name in REGISTRY}
+    for name, scheme in built.items():
+        for p in scheme.parameters():
+            assert torch.isfinite(p).all(), name
+    assert built["fire"].c.item() == pytest.approx(0.1) and built["fire"].L_mult.item() == 1.0
+    for name, (r1_max, r2_max) in (("kerple-log", (2, 1)), ("kerple-power", (1, 2))):
+        r1, r2 = built[name].r1, built[name].r2
+        assert 0 <= r1.min() < r1.max() <= r1_max and 0 <= r2.min() < r2.max() <= r2_max, name
+    assert 0.01 < built["shaw"].a_k.std() < 0.03 and 0.01 < built["shaw"].a_v.std() < 0.03
+    assert 0.6 * 64**-0.5 < built["t5"].table.std() < 1.4 * 64**-0.5  # HF T5's N(0, d_model^-0.5)
+    assert 0.01 < built["learned"].table.std() < 0.03
+
+
 def test_xpos_refuses_windows_past_float32_range_instead_of_nan():
     """zeta^(+-n/g) with zeta down to 0.4/1.4 overflows float32 in a long enough window (NaN scores, torchscale too).
     With scale_base 8 the bound is 882 positions; at 1200 the unchecked model gave NaN logits."""

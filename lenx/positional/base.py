@@ -190,7 +190,9 @@ class PositionalScheme(nn.Module):
     max_len: int | None = None
 
     def reset_parameters(self) -> None:
-        """Initialise learned parameters as the scheme's paper does."""
+        """Initialise learned parameters as the scheme's paper does. Schemes with parameters call it from their
+        constructor (as torch modules do), so a scheme built on its own is ready; the model calls it again in its
+        own initialisation, and not for parameters loaded from a checkpoint."""
 
     # (a) embedding
     def embed(self, x: Tensor, pos: Tensor) -> Tensor:

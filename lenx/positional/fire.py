@@ -146,6 +146,7 @@ class FIRE(PositionalScheme):
         self.f = nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, self.n_head))
         self.c = nn.Parameter(torch.empty(()))
         self.L_mult = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
 
     def check_options(self) -> None:
         self.check_option("mlp_width", lambda v: is_integer(v) and v >= 1, "an integer >= 1")

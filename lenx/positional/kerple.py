@@ -21,6 +21,7 @@ class _Kerple(PositionalScheme):
         super().__init__(config)
         self.r1 = nn.Parameter(torch.empty(self.n_head))
         self.r2 = nn.Parameter(torch.empty(self.n_head))
+        self.reset_parameters()
 
     def params(self) -> tuple[Tensor, Tensor]:
         self.r1.data.clamp_(min=EPS)  # .data: a projection, invisible to autograd, as in the reference

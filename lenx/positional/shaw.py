@@ -65,6 +65,7 @@ class Shaw(PositionalScheme):
         super().__init__(config)
         self.a_k = nn.Parameter(torch.empty(self.n_layer, self.options["k"] + 1, self.head_dim))
         self.a_v = nn.Parameter(torch.empty(self.n_layer, self.options["k"] + 1, self.head_dim))
+        self.reset_parameters()
 
     def check_options(self) -> None:
         self.check_option("k", lambda v: is_integer(v) and v >= 1, "an integer >= 1")

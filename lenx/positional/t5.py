@@ -46,6 +46,7 @@ class T5Bias(PositionalScheme):
         super().__init__(config)
         tables = 1 if self.options["shared"] else self.n_layer
         self.table = nn.Parameter(torch.empty(tables, self.options["num_buckets"], self.n_head))
+        self.reset_parameters()
 
     def check_options(self) -> None:
         # t5_bucket needs num_buckets // 2 >= 1 exact buckets and max_distance above them (a positive log of the ratio)
