@@ -31,6 +31,13 @@ def test_t5_buckets_match_transformers(num_buckets, max_distance):
     assert (ours[max_distance:] == num_buckets - 1).all()  # everything far shares the last bucket
 
 
+def test_t5_default_last_bucket_starts_at_113():
+    """What `lenx schemes t5` states: with 32 buckets and max_distance 128 the bias is constant from distance 113 on."""
+    b = t5_bucket(torch.arange(400), 32, 128)
+    assert b[112] == 30 and (b[113:] == 31).all() and b.unique().numel() == 32
+    assert "from\n113 on" in REGISTRY["t5"].details
+
+
 def test_t5_bias_reads_the_table_by_bucket():
     model = tiny_model("t5", n_head=2, d_model=16)
     pos = torch.arange(200)

@@ -32,9 +32,9 @@ class T5Bias(PositionalScheme):
     defaults = {"num_buckets": 32, "max_distance": 128, "shared": True, "init": "normal"}
     details = (
         "A learned scalar per (bucket of the distance i - j, head) added to the attention scores.\n"
-        "Causal bucketing (HF bidirectional=False): distances 0..15 get a bucket each, 16..127 share\n"
-        "16 log-spaced buckets, and every distance >= max_distance = 128 falls in the last bucket, so\n"
-        "the bias is constant beyond 128 at any evaluation length.\n"
+        "Causal bucketing (HF bidirectional=False): distances 0..15 get a bucket each, larger ones\n"
+        "16 log-spaced buckets up to max_distance = 128; the last bucket holds every distance from\n"
+        "113 on (128 and beyond included), so the bias is constant past 112 at any evaluation length.\n"
         "\nshared: true (the default, as in HF T5, where the first layer computes the bias and every\n"
         "layer reuses it): one table for all layers; shared: false: one table per layer.\n"
         "\ninit: normal (the default, HF T5's N(0, d_model^-0.5)) or zero (the table starts as NoPE;\n"
