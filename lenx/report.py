@@ -239,8 +239,9 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
     order = _scheme_order(logs["pe"].unique())
     for pe, g in sorted(logs.groupby("pe", sort=False), key=lambda item: order[item[0]]):
         curve = g.groupby("step")["loss"].mean().rolling(5, min_periods=1).mean()
-        st = {k: v for k, v in style(pe).items() if k != "marker"}
-        ax.plot(curve.index, curve.values, label=pe, linewidth=1.8, **st)
+        # markers too: a training variant's dashes come from a hash of its tag, and two variants can share them
+        ax.plot(curve.index, curve.values, label=pe, linewidth=1.8, markersize=5,
+                markevery=max(1, len(curve) // 12), **style(pe))  # at most about a dozen markers a line
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, also on short runs

@@ -303,3 +303,21 @@ def test_bad_scheme_options_are_one_line_before_any_run_directory(pe, options, n
     # tiny: options that slip through make a short run (and a run directory), not a long one
     one_line_error(capsys, lenx("train", "--pe", pe, "--config", tmp_path / "c.yaml", *TINY, "--out", out), needle)
     assert not out.exists()
+
+
+def test_training_curves_of_variants_never_share_a_style(tmp_path, monkeypatch):
+    """alibi trained at 64 and, in two configs, at 32: 'alibi (L64)' and 'alibi (L32, 8dd3b8)' hash to the same dashes,
+    so without markers their training curves looked alike."""
+    import lenx.report as report
+
+    rows = []
+    for name, (train_len, config_id) in {"a": (32, "8dd3b8"), "b": (32, "1af947"), "c": (64, "8dd3b8")}.items():
+        (tmp_path / name).mkdir()
+        pd.DataFrame({"step": [10, 20, 30], "loss": [4.0, 3.5, 3.0]}).to_csv(tmp_path / name / "train_log.csv")
+        rows.append({"pe": "alibi", "train_len": train_len, "run_dir": str(tmp_path / name), "config_id": config_id})
+    drawn = {}
+    monkeypatch.setattr(report, "finish", lambda fig, ax, path, legend_title=None: drawn.update(
+        {line.get_label(): (line.get_color(), line.get_linestyle(), line.get_marker()) for line in ax.get_lines()}))
+    assert report.plot_training_curves(pd.DataFrame(rows), tmp_path / "training_loss.png")
+    assert set(drawn) == {"alibi (L32, 8dd3b8)", "alibi (L32, 1af947)", "alibi (L64)"}, drawn
+    assert len(set(drawn.values())) == len(drawn), drawn
