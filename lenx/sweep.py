@@ -58,11 +58,16 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if set(train) & {"pe", "seed"}:
         raise LenxError(f"{path}: set 'pe' and 'seed' through 'schemes' and 'seeds', not under 'train'")
     check_values(train, f"{path}: train")
-    bad = set(evals) - EVAL_KEYS
+    bad = set(evals) - EVAL_KEYS - {"protocol"}
     if bad:
         raise LenxError(f"{path}: unknown key 'eval.{sorted(bad)[0]}'; known: {', '.join(sorted(EVAL_KEYS))}")
     # eval: gets the checks `lenx eval` gives its flags, named eval.<key> of this file
     names, where = {k: f"eval.{k}" for k in EVAL_KEYS}, f"{path}: "
+    if "protocol" in evals:  # as the flag spells it (--protocol)
+        if "protocols" in evals:
+            raise LenxError(f"{path}: eval.protocol and eval.protocols are one setting; keep one")
+        evals = {("protocols" if k == "protocol" else k): v for k, v in evals.items()}
+        names["protocols"] = "eval.protocol"
     evals = check_eval_options(evals, names, where)
     for key, what in PATH_KEYS.items():
         if raw.get(key) is not None and not (isinstance(raw[key], str) and raw[key].strip()):
