@@ -166,6 +166,20 @@ def check_weights(row, subject, fix: str) -> None:
                         f"{subject.run_dir} holds now (retrained since?); a finished cell is never recomputed: {fix}")
 
 
+def check_text(row, spec, fix: str) -> None:
+    """Refuse a finished cell scored on other text than the local files `spec` names now (another --test-file,
+    all of them dataset 'files', or a file edited since): for them the name alone does not identify the text."""
+    from .data import HUB_DATASETS, load_corpus
+
+    if spec.dataset == "stdlib" or spec.dataset in HUB_DATASETS or spec.dataset.startswith("hf:"):
+        return
+    recorded = row.get("dataset_fingerprint")
+    if isinstance(recorded, str) and recorded != load_corpus(spec).fingerprint:
+        raise LenxError(f"the results hold {row['run']} @{int(row['eval_len'])} scored on other text than dataset "
+                        f"'{spec.dataset}' names now (another file, or edited since?); a finished cell is never "
+                        f"recomputed: {fix}")
+
+
 class LenxRun:
     """A lenx run directory as an evaluation subject. `evaluate` asks the same of an HF model (`lenx.hf.HFModel`):
     name, pe, seed, train_len, config_id, tokenizer_name, run_dir, default_data, scaling_plan(), open(),
@@ -677,6 +691,7 @@ def evaluate(
             if _key(c) in finished:
                 check_settings(finished[_key(c)], c, f"use another --out than {out}")
                 check_weights(finished[_key(c)], subj, f"use another --out than {out}")
+                check_text(finished[_key(c)], spec, f"use another --out than {out}")
             else:
                 todo.append((subj, lens, width, spec, c))
     current: dict = {}  # the test data of the subject being evaluated (the subject holds its model)

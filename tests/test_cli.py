@@ -321,3 +321,24 @@ def test_training_curves_of_variants_never_share_a_style(tmp_path, monkeypatch):
     assert report.plot_training_curves(pd.DataFrame(rows), tmp_path / "training_loss.png")
     assert set(drawn) == {"alibi (L32, 8dd3b8)", "alibi (L32, 1af947)", "alibi (L64)"}, drawn
     assert len(set(drawn.values())) == len(drawn), drawn
+
+
+def test_results_of_another_text_are_refused(tmp_path, capsys):
+    """Two --test-file texts are both dataset 'files': the second is not silently 'already done' with the first's
+    numbers; an edited local dataset likewise."""
+    run, res = tmp_path / "runs" / "rope", tmp_path / "res"
+    assert lenx("train", "--pe", "rope", *TINY, "--out", run) == 0
+    for name, word in (("a.txt", "alpha beta "), ("b.txt", "gamma delta epsilon ")):
+        (tmp_path / name).write_text(word * 200)
+    cell = ["--lengths", "16", "--tokens", "64", "--out", res]
+    assert lenx("eval", run, "--test-file", tmp_path / "a.txt", *cell) == 0
+    assert lenx("eval", run, "--test-file", tmp_path / "a.txt", *cell) == 0  # the same text: the cell stands
+    capsys.readouterr()
+    one_line_error(capsys, lenx("eval", run, "--test-file", tmp_path / "b.txt", *cell), "other text", "another --out")
+    assert lenx("eval", run, "--dataset", tmp_path / "b.txt", *cell) == 0
+    (tmp_path / "b.txt").write_text("zeta eta " * 200)
+    from lenx.data import _load
+
+    _load.cache_clear()  # a new `lenx eval` process reads the file afresh
+    one_line_error(capsys, lenx("eval", run, "--dataset", tmp_path / "b.txt", *cell), "other text", "another --out")
+    assert len(pd.read_csv(res / "results.csv")) == 2
