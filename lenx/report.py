@@ -55,12 +55,15 @@ def tokenizers(df: pd.DataFrame) -> list[str]:
 
 def label(df: pd.DataFrame) -> pd.Series:
     """Scheme label: the scheme, plus the RoPE extension when one was used at evaluation, plus the
-    tokenizer when the results mix tokenizers, plus `variant` where runs of one label were trained differently.
+    tokenizer when the results mix tokenizers, plus ' on <dataset>' when they mix evaluation datasets (`lenx eval
+    --dataset / --test-file`), plus `variant` where runs of one label were trained differently.
     Rows that share a label are seeds of one experiment."""
     scaling = df["rope_scaling"].fillna("none").astype(str)
     lab = df["pe"].where(scaling == "none", df["pe"] + "+" + scaling) + factor_tag(df, scaling)
     if len(tokenizers(df)) > 1:
         lab = lab + " [" + df["tokenizer"].fillna("byte").astype(str) + "]"
+    if "dataset" in df and df["dataset"].astype(str).nunique() > 1:
+        lab = lab + " on " + df["dataset"].astype(str)
     return lab + variant(df, lab)
 
 

@@ -342,3 +342,19 @@ def test_results_of_another_text_are_refused(tmp_path, capsys):
     _load.cache_clear()  # a new `lenx eval` process reads the file afresh
     one_line_error(capsys, lenx("eval", run, "--dataset", tmp_path / "b.txt", *cell), "other text", "another --out")
     assert len(pd.read_csv(res / "results.csv")) == 2
+
+
+def test_report_keeps_datasets_apart():
+    """One run scored on its own corpus and on another (`lenx eval --test-file`): two rows, never their mean."""
+    from lenx.report import summarise
+
+    rows = [{"run": "alibi-L16-s0", "pe": "alibi", "seed": 0, "train_len": 16, "eval_len": 16, "protocol": "nonoverlap",
+             "stride": 16, "rope_scaling": "none", "rope_factor": float("nan"), "ppl": ppl, "bpb": 1.0, "note": "",
+             "tokenizer": "byte", "dataset": dataset, "config_id": "c0"}
+            for dataset, ppl in (("stdlib", 40.0), ("files", 20.0))]
+    summary = summarise(pd.DataFrame(rows)).set_index("scheme")
+    assert summary["ppl"].to_dict() == {"alibi on files": 20.0, "alibi on stdlib": 40.0}
+    assert summarise(pd.DataFrame(rows[:1]))["scheme"].tolist() == ["alibi"]  # one dataset: no tag
+    from lenx.plots import style
+
+    assert style("alibi on files") != style("alibi on stdlib")  # and the figures draw them apart
