@@ -93,6 +93,10 @@ def read_run(run_dir: str | Path) -> dict:
         info = json.loads((run_dir / "run.json").read_text())
         info["config"]["train_len"]
     except FileNotFoundError:
+        inside = sorted(p.parent for p in run_dir.glob("*/run.json"))
+        if inside:  # `lenx eval runs`: the runs' parent named as a run
+            raise LenxError(f"{run_dir} is a directory of lenx runs, not a run; name a run (e.g. {inside[0]}), or, "
+                            f"for `lenx eval`, give --runs-dir {run_dir} to evaluate them all") from None
         raise LenxError(f"{run_dir} is not a lenx run (no run.json); train it with `lenx train`") from None
     except (ValueError, KeyError, TypeError):
         raise LenxError(f"{run_dir}/run.json is corrupt; retrain with `lenx train --overwrite`") from None

@@ -358,3 +358,10 @@ def test_report_keeps_datasets_apart():
     from lenx.plots import style
 
     assert style("alibi on files") != style("alibi on stdlib")  # and the figures draw them apart
+
+
+def test_a_directory_of_runs_named_as_a_run_says_so(trained, capsys, tmp_path):
+    runs = trained / "runs"
+    one_line_error(capsys, lenx("eval", runs, "--out", tmp_path / "res"), "a directory of lenx runs",
+                   f"--runs-dir {runs}")
+    one_line_error(capsys, lenx("export", runs, "--out", tmp_path / "hf"), "a directory of lenx runs", "name a run")
