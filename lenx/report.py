@@ -380,14 +380,16 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     plot_ppl_vs_length(summary, out / "ppl_vs_length.png")
     sections = []
     for protocol, part in summary.groupby("protocol", sort=False):
+        no_1x = part["rel_1x"].isna() & part["ppl"].notna()  # a ppl but no 1x row to divide by
         sections += [
             Section(f"Perplexity ({protocol})", f"Test-split perplexity, mean ± 95% confidence interval over "
                     f"{seeds_text(part)} (Student t; no interval with one seed). Columns: evaluation length (multiple "
                     "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
                     "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
             Section(f"Perplexity relative to 1× ({protocol})", "Mean perplexity divided by the same scheme's at its "
-                    "training length: 1.00 is perfect extrapolation.",
-                    to_markdown(wide(part, lambda r: _fmt(r.rel_1x)), names)),
+                    "training length: 1.00 is perfect extrapolation." + (" Blank: the training length itself was not "
+                    "evaluated (add it to --lengths)." if no_1x.any() else ""),
+                    to_markdown(wide(part, lambda r: "" if no_1x[r.Index] else _fmt(r.rel_1x)), names)),
         ]
         if len(tokenizers(df)) > 1:
             sections.append(Section(f"Bits per byte ({protocol})", "Tokenizers differ between runs: bits per UTF-8 "

@@ -365,3 +365,18 @@ def test_a_directory_of_runs_named_as_a_run_says_so(trained, capsys, tmp_path):
     one_line_error(capsys, lenx("eval", runs, "--out", tmp_path / "res"), "a directory of lenx runs",
                    f"--runs-dir {runs}")
     one_line_error(capsys, lenx("export", runs, "--out", tmp_path / "hf"), "a directory of lenx runs", "name a run")
+
+
+def test_relative_table_without_the_training_length(tmp_path):
+    """`lenx eval --lengths 16,48` on an L32 run: no 1x row, so no ratio; blank and said why, not '—' (which means
+    'cannot represent that length')."""
+    rows = [{"run": "alibi-L32-s0", "pe": "alibi", "seed": 0, "train_len": 32, "eval_len": L, "ratio": L / 32,
+             "protocol": "nonoverlap", "stride": L, "rope_scaling": "none", "rope_factor": float("nan"), "tokens": 64,
+             "nll": 3.0, "ppl": 20.0, "bpb": 1.0, "note": "", "tokenizer": "byte", "dataset": "stdlib",
+             "timestamp": "2026-01-01T00:00:00+00:00", "config_id": "c0"} for L in (16, 48)]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    assert lenx("report", tmp_path) == 0
+    md = (tmp_path / "report.md").read_text()
+    relative = md.split("## Perplexity relative to 1×")[1].split("##")[0]
+    assert "| alibi |  |  |" in relative and "—" not in relative, relative
+    assert "training length itself was not evaluated" in relative
