@@ -34,9 +34,10 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -485,18 +486,38 @@ def check_settings(row, cell: dict, fix: str) -> None:
                         f"a finished cell is never recomputed: {fix}")
 
 
-def append_rows(stem: Path, table: pd.DataFrame, rows: list[dict], cell: dict, columns: list[str]) -> pd.DataFrame:
-    """Replace the cell's rows in `table` by `rows` and write the table (csv + parquet, each atomically)."""
-    key = _key(cell)
-    keep = table[[_key(r) != key for _, r in table.iterrows()]] if len(table) else table
-    new = pd.DataFrame(rows, columns=columns)
-    parts = [t for t in (keep, new) if len(t)]
-    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
-    for col in NUMERIC:  # one dtype per column, whichever run wrote the rows (None -> NaN)
-        if col in table:
-            table[col] = pd.to_numeric(table[col], errors="coerce")
-    write_table(table, stem)
+def append_rows(stem: Path, rows: list[dict], cell: dict, columns: list[str]) -> pd.DataFrame:
+    """Replace the cell's rows in the table at `stem` by `rows` and write it (csv + parquet, each atomically). The
+    table is read afresh under a lock on its directory, so `lenx eval` processes writing into one --out at once
+    (one per GPU) keep each other's rows."""
+    with _locked(stem.parent):
+        table = _read_table(stem.with_suffix(".parquet"), columns)
+        key = _key(cell)
+        keep = table[[_key(r) != key for _, r in table.iterrows()]] if len(table) else table
+        new = pd.DataFrame(rows, columns=columns)
+        parts = [t for t in (keep, new) if len(t)]
+        table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+        for col in NUMERIC:  # one dtype per column, whichever run wrote the rows (None -> NaN)
+            if col in table:
+                table[col] = pd.to_numeric(table[col], errors="coerce")
+        write_table(table, stem)
     return table
+
+
+@contextmanager
+def _locked(directory: Path):
+    """An exclusive flock on `directory` (POSIX; elsewhere, no lock) while the block runs."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 STATIC_SCALINGS = ("pi", "ntk", "yarn")  # one factor per evaluation; dynamic-ntk derives its own per window
@@ -762,9 +783,8 @@ def evaluate(
                 if ctx.main:
                     ident = {k: row[k] for k in BY_POSITION_COLUMNS if k in row and k not in BUCKET_FIELDS}
                     # buckets first, the results row last: the row marks the cell finished
-                    by_pos = append_rows(out / "results_by_position", by_pos, [{**ident, **b} for b in buckets], row,
-                                         BY_POSITION_COLUMNS)
-                    table = append_rows(out / "results", table, [row], row, COLUMNS)
+                    append_rows(out / "results_by_position", [{**ident, **b} for b in buckets], row, BY_POSITION_COLUMNS)
+                    table = append_rows(out / "results", [row], row, COLUMNS)
                 finished[_key(row)] = row
                 bar.advance(task)
                 if on_cell:

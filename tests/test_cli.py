@@ -380,3 +380,24 @@ def test_relative_table_without_the_training_length(tmp_path):
     relative = md.split("## Perplexity relative to 1×")[1].split("##")[0]
     assert "| alibi |  |  |" in relative and "—" not in relative, relative
     assert "training length itself was not evaluated" in relative
+
+
+def test_two_evals_into_one_out_keep_each_others_rows(trained, tmp_path):
+    """`lenx eval runs/a --device cuda:0 & lenx eval runs/b --device cuda:1` into one --out: interleaved writes keep
+    every row. Here the second evaluation runs, whole, between two cells of the first."""
+    from lenx.evaluate import evaluate
+
+    out, (a, b) = tmp_path / "res", (trained / "runs" / "alibi", trained / "runs" / "rope")
+    opts = {"lengths": [16, 32], "tokens": 64, "out": out, "progress": False}
+    nested = []
+
+    def other_process(cell):
+        if not nested:
+            nested.append(evaluate([b], **opts))
+
+    evaluate([a], on_cell=other_process, **opts)
+    for name in ("results", "results_by_position"):
+        df = pd.read_parquet(out / f"{name}.parquet")
+        assert sorted(df["run"].unique()) == ["alibi", "rope"], name
+        assert (pd.read_csv(out / f"{name}.csv").groupby("run").size() == df.groupby("run").size()).all()
+    assert len(pd.read_csv(out / "results.csv")) == 4
