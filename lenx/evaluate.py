@@ -682,11 +682,6 @@ def evaluate(
         if attn_backend is not None and not run_dirs:
             raise LenxError("--attn-backend applies to lenx runs; HF models use their own attention implementation")
         subjects += [HFModel(m, train_len, dtype) for m in models]
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LenxError(f"cannot create output directory {out}: {e.strerror}; choose another --out") from None
     prov = provenance(device)
 
     plan = []
@@ -699,6 +694,11 @@ def evaluate(
         scalings = subj.scaling_plan(rope_scalings, rope_factors)
         plan.append((subj, lens, width, cell_keys(subj.name, {"train_len": L}, lens, scalings, protocols, stride,
                                                   tokens, position_buckets)))
+    out = Path(out)  # made once every option has passed its checks (bad input leaves nothing behind)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LenxError(f"cannot create output directory {out}: {e.strerror}; choose another --out") from None
     table = load_results(out)
     by_pos = load_by_position(out)
     have_buckets = {_key(r) for _, r in by_pos.iterrows()}

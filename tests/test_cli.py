@@ -401,3 +401,13 @@ def test_two_evals_into_one_out_keep_each_others_rows(trained, tmp_path):
         assert sorted(df["run"].unique()) == ["alibi", "rope"], name
         assert (pd.read_csv(out / f"{name}.csv").groupby("run").size() == df.groupby("run").size()).all()
     assert len(pd.read_csv(out / "results.csv")) == 4
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--protocol", "sliding", "--stride", "100", "--lengths", "16,32"], "--stride 100 must be between 1 and"),
+    (["--rope-scaling", "yarn"], "applies to rope, xpos runs"),
+    (["--max-len", "8"], "--max-len 8 is below the training length 16"),
+])
+def test_eval_bad_input_makes_no_results_directory(trained, capsys, tmp_path, args, needle):
+    one_line_error(capsys, lenx("eval", trained / "runs" / "alibi", *args, "--out", tmp_path / "res"), needle)
+    assert not (tmp_path / "res").exists()
