@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import check_values, read_yaml, resolve
+from .config import TRAIN_KEYS, check_values, read_yaml, resolve
 from .errors import LenxError
 from .evaluate import EVAL_FLAGS, check_eval_options, run_lengths, scaling_plan
 from .positional.base import is_integer
@@ -37,6 +37,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
     raw = read_yaml(path)
     unknown = set(raw) - TOP_KEYS
+    if unknown and "schemes" not in raw and set(raw) <= set(TRAIN_KEYS):
+        raise LenxError(f"{path} is a training config; train one run with `lenx train --config {path}`, or sweep with "
+                        "a file of schemes: [...], seeds: [...] and these settings under train:")
     if unknown:
         raise LenxError(f"{path}: unknown key '{sorted(unknown)[0]}'; known keys: {', '.join(sorted(TOP_KEYS))}")
     name = str(raw.get("name", path.stem))

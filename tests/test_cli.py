@@ -213,6 +213,8 @@ def test_bad_config_file_names_the_key(tmp_path, capsys):
     one_line_error(capsys, lenx("train", "--config", cfg), "learning_rate")
     cfg.write_text("steps: many\n")
     one_line_error(capsys, lenx("train", "--config", cfg), "steps", "int")
+    cfg.write_text("schemes: [rope, alibi]\nseeds: [0]\ntrain: {steps: 5}\n")
+    one_line_error(capsys, lenx("train", "--config", cfg), "is a sweep config", f"lenx sweep --config {cfg}")
 
 
 def test_console_script_has_no_traceback(tmp_path):

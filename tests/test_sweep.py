@@ -129,6 +129,7 @@ ROPE = "schemes: [rope]\nseeds: [0]\n"
 
 @pytest.mark.parametrize("body, needle", [
     ("schemes: [alibi]\nbogus: 1\n", "bogus"),
+    ("pe: rope\nsteps: 5\n", "bad.yaml is a training config; train one run with `lenx train --config"),
     ("schemes: []\n", "schemes"),
     ("schemes: [nosuch]\n", "known schemes"),
     ("schemes: [alibi]\ntrain: {stepz: 3}\n", "stepz"),
