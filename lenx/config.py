@@ -53,6 +53,7 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TRAIN_KEYS = tuple(_FIELDS)  # the keys of a training config (configs/default.yaml)
 _TYPES = {"int": int, "float": float, "str": str, "dict": dict, "str | None": str, "bool": bool}
 _FILE_KEYS = ("train_file", "validation_file", "test_file")
 
@@ -99,7 +100,11 @@ def check_values(values: dict, source: str) -> dict:
 
 def resolve(config_file: str | None = None, **flags) -> TrainConfig:
     values = check_values(read_yaml(DEFAULTS_FILE), str(DEFAULTS_FILE)) if DEFAULTS_FILE.exists() else {}
-    explicit = check_values(read_yaml(config_file), str(config_file)) if config_file else {}
+    raw = read_yaml(config_file) if config_file else {}
+    if "schemes" in raw:
+        raise LenxError(f"{config_file} is a sweep config (schemes, seeds, train:, eval:); run it with "
+                        f"`lenx sweep --config {config_file}`")
+    explicit = check_values(raw, str(config_file))
     explicit.update(check_values({k: v for k, v in flags.items() if v is not None}, "flag"))
     values.update(explicit)
     if any(values.get(k) for k in _FILE_KEYS):

@@ -34,9 +34,10 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,6 +94,10 @@ def read_run(run_dir: str | Path) -> dict:
         info = json.loads((run_dir / "run.json").read_text())
         info["config"]["train_len"]
     except FileNotFoundError:
+        inside = sorted(p.parent for p in run_dir.glob("*/run.json"))
+        if inside:  # `lenx eval runs`: the runs' parent named as a run
+            raise LenxError(f"{run_dir} is a directory of lenx runs, not a run; name a run (e.g. {inside[0]}), or, "
+                            f"for `lenx eval`, give --runs-dir {run_dir} to evaluate them all") from None
         raise LenxError(f"{run_dir} is not a lenx run (no run.json); train it with `lenx train`") from None
     except (ValueError, KeyError, TypeError):
         raise LenxError(f"{run_dir}/run.json is corrupt; retrain with `lenx train --overwrite`") from None
@@ -164,6 +169,20 @@ def check_weights(row, subject, fix: str) -> None:
     if subject.weights_id and isinstance(recorded, str) and recorded != subject.weights_id:
         raise LenxError(f"the results hold {row['run']} @{int(row['eval_len'])} computed from other weights than "
                         f"{subject.run_dir} holds now (retrained since?); a finished cell is never recomputed: {fix}")
+
+
+def check_text(row, spec, fix: str) -> None:
+    """Refuse a finished cell scored on other text than the local files `spec` names now (another --test-file,
+    all of them dataset 'files', or a file edited since): for them the name alone does not identify the text."""
+    from .data import HUB_DATASETS, load_corpus
+
+    if spec.dataset == "stdlib" or spec.dataset in HUB_DATASETS or spec.dataset.startswith("hf:"):
+        return
+    recorded = row.get("dataset_fingerprint")
+    if isinstance(recorded, str) and recorded != load_corpus(spec).fingerprint:
+        raise LenxError(f"the results hold {row['run']} @{int(row['eval_len'])} scored on other text than dataset "
+                        f"'{spec.dataset}' names now (another file, or edited since?); a finished cell is never "
+                        f"recomputed: {fix}")
 
 
 class LenxRun:
@@ -467,18 +486,38 @@ def check_settings(row, cell: dict, fix: str) -> None:
                         f"a finished cell is never recomputed: {fix}")
 
 
-def append_rows(stem: Path, table: pd.DataFrame, rows: list[dict], cell: dict, columns: list[str]) -> pd.DataFrame:
-    """Replace the cell's rows in `table` by `rows` and write the table (csv + parquet, each atomically)."""
-    key = _key(cell)
-    keep = table[[_key(r) != key for _, r in table.iterrows()]] if len(table) else table
-    new = pd.DataFrame(rows, columns=columns)
-    parts = [t for t in (keep, new) if len(t)]
-    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
-    for col in NUMERIC:  # one dtype per column, whichever run wrote the rows (None -> NaN)
-        if col in table:
-            table[col] = pd.to_numeric(table[col], errors="coerce")
-    write_table(table, stem)
+def append_rows(stem: Path, rows: list[dict], cell: dict, columns: list[str]) -> pd.DataFrame:
+    """Replace the cell's rows in the table at `stem` by `rows` and write it (csv + parquet, each atomically). The
+    table is read afresh under a lock on its directory, so `lenx eval` processes writing into one --out at once
+    (one per GPU) keep each other's rows."""
+    with _locked(stem.parent):
+        table = _read_table(stem.with_suffix(".parquet"), columns)
+        key = _key(cell)
+        keep = table[[_key(r) != key for _, r in table.iterrows()]] if len(table) else table
+        new = pd.DataFrame(rows, columns=columns)
+        parts = [t for t in (keep, new) if len(t)]
+        table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+        for col in NUMERIC:  # one dtype per column, whichever run wrote the rows (None -> NaN)
+            if col in table:
+                table[col] = pd.to_numeric(table[col], errors="coerce")
+        write_table(table, stem)
     return table
+
+
+@contextmanager
+def _locked(directory: Path):
+    """An exclusive flock on `directory` (POSIX; elsewhere, no lock) while the block runs."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 STATIC_SCALINGS = ("pi", "ntk", "yarn")  # one factor per evaluation; dynamic-ntk derives its own per window
@@ -643,11 +682,6 @@ def evaluate(
         if attn_backend is not None and not run_dirs:
             raise LenxError("--attn-backend applies to lenx runs; HF models use their own attention implementation")
         subjects += [HFModel(m, train_len, dtype) for m in models]
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LenxError(f"cannot create output directory {out}: {e.strerror}; choose another --out") from None
     prov = provenance(device)
 
     plan = []
@@ -660,6 +694,11 @@ def evaluate(
         scalings = subj.scaling_plan(rope_scalings, rope_factors)
         plan.append((subj, lens, width, cell_keys(subj.name, {"train_len": L}, lens, scalings, protocols, stride,
                                                   tokens, position_buckets)))
+    out = Path(out)  # made once every option has passed its checks (bad input leaves nothing behind)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LenxError(f"cannot create output directory {out}: {e.strerror}; choose another --out") from None
     table = load_results(out)
     by_pos = load_by_position(out)
     have_buckets = {_key(r) for _, r in by_pos.iterrows()}
@@ -677,6 +716,7 @@ def evaluate(
             if _key(c) in finished:
                 check_settings(finished[_key(c)], c, f"use another --out than {out}")
                 check_weights(finished[_key(c)], subj, f"use another --out than {out}")
+                check_text(finished[_key(c)], spec, f"use another --out than {out}")
             else:
                 todo.append((subj, lens, width, spec, c))
     current: dict = {}  # the test data of the subject being evaluated (the subject holds its model)
@@ -743,9 +783,8 @@ def evaluate(
                 if ctx.main:
                     ident = {k: row[k] for k in BY_POSITION_COLUMNS if k in row and k not in BUCKET_FIELDS}
                     # buckets first, the results row last: the row marks the cell finished
-                    by_pos = append_rows(out / "results_by_position", by_pos, [{**ident, **b} for b in buckets], row,
-                                         BY_POSITION_COLUMNS)
-                    table = append_rows(out / "results", table, [row], row, COLUMNS)
+                    append_rows(out / "results_by_position", [{**ident, **b} for b in buckets], row, BY_POSITION_COLUMNS)
+                    table = append_rows(out / "results", [row], row, COLUMNS)
                 finished[_key(row)] = row
                 bar.advance(task)
                 if on_cell:

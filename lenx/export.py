@@ -125,8 +125,10 @@ def model_card(run_dir: Path, info: dict, results, name: str | None = None) -> s
             lines.append(f"| {key} | {_cell(info[key])} |")
     lines += ["", "## Results", ""]
     if results is not None and len(results):
-        cols = [c for c in ("eval_len", "ratio", "protocol", "rope_scaling", "rope_factor", "dataset", "tokens", "ppl",
-                            "bpb", "note") if c in results]
+        cols = [c for c in ("eval_len", "ratio", "protocol", "stride", "rope_scaling", "rope_factor", "dataset", "tokens",
+                            "ppl", "bpb", "note") if c in results]
+        if "stride" in results:  # whole tokens (a float column, empty for truncate), not 1.638e+04
+            results = results.assign(stride=results["stride"].round().astype("Int64"))
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for _, r in results[cols].iterrows():
             lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")

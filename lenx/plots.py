@@ -15,7 +15,7 @@ _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p"]
 
 
 def base_scheme(label: str) -> str:
-    """The registered scheme of a report label: "alibi+yarn×4 [bpe:4096] (L16)" -> alibi."""
+    """The registered scheme of a report label: "alibi+yarn×4 [bpe:4096] on stdlib (L16)" -> alibi."""
     return label.split(" ")[0].split("+")[0]
 
 
@@ -27,8 +27,9 @@ def style(scheme: str) -> dict:
     base = base_scheme(scheme)
     i = names.index(base) if base in names else sum(map(ord, base)) % len(_PALETTE)
     s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}
-    if " (" in scheme:  # a training variant, "rope (L16)" (lenx.report.variant): its own marker and dashes
-        k = sum(map(ord, scheme.split(" (", 1)[1]))
+    tags = scheme.split(" ", 1)[1] if " " in scheme else ""
+    if tags:  # "alibi [bpe:4096] on files (L16)": a tokenizer, evaluation dataset or training variant among several
+        k = sum(map(ord, tags))  # (lenx.report.label): its own marker and dashes
         s["marker"] = _marker_apart(i, k)
         s["linestyle"] = _VARIANT_DASHES[k % len(_VARIANT_DASHES)]
     if "+" in scheme:  # a RoPE extension: the scheme's colour; its own dash pattern and hollow marker

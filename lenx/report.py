@@ -55,12 +55,15 @@ def tokenizers(df: pd.DataFrame) -> list[str]:
 
 def label(df: pd.DataFrame) -> pd.Series:
     """Scheme label: the scheme, plus the RoPE extension when one was used at evaluation, plus the
-    tokenizer when the results mix tokenizers, plus `variant` where runs of one label were trained differently.
+    tokenizer when the results mix tokenizers, plus ' on <dataset>' when they mix evaluation datasets (`lenx eval
+    --dataset / --test-file`), plus `variant` where runs of one label were trained differently.
     Rows that share a label are seeds of one experiment."""
     scaling = df["rope_scaling"].fillna("none").astype(str)
     lab = df["pe"].where(scaling == "none", df["pe"] + "+" + scaling) + factor_tag(df, scaling)
     if len(tokenizers(df)) > 1:
         lab = lab + " [" + df["tokenizer"].fillna("byte").astype(str) + "]"
+    if "dataset" in df and df["dataset"].astype(str).nunique() > 1:
+        lab = lab + " on " + df["dataset"].astype(str)
     return lab + variant(df, lab)
 
 
@@ -239,8 +242,9 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
     order = _scheme_order(logs["pe"].unique())
     for pe, g in sorted(logs.groupby("pe", sort=False), key=lambda item: order[item[0]]):
         curve = g.groupby("step")["loss"].mean().rolling(5, min_periods=1).mean()
-        st = {k: v for k, v in style(pe).items() if k != "marker"}
-        ax.plot(curve.index, curve.values, label=pe, linewidth=1.8, **st)
+        # markers too: a training variant's dashes come from a hash of its tag, and two variants can share them
+        ax.plot(curve.index, curve.values, label=pe, linewidth=1.8, markersize=5,
+                markevery=max(1, len(curve) // 12), **style(pe))  # at most about a dozen markers a line
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, also on short runs
@@ -376,14 +380,16 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     plot_ppl_vs_length(summary, out / "ppl_vs_length.png")
     sections = []
     for protocol, part in summary.groupby("protocol", sort=False):
+        no_1x = part["rel_1x"].isna() & part["ppl"].notna()  # a ppl but no 1x row to divide by
         sections += [
             Section(f"Perplexity ({protocol})", f"Test-split perplexity, mean ± 95% confidence interval over "
                     f"{seeds_text(part)} (Student t; no interval with one seed). Columns: evaluation length (multiple "
                     "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
                     "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
             Section(f"Perplexity relative to 1× ({protocol})", "Mean perplexity divided by the same scheme's at its "
-                    "training length: 1.00 is perfect extrapolation.",
-                    to_markdown(wide(part, lambda r: _fmt(r.rel_1x)), names)),
+                    "training length: 1.00 is perfect extrapolation." + (" Blank: the training length itself was not "
+                    "evaluated (add it to --lengths)." if no_1x.any() else ""),
+                    to_markdown(wide(part, lambda r: "" if no_1x[r.Index] else _fmt(r.rel_1x)), names)),
         ]
         if len(tokenizers(df)) > 1:
             sections.append(Section(f"Bits per byte ({protocol})", "Tokenizers differ between runs: bits per UTF-8 "

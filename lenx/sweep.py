@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import check_values, read_yaml, resolve
+from .config import TRAIN_KEYS, check_values, read_yaml, resolve
 from .errors import LenxError
 from .evaluate import EVAL_FLAGS, check_eval_options, run_lengths, scaling_plan
 from .positional.base import is_integer
@@ -37,6 +37,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
     raw = read_yaml(path)
     unknown = set(raw) - TOP_KEYS
+    if unknown and "schemes" not in raw and set(raw) <= set(TRAIN_KEYS):
+        raise LenxError(f"{path} is a training config; train one run with `lenx train --config {path}`, or sweep with "
+                        "a file of schemes: [...], seeds: [...] and these settings under train:")
     if unknown:
         raise LenxError(f"{path}: unknown key '{sorted(unknown)[0]}'; known keys: {', '.join(sorted(TOP_KEYS))}")
     name = str(raw.get("name", path.stem))
@@ -58,11 +61,16 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if set(train) & {"pe", "seed"}:
         raise LenxError(f"{path}: set 'pe' and 'seed' through 'schemes' and 'seeds', not under 'train'")
     check_values(train, f"{path}: train")
-    bad = set(evals) - EVAL_KEYS
+    bad = set(evals) - EVAL_KEYS - {"protocol"}
     if bad:
         raise LenxError(f"{path}: unknown key 'eval.{sorted(bad)[0]}'; known: {', '.join(sorted(EVAL_KEYS))}")
     # eval: gets the checks `lenx eval` gives its flags, named eval.<key> of this file
     names, where = {k: f"eval.{k}" for k in EVAL_KEYS}, f"{path}: "
+    if "protocol" in evals:  # as the flag spells it (--protocol)
+        if "protocols" in evals:
+            raise LenxError(f"{path}: eval.protocol and eval.protocols are one setting; keep one")
+        evals = {("protocols" if k == "protocol" else k): v for k, v in evals.items()}
+        names["protocols"] = "eval.protocol"
     evals = check_eval_options(evals, names, where)
     for key, what in PATH_KEYS.items():
         if raw.get(key) is not None and not (isinstance(raw[key], str) and raw[key].strip()):

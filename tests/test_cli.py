@@ -213,6 +213,8 @@ def test_bad_config_file_names_the_key(tmp_path, capsys):
     one_line_error(capsys, lenx("train", "--config", cfg), "learning_rate")
     cfg.write_text("steps: many\n")
     one_line_error(capsys, lenx("train", "--config", cfg), "steps", "int")
+    cfg.write_text("schemes: [rope, alibi]\nseeds: [0]\ntrain: {steps: 5}\n")
+    one_line_error(capsys, lenx("train", "--config", cfg), "is a sweep config", f"lenx sweep --config {cfg}")
 
 
 def test_console_script_has_no_traceback(tmp_path):
@@ -318,3 +320,111 @@ def test_bad_scheme_options_are_one_line_before_any_run_directory(pe, options, n
     # tiny: options that slip through make a short run (and a run directory), not a long one
     one_line_error(capsys, lenx("train", "--pe", pe, "--config", tmp_path / "c.yaml", *TINY, "--out", out), needle)
     assert not out.exists()
+
+
+def test_training_curves_of_variants_never_share_a_style(tmp_path, monkeypatch):
+    """alibi trained at 64 and, in two configs, at 32: 'alibi (L64)' and 'alibi (L32, 8dd3b8)' hash to the same dashes,
+    so without markers their training curves looked alike."""
+    import lenx.report as report
+
+    rows = []
+    for name, (train_len, config_id) in {"a": (32, "8dd3b8"), "b": (32, "1af947"), "c": (64, "8dd3b8")}.items():
+        (tmp_path / name).mkdir()
+        pd.DataFrame({"step": [10, 20, 30], "loss": [4.0, 3.5, 3.0]}).to_csv(tmp_path / name / "train_log.csv")
+        rows.append({"pe": "alibi", "train_len": train_len, "run_dir": str(tmp_path / name), "config_id": config_id})
+    drawn = {}
+    monkeypatch.setattr(report, "finish", lambda fig, ax, path, legend_title=None: drawn.update(
+        {line.get_label(): (line.get_color(), line.get_linestyle(), line.get_marker()) for line in ax.get_lines()}))
+    assert report.plot_training_curves(pd.DataFrame(rows), tmp_path / "training_loss.png")
+    assert set(drawn) == {"alibi (L32, 8dd3b8)", "alibi (L32, 1af947)", "alibi (L64)"}, drawn
+    assert len(set(drawn.values())) == len(drawn), drawn
+
+
+def test_results_of_another_text_are_refused(tmp_path, capsys):
+    """Two --test-file texts are both dataset 'files': the second is not silently 'already done' with the first's
+    numbers; an edited local dataset likewise."""
+    run, res = tmp_path / "runs" / "rope", tmp_path / "res"
+    assert lenx("train", "--pe", "rope", *TINY, "--out", run) == 0
+    for name, word in (("a.txt", "alpha beta "), ("b.txt", "gamma delta epsilon ")):
+        (tmp_path / name).write_text(word * 200)
+    cell = ["--lengths", "16", "--tokens", "64", "--out", res]
+    assert lenx("eval", run, "--test-file", tmp_path / "a.txt", *cell) == 0
+    assert lenx("eval", run, "--test-file", tmp_path / "a.txt", *cell) == 0  # the same text: the cell stands
+    capsys.readouterr()
+    one_line_error(capsys, lenx("eval", run, "--test-file", tmp_path / "b.txt", *cell), "other text", "another --out")
+    assert lenx("eval", run, "--dataset", tmp_path / "b.txt", *cell) == 0
+    (tmp_path / "b.txt").write_text("zeta eta " * 200)
+    from lenx.data import _load
+
+    _load.cache_clear()  # a new `lenx eval` process reads the file afresh
+    one_line_error(capsys, lenx("eval", run, "--dataset", tmp_path / "b.txt", *cell), "other text", "another --out")
+    assert len(pd.read_csv(res / "results.csv")) == 2
+
+
+def test_report_keeps_datasets_apart():
+    """One run scored on its own corpus and on another (`lenx eval --test-file`): two rows, never their mean."""
+    from lenx.report import summarise
+
+    rows = [{"run": "alibi-L16-s0", "pe": "alibi", "seed": 0, "train_len": 16, "eval_len": 16, "protocol": "nonoverlap",
+             "stride": 16, "rope_scaling": "none", "rope_factor": float("nan"), "ppl": ppl, "bpb": 1.0, "note": "",
+             "tokenizer": "byte", "dataset": dataset, "config_id": "c0"}
+            for dataset, ppl in (("stdlib", 40.0), ("files", 20.0))]
+    summary = summarise(pd.DataFrame(rows)).set_index("scheme")
+    assert summary["ppl"].to_dict() == {"alibi on files": 20.0, "alibi on stdlib": 40.0}
+    assert summarise(pd.DataFrame(rows[:1]))["scheme"].tolist() == ["alibi"]  # one dataset: no tag
+    from lenx.plots import style
+
+    assert style("alibi on files") != style("alibi on stdlib")  # and the figures draw them apart
+
+
+def test_a_directory_of_runs_named_as_a_run_says_so(trained, capsys, tmp_path):
+    runs = trained / "runs"
+    one_line_error(capsys, lenx("eval", runs, "--out", tmp_path / "res"), "a directory of lenx runs",
+                   f"--runs-dir {runs}")
+    one_line_error(capsys, lenx("export", runs, "--out", tmp_path / "hf"), "a directory of lenx runs", "name a run")
+
+
+def test_relative_table_without_the_training_length(tmp_path):
+    """`lenx eval --lengths 16,48` on an L32 run: no 1x row, so no ratio; blank and said why, not '—' (which means
+    'cannot represent that length')."""
+    rows = [{"run": "alibi-L32-s0", "pe": "alibi", "seed": 0, "train_len": 32, "eval_len": L, "ratio": L / 32,
+             "protocol": "nonoverlap", "stride": L, "rope_scaling": "none", "rope_factor": float("nan"), "tokens": 64,
+             "nll": 3.0, "ppl": 20.0, "bpb": 1.0, "note": "", "tokenizer": "byte", "dataset": "stdlib",
+             "timestamp": "2026-01-01T00:00:00+00:00", "config_id": "c0"} for L in (16, 48)]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    assert lenx("report", tmp_path) == 0
+    md = (tmp_path / "report.md").read_text()
+    relative = md.split("## Perplexity relative to 1×")[1].split("##")[0]
+    assert "| alibi |  |  |" in relative and "—" not in relative, relative
+    assert "training length itself was not evaluated" in relative
+
+
+def test_two_evals_into_one_out_keep_each_others_rows(trained, tmp_path):
+    """`lenx eval runs/a --device cuda:0 & lenx eval runs/b --device cuda:1` into one --out: interleaved writes keep
+    every row. Here the second evaluation runs, whole, between two cells of the first."""
+    from lenx.evaluate import evaluate
+
+    out, (a, b) = tmp_path / "res", (trained / "runs" / "alibi", trained / "runs" / "rope")
+    opts = {"lengths": [16, 32], "tokens": 64, "out": out, "progress": False}
+    nested = []
+
+    def other_process(cell):
+        if not nested:
+            nested.append(evaluate([b], **opts))
+
+    evaluate([a], on_cell=other_process, **opts)
+    for name in ("results", "results_by_position"):
+        df = pd.read_parquet(out / f"{name}.parquet")
+        assert sorted(df["run"].unique()) == ["alibi", "rope"], name
+        assert (pd.read_csv(out / f"{name}.csv").groupby("run").size() == df.groupby("run").size()).all()
+    assert len(pd.read_csv(out / "results.csv")) == 4
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--protocol", "sliding", "--stride", "100", "--lengths", "16,32"], "--stride 100 must be between 1 and"),
+    (["--rope-scaling", "yarn"], "applies to rope, xpos runs"),
+    (["--max-len", "8"], "--max-len 8 is below the training length 16"),
+])
+def test_eval_bad_input_makes_no_results_directory(trained, capsys, tmp_path, args, needle):
+    one_line_error(capsys, lenx("eval", trained / "runs" / "alibi", *args, "--out", tmp_path / "res"), needle)
+    assert not (tmp_path / "res").exists()

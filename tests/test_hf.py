@@ -385,3 +385,14 @@ def test_alibi_model_without_a_position_count_needs_train_len(hf_tokenizer, text
     assert (df["pe"] == "bloom/alibi").all() and df.loc[64, "ratio"] == 4 and df["ppl"].notna().all()
     stream = _stream(model_dir, text_dataset)
     assert df.loc[64, "nll"] == pytest.approx(_own_loss(model_dir, stream[:65]), abs=1e-5)
+
+
+def test_model_card_results_name_the_sliding_stride(tmp_path):
+    """Two sliding-window rows that differ only by --stride are told apart in the model card."""
+    from lenx.export import model_card
+
+    rows = pd.DataFrame({"eval_len": [32, 32], "ratio": [2.0, 2.0], "protocol": ["sliding"] * 2, "stride": [8, 16],
+                         "rope_scaling": ["none"] * 2, "dataset": ["stdlib"] * 2, "tokens": [64] * 2,
+                         "ppl": [20.0, 21.0]})
+    card = model_card(tmp_path / "rope", {"config": {"pe": "rope", "train_len": 16}}, rows)
+    assert "| eval_len | ratio | protocol | stride |" in card and "| sliding | 8 |" in card, card

@@ -129,6 +129,7 @@ ROPE = "schemes: [rope]\nseeds: [0]\n"
 
 @pytest.mark.parametrize("body, needle", [
     ("schemes: [alibi]\nbogus: 1\n", "bogus"),
+    ("pe: rope\nsteps: 5\n", "bad.yaml is a training config; train one run with `lenx train --config"),
     ("schemes: []\n", "schemes"),
     ("schemes: [nosuch]\n", "known schemes"),
     ("schemes: [alibi]\ntrain: {stepz: 3}\n", "stepz"),
@@ -152,6 +153,8 @@ ROPE = "schemes: [rope]\nseeds: [0]\n"
     (ROPE + "eval: {protocols: [sliding], stride: 200}\n", "bad.yaml: eval.stride 200 must be between 1 and"),
     (ROPE + "eval: {position_buckets: 0}\n", "bad.yaml: eval.position_buckets must be a positive integer, got 0"),
     (ROPE + "eval: {protocols: overlapping}\n", "bad.yaml: unknown protocol 'overlapping' in eval.protocols"),
+    (ROPE + "eval: {protocol: overlapping}\n", "bad.yaml: unknown protocol 'overlapping' in eval.protocol;"),
+    (ROPE + "eval: {protocol: sliding, protocols: [truncate]}\n", "bad.yaml: eval.protocol and eval.protocols"),
     (ROPE + "runs_dir: 5\n", "bad.yaml: 'runs_dir' must be a directory path (text), got 5"),
     (ROPE + "results_dir: [a]\n", "bad.yaml: 'results_dir' must be a directory path (text), got ['a']"),
 ])
@@ -164,6 +167,15 @@ def test_bad_sweep_config_is_one_line(tmp_path, capsys, monkeypatch, body, needl
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]  # refused before anything ran
+
+
+def test_eval_protocol_key_as_the_flag_spells_it(tmp_path):
+    """`lenx eval --protocol` is `protocol:` in a sweep's eval: section as well as `protocols:`."""
+    from lenx.sweep import load_sweep
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(ROPE + "eval: {protocol: 'sliding,truncate'}\n")
+    assert load_sweep(cfg).eval["protocols"] == ["sliding", "truncate"]
 
 
 def test_shipped_sweep_configs_load(capsys):
