@@ -49,8 +49,14 @@ def read_results(results_dir: Path) -> pd.DataFrame:
     raise LenxError(f"no results in {results_dir}/; run `lenx eval` first")
 
 
+def _text(column: pd.Series, missing: str) -> pd.Series:
+    """A text column as str, `missing` where empty. A column with no value at all reads back from CSV as float,
+    and pandas is deprecating fillna with a string on a float column."""
+    return column.astype(object).where(column.notna(), missing).astype(str)
+
+
 def tokenizers(df: pd.DataFrame) -> list[str]:
-    return sorted(df["tokenizer"].fillna("byte").astype(str).unique()) if "tokenizer" in df else ["byte"]
+    return sorted(_text(df["tokenizer"], "byte").unique()) if "tokenizer" in df else ["byte"]
 
 
 def label(df: pd.DataFrame) -> pd.Series:
@@ -58,10 +64,10 @@ def label(df: pd.DataFrame) -> pd.Series:
     tokenizer when the results mix tokenizers, plus ' on <dataset>' when they mix evaluation datasets (`lenx eval
     --dataset / --test-file`), plus `variant` where runs of one label were trained differently.
     Rows that share a label are seeds of one experiment."""
-    scaling = df["rope_scaling"].fillna("none").astype(str)
+    scaling = _text(df["rope_scaling"], "none")
     lab = df["pe"].where(scaling == "none", df["pe"] + "+" + scaling) + factor_tag(df, scaling)
     if len(tokenizers(df)) > 1:
-        lab = lab + " [" + df["tokenizer"].fillna("byte").astype(str) + "]"
+        lab = lab + " [" + _text(df["tokenizer"], "byte") + "]"
     if "dataset" in df and df["dataset"].astype(str).nunique() > 1:
         lab = lab + " on " + df["dataset"].astype(str)
     return lab + variant(df, lab)
@@ -98,7 +104,7 @@ PROTOCOL_ORDER = ("nonoverlap", "sliding", "truncate")
 
 def protocol_label(df: pd.DataFrame) -> pd.Series:
     """'nonoverlap', 'sliding (stride 64)' / 'sliding (stride L/2)', 'truncate'."""
-    protocol = df["protocol"].fillna("nonoverlap").astype(str)
+    protocol = _text(df["protocol"], "nonoverlap")
     stride = df["stride"] if "stride" in df else pd.Series(float("nan"), index=df.index)
     half = stride == df["eval_len"] // 2
     text = protocol.where(protocol != "sliding", "sliding (stride " + stride.astype("Int64").astype(str) + ")")
@@ -124,7 +130,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             "ppl_ci95": t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan"),
             "ppl_stderr": sd / math.sqrt(n) if n > 1 else float("nan"),
             "bpb": g["bpb"].dropna().mean() if g["bpb"].notna().any() else float("nan"),
-            "note": "; ".join(sorted(set(g["note"].fillna("").astype(str)) - {""})),
+            "note": "; ".join(sorted(set(_text(g["note"], "")) - {""})),
         })
     out = pd.DataFrame(rows)
     base = out[out["eval_len"] == out["train_len"]].set_index(["protocol", "scheme"])["ppl"]

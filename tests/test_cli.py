@@ -428,3 +428,25 @@ def test_two_evals_into_one_out_keep_each_others_rows(trained, tmp_path):
 def test_eval_bad_input_makes_no_results_directory(trained, capsys, tmp_path, args, needle):
     one_line_error(capsys, lenx("eval", trained / "runs" / "alibi", *args, "--out", tmp_path / "res"), needle)
     assert not (tmp_path / "res").exists()
+
+
+def test_report_reads_text_columns_that_csv_left_empty(tmp_path):
+    """A results.csv whose text columns hold no value at all (no notes, no RoPE extension, ...) reads them back as
+    float; the report fills them without pandas' deprecated string-into-float fillna (an error in a later pandas)."""
+    import warnings
+
+    from lenx.report import label, summarise
+
+    rows = [{"run": f"alibi-s{s}", "pe": "alibi", "seed": s, "train_len": 16, "eval_len": L, "ppl": 5.0 + s + L / 16,
+             "bpb": 2.0, "note": None, "rope_scaling": None, "rope_factor": None, "tokenizer": None,
+             "protocol": None, "stride": None, "dataset": "stdlib", "config_id": "c"}
+            for s in (0, 1) for L in (16, 32)]
+    pd.DataFrame(rows).to_csv(tmp_path / "r.csv", index=False)
+    df = pd.read_csv(tmp_path / "r.csv")
+    assert df["note"].dtype == float and df["rope_scaling"].dtype == float
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(label(df).unique()) == ["alibi"]
+        summary = summarise(df)
+    assert list(summary["note"]) == ["", ""] and list(summary["protocol"]) == ["nonoverlap"] * 2
+    assert list(summary["seeds"]) == [2, 2] and list(summary["rel_1x"].round(3)) == [1.0, round(7.5 / 6.5, 3)]
