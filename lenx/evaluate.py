@@ -304,6 +304,9 @@ def check_eval_options(opts: dict, names: dict = EVAL_FLAGS, where: str = "") ->
     if bad:
         raise fail(f"unknown protocol {_shown(bad[0])} in {names['protocols']}; known: {', '.join(PROTOCOLS)}")
     out["protocols"] = list(dict.fromkeys(protocols)) or ["nonoverlap"]
+    if out["stride"] is not None and "sliding" not in out["protocols"]:
+        raise fail(f"{names['stride']} applies to the sliding protocol; add {names['protocols']} sliding "
+                   f"(or drop {names['stride']})")
     return out
 
 

@@ -396,6 +396,7 @@ def test_flex_on_the_cpu_is_recorded_as_the_route_that_ran(runs, tmp_path):
         (["--protocol", "overlapping"], "unknown protocol 'overlapping'"),
         (["--protocol", "sliding", "--stride", "0"], "--stride"),
         (["--protocol", "sliding", "--stride", "100"], "--stride 100"),
+        (["--stride", "8"], "--stride applies to the sliding protocol; add --protocol sliding"),  # nonoverlap only
         (["--position-buckets", "0"], "--position-buckets"),
         (["--attn-backend", "fast"], "unknown attention backend 'fast'"),
     ],

@@ -151,6 +151,7 @@ ROPE = "schemes: [rope]\nseeds: [0]\n"
      "bad.yaml: unknown eval.rope_scaling 'pie'; known: none, pi, ntk, dynamic-ntk, yarn"),
     (ROPE + "eval: {protocols: [sliding], stride: 0}\n", "bad.yaml: eval.stride must be a positive integer, got 0"),
     (ROPE + "eval: {protocols: [sliding], stride: 200}\n", "bad.yaml: eval.stride 200 must be between 1 and"),
+    (ROPE + "eval: {stride: 8}\n", "bad.yaml: eval.stride applies to the sliding protocol; add eval.protocols sliding"),
     (ROPE + "eval: {position_buckets: 0}\n", "bad.yaml: eval.position_buckets must be a positive integer, got 0"),
     (ROPE + "eval: {protocols: overlapping}\n", "bad.yaml: unknown protocol 'overlapping' in eval.protocols"),
     (ROPE + "eval: {protocol: overlapping}\n", "bad.yaml: unknown protocol 'overlapping' in eval.protocol;"),
