@@ -450,3 +450,21 @@ def test_report_reads_text_columns_that_csv_left_empty(tmp_path):
         summary = summarise(df)
     assert list(summary["note"]) == ["", ""] and list(summary["protocol"]) == ["nonoverlap"] * 2
     assert list(summary["seeds"]) == [2, 2] and list(summary["rel_1x"].round(3)) == [1.0, round(7.5 / 6.5, 3)]
+
+
+def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():
+    """The bar gives up room, not the loss and tokens/s text (which wrapped onto a second line at 80 columns)."""
+    import io
+
+    from rich.console import Console
+
+    from lenx.progress import progress
+
+    bar = progress()
+    task = bar.add_task("train kerple-power s12", total=800, loss="loss 3.2104", speed="12,345 tok/s")
+    bar.advance(task, 400)
+    for width in (80, 120):
+        console = Console(width=width, file=io.StringIO(), color_system=None)
+        console.print(bar.make_tasks_table(bar.tasks))
+        lines = console.file.getvalue().splitlines()
+        assert len(lines) == 1 and lines[0].rstrip().endswith("loss 3.2104  12,345 tok/s"), lines
