@@ -222,7 +222,8 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
 
     ctx = distributed.init()  # under torchrun: each run trains data-parallel, eval cells split across ranks
     with progress(disable=not ctx.main) as bar:
-        overall = bar.add_task(f"sweep {spec.name}", total=sum(j.seconds for j in jobs if not j.done) or 1)
+        total = sum(j.seconds for j in jobs if not j.done) or 1
+        overall = bar.add_task(f"sweep {spec.name}", total=total)
         for job in jobs:
             if job.kind == "train" and not job.done:
                 train(resolve(None, pe=job.pe, seed=job.seed, **spec.train), out=job.run_dir, device=device, bar=bar)
@@ -234,4 +235,5 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
                  device=device, bar=bar, rope_scalings=ev["rope_scaling"], rope_factors=ev["rope_factor"],
                  protocols=ev["protocols"], stride=ev["stride"], position_buckets=ev["position_buckets"],
                  on_cell=lambda cell: bar.advance(overall, seconds.get((cell["run"], _cell_name(cell)), 0.0)))
+        bar.update(overall, completed=total)  # done, whatever the estimates (and at 100% when nothing was left to do)
     return report(spec.results_dir, config=spec) if ctx.main else None

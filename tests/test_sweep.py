@@ -44,7 +44,12 @@ def test_dry_run_changes_nothing(tiny_sweep, capsys):
     assert "4 training runs" in out and "12 evaluation cells" in out and "estimated" in out
 
 
-def test_sweep_report_and_rerun(tiny_sweep, capsys):
+def test_sweep_report_and_rerun(tiny_sweep, capsys, monkeypatch):
+    from lenx import progress as progress_module
+
+    bars = []
+    make = progress_module.progress
+    monkeypatch.setattr(progress_module, "progress", lambda **kw: bars.append(make(**kw)) or bars[-1])
     root, cfg = tiny_sweep
     assert lenx("sweep", "--config", cfg) == 0
     res = root / "results"
@@ -76,6 +81,7 @@ def test_sweep_report_and_rerun(tiny_sweep, capsys):
     assert "0 training runs, 0 evaluation cells" in capsys.readouterr().out
     assert lenx("sweep", "--config", cfg) == 0
     assert snapshot(root / "runs") == before  # nothing retrained
+    assert len(bars) == 2 and all(bar.tasks[0].percentage == 100 for bar in bars)  # also with nothing left to do
     pd.testing.assert_frame_equal(pd.read_csv(res / "results.csv"), rows)  # nothing re-evaluated
 
 
