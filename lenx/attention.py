@@ -205,15 +205,21 @@ class _StoredProbs(torch.autograd.Function):
         neg_D = (g_o * o).sum(-1).neg_()  # -D_i = -dO_i . o_i, plus the log-sum-exp's gradient
         neg_D = (neg_D if g_lse is None else neg_D.add_(g_lse)).view(B * H, T, 1)
         do = g_o.contiguous().view(B * H, T, hd)
-        dq, dkk, dvv = torch.empty_like(qs), torch.zeros_like(kk), torch.zeros_like(vv)
+        dq, dkk, dvv = torch.empty_like(qs), None, None
         dG = qs.new_zeros(H, 2 * T - 1) if ctx.needs_input_grad[3] else None
-        for (q0, q1, keys), p in zip(_stored_chunks(T, ctx.rev), probs):
+        # last chunk first: it sees every key, so its dK and dV start the sums (no zero fill)
+        for (q0, q1, keys), p in reversed(list(zip(_stored_chunks(T, ctx.rev), probs))):
             n = q1 - q0
             do_c = do[:, q0:q1]
-            dvv[:, keys] += torch.bmm(p.transpose(1, 2), do_c)
+            dv_c = torch.bmm(p.transpose(1, 2), do_c)
             ds = torch.baddbmm(neg_D[:, q0:q1], do_c, vv[:, keys].transpose(1, 2)).mul_(p)  # P * (dO v^T - D)
             dq[:, q0:q1] = torch.bmm(ds, kk[:, keys])
-            dkk[:, keys] += torch.bmm(ds.transpose(1, 2), qs[:, q0:q1])
+            dk_c = torch.bmm(ds.transpose(1, 2), qs[:, q0:q1])
+            if dkk is None:
+                dkk, dvv = dk_c, dv_c
+            else:
+                dkk[:, keys] += dk_c
+                dvv[:, keys] += dv_c
             if dG is not None:  # G[q0 + T - q1 + r + c] received ds[r, c]: sum each anti-diagonal r + c = u
                 z = ds.new_zeros(H, n * (q1 + n - 1))
                 z.as_strided((H, n, q1), (z.stride(0), q1 + n, 1)).copy_(ds.view(B, H, n, q1).sum(0))
