@@ -156,10 +156,16 @@ def config_id(info: dict) -> str:
 
 def weights_id(run_dir: Path) -> str:
     """A short fingerprint of a run's trained weights: a run retrained in place gets another one."""
+    return files_id([run_dir / "model.safetensors"])
+
+
+def files_id(paths) -> str:
+    """A short fingerprint of the files' contents, read in order."""
     digest = hashlib.sha256()
-    with open(run_dir / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
     return digest.hexdigest()[:12]
 
 
@@ -168,7 +174,8 @@ def check_weights(row, subject, fix: str) -> None:
     recorded = row.get("weights_id")
     if subject.weights_id and isinstance(recorded, str) and recorded != subject.weights_id:
         raise LenxError(f"the results hold {row['run']} @{int(row['eval_len'])} computed from other weights than "
-                        f"{subject.run_dir} holds now (retrained since?); a finished cell is never recomputed: {fix}")
+                        f"{subject.run_dir} holds now (retrained or saved again since?); a finished cell is never "
+                        f"recomputed: {fix}")
 
 
 def check_text(row, spec, fix: str) -> None:

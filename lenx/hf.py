@@ -151,10 +151,12 @@ class HFModel:
         if dtype not in DTYPES:
             raise LenxError(f"unknown --dtype '{dtype}'; known: {', '.join(DTYPES)}")
         self.dtype = dtype
-        from .evaluate import short_hash
+        from .evaluate import files_id, short_hash
 
         self.config_id = short_hash({"model": self.source, "dtype": dtype})  # one model, one dtype: one experiment
-        self.weights_id = None  # not fingerprinted: a hub model or saved directory is not retrained in place
+        # a local directory can be saved again in place (its config, its weights): fingerprinted, as a lenx run is;
+        # a hub name stands for its published weights
+        self.weights_id = files_id([path / "config.json", *sorted(path.glob("*.safetensors"))]) if self.local else None
         self.config = self._load_config()
         self.scheme = scheme_of(self.config)
         self.pe = f"{self.config.model_type}/{self.scheme}"

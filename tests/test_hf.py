@@ -195,6 +195,29 @@ def test_out_of_memory_is_a_row_and_the_sweep_goes_on(llama_dir, text_dataset, t
     assert len(df) == 3 and df.loc[64, "ppl"] > 0
 
 
+def test_a_model_directory_saved_again_is_not_reported_with_its_old_numbers(llama_dir, text_dataset, tmp_path, capsys):
+    """A local --model directory is fingerprinted (config.json and safetensors), as a lenx run's weights are."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    cell = ["--model", model_dir, "--dataset", text_dataset, "--lengths", "16", "--tokens", "32", "--out", tmp_path / "res"]
+    assert lenx_cli("eval", *cell) == 0
+    assert lenx_cli("eval", *cell) == 0  # the same files: the finished cell stands
+    weights = load_file(model_dir / "model.safetensors")
+    save_file({k: v * 1.01 for k, v in weights.items()}, model_dir / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    one_line_error(capsys, lenx_cli("eval", *cell), "computed from other weights", "another --out")
+    shutil.copy(llama_dir / "model.safetensors", model_dir / "model.safetensors")
+    assert lenx_cli("eval", *cell) == 0  # the weights back as they were: the cell is theirs again
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "rope_theta": 500.0}))
+    capsys.readouterr()
+    one_line_error(capsys, lenx_cli("eval", *cell), "computed from other weights")
+
+
 def test_model_errors_are_one_line(tmp_path, capsys, text_dataset):
     code = lenx_cli("eval", "--model", "no-such-org/no-such-model", "--out", tmp_path)
     one_line_error(capsys, code, "no-such-org/no-such-model", "--model DIR")
