@@ -51,11 +51,17 @@ _EXTENSION_DASHES = {"pi": ":", "ntk": "--", "dynamic-ntk": (0, (6, 2, 1, 2)), "
 
 
 def readable_log_y(ax) -> None:
-    """Plain numbers (6, 8, 10, 20) on a log y axis instead of a lone 10^1."""
-    from matplotlib.ticker import LogLocator, ScalarFormatter
+    """Plain numbers (6, 8, 10, 20) on a log y axis instead of a lone 10^1; fewer of them the more decades it spans
+    (call it once the limits are set)."""
+    import math
 
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-    ax.yaxis.set_major_formatter(ScalarFormatter())
+    from matplotlib.ticker import LogLocator
+
+    low, high = ax.get_ylim()
+    decades = math.log10(high / low) if low > 0 else math.inf
+    subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades <= 2 else (1.0, 2.0, 5.0) if decades <= 4 else (1.0,)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.yaxis.set_major_formatter(lambda x, _: f"{x:,.10g}")  # 7, 1.5, 150, 2,000: no trailing ".0"
     ax.yaxis.set_minor_formatter(lambda *_: "")
 
 

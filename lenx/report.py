@@ -1,7 +1,7 @@
 """`lenx report`: Markdown, self-contained HTML, figures and an lm-eval-style JSON from a results directory.
 
-Tables give the mean over seeds with a 95% confidence interval (Student t), perplexity relative to
-1x, and, where the sweep config names published numbers, the paper's figures side by side. Only seeds of one
+Tables give the geometric mean over seeds (the exp of the mean log-perplexity, i.e. of the seeds' mean loss) with a
+95% confidence interval from Student's t on log-perplexity (so it is never negative), perplexity relative to 1x, and, where the sweep config names published numbers, the paper's figures side by side. Only seeds of one
 experiment are pooled: runs of a scheme trained differently (training length, `config_id`) get rows of their own.
 """
 
@@ -117,18 +117,24 @@ def protocols(df: pd.DataFrame) -> list[str]:
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (protocol, scheme, eval_len): mean, 95% CI half-width and count over seeds, of ppl and bpb."""
+    """One row per (protocol, scheme, eval_len), over seeds: ppl's geometric mean, its 95% confidence interval
+    (ppl_low, ppl_high: Student t on log ppl) and standard error (delta method), the seed count, and bpb's mean.
+
+    Seeds differ in perplexity by factors (one run that breaks at 16x can be ten times another): on log ppl the
+    interval is symmetric and stays positive, where an interval on ppl itself can reach below zero with few seeds."""
     df = df.assign(scheme=label(df), protocol_label=protocol_label(df))
     rows = []
     for (protocol, scheme, L), g in df.groupby(["protocol_label", "scheme", "eval_len"], sort=False):
         ppl = g.groupby("seed", dropna=False)["ppl"].mean().dropna()  # a seed evaluated twice counts once
-        n = len(ppl)
-        sd = ppl.std(ddof=1) if n > 1 else float("nan")
+        n, log = len(ppl), ppl.map(math.log)
+        mean = math.exp(log.mean()) if n > 1 else ppl.iloc[0] if n else float("nan")
+        se = log.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")  # of log ppl
         rows.append({
             "protocol": protocol, "scheme": scheme, "eval_len": int(L), "train_len": int(g["train_len"].iloc[0]), "seeds": n,
-            "ppl": ppl.mean() if n else float("nan"),
-            "ppl_ci95": t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan"),
-            "ppl_stderr": sd / math.sqrt(n) if n > 1 else float("nan"),
+            "ppl": mean,
+            "ppl_low": mean * math.exp(-t975(n - 1) * se) if n > 1 else float("nan"),
+            "ppl_high": mean * math.exp(t975(n - 1) * se) if n > 1 else float("nan"),
+            "ppl_stderr": mean * se,
             "bpb": g["bpb"].dropna().mean() if g["bpb"].notna().any() else float("nan"),
             "note": "; ".join(sorted(set(_text(g["note"], "")) - {""})),
         })
@@ -173,7 +179,7 @@ def wide(summary: pd.DataFrame, cell) -> pd.DataFrame:
 
 
 def ppl_cell(r) -> str:
-    return _fmt(r.ppl) + ("" if pd.isna(r.ppl_ci95) else f" ± {_fmt(r.ppl_ci95)}")
+    return _fmt(r.ppl) + ("" if pd.isna(r.ppl_low) else f" [{_fmt(r.ppl_low)}–{_fmt(r.ppl_high)}]")
 
 
 def column_names(summary: pd.DataFrame) -> dict:
@@ -208,16 +214,21 @@ def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
             st["linestyle"] = _DASHES[order.index(protocol) % len(_DASHES)]
         name = scheme if len(order) == 1 else f"{scheme}, {protocol}"
         ax.plot(g["eval_len"], g["ppl"], label=name, linewidth=2, markersize=6, **st)
-        if g["ppl_ci95"].notna().any():
-            ci = g["ppl_ci95"].fillna(0)
-            ax.fill_between(g["eval_len"], g["ppl"] - ci, g["ppl"] + ci, color=st["color"], alpha=0.2, linewidth=0)
+        if g["ppl_low"].notna().any():
+            low, high = g["ppl_low"].fillna(g["ppl"]), g["ppl_high"].fillna(g["ppl"])
+            ax.fill_between(g["eval_len"], low, high, color=st["color"], alpha=0.2, linewidth=0)
     _mark_train_len(ax, summary["train_len"].unique())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    means = summary["ppl"].dropna()
+    if not means.empty:  # the lines set the range; a few seeds' wide band runs off the edge rather than squash them
+        low, high = summary["ppl_low"].dropna(), summary["ppl_high"].dropna()
+        ax.set_ylim(max(low.min() if len(low) else 0, means.min() / 3) / 1.05,
+                    min(high.max() if len(high) else math.inf, means.max() * 3) * 1.05)
     readable_log_y(ax)
     ax.set_xlabel("evaluation length (tokens, log2 scale)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title("Perplexity vs evaluation length (mean over seeds, 95% CI band)")
+    ax.set_title("Perplexity vs evaluation length (geometric mean over seeds, 95% CI band)")
     ax.set_xticks(sorted(summary["eval_len"].unique()))
     ax.get_xaxis().set_major_formatter(lambda x, _: f"{int(x):,}")
     ax.minorticks_off()
@@ -388,11 +399,12 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     for protocol, part in summary.groupby("protocol", sort=False):
         no_1x = part["rel_1x"].isna() & part["ppl"].notna()  # a ppl but no 1x row to divide by
         sections += [
-            Section(f"Perplexity ({protocol})", f"Test-split perplexity, mean ± 95% confidence interval over "
-                    f"{seeds_text(part)} (Student t; no interval with one seed). Columns: evaluation length (multiple "
+            Section(f"Perplexity ({protocol})", f"Test-split perplexity over {seeds_text(part)}: the geometric mean "
+                    "(the exp of the seeds' mean loss) and its 95% confidence interval [low–high] (Student t on log "
+                    "perplexity, so never below zero; none with one seed). Columns: evaluation length (multiple "
                     "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
                     "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
-            Section(f"Perplexity relative to 1× ({protocol})", "Mean perplexity divided by the same scheme's at its "
+            Section(f"Perplexity relative to 1× ({protocol})", "Perplexity divided by the same scheme's at its "
                     "training length: 1.00 is perfect extrapolation." + (" Blank: the training length itself was not "
                     "evaluated (add it to --lengths)." if no_1x.any() else ""),
                     to_markdown(wide(part, lambda r: "" if no_1x[r.Index] else _fmt(r.rel_1x)), names)),

@@ -1,5 +1,6 @@
 """`lenx train` -> `lenx eval` -> `lenx report`, end to end on tiny settings, as a user runs them."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_report_pools_only_seeds_of_one_experiment(tmp_path):
     ppl, relative = md.split("## Perplexity relative to 1×")
     rows = {line.split(" | ")[0][2:]: line for line in ppl.splitlines() if line.startswith("| rope")}
     assert set(rows) == {f"rope (L16, {ids['long']})", f"rope (L16, {ids['short']})", "rope (L8)"}, rows
-    assert "±" in rows["rope (L8)"] and not any("±" in rows[k] for k in rows if "L16" in k)  # two seeds; one each
+    assert "[" in rows["rope (L8)"] and not any("[" in rows[k] for k in rows if "L16" in k)  # two seeds; one each
     assert f"rope (L16, {ids['long']}): 1" in md and "rope (L8): 2" in md  # 'over N seed(s)' per scheme
     assert f"- rope (L16, {ids['short']}): short" in md
     assert f"| rope (L16, {ids['long']}) | 1.00 |" in relative  # each at its own training length
@@ -449,7 +450,28 @@ def test_report_reads_text_columns_that_csv_left_empty(tmp_path):
         assert list(label(df).unique()) == ["alibi"]
         summary = summarise(df)
     assert list(summary["note"]) == ["", ""] and list(summary["protocol"]) == ["nonoverlap"] * 2
-    assert list(summary["seeds"]) == [2, 2] and list(summary["rel_1x"].round(3)) == [1.0, round(7.5 / 6.5, 3)]
+    # seeds 6 and 7 at 1x, 7 and 8 at 2x: geometric means, and their ratio
+    assert list(summary["seeds"]) == [2, 2] and list(summary["ppl"].round(4)) == [round(42**0.5, 4), round(56**0.5, 4)]
+    assert list(summary["rel_1x"].round(4)) == [1.0, round((56 / 42) ** 0.5, 4)]
+
+
+def test_interval_over_seeds_stays_positive_and_brackets_the_mean(tmp_path):
+    """Two seeds at 30 and 60: a t interval on ppl itself would reach below zero (45.00 ± 190.59); on log ppl
+    it is the geometric mean 42.43 times and divided by one factor, drawn as a band on the log axis."""
+    from lenx.report import plot_ppl_vs_length, ppl_cell, summarise
+
+    rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": L, "ppl": ppl, "bpb": 2.0,
+             "note": "", "rope_scaling": "none", "rope_factor": float("nan"), "tokenizer": "byte",
+             "protocol": "nonoverlap", "stride": 16, "dataset": "stdlib", "config_id": "c"}
+            for s, (a, b) in enumerate(((5.0, 30.0), (6.0, 60.0))) for L, ppl in ((16, a), (32, b))]
+    summary = summarise(pd.DataFrame(rows)).set_index("eval_len")
+    r = summary.loc[32]
+    assert r.ppl == pytest.approx(1800**0.5) and 0 < r.ppl_low < r.ppl < r.ppl_high
+    factor = math.exp(12.706 * math.log(2) / 2)  # t(1) * the standard error of log ppl: sd (ln 2 / sqrt 2) / sqrt 2
+    assert r.ppl_high / r.ppl == pytest.approx(factor) and r.ppl / r.ppl_low == pytest.approx(factor)
+    assert ppl_cell(r) == f"42.43 [{r.ppl / factor:.2f}–{r.ppl * factor:.2f}]"
+    plot_ppl_vs_length(summary.reset_index(), tmp_path / "ppl.png")  # the band on the log axis: positive throughout
+    assert (tmp_path / "ppl.png").stat().st_size > 0
 
 
 def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():

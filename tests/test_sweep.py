@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -58,7 +59,7 @@ def test_sweep_report_and_rerun(tiny_sweep, capsys, monkeypatch):
     df = pd.read_csv(res / "results.csv")
     assert len(df) == 2 * 2 * 3 and set(df["seed"]) == {0, 1}
     md = (res / "report.md").read_text()
-    assert "±" in md and "relative to 1×" in md and "Provenance" in md and "dataset_fingerprint" in md
+    assert "geometric mean" in md and "relative to 1×" in md and "Provenance" in md and "dataset_fingerprint" in md
     assert "- lenx_version: 0.1.0\n" in md and "['" not in md  # provenance values as text, not Python lists
     html = (res / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2 and "<table>" in html
@@ -69,10 +70,11 @@ def test_sweep_report_and_rerun(tiny_sweep, capsys, monkeypatch):
     assert cell["seeds"] == 2 and cell["token_perplexity,none"] > 1 and cell["token_perplexity_stderr,none"] >= 0
     assert js["config"]["sweep"]["name"] == "tiny"
 
-    # the confidence interval is the Student-t interval over the two seeds
-    g = df[(df["pe"] == "alibi") & (df["eval_len"] == 32)]["ppl"]
-    half = 12.706 * g.std(ddof=1) / 2**0.5
-    assert f"{g.mean():.2f} ± {half:.2f}" in md
+    # the geometric mean over the two seeds, and the Student-t interval on log ppl: never below zero
+    log = np.log(df[(df["pe"] == "alibi") & (df["eval_len"] == 32)]["ppl"])
+    mean, factor = np.exp(log.mean()), np.exp(12.706 * log.std(ddof=1) / 2**0.5)
+    assert f"{mean:.2f} [{mean / factor:.2f}–{mean * factor:.2f}]" in md
+    assert cell["token_perplexity,none"] == pytest.approx(mean)
 
     before = snapshot(root / "runs")
     rows = pd.read_csv(res / "results.csv")
