@@ -41,6 +41,22 @@ def style(scheme: str) -> dict:
     return s
 
 
+def styles(labels) -> dict:
+    """style() of each label in one figure, in the given order; a label that would look exactly like an earlier
+    one (tagged labels hash to their markers and dashes, and two can meet) takes the next marker still free."""
+    out, taken = {}, set()
+    look = lambda s: (s["color"], s["marker"], str(s.get("linestyle", "-")), s.get("markerfacecolor"))  # noqa: E731
+    for lab in labels:
+        s = style(lab)
+        for _ in range(len(_MARKERS)):
+            if look(s) not in taken:
+                break
+            s["marker"] = _MARKERS[(_MARKERS.index(s["marker"]) + 1) % len(_MARKERS)]
+        taken.add(look(s))
+        out[lab] = s
+    return out
+
+
 def _marker_apart(i: int, k: int) -> str:
     """A marker other than scheme slot i's own, picked by k (a hash of the variant's tag)."""
     return _MARKERS[(i + 1 + k % (len(_MARKERS) - 1)) % len(_MARKERS)]

@@ -1,7 +1,8 @@
 """`lenx report`: Markdown, self-contained HTML, figures and an lm-eval-style JSON from a results directory.
 
-Tables give the geometric mean over seeds (the exp of the mean log-perplexity, i.e. of the seeds' mean loss) with a
-95% confidence interval from Student's t on log-perplexity (so it is never negative), perplexity relative to 1x, and, where the sweep config names published numbers, the paper's figures side by side. Only seeds of one
+Tables give the geometric mean over seeds (the exp of the mean log-perplexity, i.e. of the seeds' mean loss) with
+a 95% confidence interval from Student's t on log-perplexity (so it is never negative), perplexity relative to 1x,
+and, where the sweep config names published numbers, the paper's figures side by side. Only seeds of one
 experiment are pooled: runs of a scheme trained differently (training length, `config_id`) get rows of their own.
 """
 
@@ -19,7 +20,7 @@ import pandas as pd
 
 from .errors import LenxError
 from .io import write_json, write_text
-from .plots import base_scheme, finish, new_figure, readable_log_y, style
+from .plots import base_scheme, finish, new_figure, readable_log_y, styles
 
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard tables); normal beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -205,11 +206,12 @@ _DASHES = ["-", "--", ":", "-."]
 def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
     fig, ax = new_figure()
     order = list(dict.fromkeys(summary["protocol"]))
+    looks = styles(dict.fromkeys(summary["scheme"]))
     for (protocol, scheme), g in summary.groupby(["protocol", "scheme"], sort=False):
         g = g.dropna(subset=["ppl"])
         if g.empty:
             continue
-        st = style(scheme)
+        st = dict(looks[scheme])
         if len(order) > 1:
             st["linestyle"] = _DASHES[order.index(protocol) % len(_DASHES)]
         name = scheme if len(order) == 1 else f"{scheme}, {protocol}"
@@ -257,11 +259,12 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
     logs = pd.concat(logs)
     fig, ax = new_figure()
     order = _scheme_order(logs["pe"].unique())
+    looks = styles(sorted(logs["pe"].unique(), key=order.get))
     for pe, g in sorted(logs.groupby("pe", sort=False), key=lambda item: order[item[0]]):
         curve = g.groupby("step")["loss"].mean().rolling(5, min_periods=1).mean()
         # markers too: a training variant's dashes come from a hash of its tag, and two variants can share them
         ax.plot(curve.index, curve.values, label=pe, linewidth=1.8, markersize=5,
-                markevery=max(1, len(curve) // 12), **style(pe))  # at most about a dozen markers a line
+                markevery=max(1, len(curve) // 12), **looks[pe])  # at most about a dozen markers a line
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, also on short runs
@@ -294,6 +297,7 @@ def plot_loss_by_position(pos: pd.DataFrame, path: Path) -> None:
     axes = axes if len(order) > 1 else [axes]
     rank = _scheme_order(pos["scheme"].unique())
     schemes = sorted(pos["scheme"].unique(), key=rank.get)  # the legend order of the other figures
+    looks = styles(schemes)
     for ax, protocol in zip(axes, order):
         part = pos[pos["_protocol"] == protocol].assign(weighted=lambda d: d["nll"] * d["tokens"])
         agg = part.groupby(["scheme", "bucket_start", "bucket_end"], as_index=False)[["weighted", "tokens"]].sum()
@@ -301,7 +305,7 @@ def plot_loss_by_position(pos: pd.DataFrame, path: Path) -> None:
             a = agg[agg["scheme"] == scheme].sort_values("bucket_start")
             centre = (a["bucket_start"] + a["bucket_end"]) / 2
             ax.plot(centre, a["weighted"] / a["tokens"], label=scheme, linewidth=2, markersize=5,
-                    markevery=max(1, len(a) // 12), **style(scheme))  # at most about a dozen markers a line
+                    markevery=max(1, len(a) // 12), **looks[scheme])  # at most about a dozen markers a line
         _mark_train_len(ax, part["train_len"].unique())
         lens = sorted(part["eval_len"].unique())
         ax.set_xscale("log", base=2)

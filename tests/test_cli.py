@@ -378,6 +378,19 @@ def test_report_keeps_datasets_apart():
     assert style("alibi on files") != style("alibi on stdlib")  # and the figures draw them apart
 
 
+def test_labels_of_one_figure_never_look_alike():
+    """Tagged labels hash to their markers and dashes, so two can meet; within one figure they are drawn apart."""
+    from lenx.plots import style, styles
+
+    labels = ["alibi", "rope"] + [f"alibi (L16, {i:06x})" for i in range(30)]  # in report order: plain ones first
+    look = lambda s: (s["color"], s["marker"], str(s.get("linestyle", "-")), s.get("markerfacecolor"))  # noqa: E731
+    assert len({look(style(x)) for x in labels}) < len(labels)  # hashed alone, some meet
+    looks = styles(labels)
+    assert len({look(s) for s in looks.values()}) == len(labels)
+    assert all(looks[x]["color"] == style(x)["color"] for x in labels)  # a scheme keeps its colour
+    assert looks["alibi"] == style("alibi") and looks["rope"] == style("rope")
+
+
 def test_a_directory_of_runs_named_as_a_run_says_so(trained, capsys, tmp_path):
     runs = trained / "runs"
     one_line_error(capsys, lenx("eval", runs, "--out", tmp_path / "res"), "a directory of lenx runs",
