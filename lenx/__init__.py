@@ -1,12 +1,49 @@
-"""lenx: a length-extrapolation benchmark for positional encodings."""
+"""lenx: a length-extrapolation benchmark for positional encodings.
+
+`import lenx` makes the `lenx` model type known to transformers' Auto classes (AutoConfig, AutoModelForCausalLM)
+without importing transformers itself, which takes seconds: `lenx.model` registers it, and it is imported at once
+if transformers already is, else right after transformers' own import. Commands that never load a model
+(`lenx --help`, `lenx schemes`, `lenx report`) so start in a fraction of that time.
+"""
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
-
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
-
-from .model import LenxConfig, LenxForCausalLM  # noqa: E402
-
-AutoConfig.register("lenx", LenxConfig, exist_ok=True)
-AutoModelForCausalLM.register(LenxConfig, LenxForCausalLM, exist_ok=True)
-
 __all__ = ["LenxConfig", "LenxForCausalLM", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("LenxConfig", "LenxForCausalLM"):
+        return getattr(importlib.import_module(".model", __name__), name)
+    raise AttributeError(f"module 'lenx' has no attribute '{name}'")
+
+
+class _AfterTransformers(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: hands on transformers' own spec, its loader made to import lenx.model (which
+    registers the model type) once transformers is loaded. Unless lenx.model is what is importing transformers:
+    it registers at its own end."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                if f"{__name__}.model" not in sys.modules:
+                    importlib.import_module(".model", __name__)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+if "transformers" in sys.modules:
+    importlib.import_module(".model", __name__)
+else:
+    sys.meta_path.insert(0, _AfterTransformers())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
@@ -201,3 +201,8 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
         # The mask goes on to forward, which refuses a padded batch (generate extends the mask by ones per new token).
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
+
+
+# `import lenx` (see lenx/__init__.py) or any import of this module: AutoConfig / AutoModelForCausalLM know "lenx"
+AutoConfig.register("lenx", LenxConfig, exist_ok=True)
+AutoModelForCausalLM.register(LenxConfig, LenxForCausalLM, exist_ok=True)

@@ -227,6 +227,14 @@ def test_console_script_has_no_traceback(tmp_path):
     assert "known schemes" in proc.stderr
 
 
+def test_help_starts_without_torch_or_transformers(tmp_path):
+    """`lenx --help` and a command's --help import neither torch nor transformers (seconds of start-up)."""
+    code = ("import sys\nfrom lenx.cli import main\nmain(['--help'])\nmain(['eval', '--help'])\n"
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "[]", proc.stderr[-2000:]
+
+
 def test_schemes_lists_every_scheme(capsys, monkeypatch):
     for width, papers in ((80, False), (200, True)):  # paper and users as columns only where they fit
         monkeypatch.setenv("COLUMNS", str(width))

@@ -265,6 +265,23 @@ def test_lenx_run_loads_and_generates_with_plain_transformers(pe, tmp_path):
     assert out.shape == (1, ids.shape[1] + 5) and torch.equal(out, greedy)
 
 
+def test_import_lenx_registers_the_model_type_whichever_comes_first(tmp_path):
+    """`import lenx` imports neither torch nor transformers (the CLI starts fast), and transformers' Auto classes
+    still load a lenx run in a fresh process, whether transformers is imported after lenx or before it."""
+    import subprocess
+    import sys
+
+    run = make_run(tmp_path, "alibi")
+    load = "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)"
+    for code in (
+        "import sys, lenx; assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        f"from transformers import AutoModelForCausalLM\n{load}",
+        f"import sys\nfrom transformers import AutoModelForCausalLM\nimport lenx\n{load}",
+    ):
+        done = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.split()[-1] == "LenxForCausalLM", done.stderr[-2000:]
+
+
 def test_padding_is_refused_not_scored_wrongly(tmp_path):
     """lenx attention has no padding mask: a mask of ones is accepted, any zero is a clear error."""
     model = load_model(make_run(tmp_path, "rope"), "cpu")
