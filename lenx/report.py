@@ -222,11 +222,8 @@ def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
     _mark_train_len(ax, summary["train_len"].unique())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    means = summary["ppl"].dropna()
-    if not means.empty:  # the lines set the range; a few seeds' wide band runs off the edge rather than squash them
-        low, high = summary["ppl_low"].dropna(), summary["ppl_high"].dropna()
-        ax.set_ylim(max(low.min() if len(low) else 0, means.min() / 3) / 1.05,
-                    min(high.max() if len(high) else math.inf, means.max() * 3) * 1.05)
+    if summary["ppl"].notna().any():
+        ax.set_ylim(*ppl_ylim(summary))
     readable_log_y(ax)
     ax.set_xlabel("evaluation length (tokens, log2 scale)")
     ax.set_ylabel("perplexity (log scale)")
@@ -235,6 +232,15 @@ def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
     ax.get_xaxis().set_major_formatter(lambda x, _: f"{int(x):,}")
     ax.minorticks_off()
     finish(fig, ax, path, legend_title="scheme")
+
+
+def ppl_ylim(summary: pd.DataFrame) -> tuple[float, float]:
+    """The y range of ppl_vs_length: lines and bands, but a band reaches at most 3x past the lines (a few seeds'
+    interval can span decades; it then runs off the edge rather than squash the lines)."""
+    means = summary["ppl"].dropna()
+    low = pd.concat([means, summary["ppl_low"].dropna()]).min()
+    high = pd.concat([means, summary["ppl_high"].dropna()]).max()
+    return max(low, means.min() / 3) / 1.08, min(high, means.max() * 3) * 1.08
 
 
 def _mark_train_len(ax, train_lens) -> None:

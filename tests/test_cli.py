@@ -479,7 +479,7 @@ def test_report_reads_text_columns_that_csv_left_empty(tmp_path):
 def test_interval_over_seeds_stays_positive_and_brackets_the_mean(tmp_path):
     """Two seeds at 30 and 60: a t interval on ppl itself would reach below zero (45.00 ± 190.59); on log ppl
     it is the geometric mean 42.43 times and divided by one factor, drawn as a band on the log axis."""
-    from lenx.report import plot_ppl_vs_length, ppl_cell, summarise
+    from lenx.report import plot_ppl_vs_length, ppl_cell, ppl_ylim, summarise
 
     rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": L, "ppl": ppl, "bpb": 2.0,
              "note": "", "rope_scaling": "none", "rope_factor": float("nan"), "tokenizer": "byte",
@@ -493,6 +493,10 @@ def test_interval_over_seeds_stays_positive_and_brackets_the_mean(tmp_path):
     assert ppl_cell(r) == f"42.43 [{r.ppl / factor:.2f}–{r.ppl * factor:.2f}]"
     plot_ppl_vs_length(summary.reset_index(), tmp_path / "ppl.png")  # the band on the log axis: positive throughout
     assert (tmp_path / "ppl.png").stat().st_size > 0
+    low, high = ppl_ylim(summary)  # the lines set the range; the band runs off it, 3x past them at most
+    assert low == pytest.approx(30**0.5 / 3 / 1.08) and high == pytest.approx(r.ppl * 3 * 1.08)  # 1x: sqrt(5 * 6)
+    one_seed = summarise(pd.DataFrame(rows[:2]))  # no band: the range hugs the lines
+    assert ppl_ylim(one_seed) == pytest.approx((5.0 / 1.08, 30.0 * 1.08))
 
 
 def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():
