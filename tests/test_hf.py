@@ -267,7 +267,8 @@ def test_lenx_run_loads_and_generates_with_plain_transformers(pe, tmp_path):
 
 def test_import_lenx_registers_the_model_type_whichever_comes_first(tmp_path):
     """`import lenx` imports neither torch nor transformers (the CLI starts fast), and transformers' Auto classes
-    still load a lenx run in a fresh process, whether transformers is imported after lenx or before it."""
+    still load a lenx run in a fresh process, whether transformers is imported after lenx or before it, also when
+    something looked transformers up (importlib.util.find_spec) before importing it."""
     import subprocess
     import sys
 
@@ -277,6 +278,9 @@ def test_import_lenx_registers_the_model_type_whichever_comes_first(tmp_path):
         "import sys, lenx; assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
         f"from transformers import AutoModelForCausalLM\n{load}",
         f"import sys\nfrom transformers import AutoModelForCausalLM\nimport lenx\n{load}",
+        # an availability probe (accelerate's and peft's is_transformers_available) before the import
+        "import sys, importlib.util, lenx; assert importlib.util.find_spec('transformers') is not None\n"
+        f"from transformers import AutoModelForCausalLM\n{load}",
     ):
         done = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout.split()[-1] == "LenxForCausalLM", done.stderr[-2000:]
