@@ -218,6 +218,24 @@ def test_a_model_directory_saved_again_is_not_reported_with_its_old_numbers(llam
     one_line_error(capsys, lenx_cli("eval", *cell), "computed from other weights")
 
 
+def test_one_model_directory_named_two_ways_is_one_experiment(llama_dir, text_dataset, tmp_path, monkeypatch):
+    """The same local --model directory given by a relative and by an absolute path is one model: one config_id,
+    one tokenizer, one report row (not two tagged rows and a bits-per-byte table for 'different tokenizers')."""
+    import shutil
+
+    from lenx.report import summarise
+
+    shutil.copytree(llama_dir, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    res = tmp_path / "res"
+    common = ["--dataset", text_dataset, "--tokens", "32", "--out", res]
+    assert lenx_cli("eval", "--model", "model", "--lengths", "16", *common) == 0
+    assert lenx_cli("eval", "--model", tmp_path / "model", "--lengths", "16,32", *common) == 0
+    df = pd.read_csv(res / "results.csv")
+    assert df["config_id"].nunique() == 1 and df["tokenizer"].nunique() == 1, df[["config_id", "tokenizer"]]
+    assert list(summarise(df)["scheme"].unique()) == ["llama/rope"]
+
+
 def test_model_errors_are_one_line(tmp_path, capsys, text_dataset):
     code = lenx_cli("eval", "--model", "no-such-org/no-such-model", "--out", tmp_path)
     one_line_error(capsys, code, "no-such-org/no-such-model", "--model DIR")
