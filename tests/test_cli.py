@@ -499,6 +499,21 @@ def test_interval_over_seeds_stays_positive_and_brackets_the_mean(tmp_path):
     assert ppl_ylim(one_seed) == pytest.approx((5.0 / 1.08, 30.0 * 1.08))
 
 
+def test_interval_bounds_far_from_the_mean_stay_readable_and_above_zero():
+    """Two seeds a factor 400 apart: the t(1) interval spans dozens of decades. Its bounds are written in
+    significant digits (never '0.00', which reads as the zero the log interval cannot reach, nor 20-digit numbers)."""
+    from lenx.report import ppl_cell, summarise
+
+    rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": 64, "ppl": ppl, "bpb": 2.0,
+             "note": "", "rope_scaling": "none", "rope_factor": float("nan"), "tokenizer": "byte",
+             "protocol": "nonoverlap", "stride": 64, "dataset": "stdlib", "config_id": "c"}
+            for s, ppl in enumerate((75.0, 30000.0))]
+    r = next(summarise(pd.DataFrame(rows)).itertuples())
+    low, high = f"{r.ppl_low:.3g}", f"{r.ppl_high:.3g}"
+    assert r.ppl_low < 0.01 and r.ppl_high > 1e6
+    assert ppl_cell(r) == f"1500.00 [{low}–{high}]" and "e+" in high
+
+
 def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():
     """The bar gives up room, not the loss and tokens/s text (which wrapped onto a second line at 80 columns)."""
     import io
