@@ -125,8 +125,13 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     interval is symmetric and stays positive, where an interval on ppl itself can reach below zero with few seeds."""
     df = df.assign(scheme=label(df), protocol_label=protocol_label(df))
     rows = []
+    every = df.groupby(["protocol_label", "scheme"], sort=False)["seed"].unique()  # a scheme's seeds, any length
     for (protocol, scheme, L), g in df.groupby(["protocol_label", "scheme", "eval_len"], sort=False):
         ppl = g.groupby("seed", dropna=False)["ppl"].mean().dropna()  # a seed evaluated twice counts once
+        seeds = every[(protocol, scheme)]
+        lacking = [s for s in seeds if pd.notna(s) and s not in set(ppl.index)]  # no row here, or an empty ppl
+        partial = [f"mean over {len(ppl)} of {len(seeds)} seeds (no perplexity from seed "
+                   + ", ".join(f"{s:g}" for s in lacking) + ")"] if len(ppl) and lacking else []
         n, log = len(ppl), ppl.map(math.log)
         mean = math.exp(log.mean()) if n > 1 else ppl.iloc[0] if n else float("nan")
         se = log.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")  # of log ppl
@@ -137,7 +142,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             "ppl_high": mean * math.exp(t975(n - 1) * se) if n > 1 else float("nan"),
             "ppl_stderr": mean * se,
             "bpb": g["bpb"].dropna().mean() if g["bpb"].notna().any() else float("nan"),
-            "note": "; ".join(sorted(set(_text(g["note"], "")) - {""})),
+            "note": "; ".join(sorted(set(_text(g["note"], "")) - {""}) + partial),
         })
     out = pd.DataFrame(rows)
     base = out[out["eval_len"] == out["train_len"]].set_index(["protocol", "scheme"])["ppl"]

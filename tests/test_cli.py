@@ -514,6 +514,25 @@ def test_interval_bounds_far_from_the_mean_stay_readable_and_above_zero():
     assert ppl_cell(r) == f"1500.00 [{low}–{high}]" and "e+" in high
 
 
+def test_a_cell_missing_a_seed_says_so(tmp_path):
+    """Three seeds, one of them with no perplexity at one length (out of memory, or its row never written): that
+    cell is the mean of two, and the report says so, where the text above the table says '3 seed(s)'."""
+    from lenx.report import report
+
+    rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": L, "ppl": 10.0 + s + L,
+             "nll": 0.0, "bpb": 2.0, "note": "", "rope_scaling": "none", "rope_factor": float("nan"),
+             "tokenizer": "byte", "protocol": "nonoverlap", "stride": L, "dataset": "stdlib", "config_id": "c",
+             "run_dir": None, "lenx_version": "0.1.0", "device": "cpu", "dataset_fingerprint": "f"}
+            for s in range(3) for L in (16, 32, 64) if (s, L) != (2, 64)]
+    rows[4].update(ppl=float("nan"), note="out of memory")  # seed 1 at 32
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    assert "over 3 seed(s)" in md
+    assert "- rope, nonoverlap, at 32: out of memory; mean over 2 of 3 seeds (no perplexity from seed 1)" in md
+    assert "- rope, nonoverlap, at 64: mean over 2 of 3 seeds (no perplexity from seed 2)" in md
+    assert "at 16" not in md
+
+
 def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():
     """The bar gives up room, not the loss and tokens/s text (which wrapped onto a second line at 80 columns)."""
     import io
