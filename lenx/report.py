@@ -20,7 +20,7 @@ import pandas as pd
 
 from .errors import LenxError
 from .io import write_json, write_text
-from .plots import base_scheme, finish, new_figure, readable_log_y, styles
+from .plots import apart, base_scheme, finish, new_figure, readable_log_y, styles
 
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard tables); normal beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -218,13 +218,15 @@ def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
     fig, ax = new_figure()
     order = list(dict.fromkeys(summary["protocol"]))
     looks = styles(dict.fromkeys(summary["scheme"]))
-    for (protocol, scheme), g in summary.groupby(["protocol", "scheme"], sort=False):
+    lines = summary.groupby(["protocol", "scheme"], sort=False)
+    if len(order) > 1:  # each protocol its dashes, in place of a variant's own: drawn apart again
+        looks = apart({(p, s): {**looks[s], "linestyle": _DASHES[order.index(p) % len(_DASHES)]}
+                       for p, s in dict.fromkeys(zip(summary["protocol"], summary["scheme"]))})
+    for (protocol, scheme), g in lines:
         g = g.dropna(subset=["ppl"])
         if g.empty:
             continue
-        st = dict(looks[scheme])
-        if len(order) > 1:
-            st["linestyle"] = _DASHES[order.index(protocol) % len(_DASHES)]
+        st = dict(looks[(protocol, scheme) if len(order) > 1 else scheme])
         name = scheme if len(order) == 1 else f"{scheme}, {protocol}"
         ax.plot(g["eval_len"], g["ppl"], label=name, linewidth=2, markersize=6, **st)
         if g["ppl_low"].notna().any():

@@ -370,6 +370,28 @@ def test_results_of_another_text_are_refused(tmp_path, capsys):
     assert len(pd.read_csv(res / "results.csv")) == 2
 
 
+def test_ppl_figure_with_several_protocols_never_draws_two_lines_alike(tmp_path, monkeypatch):
+    """With several protocols the protocol sets each line's dashes, overriding a training variant's own; two variants
+    that styles() told apart by their dashes alone (same colour and marker) must not then look alike."""
+    import lenx.report as rep
+    from lenx.plots import style
+
+    a, b = "alibi (L16, 000000)", "alibi (L16, 00001f)"
+    assert style(a)["marker"] == style(b)["marker"] and style(a)["linestyle"] != style(b)["linestyle"]
+    summary = pd.DataFrame([{"protocol": p, "scheme": s, "eval_len": L, "train_len": 16, "ppl": 10.0 + L + k,
+                             "ppl_low": float("nan"), "ppl_high": float("nan")}
+                            for p in ("nonoverlap", "sliding (stride L/2)") for k, s in enumerate((a, b)) for L in (16, 32)])
+    drawn = {}
+
+    def keep(fig, ax, path, legend_title=None):
+        drawn.update({line.get_label(): (line.get_color(), line.get_marker(), line.get_linestyle())
+                      for line in ax.get_lines() if not line.get_label().startswith("_")})
+
+    monkeypatch.setattr(rep, "finish", keep)
+    rep.plot_ppl_vs_length(summary, tmp_path / "ppl.png")
+    assert len(drawn) == 4 and len(set(drawn.values())) == 4, drawn
+
+
 def test_report_keeps_datasets_apart():
     """One run scored on its own corpus and on another (`lenx eval --test-file`): two rows, never their mean."""
     from lenx.report import summarise
