@@ -231,7 +231,10 @@ def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
         ax.plot(g["eval_len"], g["ppl"], label=name, linewidth=2, markersize=6, **st)
         if g["ppl_low"].notna().any():
             low, high = g["ppl_low"].fillna(g["ppl"]), g["ppl_high"].fillna(g["ppl"])
-            ax.fill_between(g["eval_len"], low, high, color=st["color"], alpha=0.2, linewidth=0)
+            if len(g) > 1:
+                ax.fill_between(g["eval_len"], low, high, color=st["color"], alpha=0.2, linewidth=0)
+            else:  # one length (learned positions past their table elsewhere): a band with no width; a bar
+                ax.vlines(g["eval_len"], low, high, color=st["color"], alpha=0.3, linewidth=8)
     _mark_train_len(ax, summary["train_len"].unique())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -392,6 +392,31 @@ def test_ppl_figure_with_several_protocols_never_draws_two_lines_alike(tmp_path,
     assert len(drawn) == 4 and len(set(drawn.values())) == 4, drawn
 
 
+def test_ppl_figure_draws_the_interval_of_a_scheme_with_one_length(tmp_path, monkeypatch):
+    """A scheme with a perplexity at one length only (learned positions, past their table elsewhere): a band over
+    one length has no width and fill_between draws nothing, so its interval, which ppl_ylim makes room for, is
+    drawn at that length too."""
+    import numpy as np
+
+    import lenx.report as rep
+
+    summary = pd.DataFrame([{"protocol": "nonoverlap", "scheme": s, "eval_len": L, "train_len": 16, "ppl": 40.0,
+                             "ppl_low": 20.0 if s == "learned" else 35.0, "ppl_high": 80.0 if s == "learned" else 45.0}
+                            for s in ("learned", "rope") for L in (16, 32) if (s, L) != ("learned", 16)])
+    pixels = {}
+
+    def keep(fig, ax, path, legend_title=None):
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba())
+        for y in (25.0, 60.0):  # inside learned's interval at 32, outside rope's band and its line
+            x, top = ax.transData.transform((32, y))
+            pixels[y] = image[image.shape[0] - int(round(top)), int(round(x)) + 4, :3]  # beside the grid line
+
+    monkeypatch.setattr(rep, "finish", keep)
+    rep.plot_ppl_vs_length(summary, tmp_path / "ppl.png")
+    assert all((p < 250).any() for p in pixels.values()), pixels  # not the white background
+
+
 def test_report_keeps_datasets_apart():
     """One run scored on its own corpus and on another (`lenx eval --test-file`): two rows, never their mean."""
     from lenx.report import summarise
