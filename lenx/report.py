@@ -137,6 +137,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         se = log.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")  # of log ppl
         rows.append({
             "protocol": protocol, "scheme": scheme, "eval_len": int(L), "train_len": int(g["train_len"].iloc[0]), "seeds": n,
+            "evaluated_seeds": len(seeds),  # the scheme's, with or without a perplexity here
             "ppl": mean,
             "ppl_low": mean * math.exp(-t975(n - 1) * se) if n > 1 else float("nan"),
             "ppl_high": mean * math.exp(t975(n - 1) * se) if n > 1 else float("nan"),
@@ -155,8 +156,9 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def seeds_text(part: pd.DataFrame) -> str:
-    """'3 seed(s)', or each scheme's count where they differ."""
-    per_scheme = part.groupby("scheme", sort=False)["seeds"].max()
+    """'3 seed(s)', or each scheme's count where they differ: the seeds evaluated, also where none has a perplexity
+    (learned positions evaluated past their table only)."""
+    per_scheme = part.groupby("scheme", sort=False)["evaluated_seeds"].max()
     if per_scheme.nunique() == 1:
         return f"{per_scheme.iloc[0]} seed(s)"
     return "each scheme's seeds (" + ", ".join(f"{s}: {n}" for s, n in per_scheme.items()) + ")"

@@ -580,6 +580,18 @@ def test_a_cell_missing_a_seed_says_so(tmp_path):
     assert "at 16" not in md
 
 
+def test_seed_count_of_a_scheme_with_no_perplexity_is_its_seeds(tmp_path):
+    """Two learned runs evaluated only past their table: every cell is empty, but two seeds were evaluated
+    (the text said 'over 0 seed(s)')."""
+    from lenx.report import seeds_text, summarise
+
+    rows = [{"run": f"learned-s{s}", "pe": "learned", "seed": s, "train_len": 16, "eval_len": L, "ppl": float("nan"),
+             "bpb": float("nan"), "note": "learned positions end at 16", "rope_scaling": "none",
+             "rope_factor": float("nan"), "tokenizer": "byte", "protocol": "nonoverlap", "stride": L,
+             "dataset": "stdlib", "config_id": "c"} for s in range(2) for L in (32, 64)]
+    assert seeds_text(summarise(pd.DataFrame(rows))) == "2 seed(s)"
+
+
 def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():
     """The bar gives up room, not the loss and tokens/s text (which wrapped onto a second line at 80 columns)."""
     import io
