@@ -95,7 +95,8 @@ def new_figure(width: float = 8.0, height: float = 4.8, ncols: int = 1, sharey: 
 
 
 def finish(fig, ax, path, legend_title: str | None = None) -> None:
-    ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if ax.get_legend_handles_labels()[0]:  # nothing drawn (every cell empty): no legend, and no matplotlib warning
+        ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

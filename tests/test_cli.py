@@ -592,6 +592,23 @@ def test_seed_count_of_a_scheme_with_no_perplexity_is_its_seeds(tmp_path):
     assert seeds_text(summarise(pd.DataFrame(rows))) == "2 seed(s)"
 
 
+def test_report_with_every_cell_empty_warns_nothing(tmp_path):
+    """Learned runs evaluated only past their table: the figure has no line, and `lenx report` prints no
+    matplotlib warning about an empty legend."""
+    import warnings
+
+    from lenx.report import plot_ppl_vs_length, summarise
+
+    rows = [{"run": "learned-s0", "pe": "learned", "seed": 0, "train_len": 16, "eval_len": 32, "ppl": float("nan"),
+             "bpb": float("nan"), "note": "learned positions end at 16", "rope_scaling": "none",
+             "rope_factor": float("nan"), "tokenizer": "byte", "protocol": "nonoverlap", "stride": 32,
+             "dataset": "stdlib", "config_id": "c"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_ppl_vs_length(summarise(pd.DataFrame(rows)), tmp_path / "ppl.png")
+    assert (tmp_path / "ppl.png").exists()
+
+
 def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():
     """The bar gives up room, not the loss and tokens/s text (which wrapped onto a second line at 80 columns)."""
     import io
