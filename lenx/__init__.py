@@ -24,17 +24,25 @@ def __getattr__(name: str):
 class _AfterTransformers(importlib.abc.MetaPathFinder):
     """Finds nothing itself: hands on transformers' own spec, its loader made to import lenx.model (which
     registers the model type) once transformers is loaded. Unless lenx.model is what is importing transformers:
-    it registers at its own end."""
+    it registers at its own end. It stays on sys.meta_path until transformers is actually loaded: a mere lookup
+    (`importlib.util.find_spec("transformers")`, the usual is-it-installed probe) must not disarm it."""
+
+    _looking = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if name != "transformers" or self._looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self._looking = True  # the lookup below passes through sys.meta_path, this finder included
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._looking = False
         if spec is not None and spec.loader is not None:
             load = spec.loader.exec_module
 
             def exec_module(module):
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 load(module)
                 if f"{__name__}.model" not in sys.modules:
                     importlib.import_module(".model", __name__)

@@ -134,7 +134,7 @@ class HFModel:
                     f"--model {name} is not a model directory (no config.json); give a save_pretrained directory "
                     "or a hub name"
                 )
-            self.source = str(path)
+            self.source = str(path.resolve())  # one directory, however it is named: one model (config_id, tokenizer)
             self.name = path.resolve().name
         elif name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
             # not a hub id ("name" or "org/name"): a path, and it is not there

@@ -44,16 +44,22 @@ def style(scheme: str) -> dict:
 def styles(labels) -> dict:
     """style() of each label in one figure, in the given order; a label that would look exactly like an earlier
     one (tagged labels hash to their markers and dashes, and two can meet) takes the next marker still free."""
+    return apart({lab: style(lab) for lab in labels})
+
+
+def apart(looks: dict) -> dict:
+    """The styles of one figure's lines (key -> style, in drawing order), each that looks exactly like an earlier
+    one given the next marker still free: for a figure that changes styles() (e.g. sets each protocol's dashes)."""
     out, taken = {}, set()
     look = lambda s: (s["color"], s["marker"], str(s.get("linestyle", "-")), s.get("markerfacecolor"))  # noqa: E731
-    for lab in labels:
-        s = style(lab)
+    for key, s in looks.items():
+        s = dict(s)
         for _ in range(len(_MARKERS)):
             if look(s) not in taken:
                 break
             s["marker"] = _MARKERS[(_MARKERS.index(s["marker"]) + 1) % len(_MARKERS)]
         taken.add(look(s))
-        out[lab] = s
+        out[key] = s
     return out
 
 
@@ -89,7 +95,8 @@ def new_figure(width: float = 8.0, height: float = 4.8, ncols: int = 1, sharey: 
 
 
 def finish(fig, ax, path, legend_title: str | None = None) -> None:
-    ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if ax.get_legend_handles_labels()[0]:  # nothing drawn (every cell empty): no legend, and no matplotlib warning
+        ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

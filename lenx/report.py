@@ -20,7 +20,7 @@ import pandas as pd
 
 from .errors import LenxError
 from .io import write_json, write_text
-from .plots import base_scheme, finish, new_figure, readable_log_y, styles
+from .plots import apart, base_scheme, finish, new_figure, readable_log_y, styles
 
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard tables); normal beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -125,19 +125,25 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     interval is symmetric and stays positive, where an interval on ppl itself can reach below zero with few seeds."""
     df = df.assign(scheme=label(df), protocol_label=protocol_label(df))
     rows = []
+    every = df.groupby(["protocol_label", "scheme"], sort=False)["seed"].unique()  # a scheme's seeds, any length
     for (protocol, scheme, L), g in df.groupby(["protocol_label", "scheme", "eval_len"], sort=False):
         ppl = g.groupby("seed", dropna=False)["ppl"].mean().dropna()  # a seed evaluated twice counts once
+        seeds = every[(protocol, scheme)]
+        lacking = [s for s in seeds if pd.notna(s) and s not in set(ppl.index)]  # no row here, or an empty ppl
+        partial = [f"mean over {len(ppl)} of {len(seeds)} seeds (no perplexity from seed "
+                   + ", ".join(f"{s:g}" for s in lacking) + ")"] if len(ppl) and lacking else []
         n, log = len(ppl), ppl.map(math.log)
         mean = math.exp(log.mean()) if n > 1 else ppl.iloc[0] if n else float("nan")
         se = log.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")  # of log ppl
         rows.append({
             "protocol": protocol, "scheme": scheme, "eval_len": int(L), "train_len": int(g["train_len"].iloc[0]), "seeds": n,
+            "evaluated_seeds": len(seeds),  # the scheme's, with or without a perplexity here
             "ppl": mean,
             "ppl_low": mean * math.exp(-t975(n - 1) * se) if n > 1 else float("nan"),
             "ppl_high": mean * math.exp(t975(n - 1) * se) if n > 1 else float("nan"),
             "ppl_stderr": mean * se,
             "bpb": g["bpb"].dropna().mean() if g["bpb"].notna().any() else float("nan"),
-            "note": "; ".join(sorted(set(_text(g["note"], "")) - {""})),
+            "note": "; ".join(sorted(set(_text(g["note"], "")) - {""}) + partial),
         })
     out = pd.DataFrame(rows)
     base = out[out["eval_len"] == out["train_len"]].set_index(["protocol", "scheme"])["ppl"]
@@ -150,8 +156,9 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def seeds_text(part: pd.DataFrame) -> str:
-    """'3 seed(s)', or each scheme's count where they differ."""
-    per_scheme = part.groupby("scheme", sort=False)["seeds"].max()
+    """'3 seed(s)', or each scheme's count where they differ: the seeds evaluated, also where none has a perplexity
+    (learned positions evaluated past their table only)."""
+    per_scheme = part.groupby("scheme", sort=False)["evaluated_seeds"].max()
     if per_scheme.nunique() == 1:
         return f"{per_scheme.iloc[0]} seed(s)"
     return "each scheme's seeds (" + ", ".join(f"{s}: {n}" for s, n in per_scheme.items()) + ")"
@@ -179,8 +186,14 @@ def wide(summary: pd.DataFrame, cell) -> pd.DataFrame:
     return table
 
 
+def _bound(x) -> str:
+    """An interval bound: two decimals, or three significant digits far from that range (a few seeds' interval
+    can span decades: '0.00' would read as zero, which it never reaches, and 1e19 as twenty digits)."""
+    return _fmt(x) if 0.01 <= x < 1e6 else f"{x:.3g}"
+
+
 def ppl_cell(r) -> str:
-    return _fmt(r.ppl) + ("" if pd.isna(r.ppl_low) else f" [{_fmt(r.ppl_low)}–{_fmt(r.ppl_high)}]")
+    return _fmt(r.ppl) + ("" if pd.isna(r.ppl_low) else f" [{_bound(r.ppl_low)}–{_bound(r.ppl_high)}]")
 
 
 def column_names(summary: pd.DataFrame) -> dict:
@@ -207,18 +220,23 @@ def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
     fig, ax = new_figure()
     order = list(dict.fromkeys(summary["protocol"]))
     looks = styles(dict.fromkeys(summary["scheme"]))
-    for (protocol, scheme), g in summary.groupby(["protocol", "scheme"], sort=False):
+    lines = summary.groupby(["protocol", "scheme"], sort=False)
+    if len(order) > 1:  # each protocol its dashes, in place of a variant's own: drawn apart again
+        looks = apart({(p, s): {**looks[s], "linestyle": _DASHES[order.index(p) % len(_DASHES)]}
+                       for p, s in dict.fromkeys(zip(summary["protocol"], summary["scheme"]))})
+    for (protocol, scheme), g in lines:
         g = g.dropna(subset=["ppl"])
         if g.empty:
             continue
-        st = dict(looks[scheme])
-        if len(order) > 1:
-            st["linestyle"] = _DASHES[order.index(protocol) % len(_DASHES)]
+        st = dict(looks[(protocol, scheme) if len(order) > 1 else scheme])
         name = scheme if len(order) == 1 else f"{scheme}, {protocol}"
         ax.plot(g["eval_len"], g["ppl"], label=name, linewidth=2, markersize=6, **st)
         if g["ppl_low"].notna().any():
             low, high = g["ppl_low"].fillna(g["ppl"]), g["ppl_high"].fillna(g["ppl"])
-            ax.fill_between(g["eval_len"], low, high, color=st["color"], alpha=0.2, linewidth=0)
+            if len(g) > 1:
+                ax.fill_between(g["eval_len"], low, high, color=st["color"], alpha=0.2, linewidth=0)
+            else:  # one length (learned positions past their table elsewhere): a band with no width; a bar
+                ax.vlines(g["eval_len"], low, high, color=st["color"], alpha=0.3, linewidth=8)
     _mark_train_len(ax, summary["train_len"].unique())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -370,6 +370,53 @@ def test_results_of_another_text_are_refused(tmp_path, capsys):
     assert len(pd.read_csv(res / "results.csv")) == 2
 
 
+def test_ppl_figure_with_several_protocols_never_draws_two_lines_alike(tmp_path, monkeypatch):
+    """With several protocols the protocol sets each line's dashes, overriding a training variant's own; two variants
+    that styles() told apart by their dashes alone (same colour and marker) must not then look alike."""
+    import lenx.report as rep
+    from lenx.plots import style
+
+    a, b = "alibi (L16, 000000)", "alibi (L16, 00001f)"
+    assert style(a)["marker"] == style(b)["marker"] and style(a)["linestyle"] != style(b)["linestyle"]
+    summary = pd.DataFrame([{"protocol": p, "scheme": s, "eval_len": L, "train_len": 16, "ppl": 10.0 + L + k,
+                             "ppl_low": float("nan"), "ppl_high": float("nan")}
+                            for p in ("nonoverlap", "sliding (stride L/2)") for k, s in enumerate((a, b)) for L in (16, 32)])
+    drawn = {}
+
+    def keep(fig, ax, path, legend_title=None):
+        drawn.update({line.get_label(): (line.get_color(), line.get_marker(), line.get_linestyle())
+                      for line in ax.get_lines() if not line.get_label().startswith("_")})
+
+    monkeypatch.setattr(rep, "finish", keep)
+    rep.plot_ppl_vs_length(summary, tmp_path / "ppl.png")
+    assert len(drawn) == 4 and len(set(drawn.values())) == 4, drawn
+
+
+def test_ppl_figure_draws_the_interval_of_a_scheme_with_one_length(tmp_path, monkeypatch):
+    """A scheme with a perplexity at one length only (learned positions, past their table elsewhere): a band over
+    one length has no width and fill_between draws nothing, so its interval, which ppl_ylim makes room for, is
+    drawn at that length too."""
+    import numpy as np
+
+    import lenx.report as rep
+
+    summary = pd.DataFrame([{"protocol": "nonoverlap", "scheme": s, "eval_len": L, "train_len": 16, "ppl": 40.0,
+                             "ppl_low": 20.0 if s == "learned" else 35.0, "ppl_high": 80.0 if s == "learned" else 45.0}
+                            for s in ("learned", "rope") for L in (16, 32) if (s, L) != ("learned", 16)])
+    pixels = {}
+
+    def keep(fig, ax, path, legend_title=None):
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba())
+        for y in (25.0, 60.0):  # inside learned's interval at 32, outside rope's band and its line
+            x, top = ax.transData.transform((32, y))
+            pixels[y] = image[image.shape[0] - int(round(top)), int(round(x)) + 4, :3]  # beside the grid line
+
+    monkeypatch.setattr(rep, "finish", keep)
+    rep.plot_ppl_vs_length(summary, tmp_path / "ppl.png")
+    assert all((p < 250).any() for p in pixels.values()), pixels  # not the white background
+
+
 def test_report_keeps_datasets_apart():
     """One run scored on its own corpus and on another (`lenx eval --test-file`): two rows, never their mean."""
     from lenx.report import summarise
@@ -497,6 +544,69 @@ def test_interval_over_seeds_stays_positive_and_brackets_the_mean(tmp_path):
     assert low == pytest.approx(30**0.5 / 3 / 1.08) and high == pytest.approx(r.ppl * 3 * 1.08)  # 1x: sqrt(5 * 6)
     one_seed = summarise(pd.DataFrame(rows[:2]))  # no band: the range hugs the lines
     assert ppl_ylim(one_seed) == pytest.approx((5.0 / 1.08, 30.0 * 1.08))
+
+
+def test_interval_bounds_far_from_the_mean_stay_readable_and_above_zero():
+    """Two seeds a factor 400 apart: the t(1) interval spans dozens of decades. Its bounds are written in
+    significant digits (never '0.00', which reads as the zero the log interval cannot reach, nor 20-digit numbers)."""
+    from lenx.report import ppl_cell, summarise
+
+    rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": 64, "ppl": ppl, "bpb": 2.0,
+             "note": "", "rope_scaling": "none", "rope_factor": float("nan"), "tokenizer": "byte",
+             "protocol": "nonoverlap", "stride": 64, "dataset": "stdlib", "config_id": "c"}
+            for s, ppl in enumerate((75.0, 30000.0))]
+    r = next(summarise(pd.DataFrame(rows)).itertuples())
+    low, high = f"{r.ppl_low:.3g}", f"{r.ppl_high:.3g}"
+    assert r.ppl_low < 0.01 and r.ppl_high > 1e6
+    assert ppl_cell(r) == f"1500.00 [{low}–{high}]" and "e+" in high
+
+
+def test_a_cell_missing_a_seed_says_so(tmp_path):
+    """Three seeds, one of them with no perplexity at one length (out of memory, or its row never written): that
+    cell is the mean of two, and the report says so, where the text above the table says '3 seed(s)'."""
+    from lenx.report import report
+
+    rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": L, "ppl": 10.0 + s + L,
+             "nll": 0.0, "bpb": 2.0, "note": "", "rope_scaling": "none", "rope_factor": float("nan"),
+             "tokenizer": "byte", "protocol": "nonoverlap", "stride": L, "dataset": "stdlib", "config_id": "c",
+             "run_dir": None, "lenx_version": "0.1.0", "device": "cpu", "dataset_fingerprint": "f"}
+            for s in range(3) for L in (16, 32, 64) if (s, L) != (2, 64)]
+    rows[4].update(ppl=float("nan"), note="out of memory")  # seed 1 at 32
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    assert "over 3 seed(s)" in md
+    assert "- rope, nonoverlap, at 32: out of memory; mean over 2 of 3 seeds (no perplexity from seed 1)" in md
+    assert "- rope, nonoverlap, at 64: mean over 2 of 3 seeds (no perplexity from seed 2)" in md
+    assert "at 16" not in md
+
+
+def test_seed_count_of_a_scheme_with_no_perplexity_is_its_seeds(tmp_path):
+    """Two learned runs evaluated only past their table: every cell is empty, but two seeds were evaluated
+    (the text said 'over 0 seed(s)')."""
+    from lenx.report import seeds_text, summarise
+
+    rows = [{"run": f"learned-s{s}", "pe": "learned", "seed": s, "train_len": 16, "eval_len": L, "ppl": float("nan"),
+             "bpb": float("nan"), "note": "learned positions end at 16", "rope_scaling": "none",
+             "rope_factor": float("nan"), "tokenizer": "byte", "protocol": "nonoverlap", "stride": L,
+             "dataset": "stdlib", "config_id": "c"} for s in range(2) for L in (32, 64)]
+    assert seeds_text(summarise(pd.DataFrame(rows))) == "2 seed(s)"
+
+
+def test_report_with_every_cell_empty_warns_nothing(tmp_path):
+    """Learned runs evaluated only past their table: the figure has no line, and `lenx report` prints no
+    matplotlib warning about an empty legend."""
+    import warnings
+
+    from lenx.report import plot_ppl_vs_length, summarise
+
+    rows = [{"run": "learned-s0", "pe": "learned", "seed": 0, "train_len": 16, "eval_len": 32, "ppl": float("nan"),
+             "bpb": float("nan"), "note": "learned positions end at 16", "rope_scaling": "none",
+             "rope_factor": float("nan"), "tokenizer": "byte", "protocol": "nonoverlap", "stride": 32,
+             "dataset": "stdlib", "config_id": "c"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_ppl_vs_length(summarise(pd.DataFrame(rows)), tmp_path / "ppl.png")
+    assert (tmp_path / "ppl.png").exists()
 
 
 def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():

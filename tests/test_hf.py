@@ -218,6 +218,24 @@ def test_a_model_directory_saved_again_is_not_reported_with_its_old_numbers(llam
     one_line_error(capsys, lenx_cli("eval", *cell), "computed from other weights")
 
 
+def test_one_model_directory_named_two_ways_is_one_experiment(llama_dir, text_dataset, tmp_path, monkeypatch):
+    """The same local --model directory given by a relative and by an absolute path is one model: one config_id,
+    one tokenizer, one report row (not two tagged rows and a bits-per-byte table for 'different tokenizers')."""
+    import shutil
+
+    from lenx.report import summarise
+
+    shutil.copytree(llama_dir, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    res = tmp_path / "res"
+    common = ["--dataset", text_dataset, "--tokens", "32", "--out", res]
+    assert lenx_cli("eval", "--model", "model", "--lengths", "16", *common) == 0
+    assert lenx_cli("eval", "--model", tmp_path / "model", "--lengths", "16,32", *common) == 0
+    df = pd.read_csv(res / "results.csv")
+    assert df["config_id"].nunique() == 1 and df["tokenizer"].nunique() == 1, df[["config_id", "tokenizer"]]
+    assert list(summarise(df)["scheme"].unique()) == ["llama/rope"]
+
+
 def test_model_errors_are_one_line(tmp_path, capsys, text_dataset):
     code = lenx_cli("eval", "--model", "no-such-org/no-such-model", "--out", tmp_path)
     one_line_error(capsys, code, "no-such-org/no-such-model", "--model DIR")
@@ -267,7 +285,8 @@ def test_lenx_run_loads_and_generates_with_plain_transformers(pe, tmp_path):
 
 def test_import_lenx_registers_the_model_type_whichever_comes_first(tmp_path):
     """`import lenx` imports neither torch nor transformers (the CLI starts fast), and transformers' Auto classes
-    still load a lenx run in a fresh process, whether transformers is imported after lenx or before it."""
+    still load a lenx run in a fresh process, whether transformers is imported after lenx or before it, also when
+    something looked transformers up (importlib.util.find_spec) before importing it."""
     import subprocess
     import sys
 
@@ -277,6 +296,9 @@ def test_import_lenx_registers_the_model_type_whichever_comes_first(tmp_path):
         "import sys, lenx; assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
         f"from transformers import AutoModelForCausalLM\n{load}",
         f"import sys\nfrom transformers import AutoModelForCausalLM\nimport lenx\n{load}",
+        # an availability probe (accelerate's and peft's is_transformers_available) before the import
+        "import sys, importlib.util, lenx; assert importlib.util.find_spec('transformers') is not None\n"
+        f"from transformers import AutoModelForCausalLM\n{load}",
     ):
         done = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout.split()[-1] == "LenxForCausalLM", done.stderr[-2000:]
