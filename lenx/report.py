@@ -245,7 +245,8 @@ def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
     readable_log_y(ax)
     ax.set_xlabel("evaluation length (tokens, log2 scale)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title("Perplexity vs evaluation length (geometric mean over seeds, 95% CI band)")
+    ax.set_title("Perplexity vs evaluation length" + (" (geometric mean over seeds, 95% CI band)"
+                                                      if summary["ppl_low"].notna().any() else ""))
     ax.set_xticks(sorted(summary["eval_len"].unique()))
     ax.get_xaxis().set_major_formatter(lambda x, _: f"{int(x):,}")
     ax.minorticks_off()
@@ -427,9 +428,10 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     for protocol, part in summary.groupby("protocol", sort=False):
         no_1x = part["rel_1x"].isna() & part["ppl"].notna()  # a ppl but no 1x row to divide by
         sections += [
-            Section(f"Perplexity ({protocol})", f"Test-split perplexity over {seeds_text(part)}: the geometric mean "
-                    "(the exp of the seeds' mean loss) and its 95% confidence interval [low–high] (Student t on log "
-                    "perplexity, so never below zero; none with one seed). Columns: evaluation length (multiple "
+            Section(f"Perplexity ({protocol})", f"Test-split perplexity over {seeds_text(part)}" + (
+                    ": the geometric mean (the exp of the seeds' mean loss) and its 95% confidence interval [low–high] "
+                    "(Student t on log perplexity, so never below zero; none with one seed)."
+                    if part["evaluated_seeds"].max() > 1 else ".") + " Columns: evaluation length (multiple "
                     "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
                     "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
             Section(f"Perplexity relative to 1× ({protocol})", "Perplexity divided by the same scheme's at its "

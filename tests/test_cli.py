@@ -609,6 +609,22 @@ def test_report_with_every_cell_empty_warns_nothing(tmp_path):
     assert (tmp_path / "ppl.png").exists()
 
 
+def test_one_seed_report_speaks_of_no_interval(tmp_path):
+    """With one seed per scheme the table and figure claim no confidence interval (there is none to show)."""
+    from lenx.report import report
+
+    rows = [{"run": "alibi-s0", "pe": "alibi", "seed": 0, "train_len": 16, "eval_len": L, "ppl": 5.0 + L / 16,
+             "bpb": 2.0, "note": None, "rope_scaling": None, "rope_factor": None, "tokenizer": "byte",
+             "protocol": "nonoverlap", "stride": L, "dataset": "stdlib", "config_id": "c"} for L in (16, 32)]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    assert "over 1 seed(s). Columns" in md and "confidence interval" not in md and "[" not in md.split("##")[1]
+    pd.DataFrame(rows + [{**r, "run": "alibi-s1", "seed": 1, "ppl": r["ppl"] + 1} for r in rows]).to_csv(
+        tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    assert "over 2 seed(s): the geometric mean" in md and "95% confidence interval" in md
+
+
 def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():
     """The bar gives up room, not the loss and tokens/s text (which wrapped onto a second line at 80 columns)."""
     import io
