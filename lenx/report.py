@@ -124,7 +124,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     Seeds differ in perplexity by factors (one run that breaks at 16x can be ten times another): on log ppl the
     interval is symmetric and stays positive, where an interval on ppl itself can reach below zero with few seeds."""
     df = df.assign(scheme=label(df), protocol_label=protocol_label(df))
-    rows = []
+    rows, logs = [], {}  # logs: each cell's log ppl by seed, for the paired ratio to 1x
     every = df.groupby(["protocol_label", "scheme"], sort=False)["seed"].unique()  # a scheme's seeds, any length
     for (protocol, scheme, L), g in df.groupby(["protocol_label", "scheme", "eval_len"], sort=False):
         ppl = g.groupby("seed", dropna=False)["ppl"].mean().dropna()  # a seed evaluated twice counts once
@@ -133,6 +133,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         partial = [f"mean over {len(ppl)} of {len(seeds)} seeds (no perplexity from seed "
                    + ", ".join(f"{s:g}" for s in lacking) + ")"] if len(ppl) and lacking else []
         n, log = len(ppl), ppl.map(math.log)
+        logs[(protocol, scheme, int(L))] = log
         mean = math.exp(log.mean()) if n > 1 else ppl.iloc[0] if n else float("nan")
         se = log.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")  # of log ppl
         rows.append({
@@ -146,13 +147,20 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             "note": "; ".join(sorted(set(_text(g["note"], "")) - {""}) + partial),
         })
     out = pd.DataFrame(rows)
-    base = out[out["eval_len"] == out["train_len"]].set_index(["protocol", "scheme"])["ppl"]
-    out["rel_1x"] = [r.ppl / base.get((r.protocol, r.scheme), float("nan")) for r in out.itertuples()]
+    out["rel_1x"] = [_rel_1x(logs[(r.protocol, r.scheme, r.eval_len)], logs.get((r.protocol, r.scheme, r.train_len)))
+                     for r in out.itertuples()]
     order = _scheme_order(out["scheme"].unique())
     proto_order = {p: i for i, p in enumerate(protocols(df))}
     return out.sort_values(["protocol", "scheme", "eval_len"],
                            key=lambda c: c.map(order) if c.name == "scheme" else c.map(proto_order)
                            if c.name == "protocol" else c)
+
+
+def _rel_1x(log: pd.Series, base: pd.Series | None) -> float:
+    """Perplexity relative to 1x over the seeds that have both (log ppl by seed): the geometric mean of each seed's
+    ratio, which is the ratio of the two geometric means when every seed has both."""
+    common = log.index.intersection(base.index) if base is not None else []
+    return math.exp((log[common] - base[common]).mean()) if len(common) else float("nan")
 
 
 def seeds_text(part: pd.DataFrame) -> str:
@@ -435,8 +443,9 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
                     "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
                     "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
             Section(f"Perplexity relative to 1× ({protocol})", "Perplexity divided by the same scheme's at its "
-                    "training length: 1.00 is perfect extrapolation." + (" Blank: the training length itself was not "
-                    "evaluated (add it to --lengths)." if no_1x.any() else ""),
+                    "training length, seed by seed (the geometric mean over the seeds that have both): 1.00 is "
+                    "perfect extrapolation." + (" Blank: the training length itself was not evaluated for these "
+                    "seeds (add it to --lengths)." if no_1x.any() else ""),
                     to_markdown(wide(part, lambda r: "" if no_1x[r.Index] else _fmt(r.rel_1x)), names)),
         ]
         if len(tokenizers(df)) > 1:

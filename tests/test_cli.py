@@ -609,6 +609,20 @@ def test_report_with_every_cell_empty_warns_nothing(tmp_path):
     assert (tmp_path / "ppl.png").exists()
 
 
+def test_ratio_to_1x_pairs_each_seed_with_its_own_1x():
+    """A seed missing at 2x leaves the ratio over the seeds that have both, not one mean over two seeds divided by
+    one over three (with every seed present the two agree)."""
+    from lenx.report import summarise
+
+    ppl = {(0, 16): 5.0, (1, 16): 6.0, (2, 16): 20.0, (0, 32): 10.0, (1, 32): 9.0}  # seed 2 has no 2x row
+    rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": L, "ppl": p, "bpb": 2.0,
+             "note": "", "rope_scaling": "none", "rope_factor": float("nan"), "tokenizer": "byte",
+             "protocol": "nonoverlap", "stride": L, "dataset": "stdlib", "config_id": "c"} for (s, L), p in ppl.items()]
+    r = summarise(pd.DataFrame(rows)).set_index("eval_len").loc[32]
+    assert r.rel_1x == pytest.approx((10 / 5 * 9 / 6) ** 0.5)  # 1.73; unpaired: sqrt(90) / 600^(1/3) = 1.12
+    assert "mean over 2 of 3 seeds" in r.note
+
+
 def test_one_seed_report_speaks_of_no_interval(tmp_path):
     """With one seed per scheme the table and figure claim no confidence interval (there is none to show)."""
     from lenx.report import report
