@@ -227,16 +227,16 @@ _DASHES = ["-", "--", ":", "-."]
 def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
     fig, ax = new_figure()
     order = list(dict.fromkeys(summary["protocol"]))
-    looks = styles(dict.fromkeys(summary["scheme"]))
-    lines = summary.groupby(["protocol", "scheme"], sort=False)
-    if len(order) > 1:  # each protocol its dashes, in place of a variant's own: drawn apart again
-        looks = apart({(p, s): {**looks[s], "linestyle": _DASHES[order.index(p) % len(_DASHES)]}
-                       for p, s in dict.fromkeys(zip(summary["protocol"], summary["scheme"]))})
-    for (protocol, scheme), g in lines:
+    per_scheme = styles(dict.fromkeys(summary["scheme"]))
+    # several protocols: each its dashes, in place of a variant's own, and the lines drawn apart again
+    looks = apart({(p, s): per_scheme[s] if len(order) == 1 else
+                   {**per_scheme[s], "linestyle": _DASHES[order.index(p) % len(_DASHES)]}
+                   for p, s in dict.fromkeys(zip(summary["protocol"], summary["scheme"]))})
+    for (protocol, scheme), g in summary.groupby(["protocol", "scheme"], sort=False):
         g = g.dropna(subset=["ppl"])
         if g.empty:
             continue
-        st = dict(looks[(protocol, scheme) if len(order) > 1 else scheme])
+        st = looks[(protocol, scheme)]
         name = scheme if len(order) == 1 else f"{scheme}, {protocol}"
         ax.plot(g["eval_len"], g["ppl"], label=name, linewidth=2, markersize=6, **st)
         if g["ppl_low"].notna().any():
