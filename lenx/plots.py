@@ -81,7 +81,8 @@ def readable_log_y(ax) -> None:
 
     low, high = ax.get_ylim()
     decades = math.log10(high / low) if low > 0 else math.inf
-    subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades <= 2 else (1.0, 2.0, 5.0) if decades <= 4 else (1.0,)
+    subs = ((1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0) if decades <= 0.5  # 65-110: 70, 80, 90, 100
+            else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades <= 2 else (1.0, 2.0, 5.0) if decades <= 4 else (1.0,))
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(lambda x, _: f"{x:,.10g}")  # 7, 1.5, 150, 2,000: no trailing ".0"
     ax.yaxis.set_minor_formatter(lambda *_: "")

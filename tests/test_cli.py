@@ -623,6 +623,21 @@ def test_ratio_to_1x_pairs_each_seed_with_its_own_1x():
     assert "mean over 2 of 3 seeds" in r.note
 
 
+@pytest.mark.parametrize("low, high, at_least", [(65, 110, 4), (6, 25, 4), (1, 20000, 4), (0.5, 1e9, 4)])
+def test_log_y_axis_has_a_few_plain_labels_whatever_its_span(low, high, at_least):
+    """A handful of readable labels on the log y axis, from a fraction of a decade to many decades."""
+    from lenx.plots import new_figure, readable_log_y
+
+    fig, ax = new_figure()
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
+    readable_log_y(ax)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text() and low <= t.get_position()[1] <= high]
+    assert at_least <= len(labels) <= 14, labels
+    assert not any(x.endswith(".0") for x in labels), labels
+
+
 def test_one_seed_report_speaks_of_no_interval(tmp_path):
     """With one seed per scheme the table and figure claim no confidence interval (there is none to show)."""
     from lenx.report import report
