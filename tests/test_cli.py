@@ -523,15 +523,21 @@ def test_report_reads_text_columns_that_csv_left_empty(tmp_path):
     assert list(summary["rel_1x"].round(4)) == [1.0, round((56 / 42) ** 0.5, 4)]
 
 
+def result_row(pe: str, seed, eval_len: int, ppl: float, **fields) -> dict:
+    """One row of results.csv as `lenx eval` writes it (nonoverlap, byte tokenizer, stdlib, training length 16);
+    `fields` override or add columns."""
+    return {"run": f"{pe}-s{seed}", "pe": pe, "seed": seed, "train_len": 16, "eval_len": eval_len, "ppl": ppl,
+            "bpb": 2.0, "note": "", "rope_scaling": "none", "rope_factor": float("nan"), "tokenizer": "byte",
+            "protocol": "nonoverlap", "stride": eval_len, "dataset": "stdlib", "config_id": "c", **fields}
+
+
 def test_interval_over_seeds_stays_positive_and_brackets_the_mean(tmp_path):
     """Two seeds at 30 and 60: a t interval on ppl itself would reach below zero (45.00 ± 190.59); on log ppl
     it is the geometric mean 42.43 times and divided by one factor, drawn as a band on the log axis."""
     from lenx.report import plot_ppl_vs_length, ppl_cell, ppl_ylim, summarise
 
-    rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": L, "ppl": ppl, "bpb": 2.0,
-             "note": "", "rope_scaling": "none", "rope_factor": float("nan"), "tokenizer": "byte",
-             "protocol": "nonoverlap", "stride": 16, "dataset": "stdlib", "config_id": "c"}
-            for s, (a, b) in enumerate(((5.0, 30.0), (6.0, 60.0))) for L, ppl in ((16, a), (32, b))]
+    rows = [result_row("rope", s, L, ppl) for s, (a, b) in enumerate(((5.0, 30.0), (6.0, 60.0)))
+            for L, ppl in ((16, a), (32, b))]
     summary = summarise(pd.DataFrame(rows)).set_index("eval_len")
     r = summary.loc[32]
     assert r.ppl == pytest.approx(1800**0.5) and 0 < r.ppl_low < r.ppl < r.ppl_high
@@ -551,10 +557,7 @@ def test_interval_bounds_far_from_the_mean_stay_readable_and_above_zero():
     significant digits (never '0.00', which reads as the zero the log interval cannot reach, nor 20-digit numbers)."""
     from lenx.report import ppl_cell, summarise
 
-    rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": 64, "ppl": ppl, "bpb": 2.0,
-             "note": "", "rope_scaling": "none", "rope_factor": float("nan"), "tokenizer": "byte",
-             "protocol": "nonoverlap", "stride": 64, "dataset": "stdlib", "config_id": "c"}
-            for s, ppl in enumerate((75.0, 30000.0))]
+    rows = [result_row("rope", s, 64, ppl) for s, ppl in enumerate((75.0, 30000.0))]
     r = next(summarise(pd.DataFrame(rows)).itertuples())
     low, high = f"{r.ppl_low:.3g}", f"{r.ppl_high:.3g}"
     assert r.ppl_low < 0.01 and r.ppl_high > 1e6
@@ -566,11 +569,8 @@ def test_a_cell_missing_a_seed_says_so(tmp_path):
     cell is the mean of two, and the report says so, where the text above the table says '3 seed(s)'."""
     from lenx.report import report
 
-    rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": L, "ppl": 10.0 + s + L,
-             "nll": 0.0, "bpb": 2.0, "note": "", "rope_scaling": "none", "rope_factor": float("nan"),
-             "tokenizer": "byte", "protocol": "nonoverlap", "stride": L, "dataset": "stdlib", "config_id": "c",
-             "run_dir": None, "lenx_version": "0.1.0", "device": "cpu", "dataset_fingerprint": "f"}
-            for s in range(3) for L in (16, 32, 64) if (s, L) != (2, 64)]
+    rows = [result_row("rope", s, L, 10.0 + s + L, nll=0.0, run_dir=None, lenx_version="0.1.0", device="cpu",
+                       dataset_fingerprint="f") for s in range(3) for L in (16, 32, 64) if (s, L) != (2, 64)]
     rows[4].update(ppl=float("nan"), note="out of memory")  # seed 1 at 32
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
     md = report(tmp_path).read_text()
@@ -585,10 +585,8 @@ def test_seed_count_of_a_scheme_with_no_perplexity_is_its_seeds(tmp_path):
     (the text said 'over 0 seed(s)')."""
     from lenx.report import seeds_text, summarise
 
-    rows = [{"run": f"learned-s{s}", "pe": "learned", "seed": s, "train_len": 16, "eval_len": L, "ppl": float("nan"),
-             "bpb": float("nan"), "note": "learned positions end at 16", "rope_scaling": "none",
-             "rope_factor": float("nan"), "tokenizer": "byte", "protocol": "nonoverlap", "stride": L,
-             "dataset": "stdlib", "config_id": "c"} for s in range(2) for L in (32, 64)]
+    rows = [result_row("learned", s, L, float("nan"), bpb=float("nan"), note="learned positions end at 16")
+            for s in range(2) for L in (32, 64)]
     assert seeds_text(summarise(pd.DataFrame(rows))) == "2 seed(s)"
 
 
@@ -599,10 +597,7 @@ def test_report_with_every_cell_empty_warns_nothing(tmp_path):
 
     from lenx.report import plot_ppl_vs_length, summarise
 
-    rows = [{"run": "learned-s0", "pe": "learned", "seed": 0, "train_len": 16, "eval_len": 32, "ppl": float("nan"),
-             "bpb": float("nan"), "note": "learned positions end at 16", "rope_scaling": "none",
-             "rope_factor": float("nan"), "tokenizer": "byte", "protocol": "nonoverlap", "stride": 32,
-             "dataset": "stdlib", "config_id": "c"}]
+    rows = [result_row("learned", 0, 32, float("nan"), bpb=float("nan"), note="learned positions end at 16")]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plot_ppl_vs_length(summarise(pd.DataFrame(rows)), tmp_path / "ppl.png")
@@ -615,9 +610,7 @@ def test_ratio_to_1x_pairs_each_seed_with_its_own_1x():
     from lenx.report import summarise
 
     ppl = {(0, 16): 5.0, (1, 16): 6.0, (2, 16): 20.0, (0, 32): 10.0, (1, 32): 9.0}  # seed 2 has no 2x row
-    rows = [{"run": f"rope-s{s}", "pe": "rope", "seed": s, "train_len": 16, "eval_len": L, "ppl": p, "bpb": 2.0,
-             "note": "", "rope_scaling": "none", "rope_factor": float("nan"), "tokenizer": "byte",
-             "protocol": "nonoverlap", "stride": L, "dataset": "stdlib", "config_id": "c"} for (s, L), p in ppl.items()]
+    rows = [result_row("rope", s, L, p) for (s, L), p in ppl.items()]
     r = summarise(pd.DataFrame(rows)).set_index("eval_len").loc[32]
     assert r.rel_1x == pytest.approx((10 / 5 * 9 / 6) ** 0.5)  # 1.73; unpaired: sqrt(90) / 600^(1/3) = 1.12
     assert "mean over 2 of 3 seeds" in r.note
@@ -642,9 +635,7 @@ def test_one_seed_report_speaks_of_no_interval(tmp_path):
     """With one seed per scheme the table and figure claim no confidence interval (there is none to show)."""
     from lenx.report import report
 
-    rows = [{"run": "alibi-s0", "pe": "alibi", "seed": 0, "train_len": 16, "eval_len": L, "ppl": 5.0 + L / 16,
-             "bpb": 2.0, "note": None, "rope_scaling": None, "rope_factor": None, "tokenizer": "byte",
-             "protocol": "nonoverlap", "stride": L, "dataset": "stdlib", "config_id": "c"} for L in (16, 32)]
+    rows = [result_row("alibi", 0, L, 5.0 + L / 16, note=None, rope_scaling=None, rope_factor=None) for L in (16, 32)]
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
     md = report(tmp_path).read_text()
     assert "over 1 seed(s). Columns" in md and "confidence interval" not in md and "[" not in md.split("##")[1]
