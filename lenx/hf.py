@@ -134,8 +134,8 @@ class HFModel:
                     f"--model {name} is not a model directory (no config.json); give a save_pretrained directory "
                     "or a hub name"
                 )
-            self.source = str(path.resolve())  # one directory, however it is named: one model (config_id, tokenizer)
-            self.name = path.resolve().name
+            path = path.resolve()  # one directory, however it is named: one model (config_id, tokenizer)
+            self.source, self.name = str(path), path.name
         elif name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
             # not a hub id ("name" or "org/name"): a path, and it is not there
             raise LenxError(f"--model {name}: no such directory; give a save_pretrained directory or a hub name")

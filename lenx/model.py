@@ -202,7 +202,6 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-
 # `import lenx` (see lenx/__init__.py) or any import of this module: AutoConfig / AutoModelForCausalLM know "lenx"
 AutoConfig.register("lenx", LenxConfig, exist_ok=True)
 AutoModelForCausalLM.register(LenxConfig, LenxForCausalLM, exist_ok=True)
