@@ -21,9 +21,9 @@ def base_scheme(label: str) -> str:
 
 def style(scheme: str) -> dict:
     """Colour and marker of a scheme: fixed by its place in the registry (others hash to a slot)."""
-    from .positional import REGISTRY
+    from .positional import SCHEMES
 
-    names = list(REGISTRY)
+    names = list(SCHEMES)
     base = base_scheme(scheme)
     i = names.index(base) if base in names else sum(map(ord, base)) % len(_PALETTE)
     s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}

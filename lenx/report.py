@@ -173,9 +173,9 @@ def seeds_text(part: pd.DataFrame) -> str:
 
 
 def _scheme_order(schemes) -> dict:
-    from .positional import REGISTRY
+    from .positional import SCHEMES
 
-    names = list(REGISTRY)
+    names = list(SCHEMES)
     base = {s: base_scheme(s) for s in schemes}
     return {s: (names.index(base[s]) if base[s] in names else len(names), s) for s in schemes}
 

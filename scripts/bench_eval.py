@@ -134,10 +134,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from lenx.positional import REGISTRY
+    from lenx.positional import SCHEMES
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    schemes = args.schemes.split(",") if args.schemes else list(REGISTRY)
+    schemes = args.schemes.split(",") if args.schemes else list(SCHEMES)
     dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"])
     lengths = [int(m) * args.train_len for m in args.multiples.split(",")]
     rows = []

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lenx.model import LenxConfig, LenxForCausalLM  # noqa: E402
 from lenx.perf import matmul_peak, train_flops_per_token  # noqa: E402
-from lenx.positional import REGISTRY  # noqa: E402
+from lenx.positional import SCHEMES  # noqa: E402
 from lenx.train import compile_model  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile every contender")
-    p.add_argument("--schemes", default=",".join(REGISTRY), help="comma-separated lenx schemes")
+    p.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated lenx schemes")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers models")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

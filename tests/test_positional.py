@@ -123,6 +123,32 @@ def test_unknown_scheme_lists_known():
         get_scheme("nosuch")
 
 
+def test_scheme_names_are_data_and_each_module_loads_on_first_use():
+    """The names and their order need no torch (the report orders its tables by them); a scheme's module is
+    imported when it is first asked for, and the registry holds exactly the listed names, in their order."""
+    import subprocess
+    import sys
+
+    from lenx.positional import SCHEMES
+
+    code = ("import sys\nimport lenx.positional as P\nnames = list(P.SCHEMES)\nprint('torch' in sys.modules)\n"
+            "P.get_scheme('alibi')\nprint(sorted(m for m in sys.modules if m.startswith('lenx.positional.')))\n"
+            "print(list(P.REGISTRY) == names)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.splitlines() == ["False", "['lenx.positional.alibi', 'lenx.positional.base']", "True"], proc.stderr
+    assert list(REGISTRY) == list(SCHEMES) and all(cls.name == name for name, cls in REGISTRY.items())
+
+
+def test_a_scheme_missing_from_the_list_is_refused_at_registration():
+    from lenx.positional import PositionalScheme, register
+
+    class Unlisted(PositionalScheme):
+        name = "unlisted"
+
+    with pytest.raises(AssertionError, match="add 'unlisted'.*SCHEMES"):
+        register(Unlisted)
+
+
 @pytest.mark.parametrize("chunk", [4, 64])
 @pytest.mark.parametrize("K", [1, 3, 16])
 @pytest.mark.parametrize("T", [1, 4, 23, 70])
