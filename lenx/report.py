@@ -353,6 +353,36 @@ def plot_loss_by_position(pos: pd.DataFrame, path: Path) -> None:
 # ---------------------------------------------------------------- published numbers, provenance
 
 
+SAVED_CONFIG, SAVED_PUBLISHED = "sweep_config.yaml", "published.csv"  # what `lenx sweep` copies beside its results
+
+
+@dataclass
+class SavedSweep:
+    path: Path
+    name: str
+    published: Path | None
+    raw: dict
+
+
+def saved_sweep(results_dir: Path) -> SavedSweep | None:
+    """The sweep config that `lenx sweep` copied beside its results, for the title, the published numbers and
+    the provenance. Read, not checked again: the sweep checked it, and checking builds every scheme (torch).
+    Its published table is the copy beside it, since the config's own path was relative to where it was."""
+    from .config import read_yaml
+
+    path = results_dir / SAVED_CONFIG
+    if not path.exists():
+        return None
+    raw = read_yaml(path)
+    published = None
+    if raw.get("published") is not None:
+        published = results_dir / SAVED_PUBLISHED
+        if not published.exists():
+            raise LenxError(f"{path} names published numbers, but their copy {published} is missing; rerun "
+                            f"`lenx sweep`, or copy the file named by 'published:' there")
+    return SavedSweep(path, str(raw.get("name", results_dir.name)), published, raw)
+
+
 def published_table(summary: pd.DataFrame, published: Path) -> str | None:
     """'lenx / paper' per cell where the sweep reproduces a paper's table (matched by scheme and eval_len)."""
     pub = pd.read_csv(published)
@@ -424,10 +454,8 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LenxError(f"cannot create {out}: {e.strerror}; choose another --out") from None
-    if config is None and (results_dir / "sweep_config.yaml").exists():
-        from .sweep import load_sweep
-
-        config = load_sweep(results_dir / "sweep_config.yaml")
+    if config is None:
+        config = saved_sweep(results_dir)
     summary = summarise(df)
     names = column_names(summary)
 

@@ -212,11 +212,13 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
 
     from .evaluate import evaluate
     from .io import write_text
-    from .report import report
+    from .report import SAVED_CONFIG, SAVED_PUBLISHED, report
     from .train import train
 
     spec.results_dir.mkdir(parents=True, exist_ok=True)
-    write_text(spec.results_dir / "sweep_config.yaml", spec.path.read_text())
+    write_text(spec.results_dir / SAVED_CONFIG, spec.path.read_text())  # `lenx report` on the results reads these
+    if spec.published is not None:
+        write_text(spec.results_dir / SAVED_PUBLISHED, spec.published.read_text())
     from . import distributed
     from .progress import progress
 

@@ -254,3 +254,47 @@ results_dir: {tmp_path / 'results'}
     assert lenx("sweep", "--config", cfg, "--dry-run") == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "2 of 4 steps (resumes at 2)" in out, out
+
+
+def test_published_numbers_also_in_a_later_report_of_the_results_alone(tmp_path, capsys):
+    """A sweep config's published table (a path relative to the config) is printed beside ours, also when
+    `lenx report RESULTS` runs later on the results directory alone: the sweep copies the table beside its
+    results. That report reads the saved config without building schemes, so it never imports torch."""
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(3000)))
+    (tmp_path / "cfgs" / "pub").mkdir(parents=True)
+    (tmp_path / "cfgs" / "pub" / "paper.csv").write_text(
+        "pe,train_len,eval_len,ppl,source\nalibi,16,16,12.34,Someone et al. 2099\nalibi,16,32,56.78,\n")
+    cfg = tmp_path / "cfgs" / "s.yaml"
+    cfg.write_text(f"""name: pub
+schemes: [alibi]
+train: {{dataset: {corpus}, steps: 3, warmup: 1, train_len: 16, batch_size: 2, layers: 1, d_model: 16, heads: 2, d_ff: 32}}
+eval: {{max_len: 32, tokens: 64}}
+runs_dir: {tmp_path / 'runs'}
+results_dir: {tmp_path / 'results'}
+published: pub/paper.csv
+""")
+    assert lenx("sweep", "--config", cfg) == 0
+    res = tmp_path / "results"
+
+    def published_section() -> str:
+        md = (res / "report.md").read_text()
+        return md[md.index("## Published numbers"):].split("\n## ")[0]
+
+    swept = published_section()
+    assert "Published: Someone et al. 2099" in swept and "/ 12.34 |" in swept and "/ 56.78 |" in swept
+    (res / "report.md").unlink()
+    code = (f"import sys\nfrom lenx.cli import main\nrc = main(['report', {str(res)!r}])\n"
+            "print(rc, sorted({'torch', 'transformers'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.stdout.splitlines()[-1] == "0 []", proc.stderr[-2000:]
+    assert published_section() == swept and "# lenx report: pub" in (res / "report.md").read_text()
+
+    (res / "published.csv").unlink()
+    capsys.readouterr()
+    assert lenx("report", res) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "published.csv" in err and "lenx sweep" in err, err
