@@ -181,7 +181,12 @@ def _scheme_order(schemes) -> dict:
 
 
 def _fmt(x, digits=2) -> str:
-    return "—" if pd.isna(x) else f"{x:.{digits}f}"
+    """A table's number: fixed decimals, or three significant digits far from that range (a diverged model's
+    perplexity of 1e19 would take twenty digits; an interval bound of 1e-5 would read '0.00', a zero that a
+    perplexity never reaches)."""
+    if pd.isna(x):
+        return "—"
+    return f"{x:.{digits}f}" if x == 0 or 0.01 <= abs(x) < 1e6 else f"{x:.3g}"
 
 
 def wide(summary: pd.DataFrame, cell) -> pd.DataFrame:
@@ -194,14 +199,8 @@ def wide(summary: pd.DataFrame, cell) -> pd.DataFrame:
     return table
 
 
-def _bound(x) -> str:
-    """An interval bound: two decimals, or three significant digits far from that range (a few seeds' interval
-    can span decades: '0.00' would read as zero, which it never reaches, and 1e19 as twenty digits)."""
-    return _fmt(x) if 0.01 <= x < 1e6 else f"{x:.3g}"
-
-
 def ppl_cell(r) -> str:
-    return _fmt(r.ppl) + ("" if pd.isna(r.ppl_low) else f" [{_bound(r.ppl_low)}–{_bound(r.ppl_high)}]")
+    return _fmt(r.ppl) + ("" if pd.isna(r.ppl_low) else f" [{_fmt(r.ppl_low)}–{_fmt(r.ppl_high)}]")
 
 
 def column_names(summary: pd.DataFrame) -> dict:

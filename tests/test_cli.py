@@ -562,6 +562,8 @@ def test_interval_bounds_far_from_the_mean_stay_readable_and_above_zero():
     low, high = f"{r.ppl_low:.3g}", f"{r.ppl_high:.3g}"
     assert r.ppl_low < 0.01 and r.ppl_high > 1e6
     assert ppl_cell(r) == f"1500.00 [{low}–{high}]" and "e+" in high
+    diverged = next(summarise(pd.DataFrame([result_row("rope", 0, 64, 2.5e19)])).itertuples())
+    assert ppl_cell(diverged) == "2.5e+19"  # one seed: no interval; and not twenty digits
 
 
 def test_a_cell_missing_a_seed_says_so(tmp_path):
