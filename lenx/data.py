@@ -229,12 +229,26 @@ def _fingerprint(named_texts: list[tuple[str, str]]) -> str:
     return h.hexdigest()[:16]
 
 
+def _hashed(named_texts: list[tuple[str, str]]) -> bool:
+    """Whether documents are split by a hash of their names: 20 or more, at least one of which hashes to test
+    (with 20 to 60 documents, often none does: such a corpus could be trained on but never evaluated)."""
+    return len(named_texts) >= 20 and any(_split_of(name) == "test" for name, _ in named_texts)
+
+
+def _local_fingerprint(named_texts: list[tuple[str, str]]) -> str:
+    """The fingerprint of a corpus split by `_split_documents` (keys its token cache): the text's, marked where
+    20 or more documents are split in order because none hashed to test (lenx used to hash them all the same,
+    leaving test empty: a train split cached then holds this one's test document and must not be read)."""
+    ordered = len(named_texts) >= 20 and not _hashed(named_texts)
+    return _fingerprint([("split", "in order"), *named_texts] if ordered else named_texts)
+
+
 def _split_documents(named_texts: list[tuple[str, str]]) -> dict[str, list[str]]:
-    """Split (name, text) documents: by a hash of the name when there are enough of them;
-    with few documents, the last goes to test and the one before to validation; one document
-    is cut 90/5/5 by characters."""
+    """Split (name, text) documents: by a hash of the name when there are enough of them (`_hashed`);
+    otherwise (few documents, or none hashed to test) the last goes to test and the one before to validation;
+    one document is cut 90/5/5 by characters."""
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
-    if len(named_texts) >= 20:
+    if _hashed(named_texts):
         for name, text in named_texts:
             splits[_split_of(name)].append(text)
     elif len(named_texts) >= 3:
@@ -400,7 +414,7 @@ def _load(spec: DataSpec) -> Corpus:
     if name == "stdlib":
         root, files = stdlib_files()
         named = [(p.relative_to(root).as_posix(), _read(p)) for p in files]
-        return Corpus("stdlib", _fingerprint(named), {s: _Docs(d) for s, d in _split_documents(named).items()})
+        return Corpus("stdlib", _local_fingerprint(named), {s: _Docs(d) for s, d in _split_documents(named).items()})
     if name in HUB_DATASETS:
         return _load_hub(name, HUB_DATASETS[name])
     if name.startswith("hf:"):
@@ -410,7 +424,7 @@ def _load(spec: DataSpec) -> Corpus:
         return _load_hub(name, HubDataset(repo, config or None, spec.text_field))
     path = _local_path(name, "dataset")
     named = _nonempty(_load_local(path, spec.text_field), str(path))
-    return Corpus(str(path), _fingerprint(named), {s: _Docs(d) for s, d in _split_documents(named).items()})
+    return Corpus(str(path), _local_fingerprint(named), {s: _Docs(d) for s, d in _split_documents(named).items()})
 
 
 def load_corpus(spec: Any) -> Corpus:

@@ -349,12 +349,6 @@ class Windows:
     note: str = ""
 
 
-def nonoverlap_windows(stream: np.ndarray, eval_len: int, n_tokens: int) -> torch.Tensor:
-    n = n_tokens // eval_len
-    idx = np.arange(n)[:, None] * eval_len + np.arange(eval_len + 1)[None, :]
-    return torch.from_numpy(stream[idx].astype(np.int64))
-
-
 def sliding_windows(stream: np.ndarray, eval_len: int, stride: int, n_tokens: int) -> Windows:
     """Targets 1..n_tokens of the stream, each scored once: the first window scores all its eval_len targets,
     each later window is advanced by `stride` and scores only its new targets (the last one may advance by
@@ -552,7 +546,7 @@ def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | Non
 
 def token_budget(tokens: int | None, lens: list[int]) -> int:
     """The targets each cell scores: --tokens (default max(65536, longest length)), rounded up to a multiple of the
-    longest length, so every length scores the same text."""
+    longest length; every length scores the same text (nonoverlap and sliding: exactly these targets)."""
     n = tokens or max(65536, max(lens))
     return math.ceil(n / max(lens)) * max(lens)
 
@@ -607,7 +601,9 @@ def eval_cell(model, data: dict, eval_len: int, protocol: str, *, stride: int | 
     buckets' (both come from the same per-position sums)."""
     tok = data["tokenizer"]
     if protocol == "nonoverlap":
-        win = Windows(nonoverlap_windows(data["stream"], eval_len, n_tokens), None)
+        # stride = length: the same n_tokens targets at every length, also one that does not divide n_tokens (its
+        # last window ends at target n_tokens and scores only the targets not yet scored, as sliding's does)
+        win = sliding_windows(data["stream"], eval_len, eval_len, n_tokens)
     elif protocol == "sliding":
         win = sliding_windows(data["stream"], eval_len, stride, n_tokens)
     elif protocol == "truncate":

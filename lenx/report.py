@@ -63,14 +63,21 @@ def tokenizers(df: pd.DataFrame) -> list[str]:
 def label(df: pd.DataFrame) -> pd.Series:
     """Scheme label: the scheme, plus the RoPE extension when one was used at evaluation, plus the
     tokenizer when the results mix tokenizers, plus ' on <dataset>' when they mix evaluation datasets (`lenx eval
-    --dataset / --test-file`), plus `variant` where runs of one label were trained differently.
+    --dataset / --test-file`; 'files#<fingerprint>' where one name covers several texts), plus `variant` where
+    runs of one label were trained differently.
     Rows that share a label are seeds of one experiment."""
     scaling = _text(df["rope_scaling"], "none")
     lab = df["pe"].where(scaling == "none", df["pe"] + "+" + scaling) + factor_tag(df, scaling)
     if len(tokenizers(df)) > 1:
         lab = lab + " [" + _text(df["tokenizer"], "byte") + "]"
-    if "dataset" in df and df["dataset"].astype(str).nunique() > 1:
-        lab = lab + " on " + df["dataset"].astype(str)
+    if "dataset" in df:
+        text = df["dataset"].astype(str)
+        # one name, several texts (`--test-file` of other files: all 'files'): each named by its fingerprint too
+        fingerprint = df["dataset_fingerprint"] if "dataset_fingerprint" in df else pd.Series(None, index=df.index)
+        several = (fingerprint.groupby(text).transform("nunique") > 1) & fingerprint.notna()
+        text = text.where(~several, text + "#" + fingerprint.astype(str).str[:6])
+        if text.nunique() > 1:
+            lab = lab + " on " + text
     return lab + variant(df, lab)
 
 

@@ -433,6 +433,20 @@ def test_report_keeps_datasets_apart():
     assert style("alibi on files") != style("alibi on stdlib")  # and the figures draw them apart
 
 
+def test_report_keeps_texts_of_one_dataset_name_apart():
+    """Two seeds scored with `lenx eval --test-file` on different files: both rows say dataset 'files', but the texts
+    differ (dataset_fingerprint), so they are two labels, never one scheme's two seeds pooled."""
+    from lenx.report import summarise
+
+    rows = [result_row("alibi", seed, 16, ppl, dataset="files", dataset_fingerprint=fp)
+            for seed, ppl, fp in ((0, 20.0, "aaaaaa0123456789"), (1, 80.0, "bbbbbb0123456789"))]
+    summary = summarise(pd.DataFrame(rows)).set_index("scheme")
+    assert summary["ppl"].to_dict() == {"alibi on files#aaaaaa": 20.0, "alibi on files#bbbbbb": 80.0}
+    assert list(summary["seeds"]) == [1, 1]
+    rows[1]["dataset_fingerprint"] = rows[0]["dataset_fingerprint"]  # one text: seeds of one scheme, no tag
+    assert summarise(pd.DataFrame(rows))["scheme"].tolist() == ["alibi"]
+
+
 def test_labels_of_one_figure_never_look_alike():
     """Tagged labels hash to their markers and dashes, so two can meet; within one figure they are drawn apart."""
     from lenx.plots import style, styles

@@ -168,6 +168,18 @@ def test_sliding_with_stride_equal_to_window_is_nonoverlap(stream):
     assert ab == bb
 
 
+def test_nonoverlap_scores_the_same_tokens_at_a_length_that_does_not_divide_the_budget(stream):
+    """--max-len 200 on a 32-token run: budget 2200 = 11 x 200, but 2200 / 32 = 68.75 windows; 32, 64 and 128 scored
+    2176 tokens (68 windows), not the 2200 of 200. Now the last window ends at target 2200 and scores the rest."""
+    model = _model()
+    data = _data(np.random.default_rng(0).integers(0, 256, 2300).astype(np.uint16))
+    for L in (32, 64, 128, 200):
+        row, buckets = _cell(model, data, L, "nonoverlap", n_tokens=2200, width=16)
+        assert row["tokens"] == sum(b["tokens"] for b in buckets) == 2200, L
+    row, _ = _cell(model, data, 32, "nonoverlap", n_tokens=2200)
+    assert row == _cell(model, data, 32, "sliding", stride=32, n_tokens=2200)[0]  # stride = length: the same cell
+
+
 def test_sliding_stride_one_scores_each_token_with_its_full_window(stream):
     """Stride 1: target t is predicted from the (up to) L tokens before it, computed here one by one."""
     model = _model()
