@@ -36,12 +36,17 @@ _OPTIONAL = {"run_dir": None, "lenx_version": "unknown", "device": "unknown", "d
              "stride": float("nan"), "tokenizer": "byte", "note": "", "bpb": float("nan"), "config_id": ""}
 
 
+# Hex fingerprints: as text, never parsed as numbers ('012345' would lose its zero; '0e1234' and '0e5678' both be 0.0)
+ID_COLUMNS = ("config_id", "weights_id", "dataset_fingerprint")
+
+
 def read_results(results_dir: Path) -> pd.DataFrame:
     for name in ("results.parquet", "results.csv"):
         path = results_dir / name
         if path.exists():
             try:
-                df = pd.read_parquet(path) if name.endswith("parquet") else pd.read_csv(path)
+                df = (pd.read_parquet(path) if name.endswith("parquet")
+                      else pd.read_csv(path, dtype={c: str for c in ID_COLUMNS}))
             except Exception:
                 raise LenxError(f"{path} is unreadable; rerun `lenx eval` to rebuild it") from None
             if df.empty:

@@ -677,3 +677,16 @@ def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():
         console.print(bar.make_tasks_table(bar.tasks))
         lines = console.file.getvalue().splitlines()
         assert len(lines) == 1 and lines[0].rstrip().endswith("loss 3.2104  12,345 tok/s"), lines
+
+
+def test_hex_ids_in_a_csv_only_results_table_stay_text(tmp_path):
+    """results.csv alone (no Parquet beside it): ids that look like numbers keep their digits, and two configs
+    whose ids both read as 0.0 stay apart."""
+    from lenx.report import read_results, summarise
+
+    rows = [result_row("rope", 0, 32, 10.0, config_id="0e1234", weights_id="012345678901"),
+            result_row("rope", 0, 32, 20.0, config_id="0e5678", weights_id="112345678901")]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    df = read_results(tmp_path)
+    assert list(df["config_id"]) == ["0e1234", "0e5678"] and list(df["weights_id"]) == ["012345678901", "112345678901"]
+    assert len(summarise(df)) == 2  # two configs of one scheme: two rows, not one mean of both
