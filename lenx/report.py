@@ -184,6 +184,17 @@ def seeds_text(part: pd.DataFrame) -> str:
     return "each scheme's seeds (" + ", ".join(f"{s}: {n}" for s, n in per_scheme.items()) + ")"
 
 
+def tokens_text(rows: pd.DataFrame) -> str:
+    """How many scored tokens each perplexity is over (rows of one protocol): one count, or the range."""
+    tokens = pd.to_numeric(rows["tokens"], errors="coerce").dropna() if "tokens" in rows else pd.Series(dtype=float)
+    tokens = tokens[tokens > 0]
+    if tokens.empty:
+        return ""
+    low, high = int(tokens.min()), int(tokens.max())
+    return f" Each cell scores {low:,} tokens per seed." if low == high else \
+        f" Each cell scores {low:,}–{high:,} tokens per seed (the `tokens` column has each cell's count)."
+
+
 def _scheme_order(schemes) -> dict:
     from .positional import SCHEMES
 
@@ -478,7 +489,8 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
             Section(f"Perplexity ({protocol})", f"Test-split perplexity over {seeds_text(part)}" + (
                     ": the geometric mean (the exp of the seeds' mean loss) and its 95% confidence interval [low–high] "
                     "(Student t on log perplexity, so never below zero; none with one seed)."
-                    if part["evaluated_seeds"].max() > 1 else ".") + " Columns: evaluation length (multiple "
+                    if part["evaluated_seeds"].max() > 1 else ".") + tokens_text(df[df["protocol"] == protocol])
+                    + " Columns: evaluation length (multiple "
                     "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
                     "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
             Section(f"Perplexity relative to 1× ({protocol})", "Perplexity divided by the same scheme's at its "

@@ -690,3 +690,15 @@ def test_hex_ids_in_a_csv_only_results_table_stay_text(tmp_path):
     df = read_results(tmp_path)
     assert list(df["config_id"]) == ["0e1234", "0e5678"] and list(df["weights_id"]) == ["012345678901", "112345678901"]
     assert len(summarise(df)) == 2  # two configs of one scheme: two rows, not one mean of both
+
+
+def test_report_says_how_many_tokens_each_perplexity_is_over(tmp_path):
+    from lenx.report import report
+
+    rows = [result_row("rope", 0, L, 10.0, tokens=4096) for L in (16, 32)]
+    rows += [result_row("rope", 0, L, 10.0, tokens=t, protocol="truncate") for L, t in ((16, 4096), (32, 1024))]
+    rows.append(result_row("learned", 0, 32, float("nan"), tokens=0, note="learned positions end at 16"))
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    assert "Each cell scores 4,096 tokens per seed." in md  # nonoverlap; the learned cell scored none
+    assert "Each cell scores 1,024–4,096 tokens per seed" in md  # truncate: fewer documents qualify at 32
