@@ -168,13 +168,13 @@ def load_checkpoint(run_dir: Path, model, opt) -> int:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         meta = json.loads((ckpt / "state.json").read_text())
+        random.setstate(_py_rng_from_json(meta["python_rng"]))
+        np.random.set_state(_np_rng_from_json(meta["numpy_rng"]))
+        return int(meta["step"])
     except Exception as e:  # any corrupt or partial file: say which, never guess
         raise LenxError(
             f"checkpoint in {run_dir} is unreadable or corrupt ({type(e).__name__}); delete it or pass --overwrite"
         ) from None
-    random.setstate(_py_rng_from_json(meta["python_rng"]))
-    np.random.set_state(_np_rng_from_json(meta["numpy_rng"]))
-    return int(meta["step"])
 
 
 def _py_rng_to_json(state):

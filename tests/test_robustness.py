@@ -177,6 +177,12 @@ def test_corrupt_checkpoint_gives_one_line(tmp_path, text_dataset, capsys):
     one_line(capsys, lenx(*args), "corrupt")
 
 
+def test_checkpoint_state_without_its_keys_gives_one_line(tmp_path, text_dataset, capsys):
+    args, ckpt = interrupted_run(tmp_path / "run", text_dataset)
+    (ckpt / "state.json").write_text("{}")
+    one_line(capsys, lenx(*args), "corrupt")
+
+
 def test_mismatched_run_directory(small_run, tmp_path, capsys):
     run = copy_run(small_run, tmp_path / "run")
     info = json.loads((run / "run.json").read_text())
