@@ -207,8 +207,12 @@ def _read_log(run_dir: Path, upto: int) -> list[dict]:
     path = run_dir / "train_log.csv"
     if not path.exists():
         return []
-    df = pd.read_csv(path)
-    return df[df["step"] <= upto].to_dict("records")
+    try:
+        df = pd.read_csv(path)
+        return df[df["step"] <= upto].to_dict("records")
+    except Exception as e:  # edited or truncated by hand (lenx writes it atomically)
+        raise LenxError(f"{path} is unreadable ({type(e).__name__}); delete it (the run resumes without its earlier "
+                        "log lines) or pass --overwrite") from None
 
 
 # ---------------------------------------------------------------- the loop

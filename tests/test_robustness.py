@@ -183,6 +183,13 @@ def test_checkpoint_state_without_its_keys_gives_one_line(tmp_path, text_dataset
     one_line(capsys, lenx(*args), "corrupt")
 
 
+@pytest.mark.parametrize("text", ["", "garbage\n"])
+def test_corrupt_training_log_gives_one_line_on_resume(tmp_path, text_dataset, capsys, text):
+    args, _ = interrupted_run(tmp_path / "run", text_dataset)
+    (tmp_path / "run" / "train_log.csv").write_text(text)
+    one_line(capsys, lenx(*args), "train_log.csv is unreadable")
+
+
 def test_mismatched_run_directory(small_run, tmp_path, capsys):
     run = copy_run(small_run, tmp_path / "run")
     info = json.loads((run / "run.json").read_text())
