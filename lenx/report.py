@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -286,7 +287,10 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
     for run_dir, g in df.groupby("run_dir"):
         log = Path(run_dir) / "train_log.csv"
         if log.exists():
-            logs.append(pd.read_csv(log).assign(pe=g["curve"].iloc[0], run=run_dir))
+            try:
+                logs.append(pd.read_csv(log)[["step", "loss"]].assign(pe=g["curve"].iloc[0], run=run_dir))
+            except Exception as e:  # edited or truncated by hand: the figure goes on without it
+                print(f"note: {log} is unreadable ({type(e).__name__}); its run has no training curve", file=sys.stderr)
     if not logs:
         return False
     logs = pd.concat(logs)

@@ -349,6 +349,19 @@ def test_training_curves_of_variants_never_share_a_style(tmp_path, monkeypatch):
     assert len(set(drawn.values())) == len(drawn), drawn
 
 
+def test_unreadable_training_log_leaves_the_report_with_the_other_curves(tmp_path, capsys):
+    import lenx.report as report
+
+    rows = []
+    for name, text in {"good": "step,loss\n10,4.0\n20,3.5\n", "empty": "", "foreign": "garbage\n"}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_log.csv").write_text(text)
+        rows.append({"pe": name, "train_len": 32, "run_dir": str(tmp_path / name), "config_id": "x"})
+    assert report.plot_training_curves(pd.DataFrame(rows), tmp_path / "training_loss.png")
+    err = capsys.readouterr().err
+    assert "empty/train_log.csv is unreadable" in err and "foreign/train_log.csv is unreadable" in err, err
+
+
 def test_results_of_another_text_are_refused(tmp_path, capsys):
     """Two --test-file texts are both dataset 'files': the second is not silently 'already done' with the first's
     numbers; an edited local dataset likewise."""
