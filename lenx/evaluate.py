@@ -61,6 +61,7 @@ COLUMNS = [
 ]
 NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "tokens", "windows", "documents", "nll",
            "ppl", "bpb", "bytes", "seconds", "token_budget", "bucket_width", "bucket_start", "bucket_end"]
+KEY_COLUMNS = ["run", "eval_len", "protocol", "rope_scaling", "rope_factor"]  # in every lenx table, old ones too
 BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
 BY_POSITION_COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", "dataset",
@@ -459,6 +460,10 @@ def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
             df = pd.read_parquet(path)
         except Exception:
             raise LenxError(f"{path} is unreadable; move it away and rerun") from None
+        missing = [c for c in KEY_COLUMNS if c not in df]
+        if missing:  # another tool's table, or not a table of this kind
+            raise LenxError(f"{path} is not a lenx results table (no column {missing[0]}); move it away or use "
+                            "another --out")
         df = df.reindex(columns=columns)  # tables from older lenx versions: missing columns empty
         old = (df["protocol"] == "nonoverlap") & df["stride"].isna()
         return df.assign(stride=df["stride"].where(~old, df["eval_len"]))

@@ -37,6 +37,10 @@ _OPTIONAL = {"run_dir": None, "lenx_version": "unknown", "device": "unknown", "d
              "stride": float("nan"), "tokenizer": "byte", "note": "", "bpb": float("nan"), "config_id": ""}
 
 
+# Columns every lenx results table has had, and the report needs.
+REQUIRED = ["run", "pe", "seed", "train_len", "eval_len", "protocol", "rope_scaling", "rope_factor", "dataset", "ppl"]
+
+
 def read_results(results_dir: Path) -> pd.DataFrame:
     for name in ("results.parquet", "results.csv"):
         path = results_dir / name
@@ -47,6 +51,10 @@ def read_results(results_dir: Path) -> pd.DataFrame:
                 raise LenxError(f"{path} is unreadable; rerun `lenx eval` to rebuild it") from None
             if df.empty:
                 break
+            missing = [c for c in REQUIRED if c not in df]
+            if missing:
+                raise LenxError(f"{path} is not a lenx results table (no column {missing[0]}); name the directory "
+                                "`lenx eval --out` wrote")
             return df.assign(**{k: v for k, v in _OPTIONAL.items() if k not in df})
     raise LenxError(f"no results in {results_dir}/; run `lenx eval` first")
 

@@ -362,6 +362,20 @@ def test_unreadable_training_log_leaves_the_report_with_the_other_curves(tmp_pat
     assert "empty/train_log.csv is unreadable" in err and "foreign/train_log.csv is unreadable" in err, err
 
 
+@pytest.mark.parametrize("name", ["results.parquet", "results_by_position.parquet"])
+def test_a_foreign_results_table_is_one_line_for_eval_and_report(trained, capsys, tmp_path, name):
+    out = tmp_path / "res"
+    out.mkdir()
+    pd.DataFrame({"a": [1], "b": ["x"]}).to_parquet(out / name)
+    one_line_error(capsys, lenx("eval", trained / "runs" / "alibi", "--lengths", "16", "--tokens", "32", "--out", out),
+                   f"{name} is not a lenx results table (no column run)")
+    if name == "results.parquet":
+        one_line_error(capsys, lenx("report", out), "results.parquet is not a lenx results table (no column run)")
+        (out / name).unlink()
+        pd.DataFrame({"a": [1]}).to_csv(out / "results.csv")
+        one_line_error(capsys, lenx("report", out), "results.csv is not a lenx results table (no column run)")
+
+
 def test_results_of_another_text_are_refused(tmp_path, capsys):
     """Two --test-file texts are both dataset 'files': the second is not silently 'already done' with the first's
     numbers; an edited local dataset likewise."""
