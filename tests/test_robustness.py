@@ -198,6 +198,23 @@ def test_mismatched_run_directory(small_run, tmp_path, capsys):
     one_line(capsys, lenx("eval", run, "--lengths", "32", "--tokens", "32", "--out", tmp_path / "r"), "train_len")
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda cfg: cfg.pop("tokenizer"), None),  # a key missing (e.g. a run from before lenx had it): its default
+    (lambda cfg: cfg.update(train_len="abc"), "run.json: key 'train_len' must be int, got 'abc'"),
+    (lambda cfg: cfg.update(pe=None), "run.json: key 'pe' must be str, got None"),
+])
+def test_edited_run_json_is_read_with_defaults_or_refused_in_one_line(small_run, tmp_path, capsys, edit, needle):
+    run = copy_run(small_run, tmp_path / "run")
+    info = json.loads((run / "run.json").read_text())
+    edit(info["config"])
+    (run / "run.json").write_text(json.dumps(info))
+    code = lenx("eval", run, "--lengths", "16", "--tokens", "32", "--out", tmp_path / "r")
+    if needle is None:
+        assert code == 0, capsys.readouterr().err
+    else:
+        one_line(capsys, code, needle)
+
+
 def test_dataset_too_short_for_one_window(small_run, tmp_path, capsys):
     code = lenx("eval", small_run, "--lengths", "16,10000000", "--out", tmp_path / "r")
     one_line(capsys, code, "needs")
