@@ -654,6 +654,10 @@ def get_tokenizer(name: str, dataset: Any = None, progress: bool = True) -> Toke
         return ByteTokenizer()
     size = parse_bpe(name)
     if size is None:
+        if (name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1) and \
+                not Path(name).expanduser().exists():  # not a hub id ("name" or "org/name"): a path, and not there
+            raise LenxError(f"--tokenizer {name}: no such directory; give a tokenizer directory, a hub name, byte or "
+                            "bpe:<vocab_size>")
         return HFTokenizer.load(name)
     if dataset is None:
         raise LenxError(f"tokenizer '{name}' is trained on a dataset; none was given")

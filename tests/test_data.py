@@ -351,6 +351,11 @@ def test_bad_tokenizer_names_are_one_line(capsys, tmp_path):
     one_line_error(capsys, code, "bpe:4096")
     code = lenx("train", "--pe", "nope", *TINY, "--tokenizer", "no-such-org/no-such-tokenizer", "--out", tmp_path / "c")
     one_line_error(capsys, code, "no-such-org/no-such-tokenizer", "HF_HUB_OFFLINE")
+    # a path that is not there is named as a missing directory, not as a hub name the cache lacks
+    missing = tmp_path / "no-such-dir"
+    code = lenx("train", "--pe", "nope", *TINY, "--tokenizer", missing, "--out", tmp_path / "d")
+    one_line_error(capsys, code, f"--tokenizer {missing}: no such directory")
+    assert not (tmp_path / "d").exists()
 
 
 # ---------------------------------------------------------------- hub names, offline
