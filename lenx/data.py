@@ -305,12 +305,15 @@ def _load_files(kind: str, files: list[Path], text_field: str, shown: Path) -> l
     import datasets
 
     quiet_datasets()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to load ..." line: ours says it, once
     kwargs = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
     if kind != "text" and all(f.stat().st_size == 0 for f in files):  # datasets' json/parquet readers fail opaquely
         raise LenxError(f"dataset {shown} is empty; give it some text")
     try:
         ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as e:  # a malformed file: name it, never a traceback
+        while e.__cause__ is not None:  # DatasetGenerationError wraps the parser's error, which says what is wrong
+            e = e.__cause__
         raise LenxError(f"cannot read {shown} as {kind} ({_first_line(e)}); check the file's format") from None
     if text_field not in ds.column_names:
         raise LenxError(
