@@ -26,6 +26,7 @@ from safetensors.torch import load_model, save_model
 from .config import TrainConfig
 from .data import DataSpec, get_tokenizer, load_corpus, load_run_tokenizer, token_stream
 from .errors import LenxError
+from .hf import is_oom
 from .io import atomic_path, write_json
 from .progress import progress as make_progress
 from .runinfo import provenance, quiet_hf
@@ -322,7 +323,12 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = LenxForCausalLM(model_config(cfg, tok.vocab_size, tok.eod_id)).to(device)
+    try:
+        model = LenxForCausalLM(model_config(cfg, tok.vocab_size, tok.eod_id)).to(device)
+    except (RuntimeError, MemoryError) as e:
+        if not is_oom(e):
+            raise
+        raise LenxError(f"the model does not fit in memory on {device}; lower --d-model, --d-ff or --layers") from None
     opt = build_optimizer(model, cfg)
     start, log = 0, []
     run_info = {
@@ -366,14 +372,23 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
             mine = get_batch(stream, cfg, step, rows * ctx.world)[ctx.rank * rows : (ctx.rank + 1) * rows]
             opt.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=device)
-            for micro, batch in enumerate(mine.to(device).split(cfg.batch_size)):
-                last = micro == cfg.grad_accum - 1
-                with net.no_sync() if ctx.active and not last else nullcontext():
-                    with autocast(precision, device):
-                        logits = net(batch[:, :-1]).logits
-                    micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-                    (micro_loss / cfg.grad_accum).backward()
-                loss += micro_loss.detach() / cfg.grad_accum
+            try:
+                for micro, batch in enumerate(mine.to(device).split(cfg.batch_size)):
+                    last = micro == cfg.grad_accum - 1
+                    with net.no_sync() if ctx.active and not last else nullcontext():
+                        with autocast(precision, device):
+                            logits = net(batch[:, :-1]).logits
+                        micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                        (micro_loss / cfg.grad_accum).backward()
+                    loss += micro_loss.detach() / cfg.grad_accum
+            except (RuntimeError, MemoryError) as e:
+                if not is_oom(e):
+                    raise
+                raise LenxError(
+                    f"out of memory at step {step} on {device} ({cfg.batch_size} x {cfg.train_len} tokens a "
+                    "micro-batch); lower --batch-size and raise --grad-accum to keep the global batch (the last "
+                    "checkpoint is kept)"
+                ) from None
             loss = distributed.mean(ctx, loss)
             if not torch.isfinite(loss):
                 raise LenxError(

@@ -87,6 +87,20 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tmp_path, text_datase
     assert step >= 1
 
 
+def test_out_of_memory_in_training_is_one_line_with_the_fix(tmp_path, text_dataset, capsys, monkeypatch):
+    from lenx.model import LenxForCausalLM
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    args = ["train", "--pe", "nope", *SMALL, "--steps", "3", "--warmup", "1", "--dataset", text_dataset]
+    monkeypatch.setattr(LenxForCausalLM, "forward", oom)
+    one_line(capsys, lenx(*args, "--out", tmp_path / "a"), "out of memory at step 0")
+    monkeypatch.setattr(LenxForCausalLM, "__init__", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 102800000000 bytes")))
+    one_line(capsys, lenx(*args, "--out", tmp_path / "b"), "the model does not fit in memory")
+
+
 def test_warmup_not_below_steps_is_noted_once(tmp_path, text_dataset, capsys):
     """A schedule whose warm-up outlasts the run never reaches its peak learning rate: a note says so (stderr, one
     line); a run with a proper warm-up and a resumed run print none."""
