@@ -408,6 +408,17 @@ def test_export_of_learned_positions_limits_the_tokenizer_to_its_table(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path / "export").model_max_length == 16  # the table's 16 positions
 
 
+def test_export_never_overwrites_the_directory_holding_the_run(tmp_path, capsys):
+    """`--out runs --overwrite` replaced runs/ by the export: the run and every run beside it were deleted."""
+    run = make_run(tmp_path / "runs", "alibi")
+    other = make_run(tmp_path / "runs", "rope")
+    capsys.readouterr()
+    for out in (tmp_path / "runs", tmp_path):
+        code = lenx_cli("export", run, "--out", out, "--overwrite")
+        one_line_error(capsys, code, f"--out {out} holds the run directory")
+    assert (run / "model.safetensors").exists() and (other / "model.safetensors").exists()
+
+
 def test_cross_entropy_in_chunks_is_exact(monkeypatch):
     """Long windows of large vocabularies are scored in chunks of logits; the sums are the same to the bit."""
     import lenx.evaluate as ev
