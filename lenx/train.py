@@ -256,6 +256,10 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, world: int = 1,
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool, world: int = 1) -> str:
     """Returns 'new', 'resume' or 'done'. Refuses a directory holding a different config."""
     if run_dir.exists() and overwrite:
+        if not (run_dir / "run.json").exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            # e.g. --out runs: deleting it would delete every run in it
+            raise LenxError(f"{run_dir} is not a lenx run directory (no run.json); --overwrite replaces only a run, "
+                            "choose another --out")
         shutil.rmtree(run_dir)
     if (run_dir / "run.json").exists():
         return check_run_dir(run_dir, cfg, world)

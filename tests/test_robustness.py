@@ -123,6 +123,22 @@ def test_existing_run_with_other_config_is_refused(tmp_path, text_dataset, capsy
     assert json.loads((out / "run.json").read_text())["config"]["steps"] == 3
 
 
+def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path, text_dataset, capsys):
+    """`--out runs --overwrite` deleted runs/ and every run in it, to train one run there."""
+    runs = tmp_path / "runs"
+    assert lenx("train", "--pe", "nope", *SMALL, "--steps", "2", "--dataset", text_dataset, "--out", runs / "a") == 0
+    (runs / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    for out in (runs, runs / "notes.txt"):
+        code = lenx("train", "--pe", "nope", *SMALL, "--steps", "2", "--dataset", text_dataset, "--out", out,
+                    "--overwrite")
+        one_line(capsys, code, "is not a lenx run directory (no run.json)")
+    assert (runs / "a" / "model.safetensors").exists() and (runs / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()  # an empty directory is fine to replace
+    assert lenx("train", "--pe", "nope", *SMALL, "--steps", "2", "--dataset", text_dataset, "--out",
+                tmp_path / "empty", "--overwrite") == 0
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("robust")
