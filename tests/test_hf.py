@@ -419,6 +419,19 @@ def test_export_never_overwrites_the_directory_holding_the_run(tmp_path, capsys)
     assert (run / "model.safetensors").exists() and (other / "model.safetensors").exists()
 
 
+def test_export_to_the_current_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    """`--out .` (or an empty --out) with --overwrite was an OSError traceback ('.' cannot be renamed), leaving a
+    stray '..*.old' directory beside it."""
+    run = make_run(tmp_path / "runs", "alibi")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work / "sub")
+    capsys.readouterr()
+    for out in ("", ".", ".."):
+        one_line_error(capsys, lenx_cli("export", run, "--out", out, "--overwrite"), "holds the current directory")
+    assert sorted(p.name for p in work.iterdir()) == ["sub"] and not any((work / "sub").iterdir())
+
+
 def test_cross_entropy_in_chunks_is_exact(monkeypatch):
     """Long windows of large vocabularies are scored in chunks of logits; the sums are the same to the bit."""
     import lenx.evaluate as ev
