@@ -200,6 +200,11 @@ def test_max_len_below_training_length(trained, capsys):
         (["report", "/no/such/results"], "no results"),
         (["schemes", "nosuch"], "known schemes"),
         (["train", "--no-such-flag"], "--no-such-flag"),
+        # empty paths: the current directory's .txt files were read as the corpus, or the flags ignored
+        (["train", "--pe", "rope", "--dataset", ""], "--dataset is empty"),
+        (["train", "--pe", "rope", "--train-file", " ", "--test-file", " "], "--train-file is empty"),
+        (["eval", "--dataset", ""], "--dataset is empty"),
+        (["eval", "--test-file", ""], "--test-file is empty"),
     ],
 )
 def test_bad_input_is_one_line(capsys, args, needle, tmp_path, monkeypatch):
