@@ -129,6 +129,9 @@ def eval_(
     from .evaluate import evaluate
 
     data = None
+    for flag, value in (("--dataset", dataset), ("--test-file", test_file)):
+        if value is not None and not value.strip():
+            raise LenxError(f"{flag} is empty; give a corpus name or a file or directory path")
     if dataset is not None or test_file is not None:
         if dataset is not None and test_file is not None:
             raise LenxError(f"give either --dataset ({dataset}) or --test-file, not both")

@@ -171,6 +171,9 @@ def validate(cfg: TrainConfig) -> None:
     from .data import check_tokenizer_name
 
     check_tokenizer_name(cfg.tokenizer)
+    for key in ("dataset", *_FILE_KEYS):  # an empty path would read the current directory, or be ignored
+        if getattr(cfg, key) is not None and not getattr(cfg, key).strip():
+            raise LenxError(f"{_name(key)} is empty; give a corpus name or a file or directory path")
     if not cfg.text_field.strip():
         raise LenxError("--text-field is empty; name the column that holds the text (default: text)")
     if cfg.dataset == "files" and not (cfg.train_file and cfg.test_file):

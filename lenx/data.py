@@ -319,12 +319,15 @@ def _load_files(kind: str, files: list[Path], text_field: str, shown: Path) -> l
     import datasets
 
     quiet_datasets()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to load ..." line: ours says it, once
     kwargs = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
     if kind != "text" and all(f.stat().st_size == 0 for f in files):  # datasets' json/parquet readers fail opaquely
         raise LenxError(f"dataset {shown} is empty; give it some text")
     try:
         ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as e:  # a malformed file: name it, never a traceback
+        while e.__cause__ is not None:  # DatasetGenerationError wraps the parser's error, which says what is wrong
+            e = e.__cause__
         raise LenxError(f"cannot read {shown} as {kind} ({_first_line(e)}); check the file's format") from None
     if text_field not in ds.column_names:
         raise LenxError(
@@ -668,6 +671,10 @@ def get_tokenizer(name: str, dataset: Any = None, progress: bool = True) -> Toke
         return ByteTokenizer()
     size = parse_bpe(name)
     if size is None:
+        if (name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1) and \
+                not Path(name).expanduser().exists():  # not a hub id ("name" or "org/name"): a path, and not there
+            raise LenxError(f"--tokenizer {name}: no such directory; give a tokenizer directory, a hub name, byte or "
+                            "bpe:<vocab_size>")
         return HFTokenizer.load(name)
     if dataset is None:
         raise LenxError(f"tokenizer '{name}' is trained on a dataset; none was given")

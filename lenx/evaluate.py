@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .config import TRAIN_KEYS, TrainConfig, check_values
 from .data import DataSpec, Tokenizer, document_tokens, load_corpus, load_run_tokenizer, token_stream
 from .errors import LengthNotSupported, LenxError
 from .io import write_table
@@ -61,6 +62,7 @@ COLUMNS = [
 ]
 NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "tokens", "windows", "documents", "nll",
            "ppl", "bpb", "bytes", "seconds", "token_budget", "bucket_width", "bucket_start", "bucket_end"]
+KEY_COLUMNS = ["run", "eval_len", "protocol", "rope_scaling", "rope_factor"]  # in every lenx table, old ones too
 BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
 BY_POSITION_COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", "dataset",
@@ -92,13 +94,18 @@ def read_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     try:
         info = json.loads((run_dir / "run.json").read_text())
-        info["config"]["train_len"]
+        # keys added to lenx since the run was made take their defaults (as train.identity does); known keys are
+        # checked for their types, so an edited file is refused here, not mid-evaluation
+        info["config"] = {**TrainConfig().to_dict(), **info["config"]}
+        check_values({k: v for k, v in info["config"].items() if k in TRAIN_KEYS}, f"{run_dir}/run.json")
     except FileNotFoundError:
         inside = sorted(p.parent for p in run_dir.glob("*/run.json"))
         if inside:  # `lenx eval runs`: the runs' parent named as a run
             raise LenxError(f"{run_dir} is a directory of lenx runs, not a run; name a run (e.g. {inside[0]}), or, "
                             f"for `lenx eval`, give --runs-dir {run_dir} to evaluate them all") from None
         raise LenxError(f"{run_dir} is not a lenx run (no run.json); train it with `lenx train`") from None
+    except LenxError as e:
+        raise LenxError(f"{e} (corrupt?); retrain with `lenx train --overwrite`") from None
     except (ValueError, KeyError, TypeError):
         raise LenxError(f"{run_dir}/run.json is corrupt; retrain with `lenx train --overwrite`") from None
     if info.get("status") != "done" or not (run_dir / "model.safetensors").exists():
@@ -453,6 +460,10 @@ def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
             df = pd.read_parquet(path)
         except Exception:
             raise LenxError(f"{path} is unreadable; move it away and rerun") from None
+        missing = [c for c in KEY_COLUMNS if c not in df]
+        if missing:  # another tool's table, or not a table of this kind
+            raise LenxError(f"{path} is not a lenx results table (no column {missing[0]}); move it away or use "
+                            "another --out")
         df = df.reindex(columns=columns)  # tables from older lenx versions: missing columns empty
         old = (df["protocol"] == "nonoverlap") & df["stride"].isna()
         return df.assign(stride=df["stride"].where(~old, df["eval_len"]))

@@ -179,6 +179,10 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False, result
     info = read_run(run_dir)
     if out.resolve() == run_dir.resolve():
         raise LenxError(f"--out {out} is the run directory itself; choose another directory")
+    if run_dir.resolve().is_relative_to(out.resolve()):  # --overwrite would delete the run (and its neighbours)
+        raise LenxError(f"--out {out} holds the run directory {run_dir}; choose another directory")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):  # e.g. --out . (or ""): it cannot be renamed into place
+        raise LenxError(f"--out '{out}' holds the current directory; choose another directory")
     if out.exists() and not out.is_dir():
         raise LenxError(f"--out {out} is a file; choose a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

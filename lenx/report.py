@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,8 @@ _OPTIONAL = {"run_dir": None, "lenx_version": "unknown", "device": "unknown", "d
 
 # Hex fingerprints: as text, never parsed as numbers ('012345' would lose its zero; '0e1234' and '0e5678' both be 0.0)
 ID_COLUMNS = ("config_id", "weights_id", "dataset_fingerprint")
+# Columns every lenx results table has had, and the report needs.
+REQUIRED = ["run", "pe", "seed", "train_len", "eval_len", "protocol", "rope_scaling", "rope_factor", "dataset", "ppl"]
 
 
 def read_results(results_dir: Path) -> pd.DataFrame:
@@ -51,6 +54,10 @@ def read_results(results_dir: Path) -> pd.DataFrame:
                 raise LenxError(f"{path} is unreadable; rerun `lenx eval` to rebuild it") from None
             if df.empty:
                 break
+            missing = [c for c in REQUIRED if c not in df]
+            if missing:
+                raise LenxError(f"{path} is not a lenx results table (no column {missing[0]}); name the directory "
+                                "`lenx eval --out` wrote")
             return df.assign(**{k: v for k, v in _OPTIONAL.items() if k not in df})
     raise LenxError(f"no results in {results_dir}/; run `lenx eval` first")
 
@@ -308,7 +315,10 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
     for run_dir, g in df.groupby("run_dir"):
         log = Path(run_dir) / "train_log.csv"
         if log.exists():
-            logs.append(pd.read_csv(log).assign(pe=g["curve"].iloc[0], run=run_dir))
+            try:
+                logs.append(pd.read_csv(log)[["step", "loss"]].assign(pe=g["curve"].iloc[0], run=run_dir))
+            except Exception as e:  # edited or truncated by hand: the figure goes on without it
+                print(f"note: {log} is unreadable ({type(e).__name__}); its run has no training curve", file=sys.stderr)
     if not logs:
         return False
     logs = pd.concat(logs)

@@ -198,6 +198,16 @@ def print_plan(spec: SweepSpec, jobs: list[Job], device: str) -> None:
                   f"estimated {_fmt_seconds(total)} on {device}")
 
 
+def _check_writable(directory: Path, key: str, config: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise LenxError(f"{config}: cannot write to {key} {directory}: {e.strerror}; set another {key}") from None
+
+
 def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = None) -> Path | None:
     from .distributed import check_device
     from .runinfo import default_device
@@ -215,7 +225,8 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
     from .report import SAVED_CONFIG, SAVED_PUBLISHED, report
     from .train import train
 
-    spec.results_dir.mkdir(parents=True, exist_ok=True)
+    for key in ("runs_dir", "results_dir"):  # before any work: the run directories' error would name --out
+        _check_writable(getattr(spec, key), key, spec.path)
     write_text(spec.results_dir / SAVED_CONFIG, spec.path.read_text())  # `lenx report` on the results reads these
     if spec.published is not None:
         write_text(spec.results_dir / SAVED_PUBLISHED, spec.published.read_text())

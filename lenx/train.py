@@ -26,6 +26,7 @@ from safetensors.torch import load_model, save_model
 from .config import TrainConfig
 from .data import DataSpec, get_tokenizer, load_corpus, load_run_tokenizer, token_stream
 from .errors import LenxError
+from .hf import is_oom
 from .io import atomic_path, write_json
 from .progress import progress as make_progress
 from .runinfo import provenance, quiet_hf
@@ -168,13 +169,13 @@ def load_checkpoint(run_dir: Path, model, opt) -> int:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         meta = json.loads((ckpt / "state.json").read_text())
+        random.setstate(_py_rng_from_json(meta["python_rng"]))
+        np.random.set_state(_np_rng_from_json(meta["numpy_rng"]))
+        return int(meta["step"])
     except Exception as e:  # any corrupt or partial file: say which, never guess
         raise LenxError(
             f"checkpoint in {run_dir} is unreadable or corrupt ({type(e).__name__}); delete it or pass --overwrite"
         ) from None
-    random.setstate(_py_rng_from_json(meta["python_rng"]))
-    np.random.set_state(_np_rng_from_json(meta["numpy_rng"]))
-    return int(meta["step"])
 
 
 def _py_rng_to_json(state):
@@ -207,8 +208,12 @@ def _read_log(run_dir: Path, upto: int) -> list[dict]:
     path = run_dir / "train_log.csv"
     if not path.exists():
         return []
-    df = pd.read_csv(path)
-    return df[df["step"] <= upto].to_dict("records")
+    try:
+        df = pd.read_csv(path)
+        return df[df["step"] <= upto].to_dict("records")
+    except Exception as e:  # edited or truncated by hand (lenx writes it atomically)
+        raise LenxError(f"{path} is unreadable ({type(e).__name__}); delete it (the run resumes without its earlier "
+                        "log lines) or pass --overwrite") from None
 
 
 # ---------------------------------------------------------------- the loop
@@ -251,6 +256,10 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, world: int = 1,
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool, world: int = 1) -> str:
     """Returns 'new', 'resume' or 'done'. Refuses a directory holding a different config."""
     if run_dir.exists() and overwrite:
+        if not (run_dir / "run.json").exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            # e.g. --out runs: deleting it would delete every run in it
+            raise LenxError(f"{run_dir} is not a lenx run directory (no run.json); --overwrite replaces only a run, "
+                            "choose another --out")
         shutil.rmtree(run_dir)
     if (run_dir / "run.json").exists():
         return check_run_dir(run_dir, cfg, world)
@@ -318,7 +327,12 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = LenxForCausalLM(model_config(cfg, tok.vocab_size, tok.eod_id)).to(device)
+    try:
+        model = LenxForCausalLM(model_config(cfg, tok.vocab_size, tok.eod_id)).to(device)
+    except (RuntimeError, MemoryError) as e:
+        if not is_oom(e):
+            raise
+        raise LenxError(f"the model does not fit in memory on {device}; lower --d-model, --d-ff or --layers") from None
     opt = build_optimizer(model, cfg)
     start, log = 0, []
     run_info = {
@@ -362,14 +376,23 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
             mine = get_batch(stream, cfg, step, rows * ctx.world)[ctx.rank * rows : (ctx.rank + 1) * rows]
             opt.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=device)
-            for micro, batch in enumerate(mine.to(device).split(cfg.batch_size)):
-                last = micro == cfg.grad_accum - 1
-                with net.no_sync() if ctx.active and not last else nullcontext():
-                    with autocast(precision, device):
-                        logits = net(batch[:, :-1]).logits
-                    micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-                    (micro_loss / cfg.grad_accum).backward()
-                loss += micro_loss.detach() / cfg.grad_accum
+            try:
+                for micro, batch in enumerate(mine.to(device).split(cfg.batch_size)):
+                    last = micro == cfg.grad_accum - 1
+                    with net.no_sync() if ctx.active and not last else nullcontext():
+                        with autocast(precision, device):
+                            logits = net(batch[:, :-1]).logits
+                        micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                        (micro_loss / cfg.grad_accum).backward()
+                    loss += micro_loss.detach() / cfg.grad_accum
+            except (RuntimeError, MemoryError) as e:
+                if not is_oom(e):
+                    raise
+                raise LenxError(
+                    f"out of memory at step {step} on {device} ({cfg.batch_size} x {cfg.train_len} tokens a "
+                    "micro-batch); lower --batch-size and raise --grad-accum to keep the global batch (the last "
+                    "checkpoint is kept)"
+                ) from None
             loss = distributed.mean(ctx, loss)
             if not torch.isfinite(loss):
                 raise LenxError(

@@ -200,6 +200,11 @@ def test_max_len_below_training_length(trained, capsys):
         (["report", "/no/such/results"], "no results"),
         (["schemes", "nosuch"], "known schemes"),
         (["train", "--no-such-flag"], "--no-such-flag"),
+        # empty paths: the current directory's .txt files were read as the corpus, or the flags ignored
+        (["train", "--pe", "rope", "--dataset", ""], "--dataset is empty"),
+        (["train", "--pe", "rope", "--train-file", " ", "--test-file", " "], "--train-file is empty"),
+        (["eval", "--dataset", ""], "--dataset is empty"),
+        (["eval", "--test-file", ""], "--test-file is empty"),
     ],
 )
 def test_bad_input_is_one_line(capsys, args, needle, tmp_path, monkeypatch):
@@ -347,6 +352,33 @@ def test_training_curves_of_variants_never_share_a_style(tmp_path, monkeypatch):
     assert report.plot_training_curves(pd.DataFrame(rows), tmp_path / "training_loss.png")
     assert set(drawn) == {"alibi (L32, 8dd3b8)", "alibi (L32, 1af947)", "alibi (L64)"}, drawn
     assert len(set(drawn.values())) == len(drawn), drawn
+
+
+def test_unreadable_training_log_leaves_the_report_with_the_other_curves(tmp_path, capsys):
+    import lenx.report as report
+
+    rows = []
+    for name, text in {"good": "step,loss\n10,4.0\n20,3.5\n", "empty": "", "foreign": "garbage\n"}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_log.csv").write_text(text)
+        rows.append({"pe": name, "train_len": 32, "run_dir": str(tmp_path / name), "config_id": "x"})
+    assert report.plot_training_curves(pd.DataFrame(rows), tmp_path / "training_loss.png")
+    err = capsys.readouterr().err
+    assert "empty/train_log.csv is unreadable" in err and "foreign/train_log.csv is unreadable" in err, err
+
+
+@pytest.mark.parametrize("name", ["results.parquet", "results_by_position.parquet"])
+def test_a_foreign_results_table_is_one_line_for_eval_and_report(trained, capsys, tmp_path, name):
+    out = tmp_path / "res"
+    out.mkdir()
+    pd.DataFrame({"a": [1], "b": ["x"]}).to_parquet(out / name)
+    one_line_error(capsys, lenx("eval", trained / "runs" / "alibi", "--lengths", "16", "--tokens", "32", "--out", out),
+                   f"{name} is not a lenx results table (no column run)")
+    if name == "results.parquet":
+        one_line_error(capsys, lenx("report", out), "results.parquet is not a lenx results table (no column run)")
+        (out / name).unlink()
+        pd.DataFrame({"a": [1]}).to_csv(out / "results.csv")
+        one_line_error(capsys, lenx("report", out), "results.csv is not a lenx results table (no column run)")
 
 
 def test_results_of_another_text_are_refused(tmp_path, capsys):

@@ -358,12 +358,27 @@ def test_bpe_run_end_to_end_through_the_cli(text_dataset, tmp_path, cache, capsy
     one_line_error(capsys, code, str(out))
 
 
+@pytest.mark.parametrize("name, body, needle", [
+    ("bad.jsonl", "{not json\n", "JSON parse error"),
+    ("bad.parquet", "not parquet", "Parquet magic bytes"),
+])
+def test_malformed_dataset_file_is_one_line_with_the_parsers_reason(tmp_path, capsys, cache, name, body, needle):
+    (tmp_path / name).write_text(body)
+    code = lenx("train", "--pe", "nope", *TINY, "--dataset", tmp_path / name, "--out", tmp_path / "r")
+    one_line_error(capsys, code, f"cannot read {tmp_path / name}", needle)
+
+
 def test_bad_tokenizer_names_are_one_line(capsys, tmp_path):
     one_line_error(capsys, lenx("train", "--pe", "nope", "--tokenizer", "bpe:10", "--out", tmp_path / "a"), "257")
     code = lenx("train", "--pe", "nope", "--tokenizer", "bpe:many", "--out", tmp_path / "b")
     one_line_error(capsys, code, "bpe:4096")
     code = lenx("train", "--pe", "nope", *TINY, "--tokenizer", "no-such-org/no-such-tokenizer", "--out", tmp_path / "c")
     one_line_error(capsys, code, "no-such-org/no-such-tokenizer", "HF_HUB_OFFLINE")
+    # a path that is not there is named as a missing directory, not as a hub name the cache lacks
+    missing = tmp_path / "no-such-dir"
+    code = lenx("train", "--pe", "nope", *TINY, "--tokenizer", missing, "--out", tmp_path / "d")
+    one_line_error(capsys, code, f"--tokenizer {missing}: no such directory")
+    assert not (tmp_path / "d").exists()
 
 
 # ---------------------------------------------------------------- hub names, offline

@@ -408,6 +408,30 @@ def test_export_of_learned_positions_limits_the_tokenizer_to_its_table(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path / "export").model_max_length == 16  # the table's 16 positions
 
 
+def test_export_never_overwrites_the_directory_holding_the_run(tmp_path, capsys):
+    """`--out runs --overwrite` replaced runs/ by the export: the run and every run beside it were deleted."""
+    run = make_run(tmp_path / "runs", "alibi")
+    other = make_run(tmp_path / "runs", "rope")
+    capsys.readouterr()
+    for out in (tmp_path / "runs", tmp_path):
+        code = lenx_cli("export", run, "--out", out, "--overwrite")
+        one_line_error(capsys, code, f"--out {out} holds the run directory")
+    assert (run / "model.safetensors").exists() and (other / "model.safetensors").exists()
+
+
+def test_export_to_the_current_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    """`--out .` (or an empty --out) with --overwrite was an OSError traceback ('.' cannot be renamed), leaving a
+    stray '..*.old' directory beside it."""
+    run = make_run(tmp_path / "runs", "alibi")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work / "sub")
+    capsys.readouterr()
+    for out in ("", ".", ".."):
+        one_line_error(capsys, lenx_cli("export", run, "--out", out, "--overwrite"), "holds the current directory")
+    assert sorted(p.name for p in work.iterdir()) == ["sub"] and not any((work / "sub").iterdir())
+
+
 def test_cross_entropy_in_chunks_is_exact(monkeypatch):
     """Long windows of large vocabularies are scored in chunks of logits; the sums are the same to the bit."""
     import lenx.evaluate as ev

@@ -87,6 +87,20 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tmp_path, text_datase
     assert step >= 1
 
 
+def test_out_of_memory_in_training_is_one_line_with_the_fix(tmp_path, text_dataset, capsys, monkeypatch):
+    from lenx.model import LenxForCausalLM
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    args = ["train", "--pe", "nope", *SMALL, "--steps", "3", "--warmup", "1", "--dataset", text_dataset]
+    monkeypatch.setattr(LenxForCausalLM, "forward", oom)
+    one_line(capsys, lenx(*args, "--out", tmp_path / "a"), "out of memory at step 0")
+    monkeypatch.setattr(LenxForCausalLM, "__init__", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 102800000000 bytes")))
+    one_line(capsys, lenx(*args, "--out", tmp_path / "b"), "the model does not fit in memory")
+
+
 def test_warmup_not_below_steps_is_noted_once(tmp_path, text_dataset, capsys):
     """A schedule whose warm-up outlasts the run never reaches its peak learning rate: a note says so (stderr, one
     line); a run with a proper warm-up and a resumed run print none."""
@@ -107,6 +121,22 @@ def test_existing_run_with_other_config_is_refused(tmp_path, text_dataset, capsy
     assert lenx("train", "--pe", "nope", *SMALL, "--steps", "3", "--dataset", text_dataset, "--out", out,
                 "--overwrite") == 0
     assert json.loads((out / "run.json").read_text())["config"]["steps"] == 3
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path, text_dataset, capsys):
+    """`--out runs --overwrite` deleted runs/ and every run in it, to train one run there."""
+    runs = tmp_path / "runs"
+    assert lenx("train", "--pe", "nope", *SMALL, "--steps", "2", "--dataset", text_dataset, "--out", runs / "a") == 0
+    (runs / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    for out in (runs, runs / "notes.txt"):
+        code = lenx("train", "--pe", "nope", *SMALL, "--steps", "2", "--dataset", text_dataset, "--out", out,
+                    "--overwrite")
+        one_line(capsys, code, "is not a lenx run directory (no run.json)")
+    assert (runs / "a" / "model.safetensors").exists() and (runs / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()  # an empty directory is fine to replace
+    assert lenx("train", "--pe", "nope", *SMALL, "--steps", "2", "--dataset", text_dataset, "--out",
+                tmp_path / "empty", "--overwrite") == 0
 
 
 @pytest.fixture(scope="module")
@@ -177,12 +207,42 @@ def test_corrupt_checkpoint_gives_one_line(tmp_path, text_dataset, capsys):
     one_line(capsys, lenx(*args), "corrupt")
 
 
+def test_checkpoint_state_without_its_keys_gives_one_line(tmp_path, text_dataset, capsys):
+    args, ckpt = interrupted_run(tmp_path / "run", text_dataset)
+    (ckpt / "state.json").write_text("{}")
+    one_line(capsys, lenx(*args), "corrupt")
+
+
+@pytest.mark.parametrize("text", ["", "garbage\n"])
+def test_corrupt_training_log_gives_one_line_on_resume(tmp_path, text_dataset, capsys, text):
+    args, _ = interrupted_run(tmp_path / "run", text_dataset)
+    (tmp_path / "run" / "train_log.csv").write_text(text)
+    one_line(capsys, lenx(*args), "train_log.csv is unreadable")
+
+
 def test_mismatched_run_directory(small_run, tmp_path, capsys):
     run = copy_run(small_run, tmp_path / "run")
     info = json.loads((run / "run.json").read_text())
     info["config"]["train_len"] = 32
     (run / "run.json").write_text(json.dumps(info))
     one_line(capsys, lenx("eval", run, "--lengths", "32", "--tokens", "32", "--out", tmp_path / "r"), "train_len")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda cfg: cfg.pop("tokenizer"), None),  # a key missing (e.g. a run from before lenx had it): its default
+    (lambda cfg: cfg.update(train_len="abc"), "run.json: key 'train_len' must be int, got 'abc'"),
+    (lambda cfg: cfg.update(pe=None), "run.json: key 'pe' must be str, got None"),
+])
+def test_edited_run_json_is_read_with_defaults_or_refused_in_one_line(small_run, tmp_path, capsys, edit, needle):
+    run = copy_run(small_run, tmp_path / "run")
+    info = json.loads((run / "run.json").read_text())
+    edit(info["config"])
+    (run / "run.json").write_text(json.dumps(info))
+    code = lenx("eval", run, "--lengths", "16", "--tokens", "32", "--out", tmp_path / "r")
+    if needle is None:
+        assert code == 0, capsys.readouterr().err
+    else:
+        one_line(capsys, code, needle)
 
 
 def test_dataset_too_short_for_one_window(small_run, tmp_path, capsys):

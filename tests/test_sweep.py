@@ -298,3 +298,16 @@ published: pub/paper.csv
     assert lenx("report", res) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "published.csv" in err and "lenx sweep" in err, err
+
+
+@pytest.mark.parametrize("key", ["runs_dir", "results_dir"])
+def test_unwritable_sweep_directories_are_one_line_naming_the_key(tmp_path, capsys, monkeypatch, key):
+    monkeypatch.chdir(tmp_path)  # the other directory's default lands here
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(ROPE + f"{key}: {blocker / 'sub'}\n")
+    assert lenx("sweep", "--config", cfg) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write to {key} {blocker / 'sub'}" in err, err
+    assert f"set another {key}" in err, err
