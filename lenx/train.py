@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .data import DataSpec, get_tokenizer, load_corpus, load_run_tokenizer, token_stream
 from .errors import LenxError
 from .hf import is_oom
-from .io import atomic_path, write_json
+from .io import atomic_path, readable, write_json
 from .progress import progress as make_progress
 from .runinfo import provenance, quiet_hf
 
@@ -145,6 +145,7 @@ def save_checkpoint(run_dir: Path, model, opt, step: int, log: list[dict]) -> No
         shutil.rmtree(ckpt)
     ckpt.mkdir(parents=True)
     save_model(model, str(ckpt / "model.safetensors"))
+    readable(ckpt / "model.safetensors")
     with atomic_path(ckpt / "optimizer.pt") as tmp:
         torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
     write_json(
@@ -429,6 +430,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         return run_dir
     quiet_hf()
     model.save_pretrained(run_dir, safe_serialization=True)
+    readable(*run_dir.glob("*.safetensors"))
     _write_log(run_dir, log)
     run_info.update(
         status="done",
