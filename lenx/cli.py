@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import LenxError
 
     args = sys.argv[1:] if argv is None else list(argv)
+    restore = _terminate_as_interrupt()
     try:
         result = app(args=args or ["--help"], prog_name="lenx", standalone_mode=False)
     except LenxError as e:
@@ -254,17 +255,44 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         _interrupted()
         return 130
+    except _Terminated:
+        _interrupted("terminated")
+        return 143
     except typer.TyperException as e:  # usage errors: unknown option, bad value, missing argument
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         print(f"lenx: error: {_one_line(' '.join(message.split()))}", file=sys.stderr)
         return 2
+    finally:
+        restore()
     if result == 130:  # typer turns Ctrl-C into Exit(130), which standalone_mode=False returns
         _interrupted()
     return result if isinstance(result, int) else 0
 
 
-def _interrupted() -> None:
-    print("lenx: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is, as Ctrl-C is (not a KeyboardInterrupt, which typer turns into a
+    plain exit code 130; not an Exception, which error handlers would catch)."""
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (`kill`, a scheduler's preemption, torchrun stopping its workers) ends lenx as Ctrl-C does: the
+    atomic writes in progress remove their temporary files, and the message says how to resume. Returns what
+    puts the previous handler back (the main thread only can set one; elsewhere nothing changes)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(how: str = "interrupted") -> None:
+    print(f"lenx: {how}; finished work is saved, rerun the same command to resume", file=sys.stderr)
 
 
 def _one_line(message: str) -> str:

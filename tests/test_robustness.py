@@ -201,6 +201,37 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_says_it_resumes(tmp_path, text_
     assert f"resuming {out} from its checkpoint at step {step} of 400" in first, first
 
 
+def test_sigterm_ends_like_ctrl_c_and_leaves_no_temporary_files(tmp_path, text_dataset):
+    """`kill` (a scheduler's preemption): the same message as Ctrl-C, exit 143, no half-written temporary files
+    left beside the run's files; the rerun resumes."""
+    out = tmp_path / "run"
+    args = ["train", "--pe", "nope", *SMALL, "--steps", "400", "--save-every", "1", "--dataset", text_dataset,
+            "--out", out]
+    proc = run_cli(args, tmp_path)
+    while proc.poll() is None and not (out / "latest.json").exists():
+        time.sleep(0.01)
+    time.sleep(0.3)  # into the steps that each write a checkpoint
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated" in err and "rerun the same command to resume" in err, err
+    assert not [p for p in out.rglob(".*") if p.name.endswith(".tmp")]
+    step = json.loads((out / "latest.json").read_text())["step"]
+    rerun = run_cli(args, tmp_path)
+    first = rerun.stderr.readline()
+    rerun.kill()
+    rerun.communicate()
+    assert f"resuming {out} from its checkpoint at step {step} of 400" in first, first
+
+
+def test_weights_get_the_umask_permissions_as_every_other_file(small_run, tmp_path, text_dataset):
+    """safetensors creates its files 0600: a shared runs directory's weights were readable by their owner only."""
+    mask = os.umask(0)
+    os.umask(mask)
+    assert oct((small_run / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~mask)
+    _, ckpt = interrupted_run(tmp_path / "run", text_dataset)
+    assert oct((ckpt / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~mask)
+
+
 def test_corrupt_checkpoint_gives_one_line(tmp_path, text_dataset, capsys):
     args, ckpt = interrupted_run(tmp_path / "run", text_dataset)
     (ckpt / "optimizer.pt").write_bytes(b"not a checkpoint")
