@@ -315,6 +315,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         if ctx.main:
             from rich.console import Console
 
+            _drop_checkpoints(run_dir)  # left by a run stopped between its last write and its cleanup
             Console(stderr=True).print(f"[green]{run_dir} is already trained[/]; nothing to do (--overwrite retrains)")
         return run_dir
 
@@ -441,10 +442,15 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         final_loss=log[-1]["loss"] if log else None,
     )
     write_json(run_dir / "run.json", run_info)
+    _drop_checkpoints(run_dir)
+    return run_dir
+
+
+def _drop_checkpoints(run_dir: Path) -> None:
+    """A finished run keeps its weights, not its checkpoints (optimizer state: twice the weights again)."""
     for old in run_dir.glob("checkpoint-*"):
         shutil.rmtree(old, ignore_errors=True)
     (run_dir / "latest.json").unlink(missing_ok=True)
-    return run_dir
 
 
 def _mfu(cfg: TrainConfig, vocab: int, tps: float, device: str, precision: str) -> float:

@@ -232,6 +232,16 @@ def test_weights_get_the_umask_permissions_as_every_other_file(small_run, tmp_pa
     assert oct((ckpt / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~mask)
 
 
+def test_a_finished_run_stopped_before_its_cleanup_drops_its_checkpoints_on_rerun(small_run, tmp_path, capsys):
+    run = copy_run(small_run, tmp_path / "run")
+    (run / "checkpoint-0000001").mkdir()
+    (run / "checkpoint-0000001" / "optimizer.pt").write_bytes(b"x")
+    (run / "latest.json").write_text('{"step": 1, "checkpoint": "checkpoint-0000001"}')
+    assert lenx("train", "--pe", "alibi", *SMALL, "--steps", "2", "--out", run) == 0
+    assert "already trained" in " ".join(capsys.readouterr().err.split())
+    assert not (run / "latest.json").exists() and not list(run.glob("checkpoint-*"))
+
+
 def test_corrupt_checkpoint_gives_one_line(tmp_path, text_dataset, capsys):
     args, ckpt = interrupted_run(tmp_path / "run", text_dataset)
     (ckpt / "optimizer.pt").write_bytes(b"not a checkpoint")
