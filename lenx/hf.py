@@ -204,7 +204,9 @@ class HFModel:
         try:
             tok = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False, local_files_only=self.cache_only)
         except Exception as e:
-            hint = "save the model's tokenizer into its directory" if self.local else self._hub_hint()
+            hint = self._hub_hint() if not self.local else (
+                f"it is a lenx run: evaluate it as `lenx eval {self.given}`, or `lenx export` it first"
+                if (Path(self.source) / "run.json").exists() else "save the model's tokenizer into its directory")
             raise LenxError(f"cannot load the tokenizer of model '{self.given}' ({first(e)}); {hint}") from None
         eod = None
         if tok.eos_token_id is None:  # documents are separated by a token the model knows

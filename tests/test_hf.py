@@ -482,3 +482,14 @@ def test_model_card_results_name_the_sliding_stride(tmp_path):
                          "ppl": [20.0, 21.0]})
     card = model_card(tmp_path / "rope", {"config": {"pe": "rope", "train_len": 16}}, rows)
     assert "| eval_len | ratio | protocol | stride |" in card and "| sliding | 8 |" in card, card
+
+
+def test_a_lenx_run_given_as_model_is_pointed_to_lenx_eval(tmp_path, capsys):
+    """A lenx run directory passed to --model (it has config.json and weights, but its byte tokenizer is lenx's):
+    the error names the two ways that work, not 'save the tokenizer'."""
+    run = tmp_path / "run"
+    assert lenx_cli("train", "--pe", "alibi", "--train-len", "16", "--batch-size", "2", "--layers", "1", "--d-model",
+                    "16", "--heads", "2", "--d-ff", "32", "--steps", "1", "--out", run) == 0
+    capsys.readouterr()
+    code = lenx_cli("eval", "--model", run, "--lengths", "16", "--tokens", "16", "--out", tmp_path / "r")
+    one_line_error(capsys, code, f"lenx eval {run}", "lenx export")
