@@ -171,7 +171,7 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False, result
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .evaluate import check_run_matches, load_model, read_run, run_tokenizer
-    from .io import write_json, write_text
+    from .io import readable, umask, write_json, write_text
     from .runinfo import quiet_hf
 
     quiet_hf()
@@ -203,13 +203,12 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False, result
         write_json(tmp / "lenx_run.json", info)
         write_text(tmp / "README.md", model_card(run_dir, info, run_results(run_dir, results_dir), name=out.name))
         _check(tmp, model, tok, AutoModelForCausalLM, AutoTokenizer)
-        mask = _umask()
         for f in tmp.rglob("*"):
             if f.is_file():  # temporary files are created 0600: give the directory the usual permissions
-                os.chmod(f, 0o666 & ~mask)
+                readable(f)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~mask)
+        os.chmod(tmp, 0o777 & ~umask())
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
@@ -221,12 +220,6 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False, result
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @torch.no_grad()

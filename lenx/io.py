@@ -31,11 +31,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def readable(*paths: str | os.PathLike) -> None:
     """Give files the usual umask permissions. mkstemp, and safetensors' own save, create them 0600: a shared run
     directory's weights would be readable by their owner alone."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = umask()
     for path in paths:
         os.chmod(path, 0o666 & ~mask)
 
