@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -12,13 +12,13 @@ from typing import Iterator
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`. The file gets the
-    usual umask permissions (mkstemp creates it 0600), so shared caches and run directories stay readable."""
+    """Yield a temporary path beside `path` for the caller to write; on success fsync it and rename it over `path`.
+    The name is unique (process id and 64 random bits) and the caller creates the file, so that an interrupt
+    (Ctrl-C, SIGTERM) anywhere in the write finds the path already named and the file removed by `finally`. The
+    file gets the usual umask permissions, so shared caches and run directories stay readable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
     try:
         yield tmp
         readable(tmp)
@@ -27,8 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def umask() -> int:
@@ -38,7 +37,7 @@ def umask() -> int:
 
 
 def readable(*paths: str | os.PathLike) -> None:
-    """Give files the usual umask permissions. mkstemp, and safetensors' own save, create them 0600: a shared run
+    """Give files the usual umask permissions. safetensors' own save creates its files 0600: a shared run
     directory's weights would be readable by their owner alone."""
     mask = umask()
     for path in paths:
