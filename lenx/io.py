@@ -30,6 +30,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable(directory: Path) -> None:
+    """Create `directory` if needed and write (then remove) a probe file in it: OSError if that cannot be done."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-test.{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+
+
 def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -198,16 +198,6 @@ def print_plan(spec: SweepSpec, jobs: list[Job], device: str) -> None:
                   f"estimated {_fmt_seconds(total)} on {device}")
 
 
-def _check_writable(directory: Path, key: str, config: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise LenxError(f"{config}: cannot write to {key} {directory}: {e.strerror}; set another {key}") from None
-
-
 def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = None) -> Path | None:
     from .distributed import check_device
     from .runinfo import default_device
@@ -221,12 +211,16 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
         return None
 
     from .evaluate import evaluate
-    from .io import write_text
+    from .io import check_writable, write_text
     from .report import SAVED_CONFIG, SAVED_PUBLISHED, report
     from .train import train
 
     for key in ("runs_dir", "results_dir"):  # before any work: the run directories' error would name --out
-        _check_writable(getattr(spec, key), key, spec.path)
+        try:
+            check_writable(getattr(spec, key))
+        except OSError as e:
+            raise LenxError(f"{spec.path}: cannot write to {key} {getattr(spec, key)}: {e.strerror}; set another "
+                            f"{key}") from None
     write_text(spec.results_dir / SAVED_CONFIG, spec.path.read_text())  # `lenx report` on the results reads these
     if spec.published is not None:
         write_text(spec.results_dir / SAVED_PUBLISHED, spec.published.read_text())

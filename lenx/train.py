@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .data import DataSpec, get_tokenizer, load_corpus, load_run_tokenizer, token_stream
 from .errors import LenxError
 from .hf import is_oom
-from .io import atomic_path, readable, write_json
+from .io import atomic_path, check_writable, readable, write_json
 from .progress import progress as make_progress
 from .runinfo import provenance, quiet_hf
 
@@ -265,10 +265,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool, world: int
     if (run_dir / "run.json").exists():
         return check_run_dir(run_dir, cfg, world)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        check_writable(run_dir)
     except OSError as e:
         raise LenxError(f"cannot write to {run_dir}: {e.strerror}; choose another --out") from None
     return "new"

@@ -14,6 +14,10 @@ def lenx(*args) -> int:
     return main([str(a) for a in args])
 
 
+def write_corpus(path: Path) -> None:
+    path.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(3000)))
+
+
 def snapshot(root: Path) -> dict:
     return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
@@ -22,7 +26,7 @@ def snapshot(root: Path) -> dict:
 def tiny_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(3000)))
+    write_corpus(corpus)
     cfg = root / "tiny.yaml"
     cfg.write_text(f"""# a tiny sweep for the tests
 name: tiny
@@ -91,7 +95,7 @@ def test_changed_train_or_eval_settings_are_refused(tmp_path, capsys):
     """A rerun whose train: or eval: section changed refuses, naming the run or cell and the fix; it never reuses
     models or rows made with the old settings (and `lenx eval` into the same --out refuses the same way)."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(3000)))
+    write_corpus(corpus)
     cfg = tmp_path / "s.yaml"
 
     def write(train="", evals=""):
@@ -235,7 +239,7 @@ def test_report_notes_keep_every_distinct_note_with_its_lengths():
 
 def test_dry_run_counts_the_steps_an_interrupted_run_has_left(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(3000)))
+    write_corpus(corpus)
     cfg = tmp_path / "s.yaml"
     cfg.write_text(f"""name: one
 schemes: [rope]
@@ -264,7 +268,7 @@ def test_published_numbers_also_in_a_later_report_of_the_results_alone(tmp_path,
     import sys
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(3000)))
+    write_corpus(corpus)
     (tmp_path / "cfgs" / "pub").mkdir(parents=True)
     (tmp_path / "cfgs" / "pub" / "paper.csv").write_text(
         "pe,train_len,eval_len,ppl,source\nalibi,16,16,12.34,Someone et al. 2099\nalibi,16,32,56.78,\n")
