@@ -124,14 +124,14 @@ def eval_(
 ) -> None:
     """Perplexity of trained runs (or HF models, --model) at 1x, 2x, ... 16x their training length (each with its
     own tokenizer)."""
+    from .config import check_path_given
     from .data import DataSpec
     from .errors import LenxError
     from .evaluate import evaluate
 
     data = None
     for flag, value in (("--dataset", dataset), ("--test-file", test_file)):
-        if value is not None and not value.strip():
-            raise LenxError(f"{flag} is empty; give a corpus name or a file or directory path")
+        check_path_given(flag, value)
     if dataset is not None or test_file is not None:
         if dataset is not None and test_file is not None:
             raise LenxError(f"give either --dataset ({dataset}) or --test-file, not both")

@@ -144,6 +144,13 @@ def _check_scheme_options(cfg: TrainConfig) -> None:
                                      d_model=cfg.d_model, train_len=cfg.train_len))
 
 
+def check_path_given(name: str, value: str | None) -> None:
+    """A dataset or file flag given empty: one line (an empty path would read the current directory, or be
+    ignored)."""
+    if value is not None and not value.strip():
+        raise LenxError(f"{name} is empty; give a corpus name or a file or directory path")
+
+
 def validate(cfg: TrainConfig) -> None:
     from .positional import get_scheme
 
@@ -171,9 +178,8 @@ def validate(cfg: TrainConfig) -> None:
     from .data import check_tokenizer_name
 
     check_tokenizer_name(cfg.tokenizer)
-    for key in ("dataset", *_FILE_KEYS):  # an empty path would read the current directory, or be ignored
-        if getattr(cfg, key) is not None and not getattr(cfg, key).strip():
-            raise LenxError(f"{_name(key)} is empty; give a corpus name or a file or directory path")
+    for key in ("dataset", *_FILE_KEYS):
+        check_path_given(_name(key), getattr(cfg, key))
     if not cfg.text_field.strip():
         raise LenxError("--text-field is empty; name the column that holds the text (default: text)")
     if cfg.dataset == "files" and not (cfg.train_file and cfg.test_file):
