@@ -54,6 +54,10 @@ def check_device(device: str) -> str:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise LenxError(f"unknown device '{device}'; use cpu or cuda[:N]")
+    if dev.type == "cpu":
+        if dev.index:  # torch accepts cpu:N, but every index is the same CPU: refuse rather than pretend
+            raise LenxError(f"--device {device}: the CPU has no device index; use --device cpu")
+        return "cpu"
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

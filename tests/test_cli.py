@@ -168,12 +168,18 @@ def one_line_error(capsys, code, *needles):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
 def test_unusable_device_is_one_line_and_leaves_no_run_directory(capsys, tmp_path):
     for device, needle in (("gpu", "unknown device 'gpu'"), ("tpu", "cpu or cuda[:N]"), ("cuda", "--device cpu"),
-                           ("cuda:1", "--device cpu")):
+                           ("cuda:1", "--device cpu"), ("cpu:1", "no device index; use --device cpu")):
         out = tmp_path / device.replace(":", "_")
         one_line_error(capsys, lenx("train", "--pe", "rope", *TINY, "--device", device, "--out", out), needle)
         assert not out.exists()
     one_line_error(capsys, lenx("eval", "--device", "gpu", "--out", tmp_path / "res"), "unknown device")
     assert not (tmp_path / "res").exists()
+
+
+def test_cpu_device_is_recorded_without_an_index():
+    from lenx.distributed import check_device
+
+    assert check_device("cpu") == check_device("cpu:0") == "cpu"  # one label for every run on the CPU
 
 
 def test_unknown_scheme_lists_known_ones(capsys):
