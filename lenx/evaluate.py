@@ -53,6 +53,7 @@ from .errors import LengthNotSupported, LenxError
 from .io import write_table
 from . import distributed
 from .runinfo import provenance, quiet_hf
+from .schema import NUMERIC, check_numeric
 
 COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "ratio", "protocol", "stride", "rope_scaling", "rope_factor",
@@ -60,8 +61,6 @@ COLUMNS = [
     "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
     "token_budget", "bucket_width", "config_id", "weights_id",  # (added later: appended, so older tables still read)
 ]
-NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "tokens", "windows", "documents", "nll",
-           "ppl", "bpb", "bytes", "seconds", "token_budget", "bucket_width", "bucket_start", "bucket_end"]
 KEY_COLUMNS = ["run", "eval_len", "protocol", "rope_scaling", "rope_factor"]  # in every lenx table, old ones too
 BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
 BY_POSITION_COLUMNS = [
@@ -464,6 +463,7 @@ def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
         if missing:  # another tool's table, or not a table of this kind
             raise LenxError(f"{path} is not a lenx results table (no column {missing[0]}); move it away or use "
                             "another --out")
+        check_numeric(df, path, "move it away or use another --out")
         df = df.reindex(columns=columns)  # tables from older lenx versions: missing columns empty
         old = (df["protocol"] == "nonoverlap") & df["stride"].isna()
         return df.assign(stride=df["stride"].where(~old, df["eval_len"]))

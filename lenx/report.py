@@ -21,6 +21,7 @@ import pandas as pd
 
 from .errors import LenxError
 from .io import write_json, write_text
+from .schema import ID_COLUMNS, check_numeric
 from .plots import apart, base_scheme, finish, new_figure, readable_log_y, styles
 
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard tables); normal beyond.
@@ -36,9 +37,6 @@ def t975(df: int) -> float:
 _OPTIONAL = {"run_dir": None, "lenx_version": "unknown", "device": "unknown", "dataset_fingerprint": "unknown",
              "stride": float("nan"), "tokenizer": "byte", "note": "", "bpb": float("nan"), "config_id": ""}
 
-
-# Hex fingerprints: as text, never parsed as numbers ('012345' would lose its zero; '0e1234' and '0e5678' both be 0.0)
-ID_COLUMNS = ("config_id", "weights_id", "dataset_fingerprint")
 # Columns every lenx results table has had, and the report needs.
 REQUIRED = ["run", "pe", "seed", "train_len", "eval_len", "protocol", "rope_scaling", "rope_factor", "dataset", "ppl"]
 
@@ -58,6 +56,7 @@ def read_results(results_dir: Path) -> pd.DataFrame:
             if missing:
                 raise LenxError(f"{path} is not a lenx results table (no column {missing[0]}); name the directory "
                                 "`lenx eval --out` wrote")
+            check_numeric(df, path, "move it away and rerun `lenx eval`")
             return df.assign(**{k: v for k, v in _OPTIONAL.items() if k not in df})
     raise LenxError(f"no results in {results_dir}/; run `lenx eval` first")
 

@@ -387,6 +387,18 @@ def test_a_foreign_results_table_is_one_line_for_eval_and_report(trained, capsys
         one_line_error(capsys, lenx("report", out), "results.csv is not a lenx results table (no column run)")
 
 
+def test_text_where_a_number_belongs_is_one_line_for_eval_and_report(trained, capsys, tmp_path):
+    out = tmp_path / "res"
+    args = ("eval", trained / "runs" / "alibi", "--lengths", "16", "--tokens", "32", "--out", out)
+    assert lenx(*args) == 0
+    df = pd.read_parquet(out / "results.parquet")
+    df.astype({"ppl": str}).assign(ppl="high").to_parquet(out / "results.parquet")  # an edited table
+    one_line_error(capsys, lenx(*args), "column ppl holds 'high', not a number")
+    one_line_error(capsys, lenx("report", out), "column ppl holds 'high', not a number")
+    df.to_parquet(out / "results.parquet")
+    assert lenx("report", out) == 0
+
+
 def test_results_of_another_text_are_refused(tmp_path, capsys):
     """Two --test-file texts are both dataset 'files': the second is not silently 'already done' with the first's
     numbers; an edited local dataset likewise."""
