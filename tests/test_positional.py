@@ -69,6 +69,22 @@ def test_sinusoidal_matches_vaswani_formula():
             assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / d)), abs=1e-6)
 
 
+def test_sinusoid_layout_is_the_papers_and_the_fairseq_difference_is_stated():
+    """lenx interleaves sin/cos at frequencies 10000^(-2k/d) (Vaswani et al. 3.5). fairseq's table (the ALiBi
+    baseline; tensor2tensor's too) puts all sines first and spaces frequencies as 10000^(-k/(d/2 - 1)): the layout
+    is a permutation of lenx's, the frequencies are not, and `lenx schemes sinusoidal` says so."""
+    d, pos = 16, torch.arange(50, dtype=torch.float64)
+    ours = sinusoid_table(pos, d).double()
+    halves = torch.cat([ours[:, 0::2], ours[:, 1::2]], 1)  # lenx's table in fairseq's layout
+    k = torch.arange(d // 2, dtype=torch.float64)
+    paper = pos[:, None] * 10000 ** (-2 * k / d)
+    fairseq = pos[:, None] * 10000 ** (-k / (d // 2 - 1))
+    torch.testing.assert_close(halves, torch.cat([paper.sin(), paper.cos()], 1), atol=1e-6, rtol=0)
+    assert not torch.allclose(halves, torch.cat([fairseq.sin(), fairseq.cos()], 1), atol=1e-2)
+    details = " ".join(REGISTRY["sinusoidal"].details.split())
+    assert "interleaved" in details and "10000^(-k/(d/2 - 1))" in details and "fairseq" in details
+
+
 @pytest.mark.parametrize("pe", ALL_SCHEMES)
 def test_causality(pe):
     """Changing tokens after position t leaves the logits at positions <= t unchanged."""
