@@ -100,6 +100,22 @@ def test_causality(pe):
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
 
 
+@pytest.mark.parametrize("pe", [p for p in ALL_SCHEMES if p != "learned"])  # learned: no vector past its table
+def test_causality_past_the_training_length(pe):
+    """The same at 10x the training length, where other routes run: FIRE's normaliser past its threshold, Shaw's
+    keys past the clip, T5's last bucket (distances >= 113), the blocked and separable kernels."""
+    model = tiny_model(pe, attn_block_size=32)
+    torch.manual_seed(1)
+    x = torch.randint(0, 60, (1, 160))
+    t = 140
+    y = x.clone()
+    y[:, t + 1 :] = torch.randint(0, 60, (1, 160 - t - 1))
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
 @pytest.mark.parametrize("pe", ALL_SCHEMES)
 def test_learned_flag_matches_parameters(pe):
     model = tiny_model(pe)
