@@ -506,6 +506,11 @@ def test_dynamic_ntk_matches_transformers(head_dim, base, factor, train_len, seq
 
 
 def test_ntk_base_formula():
+    """NTK-aware scaling has no transformers rope type to compare with: its formula, and the text says so."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert not {"ntk", "ntk-aware"} & set(ROPE_INIT_FUNCTIONS)
+    assert "ntk, which transformers lacks" in " ".join(REGISTRY["rope"].details.split())
     d, base, s = 64, 10000.0, 8.0
     inv, _ = rope_frequencies(d, base, "ntk", s, 128)
     new_base = base * s ** (d / (d - 2))
