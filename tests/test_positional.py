@@ -69,6 +69,22 @@ def test_sinusoidal_matches_vaswani_formula():
             assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / d)), abs=1e-6)
 
 
+def test_sinusoid_layout_is_the_papers_and_the_fairseq_difference_is_stated():
+    """lenx interleaves sin/cos at frequencies 10000^(-2k/d) (Vaswani et al. 3.5). fairseq's table (the ALiBi
+    baseline; tensor2tensor's too) puts all sines first and spaces frequencies as 10000^(-k/(d/2 - 1)): the layout
+    is a permutation of lenx's, the frequencies are not, and `lenx schemes sinusoidal` says so."""
+    d, pos = 16, torch.arange(50, dtype=torch.float64)
+    ours = sinusoid_table(pos, d).double()
+    halves = torch.cat([ours[:, 0::2], ours[:, 1::2]], 1)  # lenx's table in fairseq's layout
+    k = torch.arange(d // 2, dtype=torch.float64)
+    paper = pos[:, None] * 10000 ** (-2 * k / d)
+    fairseq = pos[:, None] * 10000 ** (-k / (d // 2 - 1))
+    torch.testing.assert_close(halves, torch.cat([paper.sin(), paper.cos()], 1), atol=1e-6, rtol=0)
+    assert not torch.allclose(halves, torch.cat([fairseq.sin(), fairseq.cos()], 1), atol=1e-2)
+    details = " ".join(REGISTRY["sinusoidal"].details.split())
+    assert "interleaved" in details and "10000^(-k/(d/2 - 1))" in details and "fairseq" in details
+
+
 @pytest.mark.parametrize("pe", ALL_SCHEMES)
 def test_causality(pe):
     """Changing tokens after position t leaves the logits at positions <= t unchanged."""
@@ -78,6 +94,22 @@ def test_causality(pe):
     t = 9
     y = x.clone()
     y[:, t + 1 :] = torch.randint(0, 60, (2, 16 - t - 1))
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+@pytest.mark.parametrize("pe", [p for p in ALL_SCHEMES if p != "learned"])  # learned: no vector past its table
+def test_causality_past_the_training_length(pe):
+    """The same at 10x the training length, where other routes run: FIRE's normaliser past its threshold, Shaw's
+    keys past the clip, T5's last bucket (distances >= 113), the blocked and separable kernels."""
+    model = tiny_model(pe, attn_block_size=32)
+    torch.manual_seed(1)
+    x = torch.randint(0, 60, (1, 160))
+    t = 140
+    y = x.clone()
+    y[:, t + 1 :] = torch.randint(0, 60, (1, 160 - t - 1))
     with torch.no_grad():
         a, b = model(x).logits, model(y).logits
     torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=1e-5)

@@ -17,7 +17,9 @@ class LearnedAbsolute(PositionalScheme):
     details = (
         "A table of train_len learned vectors, one per position, added to the token embeddings.\n"
         "It has nothing to say about positions >= train_len: evaluating there is reported as\n"
-        "'not representable', never clamped."
+        "'not representable', never clamped.\n"
+        "\nInit N(0, 0.02), like the token embeddings: GPT-1's and BERT's (truncated) position tables and\n"
+        "transformers' GPT-2 (OpenAI's released GPT-2 code draws its wpe from N(0, 0.01))."
     )
 
     def __init__(self, config):

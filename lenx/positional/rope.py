@@ -6,7 +6,8 @@ from torch import Tensor
 from . import register
 from .base import PositionalScheme, is_number
 
-# RoPE extensions applied at evaluation time (`lenx eval --rope-scaling`), as transformers implements them.
+# RoPE extensions applied at evaluation time (`lenx eval --rope-scaling`): pi, dynamic-ntk and yarn as transformers
+# implements them ("linear", "dynamic", "yarn"); ntk, which transformers does not have, by its formula below.
 ROPE_SCALINGS = ("none", "pi", "ntk", "dynamic-ntk", "yarn")
 
 
@@ -84,8 +85,10 @@ class RoPE(PositionalScheme):
         "  <R_m q, R_n k> = sum_k Re(q_k e^(i m theta_k) * conj(k_k e^(i n theta_k)))\n"
         "                 = sum_k Re(q_k conj(k_k) e^(i (m - n) theta_k)),\n"
         "a function of q, k and m - n only: R_m^T R_n = R_(n-m), rotations compose by adding angles.\n"
-        "\nAt evaluation, `lenx eval --rope-scaling pi|ntk|dynamic-ntk|yarn` changes the frequencies\n"
-        "exactly as transformers' rope_parameters do (see lenx/positional/rope.py)."
+        "\nAt evaluation, `lenx eval --rope-scaling pi|ntk|dynamic-ntk|yarn` changes the frequencies:\n"
+        "pi, dynamic-ntk and yarn exactly as transformers' rope types linear, dynamic and yarn (with\n"
+        "YaRN's attention factor); ntk, which transformers lacks, as NTK-aware scaling, base * s^(d/(d-2))\n"
+        "(see lenx/positional/rope.py)."
     )
 
     def __init__(self, config):

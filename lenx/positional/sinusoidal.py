@@ -28,7 +28,12 @@ class Sinusoidal(PositionalScheme):
     details = (
         "A fixed vector per position, added to the token embeddings. As in Vaswani et al. (and\n"
         "fairseq), token embeddings are multiplied by sqrt(d_model) first; without that, a\n"
-        "unit-amplitude sinusoid swamps GPT-style embeddings (std 0.02)."
+        "unit-amplitude sinusoid swamps GPT-style embeddings (std 0.02).\n"
+        "\nThe table is the paper's (section 3.5): sin and cos interleaved (dimensions 2k, 2k+1),\n"
+        "frequencies 10000^(-2k/d), positions from 0. fairseq's SinusoidalPositionalEmbedding (the\n"
+        "ALiBi paper's baseline) and tensor2tensor differ slightly, as fairseq's docstring says: all\n"
+        "sines, then all cosines (a fixed permutation of the dimensions, which learned projections\n"
+        "absorb), frequencies 10000^(-k/(d/2 - 1)), and fairseq counts positions from padding_idx + 1."
     )
 
     def check_options(self) -> None:
