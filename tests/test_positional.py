@@ -85,31 +85,20 @@ def test_sinusoid_layout_is_the_papers_and_the_fairseq_difference_is_stated():
     assert "interleaved" in details and "10000^(-k/(d/2 - 1))" in details and "fairseq" in details
 
 
-@pytest.mark.parametrize("pe", ALL_SCHEMES)
-def test_causality(pe):
+# (batch, length, t): within the training length (16), and at 10x it, where other routes run: FIRE's normaliser past
+# its threshold, Shaw's keys past the clip, T5's last bucket (distances >= 113), the blocked and separable kernels
+CAUSALITY_CASES = [(pe, 2, 16, 9) for pe in ALL_SCHEMES] + [
+    (pe, 1, 160, 140) for pe in ALL_SCHEMES if pe != "learned"]  # learned: no vector past its table
+
+
+@pytest.mark.parametrize("pe,batch,T,t", CAUSALITY_CASES)
+def test_causality(pe, batch, T, t):
     """Changing tokens after position t leaves the logits at positions <= t unchanged."""
-    model = tiny_model(pe)
-    torch.manual_seed(1)
-    x = torch.randint(0, 60, (2, 16))
-    t = 9
-    y = x.clone()
-    y[:, t + 1 :] = torch.randint(0, 60, (2, 16 - t - 1))
-    with torch.no_grad():
-        a, b = model(x).logits, model(y).logits
-    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
-
-
-@pytest.mark.parametrize("pe", [p for p in ALL_SCHEMES if p != "learned"])  # learned: no vector past its table
-def test_causality_past_the_training_length(pe):
-    """The same at 10x the training length, where other routes run: FIRE's normaliser past its threshold, Shaw's
-    keys past the clip, T5's last bucket (distances >= 113), the blocked and separable kernels."""
     model = tiny_model(pe, attn_block_size=32)
     torch.manual_seed(1)
-    x = torch.randint(0, 60, (1, 160))
-    t = 140
+    x = torch.randint(0, 60, (batch, T))
     y = x.clone()
-    y[:, t + 1 :] = torch.randint(0, 60, (1, 160 - t - 1))
+    y[:, t + 1 :] = torch.randint(0, 60, (batch, T - t - 1))
     with torch.no_grad():
         a, b = model(x).logits, model(y).logits
     torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=1e-5)
