@@ -142,3 +142,20 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_resume_message(tmp_path, 
     rerun = run([*TORCHRUN, *args], tmp_path)
     assert f"from its checkpoint at step {step} of 40" in rerun.stderr, rerun.stderr[-3000:]
 
+
+def test_eval_cells_are_rank_0s_to_decide(tmp_path, text_dataset):
+    """Rank 1 sees --out empty (a disk of its own) while rank 0 holds finished cells: the ranks still work through
+    rank 0's list of cells, each once, and the table equals a one-process evaluation's."""
+    run_dir = tmp_path / "run"
+    run(lenx1("train", "--pe", "alibi", *SMALL, "--steps", "3", "--batch-size", "4", "--dataset", text_dataset,
+              "--out", run_dir), tmp_path)
+    args = ["eval", run_dir, "--tokens", "128", "--protocol", "nonoverlap,sliding", "--stride", "8"]
+    run(lenx1(*args, "--lengths", "16", "--out", tmp_path / "r2"), tmp_path)  # two cells finished
+    run(lenx1(*args, "--lengths", "16,32", "--out", tmp_path / "r1"), tmp_path)
+    run([*FAULTY, *args, "--lengths", "16,32", "--out", tmp_path / "r2"], tmp_path, timeout=120,
+        LENX_TEST_FAULT="empty-out")
+    key = ["eval_len", "protocol", "stride"]
+    a, b = (pd.read_parquet(tmp_path / out / "results.parquet").drop(columns=["seconds", "timestamp"])
+            .sort_values(key).reset_index(drop=True) for out in ("r1", "r2"))
+    assert len(b) == 4 and not b.duplicated(key).any()
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6, rtol=1e-6)
