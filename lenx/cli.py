@@ -240,33 +240,73 @@ def schemes(name: Optional[str] = typer.Argument(None, help="Show one scheme in 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line and exit code 2; internal errors keep their traceback."""
+    """Entry point: user errors become one line and exit code 2; internal errors keep their traceback. Under
+    torchrun, the first process to stop reports why; the others stop with it, without a word of their own."""
     from .errors import LenxError
 
     args = sys.argv[1:] if argv is None else list(argv)
-    restore = _terminate_as_interrupt()
+    restore, disarm = _terminate_as_interrupt()
     try:
         result = app(args=args or ["--help"], prog_name="lenx", standalone_mode=False)
-    except LenxError as e:
-        print(f"lenx: error: {_one_line(str(e))}", file=sys.stderr)
-        return e.exit_code
-    except typer.Exit as e:
-        return e.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        _interrupted()
-        return 130
-    except _Terminated:
-        _interrupted("terminated")
-        return 143
-    except typer.TyperException as e:  # usage errors: unknown option, bad value, missing argument
-        message = e.format_message() if hasattr(e, "format_message") else str(e)
-        print(f"lenx: error: {_one_line(' '.join(message.split()))}", file=sys.stderr)
-        return 2
+    except BaseException as e:
+        disarm()  # a SIGTERM now (torchrun stopping this process) must not interrupt the report
+        if isinstance(e, LenxError):
+            return _report(f"lenx: error: {_one_line(str(e))}", e.exit_code, "failed")
+        if isinstance(e, typer.Exit):
+            return _report(None, e.exit_code, "failed" if e.exit_code else "")
+        if isinstance(e, (typer.Abort, KeyboardInterrupt)):
+            return _report(_interrupted(), 130, "interrupted")
+        if isinstance(e, _Terminated):
+            return _report(_interrupted("terminated"), 143, "interrupted")
+        if isinstance(e, typer.TyperException):  # usage errors: unknown option, bad value, missing argument
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            return _report(f"lenx: error: {_one_line(' '.join(message.split()))}", 2, "failed")
+        if isinstance(e, Exception) and _report(None, 1, "failed", internal=True) is not None:
+            return 1  # the error of a process that lost its peers: the first process to stop said why
+        raise
     finally:
         restore()
     if result == 130:  # typer turns Ctrl-C into Exit(130), which standalone_mode=False returns
-        _interrupted()
+        return _report(_interrupted(), 130, "interrupted")
+    if _distributed():
+        from . import distributed
+
+        distributed.close()
     return result if isinstance(result, int) else 0
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _report(line: str | None, code: int, how: str, internal: bool = False) -> int | None:
+    """Print `line` (if any) and return `code`. Under torchrun, a process that stops (`how`: "failed" or
+    "interrupted") first tells the others and aborts the process group (`distributed.stop`), so that none waits
+    for it; the first process to stop prints its line, the others nothing, except rank 0, which says that another
+    process failed (its error is above) or was interrupted. `internal`: an unexpected error; None (its traceback
+    follows) unless another process stopped first, whose going is then the cause."""
+    first = None
+    if how and _distributed():
+        from . import distributed
+
+        first = distributed.stop(how, (line or "") if how == "failed" else "")
+    me = int(os.environ.get("RANK", "0"))
+    if first is not None and first[0] != me:  # another process stopped first
+        rank, first_how, first_line = first
+        if me != 0 or (line == first_line and not internal):
+            line = None  # said once, by that process
+        elif first_how == "failed":
+            line = (f"lenx: stopped: process {rank} of {os.environ['WORLD_SIZE']} failed (its error is above); "
+                    "finished work is saved, rerun the same command to resume")
+        elif internal or line is None:
+            line = _interrupted()
+    elif internal:
+        return None
+    elif me != 0 and how == "interrupted":
+        line = None  # every process is interrupted; rank 0 says so
+    if line is not None:
+        print(line, file=sys.stderr)
+    return code
 
 
 class _Terminated(BaseException):
@@ -277,22 +317,29 @@ class _Terminated(BaseException):
 def _terminate_as_interrupt():
     """SIGTERM (`kill`, a scheduler's preemption, torchrun stopping its workers) ends lenx as Ctrl-C does: the
     atomic writes in progress remove their temporary files, and the message says how to resume. Returns what
-    puts the previous handler back (the main thread only can set one; elsewhere nothing changes)."""
+    puts the previous handler back (the main thread only can set one; elsewhere nothing changes), and what makes
+    any later SIGTERM do nothing (once lenx is reporting how it stopped; it exits right after)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        return (lambda: None), (lambda: None)
+    armed = [True]
 
     def terminate(signum, frame):
-        raise _Terminated
+        if armed[0]:
+            armed[0] = False  # one SIGTERM: the cleanup it starts is not itself interrupted
+            raise _Terminated
+
+    def disarm():
+        armed[0] = False
 
     previous = signal.signal(signal.SIGTERM, terminate)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    return (lambda: signal.signal(signal.SIGTERM, previous)), disarm
 
 
-def _interrupted(how: str = "interrupted") -> None:
-    print(f"lenx: {how}; finished work is saved, rerun the same command to resume", file=sys.stderr)
+def _interrupted(how: str = "interrupted") -> str:
+    return f"lenx: {how}; finished work is saved, rerun the same command to resume"
 
 
 def _one_line(message: str) -> str:

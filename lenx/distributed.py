@@ -1,5 +1,9 @@
 """torch.distributed under torchrun: NCCL on CUDA, gloo on CPU. Without torchrun's environment,
-a single process with rank 0 of 1 and no process group."""
+a single process with rank 0 of 1 and no process group.
+
+A process that stops (an error, Ctrl-C, SIGTERM) says so in the process group's store and aborts its process
+group, so that no other process waits for it in a collective: they stop at once too, and `lenx.cli.main` reports
+only the first process's error."""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+_store = None  # lenx's keys in the process group's store, once init has joined one
 
 
 @dataclass(frozen=True)
@@ -31,8 +38,12 @@ def init() -> Context:
     if world <= 1:
         return Context()
     if not dist.is_initialized():
+        global _store
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        store, rank, world = next(dist.rendezvous("env://"))  # what init_process_group does, keeping the store
+        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world)
+        # one namespace per attempt: torchrun --max-restarts keeps its store across restarts
+        _store = dist.PrefixStore(f"lenx/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -103,3 +114,30 @@ def mean(ctx: Context, value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= ctx.world
     return value
+
+
+
+def stop(how: str, message: str = "") -> tuple[int, str, str] | None:
+    """This process is stopping (`how`: "failed" or "interrupted", with its error `message`). The first process of
+    the job to stop records (rank, how, message) in the store; then the process group is aborted, so that a
+    collective waiting for this process ends at once. Returns the record of the first process to stop (this one's
+    own, or another's), or None outside a process group."""
+    if _store is None or not dist.is_initialized():
+        return None
+    try:
+        first = _store.compare_set("stopped", "", f"{dist.get_rank()} {how} {message}").decode()
+        rank, how, message = first.split(" ", 2)
+        first = int(rank), how, message
+    except Exception:  # the store went away (torchrun's agent is stopping): nothing to tell or learn
+        first = None
+    try:
+        dist.distributed_c10d._abort_process_group()  # the process group's own teardown, which waits for no one
+    except Exception:
+        pass
+    return first
+
+
+def close() -> None:
+    """The command finished on this process: leave the process group as torch asks (every rank gets here)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

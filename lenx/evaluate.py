@@ -717,25 +717,37 @@ def evaluate(
     except OSError as e:
         raise LenxError(f"cannot create output directory {out}: {e.strerror}; choose another --out") from None
     table = load_results(out)
-    by_pos = load_by_position(out)
-    have_buckets = {_key(r) for _, r in by_pos.iterrows()}
-    # a cell is finished when its row is in results (written last) and its buckets are there too; a cell that
-    # ran out of memory is tried again
-    from .hf import OOM_NOTE
 
-    finished = {_key(r): r for _, r in table.iterrows()
-                if (_key(r) in have_buckets or not (r["tokens"] > 0)) and not str(r["note"]).startswith(OOM_NOTE)}
+    def unfinished() -> list[tuple[int, int]]:
+        """(subject, cell) indices into `plan` of the cells still to do, each finished one checked against this
+        command. Under torchrun rank 0 alone decides, from the tables it writes: another rank's view of --out (a
+        node-local disk, a concurrent writer) would give it another list, and the ranks would take turns at
+        different cells."""
+        by_pos = load_by_position(out)
+        have_buckets = {_key(r) for _, r in by_pos.iterrows()}
+        # a cell is finished when its row is in results (written last) and its buckets are there too; a cell
+        # that ran out of memory is tried again
+        from .hf import OOM_NOTE
+
+        finished = {_key(r): r for _, r in table.iterrows()
+                    if (_key(r) in have_buckets or not (r["tokens"] > 0)) and not str(r["note"]).startswith(OOM_NOTE)}
+        ids = []
+        for i, (subj, lens, width, cells) in enumerate(plan):
+            spec = DataSpec.of(dataset if dataset is not None else subj.default_data)
+            for j, c in enumerate({**c, "dataset": spec.dataset} for c in cells):
+                if _key(c) in finished:
+                    check_settings(finished[_key(c)], c, f"use another --out than {out}")
+                    check_weights(finished[_key(c)], subj, f"use another --out than {out}")
+                    check_text(finished[_key(c)], spec, f"use another --out than {out}")
+                else:
+                    ids.append((i, j))
+        return ids
 
     todo = []  # the unfinished cells, in order: (subject, lens, width, data spec, cell key)
-    for subj, lens, width, cells in plan:
+    for i, j in distributed.from_main(ctx, unfinished):
+        subj, lens, width, cells = plan[i]
         spec = DataSpec.of(dataset if dataset is not None else subj.default_data)
-        for c in ({**c, "dataset": spec.dataset} for c in cells):
-            if _key(c) in finished:
-                check_settings(finished[_key(c)], c, f"use another --out than {out}")
-                check_weights(finished[_key(c)], subj, f"use another --out than {out}")
-                check_text(finished[_key(c)], spec, f"use another --out than {out}")
-            else:
-                todo.append((subj, lens, width, spec, c))
+        todo.append((subj, lens, width, spec, {**cells[j], "dataset": spec.dataset}))
     current: dict = {}  # the test data of the subject being evaluated (the subject holds its model)
 
     def compute(item) -> tuple[dict, list[dict]]:
@@ -802,7 +814,6 @@ def evaluate(
                     # buckets first, the results row last: the row marks the cell finished
                     append_rows(out / "results_by_position", [{**ident, **b} for b in buckets], row, BY_POSITION_COLUMNS)
                     table = append_rows(out / "results", [row], row, COLUMNS)
-                finished[_key(row)] = row
                 bar.advance(task)
                 if on_cell:
                     on_cell(item[-1])

@@ -140,18 +140,25 @@ def set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
 
 
 def save_checkpoint(run_dir: Path, model, opt, step: int, log: list[dict]) -> None:
+    """A checkpoint is written into a temporary directory, named before it exists (an interrupt anywhere removes
+    it), and renamed once complete: a directory named checkpoint-* is always a whole one."""
     ckpt = run_dir / f"checkpoint-{step:07d}"
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    ckpt.mkdir(parents=True)
-    save_model(model, str(ckpt / "model.safetensors"))
-    readable(ckpt / "model.safetensors")
-    with atomic_path(ckpt / "optimizer.pt") as tmp:
-        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
-    write_json(
-        ckpt / "state.json",
-        {"step": step, "python_rng": _py_rng_to_json(random.getstate()), "numpy_rng": _np_rng_to_json()},
-    )
+    tmp = run_dir / f".{ckpt.name}.{os.getpid()}.tmp"
+    try:
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        readable(tmp / "model.safetensors")
+        with atomic_path(tmp / "optimizer.pt") as path:
+            torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, path)
+        write_json(
+            tmp / "state.json",
+            {"step": step, "python_rng": _py_rng_to_json(random.getstate()), "numpy_rng": _np_rng_to_json()},
+        )
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        os.replace(tmp, ckpt)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     _write_log(run_dir, log)
     write_json(run_dir / "latest.json", {"step": step, "checkpoint": ckpt.name})
     for old in run_dir.glob("checkpoint-*"):

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,10 +20,20 @@ SMALL = ["--train-len", "16", "--layers", "1", "--d-model", "32", "--heads", "2"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run(cmd, cwd, timeout=300):
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+FAULTY = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+          Path(__file__).with_name("one_rank_fault.py")]  # lenx with a fault on rank 1 (LENX_TEST_FAULT)
+
+
+def run(cmd, cwd, timeout=300, check=True, **env):
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env={**ENV, **env}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
     return proc
+
+
+def rank_tracebacks(stderr: str) -> list[str]:
+    """Tracebacks printed by the workers (torch prefixes their lines with [rankN]:), not torchrun's own."""
+    return [line for line in stderr.splitlines() if line.startswith("[rank") and "Traceback" in line]
 
 
 def lenx1(*args):
@@ -84,3 +95,67 @@ def test_two_rank_eval_equals_one_rank_eval(tmp_path, text_dataset):
         assert len(a) == len(b) and not b.duplicated(sort).any()
         pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6, rtol=1e-6)
     assert len(pd.read_csv(tmp_path / "r2" / "results.csv")) == 6
+
+
+def test_one_rank_out_of_memory_stops_every_rank_with_its_one_line_error(tmp_path, text_dataset):
+    """Rank 1 alone runs out of memory at step 4: it prints lenx's line; rank 0, waiting in DDP's all-reduce, stops
+    at once (no traceback of the lost connection), naming the process that failed; the checkpoint stays, and the
+    same command without the fault resumes from it."""
+    out = tmp_path / "run"
+    args = ["train", "--pe", "alibi", *SMALL, "--steps", "8", "--save-every", "2", "--batch-size", "4",
+            "--dataset", text_dataset, "--out", out]
+    proc = run([*FAULTY, *args], tmp_path, timeout=120, check=False, LENX_TEST_FAULT="oom:5")
+    err = proc.stderr
+    assert proc.returncode != 0
+    assert err.count("lenx: error: out of memory at step 4") == 1, err[-3000:]
+    assert err.count("lenx: stopped: process 1 of 2 failed (its error is above)") == 1, err[-3000:]
+    assert not rank_tracebacks(err), err[-3000:]
+    assert json.loads((out / "latest.json").read_text())["step"] == 4
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    rerun = run([*TORCHRUN, *args], tmp_path)
+    assert "resuming" in rerun.stderr and "at step 4 of 8" in rerun.stderr, rerun.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+
+
+def test_sigterm_to_torchrun_stops_every_rank_with_one_resume_message(tmp_path, text_dataset):
+    """A scheduler's `kill` of the launcher: torchrun passes SIGTERM to its workers; rank 0 alone says how to
+    resume, no worker prints a traceback or leaves a temporary file, and the rerun resumes."""
+    out = tmp_path / "run"
+    args = ["train", "--pe", "alibi", *SMALL, "--steps", "40", "--save-every", "1", "--batch-size", "4",
+            "--dataset", text_dataset, "--out", out]
+    proc = subprocess.Popen([str(c) for c in [*TORCHRUN, *args]], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "latest.json").exists() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert err.count("lenx: terminated; finished work is saved, rerun the same command to resume") == 1, err[-3000:]
+    assert not rank_tracebacks(err), err[-3000:]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    step = json.loads((out / "latest.json").read_text())["step"]
+    rerun = run([*TORCHRUN, *args], tmp_path)
+    assert f"from its checkpoint at step {step} of 40" in rerun.stderr, rerun.stderr[-3000:]
+
+
+def test_eval_cells_are_rank_0s_to_decide(tmp_path, text_dataset):
+    """Rank 1 sees --out empty (a disk of its own) while rank 0 holds finished cells: the ranks still work through
+    rank 0's list of cells, each once, and the table equals a one-process evaluation's."""
+    run_dir = tmp_path / "run"
+    run(lenx1("train", "--pe", "alibi", *SMALL, "--steps", "3", "--batch-size", "4", "--dataset", text_dataset,
+              "--out", run_dir), tmp_path)
+    args = ["eval", run_dir, "--tokens", "128", "--protocol", "nonoverlap,sliding", "--stride", "8"]
+    run(lenx1(*args, "--lengths", "16", "--out", tmp_path / "r2"), tmp_path)  # two cells finished
+    run(lenx1(*args, "--lengths", "16,32", "--out", tmp_path / "r1"), tmp_path)
+    run([*FAULTY, *args, "--lengths", "16,32", "--out", tmp_path / "r2"], tmp_path, timeout=120,
+        LENX_TEST_FAULT="empty-out")
+    key = ["eval_len", "protocol", "stride"]
+    a, b = (pd.read_parquet(tmp_path / out / "results.parquet").drop(columns=["seconds", "timestamp"])
+            .sort_values(key).reset_index(drop=True) for out in ("r1", "r2"))
+    assert len(b) == 4 and not b.duplicated(key).any()
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6, rtol=1e-6)

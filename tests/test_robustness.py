@@ -377,3 +377,24 @@ def test_random_eval_flags_exit_0_or_2(data, small_run, tmp_path, capsys):
         args += ["--max-len", data.draw(st.one_of(st.integers(-2, 64), st.just(10**9)))]
     args += ["--tokens", data.draw(st.one_of(st.integers(-2, 64), texts))]
     exits_cleanly(capsys, lenx(*args))
+
+
+def test_an_interrupt_while_a_checkpoint_is_written_leaves_no_partial_checkpoint(tmp_path, text_dataset,
+                                                                                monkeypatch):
+    """Ctrl-C between a checkpoint's files (here: as its state.json is written): the directory of the unfinished
+    checkpoint is gone, the previous checkpoint is the latest, and no temporary file is left."""
+    from lenx import train
+
+    write_json = train.write_json
+
+    def interrupted_at_step_4(path, obj):
+        if Path(path).name == "state.json" and obj["step"] == 4:
+            raise KeyboardInterrupt
+        write_json(path, obj)
+
+    monkeypatch.setattr(train, "write_json", interrupted_at_step_4)
+    out = tmp_path / "run"
+    assert lenx("train", "--pe", "alibi", *SMALL, "--steps", "6", "--save-every", "2", "--dataset", text_dataset,
+                "--out", out) == 130
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-0000002"]
+    assert json.loads((out / "latest.json").read_text())["step"] == 2
