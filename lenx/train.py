@@ -315,6 +315,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     created = run_dir if overwrite and run_dir.exists() else next(
         (q for q in [*reversed(run_dir.absolute().parents), run_dir.absolute()] if not q.exists()), None)
     state = distributed.from_main(ctx, lambda: prepare_run_dir(run_dir, cfg, overwrite, ctx.world))
+    if ctx.main and run_dir.is_dir():
+        _drop_partial_saves(run_dir)
     if state == "done":
         if ctx.main:
             from rich.console import Console
@@ -448,6 +450,13 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     write_json(run_dir / "run.json", run_info)
     _drop_checkpoints(run_dir)
     return run_dir
+
+
+def _drop_partial_saves(run_dir: Path) -> None:
+    """Checkpoints whose save was killed outright (SIGKILL, power loss: no cleanup ran); never read, as only a
+    complete one is renamed to checkpoint-*."""
+    for tmp in run_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _drop_checkpoints(run_dir: Path) -> None:

@@ -398,3 +398,30 @@ def test_an_interrupt_while_a_checkpoint_is_written_leaves_no_partial_checkpoint
                 "--out", out) == 130
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-0000002"]
     assert json.loads((out / "latest.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_save_killed_outright_leaves_nothing_after_the_next_start(tmp_path, text_dataset, monkeypatch, finished):
+    """SIGKILL mid-save runs no cleanup and leaves the save's temporary directory: the next `lenx train` of the run
+    (resuming it from its last complete checkpoint, or finding it finished) removes it."""
+    from lenx import train
+
+    out = tmp_path / "run"
+    args = ("train", "--pe", "alibi", *SMALL, "--steps", "6", "--save-every", "2", "--dataset", text_dataset,
+            "--out", out)
+    if not finished:  # stopped after step 2's checkpoint
+        def interrupted_at_step_4(path, obj):
+            if Path(path).name == "state.json" and obj["step"] == 4:
+                raise KeyboardInterrupt
+            write_json(path, obj)
+
+        write_json = train.write_json
+        monkeypatch.setattr(train, "write_json", interrupted_at_step_4)
+    assert lenx(*args) == (0 if finished else 130)
+    monkeypatch.undo()
+    killed = out / ".checkpoint-0000004.999999.tmp"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half a file")
+    assert lenx(*args) == 0
+    assert not killed.exists() and json.loads((out / "run.json").read_text())["status"] == "done"
+    assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]
