@@ -298,6 +298,19 @@ def _training_data(cfg: TrainConfig, run_dir: Path, state: str, progress: bool):
     return corpus, tok, stream
 
 
+def _check_same_text(ctx, corpus_fingerprint: str, tokenizer_fingerprint: str) -> None:
+    """Under torchrun every process reads its data from its own node: refuse a job whose processes would train on
+    different text (a node's copy of the dataset differs) or tokenizers, rather than train on a mixture."""
+    from . import distributed
+
+    seen = distributed.gather(ctx, (corpus_fingerprint, tokenizer_fingerprint))
+    for rank, (text, tok) in enumerate(seen):
+        if (text, tok) != seen[0]:
+            what = f"text (dataset fingerprint {text}, not {seen[0][0]})" if text != seen[0][0] else "tokenizer"
+            raise LenxError(f"process {rank} of {ctx.world} reads another training {what} than process 0; give every "
+                            "node the same copy of the dataset")
+
+
 def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = False, device: str | None = None,
           progress: bool = True, bar=None) -> Path:
     """Train (or resume, or skip if finished) one run. `bar`: a rich Progress to draw into (e.g. a sweep's)."""
@@ -327,6 +340,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
 
     try:
         corpus, tok, stream = _training_data(cfg, run_dir, state, progress)
+        _check_same_text(ctx, corpus.fingerprint, tok.info()["fingerprint"])
     except LenxError:
         if state == "new" and created is not None and ctx.main:  # a bad dataset or tokenizer leaves no directory
             shutil.rmtree(created, ignore_errors=True)

@@ -159,3 +159,19 @@ def test_eval_cells_are_rank_0s_to_decide(tmp_path, text_dataset):
             .sort_values(key).reset_index(drop=True) for out in ("r1", "r2"))
     assert len(b) == 4 and not b.duplicated(key).any()
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6, rtol=1e-6)
+
+
+def test_processes_reading_different_text_are_refused(tmp_path, text_dataset):
+    """One node's copy of the dataset differs: the job stops before training with one line naming the process,
+    instead of training on a mixture of texts."""
+    other = tmp_path / "other"
+    shutil.copytree(text_dataset, other)
+    (other / "doc00.txt").write_text("a different first document " * 20)
+    out = tmp_path / "run"
+    args = ["train", "--pe", "alibi", *SMALL, "--steps", "4", "--batch-size", "4", "--dataset", text_dataset,
+            "--out", out]
+    proc = run([*FAULTY, *args], tmp_path, timeout=120, check=False, LENX_TEST_FAULT=f"text:{other}")
+    assert proc.returncode != 0
+    assert proc.stderr.count("process 1 of 2 reads another training text") == 1, proc.stderr[-3000:]
+    assert not rank_tracebacks(proc.stderr) and not out.exists(), proc.stderr[-3000:]
+
