@@ -315,3 +315,48 @@ def test_unwritable_sweep_directories_are_one_line_naming_the_key(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"cannot write to {key} {blocker / 'sub'}" in err, err
     assert f"set another {key}" in err, err
+
+
+def test_plan_estimates_use_the_runs_precision_vocabulary_and_accumulation(tmp_path, monkeypatch, capsys):
+    """A run's estimated training time is its tokens x FLOPs per token (with its tokenizer's output layer) over
+    the matmul peak of the precision it trains in (bf16 on CUDA under auto): a GPU config estimated against the
+    fp32 peak with a 257-token vocabulary came out many times too long for bf16 and too short for GPT-2's head."""
+    import torch
+
+    from lenx import perf
+    from lenx.perf import train_flops_per_token
+    from lenx.sweep import ASSUMED_VOCAB, load_sweep, plan
+
+    peaks = {torch.float32: 1e9, torch.bfloat16: 8e9}
+    monkeypatch.setattr(perf, "matmul_peak", lambda device, dtype=torch.float32: peaks[dtype])
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus)
+
+    def train_seconds(train: str, name: str) -> float:
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(f"""name: {name}
+schemes: [alibi]
+train: {{dataset: {corpus}, steps: 10, train_len: 16, batch_size: 4, layers: 1, d_model: 32, heads: 2, {train}}}
+eval: {{max_len: 32, tokens: 64}}
+runs_dir: {tmp_path / name / 'runs'}
+results_dir: {tmp_path / name / 'results'}
+""")
+        job = next(j for j in plan(load_sweep(cfg), "cpu") if j.kind == "train")
+        return job.seconds
+
+    def expected(vocab: int, peak: float, accum: int = 1) -> float:
+        return 10 * 4 * accum * 16 * train_flops_per_token(32, 1, 512, vocab, 16) / (peak * 0.5)
+
+    assert train_seconds("precision: fp32", "fp32") == pytest.approx(expected(257, 1e9))
+    assert train_seconds("precision: bf16", "bf16") == pytest.approx(expected(257, 8e9))
+    assert train_seconds("precision: fp32, grad_accum: 3", "accum") == pytest.approx(expected(257, 1e9, 3))
+    assert train_seconds("precision: fp32, tokenizer: 'bpe:1000'", "bpe") == pytest.approx(expected(1000, 1e9))
+
+    # a transformers tokenizer not at hand offline: GPT-2's vocabulary assumed, and the plan says so
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = str(tmp_path / "no-such-tokenizer")
+    assert train_seconds(f"precision: fp32, tokenizer: {missing}", "hf") == pytest.approx(expected(ASSUMED_VOCAB, 1e9))
+    capsys.readouterr()
+    assert lenx("sweep", "--config", tmp_path / "hf.yaml", "--dry-run") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"note: tokenizer {missing} is in no run directory" in out and "50,257" in out, out
