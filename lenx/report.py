@@ -414,22 +414,61 @@ def saved_sweep(results_dir: Path) -> SavedSweep | None:
     return SavedSweep(path, str(raw.get("name", results_dir.name)), published, raw)
 
 
-def published_table(summary: pd.DataFrame, published: Path) -> str | None:
-    """'lenx / paper' per cell where the sweep reproduces a paper's table (matched by scheme and eval_len)."""
+def published_table(summary: pd.DataFrame, published: Path, df: pd.DataFrame | None = None) -> str | None:
+    """The paper's numbers beside ours, matched by scheme, training length and evaluation length (non-overlapping
+    windows): 'lenx / paper' perplexity, then each side's ratio to its training length. What each side measured
+    (the paper's `source`; our corpus, split, tokenizer) is said above the tables: perplexities of other
+    tokenizations, splits or corpora are not comparable in value, their shapes are. A `note` column, where the
+    file has one, stands in for a value the paper does not give (e.g. OOM)."""
     pub = pd.read_csv(published)
-    ours = summary[summary["protocol"] == "nonoverlap"].set_index(["scheme", "eval_len"])["ppl"]
-    lengths = sorted(pub["eval_len"].unique())
-    lines = [f"Published: {pub['source'].iloc[0]}", "",
-             "| scheme | " + " | ".join(str(L) for L in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
-    for pe, g in pub.groupby("pe", sort=False):
-        paper = g.set_index("eval_len")["ppl"]
-        cells = []
-        for L in lengths:
-            mine = ours.get((pe, L), float("nan"))
-            theirs = paper.get(L, float("nan"))
-            cells.append(f"{_fmt(mine)} / {_fmt(theirs)}")
-        lines.append(f"| {pe} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", "Each cell: lenx / paper perplexity ('—': not measured, or OOM in the paper)."])
+    pub = pub.assign(note=_text(pub["note"], "") if "note" in pub else "")
+    ours = summary[summary["protocol"] == "nonoverlap"]
+    ppl = ours.set_index(["scheme", "train_len", "eval_len"])["ppl"]
+    rel = ours.set_index(["scheme", "train_len", "eval_len"])["rel_1x"]
+    source = next((str(x) for x in pub["source"] if pd.notna(x) and str(x).strip()), "") if "source" in pub else ""
+    lines = [f"Paper: {source or published.name}."]
+    if df is not None:
+        rows = df[_text(df["protocol"], "nonoverlap") == "nonoverlap"]
+        lines[-1] += (f" Ours: lenx, the test split of {', '.join(sorted(rows['dataset'].astype(str).unique()))}, "
+                      f"perplexity per token of tokenizer {', '.join(tokenizers(rows))}, non-overlapping windows."
+                      + tokens_text(rows))
+    lines += ["", "Perplexities measured on other tokens (words vs subwords or bytes), splits or corpora differ in value "
+              "for reasons other than position: compare the shapes, each scheme's ratio to its training length "
+              "(the second table), more than the values."]
+    matched = 0
+    for train_len, part in pub.groupby("train_len", sort=True):
+        train_len = int(train_len)
+        lengths = sorted(int(L) for L in part["eval_len"].unique())
+        head = ["| scheme | " + " | ".join(f"{L} ({L / train_len:.3g}×)" for L in lengths) + " |",
+                "|---" * (len(lengths) + 1) + "|"]
+        values, ratios = list(head), list(head)
+        for pe, g in part.groupby("pe", sort=False):
+            paper = g.assign(eval_len=g["eval_len"].astype(int)).set_index("eval_len")
+            base = paper["ppl"].get(train_len, float("nan"))
+            cells, rel_cells = [], []
+            for L in lengths:
+                mine = ppl.get((pe, train_len, L), float("nan"))
+                matched += pd.notna(mine)
+                theirs = paper["ppl"].get(L, float("nan"))
+                missing = (paper["note"].get(L, "") or "—") if L in paper.index else "—"
+                cells.append(f"{_fmt(mine)} / {missing if pd.isna(theirs) else _fmt(theirs)}")
+                theirs_rel = theirs / base if pd.notna(theirs) and pd.notna(base) else float("nan")
+                rel_cells.append(f"{_fmt(rel.get((pe, train_len, L), float('nan')))} / "
+                                 f"{missing if pd.isna(theirs) else _fmt(theirs_rel)}")
+            values.append(f"| {pe} | " + " | ".join(cells) + " |")
+            ratios.append(f"| {pe} | " + " | ".join(rel_cells) + " |")
+        lines += ["", f"Trained on {train_len} tokens: perplexity, lenx / paper.", ""] + values
+        lines += ["", f"Relative to {train_len} (perplexity / perplexity at the training length), lenx / paper.",
+                  ""] + ratios
+    lines += ["", "'—': no value (lenx: not evaluated at that length or training length; the paper: not reported)."
+              + (" Other text in a paper cell is the paper's note where it gives no number (OOM: out of memory)."
+                 if (pub["note"] != "").any() else "")]
+    if not matched:
+        ours_lens = sorted(ours["eval_len"].unique())
+        lines += ["", "No lenx result matches the paper's schemes, training length and evaluation lengths: ours are "
+                  f"trained on {', '.join(map(str, sorted(ours['train_len'].unique())))} and evaluated at "
+                  f"{', '.join(map(str, ours_lens))} (schemes {', '.join(dict.fromkeys(ours['scheme']))})."]
+    return "\n".join(lines)
 
 
 def provenance(df: pd.DataFrame) -> dict:
@@ -528,7 +567,7 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     if plot_training_curves(df, out / "training_loss.png"):
         sections.append(Section("Training loss", image="training_loss.png"))
     if config is not None and config.published is not None:
-        sections.append(Section("Published numbers", table=published_table(summary, config.published)))
+        sections.append(Section("Published numbers", table=published_table(summary, config.published, df)))
     notes = note_lines(summary)
     if notes:
         sections.append(Section("Notes", "\n".join(notes)))
@@ -559,15 +598,24 @@ def render_markdown(title: str, sections: list[Section]) -> str:
 
 
 def _md_table_to_html(md: str) -> str:
-    out, rows = [], [line for line in md.splitlines() if line.startswith("|")]
-    text = [line for line in md.splitlines() if line and not line.startswith("|")]
-    out += [f"<p>{html.escape(t)}</p>" for t in text[:1]]
-    if rows:
+    """Markdown of paragraphs and pipe tables, in their order: each run of table lines one HTML table."""
+    out, block = [], []
+
+    def table(rows: list[str]) -> None:
         cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows if not set(r) <= set("|- ")]
         out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells[0]) + "</tr></thead><tbody>")
-        out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:]]
+        out.extend("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
         out.append("</tbody></table>")
-    out += [f"<p>{html.escape(t)}</p>" for t in text[1:]]
+
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+            continue
+        if block:
+            table(block)
+            block = []
+        if line:
+            out.append(f"<p>{html.escape(line)}</p>")
     return "\n".join(out)
 
 

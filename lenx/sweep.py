@@ -100,6 +100,7 @@ class Job:
     what: str
     seconds: float
     done: bool
+    note: str = ""  # an assumption behind the estimate, printed once under the plan
 
 
 def plan(spec: SweepSpec, device: str) -> list[Job]:
@@ -109,7 +110,7 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
     from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
     from .train import check_run_dir
 
-    peak = matmul_peak(device) * _efficiency(spec, device)
+    efficiency = _efficiency(spec, device)
     table = load_results(spec.results_dir) if spec.results_dir.exists() else None
     done_cells = {_key(r): r for _, r in table.iterrows()} if table is not None else {}
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun, the runs train with this many processes
@@ -118,13 +119,19 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
         for seed in spec.seeds:
             cfg = resolve(None, pe=pe, seed=seed, **spec.train)
             run_dir = spec.runs_dir / f"{pe}-L{cfg.train_len}-s{seed}"
-            vocab = 257
+            vocab = vocab_size(cfg, run_dir)
+            note = "" if vocab is not None else (
+                f"tokenizer {cfg.tokenizer} is in no run directory and not in the local HF cache: estimates assume "
+                f"a vocabulary of {ASSUMED_VOCAB:,} (GPT-2's)")
+            vocab = vocab or ASSUMED_VOCAB
+            # the peak of the precision the run trains in (bf16 on CUDA under auto), as its MFU is measured
+            peak = matmul_peak(device, precision_dtype(cfg.precision, device)) * efficiency
             fpt = train_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, cfg.train_len)
             state = check_run_dir(run_dir, cfg, world, f"delete it or set another runs_dir in {spec.path}")
             start = _checkpoint_step(run_dir) if state == "resume" else 0
             what = f"{cfg.steps} steps" if not start else f"{cfg.steps - start} of {cfg.steps} steps (resumes at {start})"
             jobs.append(Job("train", pe, seed, run_dir, what,
-                            (cfg.steps - start) * cfg.batch_size * cfg.train_len * fpt / peak, state == "done"))
+                            (cfg.steps - start) * cfg.batch_size * cfg.grad_accum * cfg.train_len * fpt / peak, state == "done", note))
             ev = spec.eval
             lengths = run_lengths(cfg.train_len, ev)
             scalings = scaling_plan(pe, ev["rope_scaling"], ev["rope_factor"])
@@ -139,6 +146,44 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
                     check_settings(done, cell, f"set another results_dir in {spec.path}")
                 jobs.append(Job("eval", pe, seed, run_dir, _cell_name(cell), seconds, done is not None))
     return jobs
+
+
+# A transformers tokenizer that is neither saved in its run directory nor in the local HF cache (a dry run before
+# anything was downloaded): estimates assume GPT-2's vocabulary, and the plan says so.
+ASSUMED_VOCAB = 50257
+
+
+def vocab_size(cfg, run_dir: Path) -> int | None:
+    """The vocabulary a run's output layer has, for time estimates, read without the network: its run.json where
+    it has trained, else `byte` (257), `bpe:N` (N), or a transformers tokenizer from a local directory or the HF
+    cache. None where that tokenizer is not at hand."""
+    from .data import ByteTokenizer, parse_bpe
+
+    try:
+        saved = json.loads((run_dir / "run.json").read_text()).get("tokenizer") or {}
+        if saved.get("vocab_size"):
+            return int(saved["vocab_size"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer.vocab_size
+    size = parse_bpe(cfg.tokenizer)
+    if size is not None:
+        return size
+    from .data import HFTokenizer
+
+    try:
+        return HFTokenizer.load(cfg.tokenizer, local_only=True).vocab_size
+    except LenxError:
+        return None
+
+
+def precision_dtype(precision: str, device: str):
+    import torch
+
+    from .train import resolve_precision
+
+    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32
 
 
 def _cell_name(cell: dict) -> str:
@@ -196,6 +241,8 @@ def print_plan(spec: SweepSpec, jobs: list[Job], device: str) -> None:
     console.print(f"to do: {sum(not j.done for j in jobs if j.kind == 'train')} training runs, "
                   f"{sum(not j.done for j in jobs if j.kind == 'eval')} evaluation cells; "
                   f"estimated {_fmt_seconds(total)} on {device}")
+    for note in dict.fromkeys(j.note for j in jobs if j.note and not j.done):
+        console.print(f"note: {note}")
 
 
 def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = None) -> Path | None:

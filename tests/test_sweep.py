@@ -289,7 +289,7 @@ published: pub/paper.csv
         return md[md.index("## Published numbers"):].split("\n## ")[0]
 
     swept = published_section()
-    assert "Published: Someone et al. 2099" in swept and "/ 12.34 |" in swept and "/ 56.78 |" in swept
+    assert "Paper: Someone et al. 2099." in swept and "/ 12.34 |" in swept and "/ 56.78 |" in swept
     (res / "report.md").unlink()
     code = (f"import sys\nfrom lenx.cli import main\nrc = main(['report', {str(res)!r}])\n"
             "print(rc, sorted({'torch', 'transformers'} & set(sys.modules)))")
@@ -315,3 +315,83 @@ def test_unwritable_sweep_directories_are_one_line_naming_the_key(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"cannot write to {key} {blocker / 'sub'}" in err, err
     assert f"set another {key}" in err, err
+
+
+def test_plan_estimates_use_the_runs_precision_vocabulary_and_accumulation(tmp_path, monkeypatch, capsys):
+    """A run's estimated training time is its tokens x FLOPs per token (with its tokenizer's output layer) over
+    the matmul peak of the precision it trains in (bf16 on CUDA under auto): a GPU config estimated against the
+    fp32 peak with a 257-token vocabulary came out many times too long for bf16 and too short for GPT-2's head."""
+    import torch
+
+    from lenx import perf
+    from lenx.perf import train_flops_per_token
+    from lenx.sweep import ASSUMED_VOCAB, load_sweep, plan
+
+    peaks = {torch.float32: 1e9, torch.bfloat16: 8e9}
+    monkeypatch.setattr(perf, "matmul_peak", lambda device, dtype=torch.float32: peaks[dtype])
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus)
+
+    def train_seconds(train: str, name: str) -> float:
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(f"""name: {name}
+schemes: [alibi]
+train: {{dataset: {corpus}, steps: 10, train_len: 16, batch_size: 4, layers: 1, d_model: 32, heads: 2, {train}}}
+eval: {{max_len: 32, tokens: 64}}
+runs_dir: {tmp_path / name / 'runs'}
+results_dir: {tmp_path / name / 'results'}
+""")
+        job = next(j for j in plan(load_sweep(cfg), "cpu") if j.kind == "train")
+        return job.seconds
+
+    def expected(vocab: int, peak: float, accum: int = 1) -> float:
+        return 10 * 4 * accum * 16 * train_flops_per_token(32, 1, 512, vocab, 16) / (peak * 0.5)
+
+    assert train_seconds("precision: fp32", "fp32") == pytest.approx(expected(257, 1e9))
+    assert train_seconds("precision: bf16", "bf16") == pytest.approx(expected(257, 8e9))
+    assert train_seconds("precision: fp32, grad_accum: 3", "accum") == pytest.approx(expected(257, 1e9, 3))
+    assert train_seconds("precision: fp32, tokenizer: 'bpe:1000'", "bpe") == pytest.approx(expected(1000, 1e9))
+
+    # a transformers tokenizer not at hand offline: GPT-2's vocabulary assumed, and the plan says so
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = str(tmp_path / "no-such-tokenizer")
+    assert train_seconds(f"precision: fp32, tokenizer: {missing}", "hf") == pytest.approx(expected(ASSUMED_VOCAB, 1e9))
+    capsys.readouterr()
+    assert lenx("sweep", "--config", tmp_path / "hf.yaml", "--dry-run") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"note: tokenizer {missing} is in no run directory" in out and "50,257" in out, out
+
+
+def test_published_section_says_what_each_side_measured_and_compares_ratios(tmp_path):
+    """The published numbers sit beside ours matched by scheme, training length and evaluation length; the
+    section names the paper's setting and ours (corpus, test split, tokenizer), adds each side's ratio to its
+    training length (the comparable part when units differ), shows the paper's note where it has no number,
+    and says so when nothing of ours lines up. In HTML each table stays a table of its own."""
+    from lenx.report import _md_table_to_html, published_table, summarise
+
+    rows = [dict(run=f"{pe}-L{tl}-s0", pe=pe, seed=0, train_len=tl, eval_len=L, protocol="nonoverlap",
+                 rope_scaling="none", rope_factor=float("nan"), dataset="stdlib", ppl=ppl, tokenizer="byte",
+                 note="", bpb=float("nan"), config_id="c", run_dir=None, stride=float("nan"), tokens=64)
+            for pe, tl, L, ppl in [("alibi", 16, 16, 4.0), ("alibi", 16, 32, 5.0), ("rope", 16, 16, 4.0),
+                                   ("rope", 16, 32, 12.0)]]
+    df = pd.DataFrame(rows)
+    pub = tmp_path / "paper.csv"
+    pub.write_text("pe,train_len,eval_len,ppl,note,source\n"
+                   "alibi,16,16,20.0,,\"Someone 2099, wiki valid, word-level\"\nalibi,16,32,19.0,,\n"
+                   "rope,16,16,20.0,,\nrope,16,32,,OOM,\n"
+                   "alibi,64,64,18.0,,\nalibi,64,128,17.0,,\n")
+    md = published_table(summarise(df), pub, df)
+    assert "Paper: Someone 2099, wiki valid, word-level." in md
+    assert "the test split of stdlib" in md and "tokenizer byte" in md and "Each cell scores 64 tokens" in md
+    assert "| alibi | 4.00 / 20.00 | 5.00 / 19.00 |" in md          # perplexities, trained on 16
+    assert "| alibi | 1.00 / 1.00 | 1.25 / 0.95 |" in md            # ratios to 16: ours 5/4, the paper's 19/20
+    assert "| rope | 4.00 / 20.00 | 12.00 / OOM |" in md and "| rope | 1.00 / 1.00 | 3.00 / OOM |" in md
+    assert "| alibi | — / 18.00 | — / 17.00 |" in md                # trained on 64: none of ours (trained on 16)
+    assert "16 (1×) | 32 (2×)" in md and "64 (1×) | 128 (2×)" in md
+    assert "No lenx result matches" not in md
+    assert _md_table_to_html(md).count("<table>") == 4
+
+    other = df.assign(train_len=8, eval_len=df["eval_len"] * 4)      # nothing lines up with the paper's cells
+    md = published_table(summarise(other), pub, other)
+    assert "No lenx result matches the paper's schemes, training length and evaluation lengths" in md
+    assert "trained on 8 and evaluated at 64, 128" in md
