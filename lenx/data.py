@@ -370,7 +370,8 @@ def _load_hub(name: str, hub: HubDataset) -> Corpus:
             f"cannot load dataset '{name}' ({shown}) from the Hugging Face Hub ({_first_line(e)}); "
             + unreachable_note(offline)
             + "without network, "
-            "pass a local copy (--dataset a .txt/.jsonl/.parquet file or a directory of .txt files), or load it once "
+            "pass a local copy as the dataset (--dataset, or train.dataset in a sweep config: a .txt/.jsonl/.parquet "
+            "file or a directory of .txt files), or load it once "
             "online so the HF cache holds it and set HF_DATASETS_OFFLINE=1"
         ) from None
     if isinstance(dd, datasets.Dataset):

@@ -82,12 +82,13 @@ def test_local_dataset_still_loads_with_the_hub_unreachable(no_hub, tmp_path, mo
     assert sum(len(docs) for docs in corpus.splits.values()) == 40
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["eval", "--model", "gpt2", "--max-len", "64"], "cannot load model 'gpt2'"),
-    (["train", "--pe", "nope", "--dataset", "wikitext-2"], "cannot load dataset 'wikitext-2'"),
-    (["train", "--pe", "nope", "--tokenizer", "gpt2"], "cannot load tokenizer 'gpt2'"),
+@pytest.mark.parametrize("args, needles", [
+    (["eval", "--model", "gpt2", "--max-len", "64"], ["cannot load model 'gpt2'"]),
+    (["train", "--pe", "nope", "--dataset", "wikitext-2"],
+     ["cannot load dataset 'wikitext-2'", "local copy as the dataset (--dataset, or train.dataset in a sweep config"]),
+    (["train", "--pe", "nope", "--tokenizer", "gpt2"], ["cannot load tokenizer 'gpt2'"]),
 ])
-def test_hub_names_without_a_hub_fail_in_one_line_without_retries(args, needle, tmp_path):
+def test_hub_names_without_a_hub_fail_in_one_line_without_retries(args, needles, tmp_path):
     """Not offline by the environment, and the endpoint refuses: huggingface_hub would retry with back-off and
     log each retry; lenx probes once, loads from the (empty) cache, and prints one line."""
     env = {k: v for k, v in os.environ.items()
@@ -97,4 +98,4 @@ def test_hub_names_without_a_hub_fail_in_one_line_without_retries(args, needle, 
                           text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert needle in proc.stderr and "the Hub cannot be reached" in proc.stderr, proc.stderr
+    assert all(n in proc.stderr for n in needles) and "the Hub cannot be reached" in proc.stderr, proc.stderr
