@@ -236,7 +236,12 @@ def column_names(summary: pd.DataFrame) -> dict:
     train_lens = summary["train_len"].unique()
     if len(train_lens) != 1:
         return {L: str(L) for L in summary["eval_len"].unique()}
-    return {L: f"{L} ({L / train_lens[0]:g}×)" for L in summary["eval_len"].unique()}
+    return {L: length_label(L, train_lens[0]) for L in summary["eval_len"].unique()}
+
+
+def length_label(L: int, train_len: int) -> str:
+    """'1012 (1.98×)': an evaluation length and its multiple of the training length, to three digits."""
+    return f"{L} ({L / train_len:.3g}×)"
 
 
 def to_markdown(table: pd.DataFrame, names: dict) -> str:
@@ -439,7 +444,7 @@ def published_table(summary: pd.DataFrame, published: Path, df: pd.DataFrame | N
     for train_len, part in pub.groupby("train_len", sort=True):
         train_len = int(train_len)
         lengths = sorted(int(L) for L in part["eval_len"].unique())
-        head = ["| scheme | " + " | ".join(f"{L} ({L / train_len:.3g}×)" for L in lengths) + " |",
+        head = ["| scheme | " + " | ".join(length_label(L, train_len) for L in lengths) + " |",
                 "|---" * (len(lengths) + 1) + "|"]
         values, ratios = list(head), list(head)
         for pe, g in part.groupby("pe", sort=False):

@@ -387,6 +387,13 @@ def test_a_foreign_results_table_is_one_line_for_eval_and_report(trained, capsys
         one_line_error(capsys, lenx("report", out), "results.csv is not a lenx results table (no column run)")
 
 
+def test_length_columns_show_the_multiple_to_three_digits():
+    from lenx.report import length_label
+
+    assert [length_label(L, 512) for L in (512, 1012, 15512, 8192)] == [
+        "512 (1×)", "1012 (1.98×)", "15512 (30.3×)", "8192 (16×)"]
+
+
 def test_text_where_a_number_belongs_is_one_line_for_eval_and_report(trained, capsys, tmp_path):
     out = tmp_path / "res"
     args = ("eval", trained / "runs" / "alibi", "--lengths", "16", "--tokens", "32", "--out", out)
