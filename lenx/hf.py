@@ -13,6 +13,10 @@ attention implementation (transformers picks `sdpa` where the model has one).
   afresh. Static NTK has no transformers rope type, so it is refused for HF models.
 - Learned absolute positions (GPT-2, OPT, GPT-Neo, ...) past the table: the cell gets an empty ppl and a note
   (the length is checked before the model runs, as lenx's own learned scheme does).
+- Position tables that transformers computes from a config attribute alone, with no weights in them (MPT's ALiBi
+  bias: `max_seq_len`; GPT-J's and CodeGen's rotary sin/cos: `n_positions`) are built for the longest length
+  evaluated (`TABLES`): the model is scored as its scheme extends, not stopped at the table's end (a shape or
+  index error). Shorter positions keep their values (ALiBi up to a constant per query row, which softmax ignores).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ SCHEMES = {
     ], "rope"),
     **dict.fromkeys(["mamba", "mamba2", "rwkv"], "none"),
 }
+# model_type -> the config attribute that sizes a position table transformers computes with no weights in it
+TABLES = {"mpt": "max_seq_len", "gptj": "n_positions", "codegen": "n_positions"}
 # lenx's --rope-scaling names -> transformers' rope types (ROPE_INIT_FUNCTIONS keys)
 HF_ROPE_TYPES = {"pi": "linear", "dynamic-ntk": "dynamic", "yarn": "yarn", "ntk": "ntk"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -174,6 +180,7 @@ class HFModel:
         self.model = self.forward = None
         self.loaded_as = None
         self.device = None
+        self.longest = None  # the longest length to be evaluated (set by `evaluate`): sizes `TABLES`
 
     # ------------------------------------------------------------------ loading
 
@@ -276,6 +283,10 @@ class HFModel:
         if key != self.loaded_as:
             config = self.config if scaling == "none" else rope_scaled(self.config, scaling, factor, self.train_len,
                                                                       self.given)
+            attr = TABLES.get(config.model_type)
+            if attr and self.longest and self.longest > getattr(config, attr):
+                config = copy.deepcopy(config)
+                setattr(config, attr, self.longest)
             self.model = self.forward = None
             if self.device and self.device.startswith("cuda"):
                 torch.cuda.empty_cache()

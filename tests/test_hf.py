@@ -493,3 +493,35 @@ def test_a_lenx_run_given_as_model_is_pointed_to_lenx_eval(tmp_path, capsys):
     capsys.readouterr()
     code = lenx_cli("eval", "--model", run, "--lengths", "16", "--tokens", "16", "--out", tmp_path / "r")
     one_line_error(capsys, code, f"lenx eval {run}", "lenx export")
+
+
+@pytest.mark.parametrize("model_type", ["mpt", "gptj", "codegen"])
+def test_position_tables_built_from_the_config_extend_past_1x(model_type, hf_tokenizer, text_dataset, tmp_path):
+    """transformers sizes MPT's ALiBi bias (max_seq_len) and GPT-J's / CodeGen's rotary sin/cos (n_positions) by a
+    config attribute, with no weights in them: past it the model raised a shape or index error (a traceback). lenx
+    builds them for its longest length: the numbers of transformers loaded with that attribute raised, and at 1x
+    those of the model as saved."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(hf_tokenizer), bos_token_id=hf_tokenizer.eos_token_id,
+                  eos_token_id=hf_tokenizer.eos_token_id)
+    size = {"mpt": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, expansion_ratio=2),
+            "gptj": dict(n_embd=32, n_layer=2, n_head=4, n_positions=32, rotary_dim=4),
+            "codegen": dict(n_embd=32, n_layer=2, n_head=4, n_positions=32, n_ctx=32, rotary_dim=4)}[model_type]
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **common, **size)).eval()
+    model_dir = _save(model, hf_tokenizer, tmp_path / f"tiny-{model_type}")
+    res = tmp_path / "res"
+    assert lenx_cli("eval", "--model", model_dir, "--dataset", text_dataset, "--lengths", "32,64", "--tokens", "64",
+                    "--out", res) == 0
+    df = pd.read_csv(res / "results.csv").set_index("eval_len")
+    assert (df["train_len"] == 32).all() and df["ppl"].notna().all(), df["note"]
+    stream = _stream(model_dir, text_dataset)
+    attr = "max_seq_len" if model_type == "mpt" else "n_positions"
+    raised = AutoModelForCausalLM.from_pretrained(model_dir, **{attr: 64}).eval()
+    ids = torch.from_numpy(stream[:65].astype(np.int64))[None]
+    with torch.no_grad():  # 64 inputs, their 64 targets
+        logits = raised(input_ids=ids[:, :-1]).logits[0]
+    assert df.loc[64, "nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])), abs=1e-5)
+    want = np.mean([_own_loss(model_dir, stream[i * 32: (i + 1) * 32 + 1], limit=32) for i in range(2)])
+    assert df.loc[32, "nll"] == pytest.approx(want, abs=1e-5)
