@@ -7,7 +7,7 @@ attention implementation (transformers picks `sdpa` where the model has one).
 
 - 1x (the `train_len` column) is the config's `max_position_embeddings` (`n_positions`; MPT: `max_seq_len`;
   lenx models: `train_len`) unless `--train-len` says otherwise.
-- `pe` is `<model_type>/<scheme>`, the scheme from `SCHEMES` (Falcon and MPT per config), else `unknown`.
+- `pe` is `<model_type>/<scheme>`, the scheme from `SCHEMES` (Falcon per config), else `unknown`.
 - RoPE extensions go through transformers' own `rope_parameters` (set on the config before the weights are
   loaded): pi -> `linear`, dynamic-ntk -> `dynamic`, yarn -> `yarn`; each (extension, factor) loads the model
   afresh. Static NTK has no transformers rope type, so it is refused for HF models.
@@ -61,11 +61,7 @@ def scheme_of(config) -> str:
         return config.pe
     if mt == "falcon":
         return "alibi" if getattr(config, "alibi", False) else "rope"
-    if mt == "mpt":
-        ac = getattr(config, "attn_config", None)
-        alibi = ac.get("alibi", True) if isinstance(ac, dict) else getattr(ac, "alibi", True)
-        return "alibi" if alibi else "learned"
-    return SCHEMES.get(mt, "unknown")
+    return SCHEMES.get(mt, "unknown")  # MPT: transformers' MptModel always adds ALiBi (it has no position table)
 
 
 def max_positions(config) -> int | None:
@@ -177,6 +173,13 @@ class HFModel:
         self.train_len = int(train_len or self.positions)
         self.limit = self.positions if self.scheme == "learned" and self.config.model_type != "lenx" else None
         self.default_data = "stdlib"
+        if self.config.model_type == "mpt":
+            ac = getattr(self.config, "attn_config", None)
+            if not (ac.get("alibi", True) if isinstance(ac, dict) else getattr(ac, "alibi", True)):
+                raise LenxError(
+                    f"model {name} is an MPT with attn_config.alibi false (learned positions), which transformers' MPT "
+                    "does not implement (it always applies ALiBi and would drop its position table); it cannot be scored"
+                )
         self.model = self.forward = None
         self.loaded_as = None
         self.device = None

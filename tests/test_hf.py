@@ -450,7 +450,7 @@ def test_scheme_table_follows_the_config():
     from lenx.hf import max_positions, scheme_of
 
     assert scheme_of(FalconConfig(alibi=True)) == "alibi" and scheme_of(FalconConfig(alibi=False)) == "rope"
-    assert scheme_of(MptConfig()) == "alibi" and scheme_of(MptConfig(attn_config={"alibi": False})) == "learned"
+    assert scheme_of(MptConfig()) == "alibi"
     assert scheme_of(BloomConfig()) == "alibi" and scheme_of(GPTNeoXConfig()) == "rope"
     assert scheme_of(BertConfig()) == "unknown"  # not in the table: `bert/unknown`
     assert max_positions(MptConfig(max_seq_len=777)) == 777 and max_positions(BloomConfig()) is None
@@ -525,3 +525,18 @@ def test_position_tables_built_from_the_config_extend_past_1x(model_type, hf_tok
     assert df.loc[64, "nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])), abs=1e-5)
     want = np.mean([_own_loss(model_dir, stream[i * 32: (i + 1) * 32 + 1], limit=32) for i in range(2)])
     assert df.loc[32, "nll"] == pytest.approx(want, abs=1e-5)
+
+
+def test_mpt_without_alibi_is_refused_not_scored_as_learned(hf_tokenizer, text_dataset, tmp_path, capsys):
+    """transformers' MptModel always adds ALiBi and has no position table: an MPT config with attn_config.alibi
+    false was labelled `mpt/learned` and cut at max_seq_len, while transformers ran it with ALiBi (and would drop a
+    learned table from its checkpoint). It is one line now, before any text is read."""
+    from transformers import MptConfig, MptForCausalLM
+
+    cfg = MptConfig(vocab_size=len(hf_tokenizer), d_model=32, n_heads=4, n_layers=2, max_seq_len=32,
+                    expansion_ratio=2, attn_config={"alibi": False})
+    model_dir = _save(MptForCausalLM(cfg).eval(), hf_tokenizer, tmp_path / "tiny-mpt")
+    capsys.readouterr()
+    code = lenx_cli("eval", "--model", model_dir, "--dataset", text_dataset, "--out", tmp_path / "res")
+    one_line_error(capsys, code, "attn_config.alibi false", "always applies ALiBi")
+    assert not (tmp_path / "res").exists()
