@@ -160,6 +160,7 @@ class HFModel:
         # a hub name stands for its published weights
         self.weights_id = files_id([path / "config.json", *sorted(path.glob("*.safetensors"))]) if self.local else None
         self.config = self._load_config()
+        self._check_loadable(path)
         self.scheme = scheme_of(self.config)
         self.pe = f"{self.config.model_type}/{self.scheme}"
         self.positions = max_positions(self.config)
@@ -195,13 +196,58 @@ class HFModel:
                 f"{self.given} --local-dir DIR`) and pass --model DIR")
 
     def _load_config(self):
+        import json
+
+        import transformers
         from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
         try:
             return AutoConfig.from_pretrained(self.source, trust_remote_code=False, local_files_only=self.cache_only)
         except Exception as e:
-            hint = "check the directory" if self.local else self._hub_hint()
+            raw = {}
+            if self.local:
+                try:
+                    raw = json.loads((Path(self.source) / "config.json").read_text())
+                except (OSError, ValueError):
+                    pass
+            mt = raw.get("model_type") if isinstance(raw, dict) else None
+            if isinstance(mt, str) and mt not in CONFIG_MAPPING_NAMES:
+                if raw.get("auto_map"):
+                    raise LenxError(
+                        f"model {self.given} (model_type '{mt}') needs its own Python code (auto_map in config.json), "
+                        "and lenx never runs remote code; use a model type transformers implements"
+                    ) from None
+                raise LenxError(
+                    f"model {self.given} has model_type '{mt}', which transformers {transformers.__version__} does not "
+                    "implement; upgrade transformers (pip install -U transformers) or use a supported model"
+                ) from None
+            hint = "check its config.json" if self.local else self._hub_hint()
             raise LenxError(f"cannot load model '{self.given}' ({_first_line(e)}); {hint}") from None
+
+    def _check_loadable(self, path: Path) -> None:
+        """Before any text is read: the config has a causal LM class, and a local directory has safetensors weights
+        (pickled ones are refused: unpickling can run code)."""
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        if self.config.model_type != "lenx" and type(self.config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise LenxError(
+                f"model {self.given} ({self.config.model_type}) has no causal LM class in transformers "
+                "(AutoModelForCausalLM); lenx scores decoder-only language models"
+            )
+        if not self.local or any(path.glob("*.safetensors")):
+            return
+        pickled = sorted(f.name for ext in ("bin", "pt", "pth", "ckpt") for f in path.glob(f"*.{ext}"))
+        if pickled:
+            raise LenxError(
+                f"model {self.given} has only pickled weights ({', '.join(pickled[:3])}), which lenx never reads "
+                "(unpickling can run code); convert them once where you trust the files "
+                "(AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR) writes model.safetensors)"
+            )
+        raise LenxError(
+            f"model {self.given} has no weights (no *.safetensors beside its config.json); save the model into it "
+            "with save_pretrained"
+        )
 
     def open(self, device: str, attn_backend: str | None = None):
         """Load the tokenizer (the model's own, wrapped for lenx: exact byte counts where it is byte-level)."""
@@ -306,8 +352,7 @@ class HFModel:
                 local_files_only=self.cache_only,
             )
         except Exception as e:
-            hint = ("it needs a model.safetensors (lenx never reads pickled weights)" if self.local
-                    else self._hub_hint())
+            hint = "check that its weights belong to its config.json" if self.local else self._hub_hint()
             raise LenxError(f"cannot load the weights of model '{self.given}' ({_first_line(e)}); {hint}") from None
         if rope_type is not None:
             used = {m.rope_type for m in model.modules() if isinstance(getattr(m, "rope_type", None), str)}

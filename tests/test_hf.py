@@ -540,3 +540,40 @@ def test_mpt_without_alibi_is_refused_not_scored_as_learned(hf_tokenizer, text_d
     code = lenx_cli("eval", "--model", model_dir, "--dataset", text_dataset, "--out", tmp_path / "res")
     one_line_error(capsys, code, "attn_config.alibi false", "always applies ALiBi")
     assert not (tmp_path / "res").exists()
+
+
+def test_model_directory_problems_are_one_line_with_the_fix(llama_dir, hf_tokenizer, text_dataset, tmp_path, capsys):
+    """Each was a line whose fix did not fit (pickled weights and a config without a causal LM class: 'it needs a
+    model.safetensors'; remote code and an unknown model type: 'check the directory'), the weight problems only
+    after the text was read. Now each names its problem and its fix, before anything is read or written; the
+    model's own Python file is never run."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
+
+    def variant(name: str, **config) -> Path:
+        d = tmp_path / name
+        shutil.copytree(llama_dir, d)
+        if config:
+            (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), **config}))
+        return d
+
+    pickled = variant("pickled")
+    torch.save(AutoModelForCausalLM.from_pretrained(llama_dir).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    (variant("empty") / "model.safetensors").unlink()
+    remote = variant("remote", model_type="my_lm", auto_map={"AutoConfig": "my_lm.MyConfig",
+                                                             "AutoModelForCausalLM": "my_lm.MyLM"})
+    (remote / "my_lm.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
+    variant("unknown", model_type="no_such_type")
+    t5 = T5Config(vocab_size=len(hf_tokenizer), d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    _save(T5ForConditionalGeneration(t5), hf_tokenizer, tmp_path / "t5")
+    capsys.readouterr()
+    for name, needles in {"pickled": ("pytorch_model.bin", "never reads", "save_pretrained(DIR)"),
+                          "empty": ("no weights", "save_pretrained"),
+                          "remote": ("my_lm", "never runs remote code"),
+                          "unknown": ("no_such_type", "upgrade transformers"),
+                          "t5": ("t5", "no causal LM class")}.items():
+        code = lenx_cli("eval", "--model", tmp_path / name, "--dataset", text_dataset, "--out", tmp_path / "res")
+        one_line_error(capsys, code, *needles)
+    assert not (tmp_path / "res").exists() and not (tmp_path / "ran").exists()
