@@ -707,6 +707,7 @@ def evaluate(
         lens = run_lengths(L, opts)
         if subj.kind == "hf":  # ascending: transformers' dynamic NTK keeps the frequencies of the longest length seen
             lens = sorted(set(lens))
+            subj.longest = lens[-1]
         width = bucket_width(L, position_buckets)
         scalings = subj.scaling_plan(rope_scalings, rope_factors)
         plan.append((subj, lens, width, cell_keys(subj.name, {"train_len": L}, lens, scalings, protocols, stride,

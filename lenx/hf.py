@@ -7,12 +7,16 @@ attention implementation (transformers picks `sdpa` where the model has one).
 
 - 1x (the `train_len` column) is the config's `max_position_embeddings` (`n_positions`; MPT: `max_seq_len`;
   lenx models: `train_len`) unless `--train-len` says otherwise.
-- `pe` is `<model_type>/<scheme>`, the scheme from `SCHEMES` (Falcon and MPT per config), else `unknown`.
+- `pe` is `<model_type>/<scheme>`, the scheme from `SCHEMES` (Falcon per config), else `unknown`.
 - RoPE extensions go through transformers' own `rope_parameters` (set on the config before the weights are
   loaded): pi -> `linear`, dynamic-ntk -> `dynamic`, yarn -> `yarn`; each (extension, factor) loads the model
   afresh. Static NTK has no transformers rope type, so it is refused for HF models.
 - Learned absolute positions (GPT-2, OPT, GPT-Neo, ...) past the table: the cell gets an empty ppl and a note
   (the length is checked before the model runs, as lenx's own learned scheme does).
+- Position tables that transformers computes from a config attribute alone, with no weights in them (MPT's ALiBi
+  bias: `max_seq_len`; GPT-J's and CodeGen's rotary sin/cos: `n_positions`) are built for the longest length
+  evaluated (`TABLES`): the model is scored as its scheme extends, not stopped at the table's end (a shape or
+  index error). Shorter positions keep their values (ALiBi up to a constant per query row, which softmax ignores).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ SCHEMES = {
     ], "rope"),
     **dict.fromkeys(["mamba", "mamba2", "rwkv"], "none"),
 }
+# model_type -> the config attribute that sizes a position table transformers computes with no weights in it
+TABLES = {"mpt": "max_seq_len", "gptj": "n_positions", "codegen": "n_positions"}
 # lenx's --rope-scaling names -> transformers' rope types (ROPE_INIT_FUNCTIONS keys)
 HF_ROPE_TYPES = {"pi": "linear", "dynamic-ntk": "dynamic", "yarn": "yarn", "ntk": "ntk"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,11 +61,7 @@ def scheme_of(config) -> str:
         return config.pe
     if mt == "falcon":
         return "alibi" if getattr(config, "alibi", False) else "rope"
-    if mt == "mpt":
-        ac = getattr(config, "attn_config", None)
-        alibi = ac.get("alibi", True) if isinstance(ac, dict) else getattr(ac, "alibi", True)
-        return "alibi" if alibi else "learned"
-    return SCHEMES.get(mt, "unknown")
+    return SCHEMES.get(mt, "unknown")  # MPT: transformers' MptModel always adds ALiBi (it has no position table)
 
 
 def max_positions(config) -> int | None:
@@ -158,6 +160,7 @@ class HFModel:
         # a hub name stands for its published weights
         self.weights_id = files_id([path / "config.json", *sorted(path.glob("*.safetensors"))]) if self.local else None
         self.config = self._load_config()
+        self._check_loadable(path)
         self.scheme = scheme_of(self.config)
         self.pe = f"{self.config.model_type}/{self.scheme}"
         self.positions = max_positions(self.config)
@@ -171,9 +174,17 @@ class HFModel:
         self.train_len = int(train_len or self.positions)
         self.limit = self.positions if self.scheme == "learned" and self.config.model_type != "lenx" else None
         self.default_data = "stdlib"
+        if self.config.model_type == "mpt":
+            ac = getattr(self.config, "attn_config", None)
+            if not (ac.get("alibi", True) if isinstance(ac, dict) else getattr(ac, "alibi", True)):
+                raise LenxError(
+                    f"model {name} is an MPT with attn_config.alibi false (learned positions), which transformers' MPT "
+                    "does not implement (it always applies ALiBi and would drop its position table); it cannot be scored"
+                )
         self.model = self.forward = None
         self.loaded_as = None
         self.device = None
+        self.longest = None  # the longest length to be evaluated (set by `evaluate`): sizes `TABLES`
 
     # ------------------------------------------------------------------ loading
 
@@ -185,13 +196,58 @@ class HFModel:
                 f"{self.given} --local-dir DIR`) and pass --model DIR")
 
     def _load_config(self):
+        import json
+
+        import transformers
         from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
         try:
             return AutoConfig.from_pretrained(self.source, trust_remote_code=False, local_files_only=self.cache_only)
         except Exception as e:
-            hint = "check the directory" if self.local else self._hub_hint()
+            raw = {}
+            if self.local:
+                try:
+                    raw = json.loads((Path(self.source) / "config.json").read_text())
+                except (OSError, ValueError):
+                    pass
+            mt = raw.get("model_type") if isinstance(raw, dict) else None
+            if isinstance(mt, str) and mt not in CONFIG_MAPPING_NAMES:
+                if raw.get("auto_map"):
+                    raise LenxError(
+                        f"model {self.given} (model_type '{mt}') needs its own Python code (auto_map in config.json), "
+                        "and lenx never runs remote code; use a model type transformers implements"
+                    ) from None
+                raise LenxError(
+                    f"model {self.given} has model_type '{mt}', which transformers {transformers.__version__} does not "
+                    "implement; upgrade transformers (pip install -U transformers) or use a supported model"
+                ) from None
+            hint = "check its config.json" if self.local else self._hub_hint()
             raise LenxError(f"cannot load model '{self.given}' ({_first_line(e)}); {hint}") from None
+
+    def _check_loadable(self, path: Path) -> None:
+        """Before any text is read: the config has a causal LM class, and a local directory has safetensors weights
+        (pickled ones are refused: unpickling can run code)."""
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        if self.config.model_type != "lenx" and type(self.config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise LenxError(
+                f"model {self.given} ({self.config.model_type}) has no causal LM class in transformers "
+                "(AutoModelForCausalLM); lenx scores decoder-only language models"
+            )
+        if not self.local or any(path.glob("*.safetensors")):
+            return
+        pickled = sorted(f.name for ext in ("bin", "pt", "pth", "ckpt") for f in path.glob(f"*.{ext}"))
+        if pickled:
+            raise LenxError(
+                f"model {self.given} has only pickled weights ({', '.join(pickled[:3])}), which lenx never reads "
+                "(unpickling can run code); convert them once where you trust the files "
+                "(AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR) writes model.safetensors)"
+            )
+        raise LenxError(
+            f"model {self.given} has no weights (no *.safetensors beside its config.json); save the model into it "
+            "with save_pretrained"
+        )
 
     def open(self, device: str, attn_backend: str | None = None):
         """Load the tokenizer (the model's own, wrapped for lenx: exact byte counts where it is byte-level)."""
@@ -276,6 +332,10 @@ class HFModel:
         if key != self.loaded_as:
             config = self.config if scaling == "none" else rope_scaled(self.config, scaling, factor, self.train_len,
                                                                       self.given)
+            attr = TABLES.get(config.model_type)
+            if attr and self.longest and self.longest > getattr(config, attr):
+                config = copy.deepcopy(config)
+                setattr(config, attr, self.longest)
             self.model = self.forward = None
             if self.device and self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -292,8 +352,7 @@ class HFModel:
                 local_files_only=self.cache_only,
             )
         except Exception as e:
-            hint = ("it needs a model.safetensors (lenx never reads pickled weights)" if self.local
-                    else self._hub_hint())
+            hint = "check that its weights belong to its config.json" if self.local else self._hub_hint()
             raise LenxError(f"cannot load the weights of model '{self.given}' ({_first_line(e)}); {hint}") from None
         if rope_type is not None:
             used = {m.rope_type for m in model.modules() if isinstance(getattr(m, "rope_type", None), str)}

@@ -450,7 +450,7 @@ def test_scheme_table_follows_the_config():
     from lenx.hf import max_positions, scheme_of
 
     assert scheme_of(FalconConfig(alibi=True)) == "alibi" and scheme_of(FalconConfig(alibi=False)) == "rope"
-    assert scheme_of(MptConfig()) == "alibi" and scheme_of(MptConfig(attn_config={"alibi": False})) == "learned"
+    assert scheme_of(MptConfig()) == "alibi"
     assert scheme_of(BloomConfig()) == "alibi" and scheme_of(GPTNeoXConfig()) == "rope"
     assert scheme_of(BertConfig()) == "unknown"  # not in the table: `bert/unknown`
     assert max_positions(MptConfig(max_seq_len=777)) == 777 and max_positions(BloomConfig()) is None
@@ -493,3 +493,87 @@ def test_a_lenx_run_given_as_model_is_pointed_to_lenx_eval(tmp_path, capsys):
     capsys.readouterr()
     code = lenx_cli("eval", "--model", run, "--lengths", "16", "--tokens", "16", "--out", tmp_path / "r")
     one_line_error(capsys, code, f"lenx eval {run}", "lenx export")
+
+
+@pytest.mark.parametrize("model_type", ["mpt", "gptj", "codegen"])
+def test_position_tables_built_from_the_config_extend_past_1x(model_type, hf_tokenizer, text_dataset, tmp_path):
+    """transformers sizes MPT's ALiBi bias (max_seq_len) and GPT-J's / CodeGen's rotary sin/cos (n_positions) by a
+    config attribute, with no weights in them: past it the model raised a shape or index error (a traceback). lenx
+    builds them for its longest length: the numbers of transformers loaded with that attribute raised, and at 1x
+    those of the model as saved."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(hf_tokenizer), bos_token_id=hf_tokenizer.eos_token_id,
+                  eos_token_id=hf_tokenizer.eos_token_id)
+    size = {"mpt": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, expansion_ratio=2),
+            "gptj": dict(n_embd=32, n_layer=2, n_head=4, n_positions=32, rotary_dim=4),
+            "codegen": dict(n_embd=32, n_layer=2, n_head=4, n_positions=32, n_ctx=32, rotary_dim=4)}[model_type]
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **common, **size)).eval()
+    model_dir = _save(model, hf_tokenizer, tmp_path / f"tiny-{model_type}")
+    res = tmp_path / "res"
+    assert lenx_cli("eval", "--model", model_dir, "--dataset", text_dataset, "--lengths", "32,64", "--tokens", "64",
+                    "--out", res) == 0
+    df = pd.read_csv(res / "results.csv").set_index("eval_len")
+    assert (df["train_len"] == 32).all() and df["ppl"].notna().all(), df["note"]
+    stream = _stream(model_dir, text_dataset)
+    attr = "max_seq_len" if model_type == "mpt" else "n_positions"
+    raised = AutoModelForCausalLM.from_pretrained(model_dir, **{attr: 64}).eval()
+    ids = torch.from_numpy(stream[:65].astype(np.int64))[None]
+    with torch.no_grad():  # 64 inputs, their 64 targets
+        logits = raised(input_ids=ids[:, :-1]).logits[0]
+    assert df.loc[64, "nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])), abs=1e-5)
+    want = np.mean([_own_loss(model_dir, stream[i * 32: (i + 1) * 32 + 1], limit=32) for i in range(2)])
+    assert df.loc[32, "nll"] == pytest.approx(want, abs=1e-5)
+
+
+def test_mpt_without_alibi_is_refused_not_scored_as_learned(hf_tokenizer, text_dataset, tmp_path, capsys):
+    """transformers' MptModel always adds ALiBi and has no position table: an MPT config with attn_config.alibi
+    false was labelled `mpt/learned` and cut at max_seq_len, while transformers ran it with ALiBi (and would drop a
+    learned table from its checkpoint). It is one line now, before any text is read."""
+    from transformers import MptConfig, MptForCausalLM
+
+    cfg = MptConfig(vocab_size=len(hf_tokenizer), d_model=32, n_heads=4, n_layers=2, max_seq_len=32,
+                    expansion_ratio=2, attn_config={"alibi": False})
+    model_dir = _save(MptForCausalLM(cfg).eval(), hf_tokenizer, tmp_path / "tiny-mpt")
+    capsys.readouterr()
+    code = lenx_cli("eval", "--model", model_dir, "--dataset", text_dataset, "--out", tmp_path / "res")
+    one_line_error(capsys, code, "attn_config.alibi false", "always applies ALiBi")
+    assert not (tmp_path / "res").exists()
+
+
+def test_model_directory_problems_are_one_line_with_the_fix(llama_dir, hf_tokenizer, text_dataset, tmp_path, capsys):
+    """Each was a line whose fix did not fit (pickled weights and a config without a causal LM class: 'it needs a
+    model.safetensors'; remote code and an unknown model type: 'check the directory'), the weight problems only
+    after the text was read. Now each names its problem and its fix, before anything is read or written; the
+    model's own Python file is never run."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
+
+    def variant(name: str, **config) -> Path:
+        d = tmp_path / name
+        shutil.copytree(llama_dir, d)
+        if config:
+            (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), **config}))
+        return d
+
+    pickled = variant("pickled")
+    torch.save(AutoModelForCausalLM.from_pretrained(llama_dir).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    (variant("empty") / "model.safetensors").unlink()
+    remote = variant("remote", model_type="my_lm", auto_map={"AutoConfig": "my_lm.MyConfig",
+                                                             "AutoModelForCausalLM": "my_lm.MyLM"})
+    (remote / "my_lm.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
+    variant("unknown", model_type="no_such_type")
+    t5 = T5Config(vocab_size=len(hf_tokenizer), d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    _save(T5ForConditionalGeneration(t5), hf_tokenizer, tmp_path / "t5")
+    capsys.readouterr()
+    for name, needles in {"pickled": ("pytorch_model.bin", "never reads", "save_pretrained(DIR)"),
+                          "empty": ("no weights", "save_pretrained"),
+                          "remote": ("my_lm", "never runs remote code"),
+                          "unknown": ("no_such_type", "upgrade transformers"),
+                          "t5": ("t5", "no causal LM class")}.items():
+        code = lenx_cli("eval", "--model", tmp_path / name, "--dataset", text_dataset, "--out", tmp_path / "res")
+        one_line_error(capsys, code, *needles)
+    assert not (tmp_path / "res").exists() and not (tmp_path / "ran").exists()
