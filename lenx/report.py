@@ -514,10 +514,11 @@ class Section:
 def note_lines(summary: pd.DataFrame) -> list[str]:
     """One line per scheme, protocol and distinct note, with the lengths it applies to (a scheme's notes can differ
     from length to length: fewer documents qualify, then none)."""
+    rank = {scheme: i for i, scheme in enumerate(dict.fromkeys(summary["scheme"]))}  # the tables' order of schemes
     lines = []
     for (scheme, protocol, note), g in summary[summary["note"] != ""].groupby(["scheme", "protocol", "note"]):
         lengths = sorted(set(g["eval_len"].astype(int)))
-        lines.append((scheme, protocol, lengths[0], f"- {scheme}, {protocol}, at {', '.join(map(str, lengths))}: {note}"))
+        lines.append((rank[scheme], protocol, lengths[0], f"- {scheme}, {protocol}, at {', '.join(map(str, lengths))}: {note}"))
     return [line for *_, line in sorted(lines, key=lambda t: t[:3])]
 
 

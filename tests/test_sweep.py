@@ -235,6 +235,9 @@ def test_report_notes_keep_every_distinct_note_with_its_lengths():
         "- alibi, documents, at 4096: no test document has 4097 tokens",
         "- rope, documents, at 4096: no test document has 4097 tokens",
     ]
+    # in the tables' order of schemes (the registry's), not alphabetically
+    first_rope = pd.concat([summary.iloc[[4]], summary.iloc[:4]])
+    assert [line.split(",")[0] for line in note_lines(first_rope)] == ["- rope", "- alibi", "- alibi"]
 
 
 def test_dry_run_counts_the_steps_an_interrupted_run_has_left(tmp_path, capsys):
