@@ -238,15 +238,33 @@ def _hashed(named_texts: list[tuple[str, str]]) -> bool:
 def _local_fingerprint(named_texts: list[tuple[str, str]]) -> str:
     """The fingerprint of a corpus split by `_split_documents` (keys its token cache): the text's, marked where
     20 or more documents are split in order because none hashed to test (lenx used to hash them all the same,
-    leaving test empty: a train split cached then holds this one's test document and must not be read)."""
+    leaving test empty: a train split cached then holds this one's test document and must not be read), and
+    where documents repeated across splits were dropped (lenx used to keep them: a validation or test split
+    cached then holds text of the training split)."""
     ordered = len(named_texts) >= 20 and not _hashed(named_texts)
-    return _fingerprint([("split", "in order"), *named_texts] if ordered else named_texts)
+    marks = [("split", "in order")] if ordered else []
+    if _split_documents(named_texts, dedup=False) != _split_documents(named_texts):
+        marks.append(("split", "cross-split duplicates dropped"))
+    return _fingerprint([*marks, *named_texts])
 
 
-def _split_documents(named_texts: list[tuple[str, str]]) -> dict[str, list[str]]:
+def _split_documents(named_texts: list[tuple[str, str]], dedup: bool = True) -> dict[str, list[str]]:
     """Split (name, text) documents: by a hash of the name when there are enough of them (`_hashed`);
     otherwise (few documents, or none hashed to test) the last goes to test and the one before to validation;
-    one document is cut 90/5/5 by characters."""
+    one document is cut 90/5/5 by characters. A document whose exact text (not blank) is already in an earlier
+    split (train, then validation) is dropped from the later one: the same file under two names must not be both
+    trained on and scored."""
+    splits = _split_documents_as_named(named_texts)
+    if dedup:
+        seen: set[str] = set()
+        for s in SPLITS:
+            earlier = set(seen)
+            splits[s] = [t for t in splits[s] if not (t.strip() and t in earlier)]
+            seen.update(splits[s])
+    return splits
+
+
+def _split_documents_as_named(named_texts: list[tuple[str, str]]) -> dict[str, list[str]]:
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
     if _hashed(named_texts):
         for name, text in named_texts:

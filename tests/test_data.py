@@ -172,6 +172,28 @@ def test_wikitext_lines_group_into_articles():
     assert sum(n for _, n in articles) == len(lines)
 
 
+def test_the_same_text_under_two_names_is_never_both_trained_on_and_scored(tmp_path, cache):
+    """A directory split by a hash of the names put a copy of a training file (another name, the same text) in
+    test: its text was trained on and then scored. The later copy is dropped, under a fingerprint of its own."""
+    names = [f"doc{i:03d}.txt" for i in range(200)]
+    to_test = [n for n in names if data._split_of(n) == "test"][:3]
+    to_val = [n for n in names if data._split_of(n) == "validation"][:2]
+    to_train = [n for n in names if data._split_of(n) == "train"][:30]
+    for n in to_train + to_val + to_test:
+        (tmp_path / n).write_text(f"the text of {n}\n" * 3)
+    (tmp_path / to_test[0]).write_text((tmp_path / to_train[0]).read_text())  # a copy of a training file
+    (tmp_path / to_val[0]).write_text((tmp_path / to_train[1]).read_text())
+    (tmp_path / to_test[1]).write_text((tmp_path / to_val[1]).read_text())  # in validation, then test
+    corpus = load_corpus(str(tmp_path))
+    train, val, test = (corpus.documents(s) for s in ("train", "validation", "test"))
+    assert len(train) == 30 and val == [(tmp_path / to_val[1]).read_text()]
+    assert test == [(tmp_path / to_test[2]).read_text()]
+    named = [(p.name, p.read_text()) for p in sorted(tmp_path.glob("*.txt"))]
+    assert corpus.fingerprint != data._fingerprint(named)  # not the cache key of the splits that held the copies
+    stream = bytes(token_stream(str(tmp_path), "byte", "validation").astype(np.uint8)).decode("utf-8", "replace")
+    assert (tmp_path / to_train[1]).read_text() not in stream
+
+
 def test_stdlib_is_unchanged():
     corpus = load_corpus("stdlib")
     root, files = data.stdlib_files()
