@@ -357,6 +357,28 @@ def test_transformers_tokenizer_from_a_local_directory(bpe300, text_dataset, tmp
     assert lenx("eval", out, "--lengths", "16", "--tokens", "32", "--out", tmp_path / "res") == 0
 
 
+def test_a_tokenizer_that_adds_bos_gets_none_in_the_stream(bpe300, text_dataset, tmp_path, cache):
+    """A Llama-style tokenizer adds BOS (and here EOS) to every encoding by itself; lenx's streams hold each document's
+    text tokens and one end-of-document token, no BOS, in training and evaluation alike (README)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tk = bpe300.tk
+    tk.add_special_tokens(["<s>"])
+    bos = tk.token_to_id("<s>")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A <|endoftext|>",
+                                                      special_tokens=[("<s>", bos), ("<|endoftext|>", bpe300.eod_id)])
+    hf_dir = tmp_path / "bos_tok"
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|endoftext|>").save_pretrained(hf_dir)
+    tok = get_tokenizer(str(hf_dir))
+    assert tok.tok("alpha").input_ids[0] == bos  # the tokenizer alone adds it
+    for split in ("train", "test"):
+        docs = load_corpus(str(text_dataset)).documents(split)
+        stream = token_stream(str(text_dataset), tok, split)
+        assert bos not in stream and int((stream == tok.eod_id).sum()) == len(docs)
+        assert [tok.decode(d) for d in document_tokens(str(text_dataset), tok, split)] == docs
+
+
 def test_bpe_run_end_to_end_through_the_cli(text_dataset, tmp_path, cache, capsys):
     out = tmp_path / "run"
     assert lenx("train", "--pe", "alibi", *TINY, "--dataset", text_dataset, "--tokenizer", "bpe:300", "--out", out) == 0
