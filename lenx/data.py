@@ -255,13 +255,18 @@ def _split_documents(named_texts: list[tuple[str, str]], dedup: bool = True) -> 
     split (train, then validation) is dropped from the later one: the same file under two names must not be both
     trained on and scored."""
     splits = _split_documents_as_named(named_texts)
-    if dedup:
-        seen: set[str] = set()
-        for s in SPLITS:
-            earlier = set(seen)
-            splits[s] = [t for t in splits[s] if not (t.strip() and t in earlier)]
-            seen.update(splits[s])
-    return splits
+    return _drop_repeats(splits) if dedup else splits
+
+
+def _drop_repeats(splits: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The splits without the documents whose exact text (not blank) is in an earlier split (train, validation,
+    test); repeats within one split stay."""
+    out, seen = {}, set()
+    for s in SPLITS:
+        if s in splits:
+            out[s] = [t for t in splits[s] if not (t.strip() and t in seen)]
+            seen.update(out[s])
+    return out
 
 
 def _split_documents_as_named(named_texts: list[tuple[str, str]]) -> dict[str, list[str]]:
@@ -425,14 +430,21 @@ def _load(spec: DataSpec) -> Corpus:
             raise LenxError(f"give either --dataset ({name}) or --train-file/--validation-file/--test-file, not both")
         if not files:
             raise LenxError("--dataset files needs --train-file and --test-file (--validation-file is optional)")
-        named, sources = [], {}
+        named, texts = [], {}
         for split, value in files.items():
             path = _local_path(value, f"--{split}-file")
             docs = _nonempty(_load_local(path, spec.text_field), str(path))
             named += [(f"{split}/{path.name}/{n}", t) for n, t in docs]
-            sources[split] = _Docs([t for _, t in docs])
+            texts[split] = [t for _, t in docs]
+        kept = _drop_repeats(texts)
+        if kept != texts:  # not the cache key of the splits that held the repeats (lenx used to keep them)
+            named = [("split", "cross-split duplicates dropped"), *named]
+        for split, value in files.items():
+            if not kept[split]:
+                raise LenxError(f"every document of --{split}-file {value} is in an earlier split (the same text); "
+                                "a document must not be both trained on and scored: give other text")
         label = ",".join(f"{s}={files[s]}" for s in SPLITS if s in files)
-        return Corpus(f"files({label})", _fingerprint(named), sources)
+        return Corpus(f"files({label})", _fingerprint(named), {s: _Docs(d) for s, d in kept.items()})
     if name == "stdlib":
         root, files = stdlib_files()
         named = [(p.relative_to(root).as_posix(), _read(p)) for p in files]

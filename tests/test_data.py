@@ -161,6 +161,23 @@ def test_explicit_split_files(tmp_path, text_dataset, cache, capsys):
     one_line_error(capsys, lenx("train", "--pe", "nope", "--train-file", text_dataset), "--test-file")
 
 
+def test_explicit_split_files_never_score_a_training_document(tmp_path, text_dataset, cache, capsys):
+    """--test-file naming the training file, or holding copies of its documents, scored text the run was trained
+    on. Copies are dropped from the later split (a fingerprint of their own); a split of nothing but copies is an
+    error."""
+    copies = tmp_path / "test.jsonl"
+    train_docs = [p.read_text() for p in sorted(text_dataset.glob("*.txt"))]
+    copies.write_text("".join(json.dumps({"text": t}) + "\n" for t in [train_docs[3], "held out", train_docs[7]]))
+    corpus = load_corpus(DataSpec(train_file=str(text_dataset), test_file=str(copies)))
+    assert corpus.documents("test") == ["held out"] and len(corpus.documents("train")) == 30
+    stream = token_stream(DataSpec(train_file=str(text_dataset), test_file=str(copies)), "byte", "test")
+    assert bytes(stream[:-1].astype(np.uint8)) == b"held out"
+    for same in (text_dataset, text_dataset / "doc03.txt"):
+        spec = DataSpec(train_file=str(text_dataset), test_file=str(same))
+        with pytest.raises(LenxError, match="every document of --test-file"):
+            load_corpus(spec)
+
+
 def test_wikitext_lines_group_into_articles():
     lines = ["", " = First = \n", "", " Some text . \n", " = = Section = = \n", " more \n", "", " = Second = \n",
              " body \n"]
