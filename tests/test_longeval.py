@@ -287,7 +287,8 @@ def test_protocols_match_an_independent_reference(protocol, L, stride):
     """Every protocol scores exactly the targets it claims, each at its own window position, once: tokens, nll,
     bytes (end-of-document 0), bpb, windows and every position bucket equal the plain-Python reference."""
     rng = np.random.default_rng(1)
-    docs = [np.append(rng.integers(0, 256, k), 256).astype(np.uint16) for k in (5, 30, 9, 60, 20, 3, 17, 40)]
+    # documents of k text tokens and their end-of-document token (16 + 1: truncate's 16 counts the EOD)
+    docs = [np.append(rng.integers(0, 256, k), 256).astype(np.uint16) for k in (5, 30, 9, 16, 60, 20, 3, 17, 40)]
     stream = np.concatenate(docs)
     n, width = 96, 4
     row, buckets = ev.eval_cell(_PositionModel(), _data(stream, docs), L, protocol,
