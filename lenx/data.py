@@ -238,15 +238,38 @@ def _hashed(named_texts: list[tuple[str, str]]) -> bool:
 def _local_fingerprint(named_texts: list[tuple[str, str]]) -> str:
     """The fingerprint of a corpus split by `_split_documents` (keys its token cache): the text's, marked where
     20 or more documents are split in order because none hashed to test (lenx used to hash them all the same,
-    leaving test empty: a train split cached then holds this one's test document and must not be read)."""
+    leaving test empty: a train split cached then holds this one's test document and must not be read), and
+    where documents repeated across splits were dropped (lenx used to keep them: a validation or test split
+    cached then holds text of the training split)."""
     ordered = len(named_texts) >= 20 and not _hashed(named_texts)
-    return _fingerprint([("split", "in order"), *named_texts] if ordered else named_texts)
+    marks = [("split", "in order")] if ordered else []
+    if _split_documents(named_texts, dedup=False) != _split_documents(named_texts):
+        marks.append(("split", "cross-split duplicates dropped"))
+    return _fingerprint([*marks, *named_texts])
 
 
-def _split_documents(named_texts: list[tuple[str, str]]) -> dict[str, list[str]]:
+def _split_documents(named_texts: list[tuple[str, str]], dedup: bool = True) -> dict[str, list[str]]:
     """Split (name, text) documents: by a hash of the name when there are enough of them (`_hashed`);
     otherwise (few documents, or none hashed to test) the last goes to test and the one before to validation;
-    one document is cut 90/5/5 by characters."""
+    one document is cut 90/5/5 by characters. A document whose exact text (not blank) is already in an earlier
+    split (train, then validation) is dropped from the later one: the same file under two names must not be both
+    trained on and scored."""
+    splits = _split_documents_as_named(named_texts)
+    return _drop_repeats(splits) if dedup else splits
+
+
+def _drop_repeats(splits: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The splits without the documents whose exact text (not blank) is in an earlier split (train, validation,
+    test); repeats within one split stay."""
+    out, seen = {}, set()
+    for s in SPLITS:
+        if s in splits:
+            out[s] = [t for t in splits[s] if not (t.strip() and t in seen)]
+            seen.update(out[s])
+    return out
+
+
+def _split_documents_as_named(named_texts: list[tuple[str, str]]) -> dict[str, list[str]]:
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
     if _hashed(named_texts):
         for name, text in named_texts:
@@ -407,14 +430,21 @@ def _load(spec: DataSpec) -> Corpus:
             raise LenxError(f"give either --dataset ({name}) or --train-file/--validation-file/--test-file, not both")
         if not files:
             raise LenxError("--dataset files needs --train-file and --test-file (--validation-file is optional)")
-        named, sources = [], {}
+        named, texts = [], {}
         for split, value in files.items():
             path = _local_path(value, f"--{split}-file")
             docs = _nonempty(_load_local(path, spec.text_field), str(path))
             named += [(f"{split}/{path.name}/{n}", t) for n, t in docs]
-            sources[split] = _Docs([t for _, t in docs])
+            texts[split] = [t for _, t in docs]
+        kept = _drop_repeats(texts)
+        if kept != texts:  # not the cache key of the splits that held the repeats (lenx used to keep them)
+            named = [("split", "cross-split duplicates dropped"), *named]
+        for split, value in files.items():
+            if not kept[split]:
+                raise LenxError(f"every document of --{split}-file {value} is in an earlier split (the same text); "
+                                "a document must not be both trained on and scored: give other text")
         label = ",".join(f"{s}={files[s]}" for s in SPLITS if s in files)
-        return Corpus(f"files({label})", _fingerprint(named), sources)
+        return Corpus(f"files({label})", _fingerprint(named), {s: _Docs(d) for s, d in kept.items()})
     if name == "stdlib":
         root, files = stdlib_files()
         named = [(p.relative_to(root).as_posix(), _read(p)) for p in files]

@@ -161,6 +161,23 @@ def test_explicit_split_files(tmp_path, text_dataset, cache, capsys):
     one_line_error(capsys, lenx("train", "--pe", "nope", "--train-file", text_dataset), "--test-file")
 
 
+def test_explicit_split_files_never_score_a_training_document(tmp_path, text_dataset, cache, capsys):
+    """--test-file naming the training file, or holding copies of its documents, scored text the run was trained
+    on. Copies are dropped from the later split (a fingerprint of their own); a split of nothing but copies is an
+    error."""
+    copies = tmp_path / "test.jsonl"
+    train_docs = [p.read_text() for p in sorted(text_dataset.glob("*.txt"))]
+    copies.write_text("".join(json.dumps({"text": t}) + "\n" for t in [train_docs[3], "held out", train_docs[7]]))
+    corpus = load_corpus(DataSpec(train_file=str(text_dataset), test_file=str(copies)))
+    assert corpus.documents("test") == ["held out"] and len(corpus.documents("train")) == 30
+    stream = token_stream(DataSpec(train_file=str(text_dataset), test_file=str(copies)), "byte", "test")
+    assert bytes(stream[:-1].astype(np.uint8)) == b"held out"
+    for same in (text_dataset, text_dataset / "doc03.txt"):
+        spec = DataSpec(train_file=str(text_dataset), test_file=str(same))
+        with pytest.raises(LenxError, match="every document of --test-file"):
+            load_corpus(spec)
+
+
 def test_wikitext_lines_group_into_articles():
     lines = ["", " = First = \n", "", " Some text . \n", " = = Section = = \n", " more \n", "", " = Second = \n",
              " body \n"]
@@ -170,6 +187,28 @@ def test_wikitext_lines_group_into_articles():
         " = Second = \n body \n",
     ]
     assert sum(n for _, n in articles) == len(lines)
+
+
+def test_the_same_text_under_two_names_is_never_both_trained_on_and_scored(tmp_path, cache):
+    """A directory split by a hash of the names put a copy of a training file (another name, the same text) in
+    test: its text was trained on and then scored. The later copy is dropped, under a fingerprint of its own."""
+    names = [f"doc{i:03d}.txt" for i in range(200)]
+    to_test = [n for n in names if data._split_of(n) == "test"][:3]
+    to_val = [n for n in names if data._split_of(n) == "validation"][:2]
+    to_train = [n for n in names if data._split_of(n) == "train"][:30]
+    for n in to_train + to_val + to_test:
+        (tmp_path / n).write_text(f"the text of {n}\n" * 3)
+    (tmp_path / to_test[0]).write_text((tmp_path / to_train[0]).read_text())  # a copy of a training file
+    (tmp_path / to_val[0]).write_text((tmp_path / to_train[1]).read_text())
+    (tmp_path / to_test[1]).write_text((tmp_path / to_val[1]).read_text())  # in validation, then test
+    corpus = load_corpus(str(tmp_path))
+    train, val, test = (corpus.documents(s) for s in ("train", "validation", "test"))
+    assert len(train) == 30 and val == [(tmp_path / to_val[1]).read_text()]
+    assert test == [(tmp_path / to_test[2]).read_text()]
+    named = [(p.name, p.read_text()) for p in sorted(tmp_path.glob("*.txt"))]
+    assert corpus.fingerprint != data._fingerprint(named)  # not the cache key of the splits that held the copies
+    stream = bytes(token_stream(str(tmp_path), "byte", "validation").astype(np.uint8)).decode("utf-8", "replace")
+    assert (tmp_path / to_train[1]).read_text() not in stream
 
 
 def test_stdlib_is_unchanged():
@@ -333,6 +372,28 @@ def test_transformers_tokenizer_from_a_local_directory(bpe300, text_dataset, tmp
     assert (out / "tokenizer" / "tokenizer.json").exists()
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 301
     assert lenx("eval", out, "--lengths", "16", "--tokens", "32", "--out", tmp_path / "res") == 0
+
+
+def test_a_tokenizer_that_adds_bos_gets_none_in_the_stream(bpe300, text_dataset, tmp_path, cache):
+    """A Llama-style tokenizer adds BOS (and here EOS) to every encoding by itself; lenx's streams hold each document's
+    text tokens and one end-of-document token, no BOS, in training and evaluation alike (README)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tk = bpe300.tk
+    tk.add_special_tokens(["<s>"])
+    bos = tk.token_to_id("<s>")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A <|endoftext|>",
+                                                      special_tokens=[("<s>", bos), ("<|endoftext|>", bpe300.eod_id)])
+    hf_dir = tmp_path / "bos_tok"
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|endoftext|>").save_pretrained(hf_dir)
+    tok = get_tokenizer(str(hf_dir))
+    assert tok.tok("alpha").input_ids[0] == bos  # the tokenizer alone adds it
+    for split in ("train", "test"):
+        docs = load_corpus(str(text_dataset)).documents(split)
+        stream = token_stream(str(text_dataset), tok, split)
+        assert bos not in stream and int((stream == tok.eod_id).sum()) == len(docs)
+        assert [tok.decode(d) for d in document_tokens(str(text_dataset), tok, split)] == docs
 
 
 def test_bpe_run_end_to_end_through_the_cli(text_dataset, tmp_path, cache, capsys):

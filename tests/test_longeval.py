@@ -228,6 +228,84 @@ def test_truncate_row_scores_documents(stream):
     assert row["tokens"] == 0 and row["nll"] is None and "no test document" in row["note"] and buckets == []
 
 
+# An independent reference for the three protocols: plain Python over a token list, with a fake model whose loss
+# at window position p for target token t is a known function of (p, t) (its logits depend on the position alone).
+
+
+def _f(p: int, v: int) -> float:
+    return ((7 * p + 3 * v) % 11) / 5 + (v == 256) * 0.25
+
+
+def _ref_loss(p: int, t: int, V: int = 257) -> float:
+    z = [_f(p, v) for v in range(V)]
+    m = max(z)
+    return m + math.log(sum(math.exp(x - m) for x in z)) - z[t]
+
+
+class _PositionModel(torch.nn.Module):
+    """logits[b, p, v] = _f(p, v): the loss of target t at window position p is _ref_loss(p, t), whatever came before."""
+
+    def forward(self, x):
+        b, L = x.shape
+        p, v = torch.arange(L)[:, None], torch.arange(257)[None, :]
+        logits = ((7 * p + 3 * v) % 11).double() / 5 + (v == 256).double() * 0.25
+        return type("Out", (), {"logits": logits.float().expand(b, L, 257)})()
+
+
+def _ref_cell(stream, docs, L, protocol, stride, n, width):
+    """(tokens, total nll, bytes, windows, {bucket_start: [tokens, nll sum]}) as the protocols define them."""
+    scored = []  # (window position, target token)
+    windows = 0
+    if protocol in ("nonoverlap", "sliding"):
+        S = L if protocol == "nonoverlap" else stride
+        done = 0  # targets 1..done of the stream are scored
+        while done < n:
+            end = L if done == 0 else min(done + S, n)  # index of the window's last target
+            start = end - L  # window inputs stream[start : end], targets stream[start + 1 : end + 1]
+            windows += 1
+            for t in range(done + 1, end + 1):  # only targets not scored yet
+                scored.append((t - start - 1, int(stream[t])))
+            done = end
+    else:  # truncate
+        for d in [d for d in docs if len(d) >= L + 1][: max(1, math.ceil(n / L))]:
+            windows += 1
+            scored += [(p, int(d[p + 1])) for p in range(L)]
+    buckets = {}
+    for p, t in scored:
+        b = buckets.setdefault(p // width * width, [0, 0.0])
+        b[0] += 1
+        b[1] += _ref_loss(p, t)
+    nbytes = sum(1 for _, t in scored if t != 256)
+    return len(scored), sum(_ref_loss(p, t) for p, t in scored), nbytes, windows, buckets
+
+
+@pytest.mark.parametrize("protocol,L,stride", [
+    ("nonoverlap", 8, None), ("nonoverlap", 12, None), ("nonoverlap", 48, None), ("sliding", 12, 5),
+    ("sliding", 16, 1), ("sliding", 16, 16), ("sliding", 48, 7), ("truncate", 8, None), ("truncate", 16, None),
+])
+def test_protocols_match_an_independent_reference(protocol, L, stride):
+    """Every protocol scores exactly the targets it claims, each at its own window position, once: tokens, nll,
+    bytes (end-of-document 0), bpb, windows and every position bucket equal the plain-Python reference."""
+    rng = np.random.default_rng(1)
+    # documents of k text tokens and their end-of-document token (16 + 1: truncate's 16 counts the EOD)
+    docs = [np.append(rng.integers(0, 256, k), 256).astype(np.uint16) for k in (5, 30, 9, 16, 60, 20, 3, 17, 40)]
+    stream = np.concatenate(docs)
+    n, width = 96, 4
+    row, buckets = ev.eval_cell(_PositionModel(), _data(stream, docs), L, protocol,
+                                stride=ev.resolve_stride(protocol, L, stride), n_tokens=n, width=width,
+                                batch_tokens=40, device="cpu")
+    tokens, nll, nbytes, windows, ref_buckets = _ref_cell(stream, docs, L, protocol, stride, n, width)
+    if protocol != "truncate":
+        assert tokens == n
+    assert (row["tokens"], row["bytes"], row["windows"]) == (tokens, nbytes, windows)
+    assert row["nll"] == pytest.approx(nll / tokens, rel=1e-6)
+    assert row["bpb"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-6)
+    assert {b["bucket_start"]: b["tokens"] for b in buckets} == {k: v[0] for k, v in ref_buckets.items()}
+    for b in buckets:
+        assert b["bucket_end"] == min(b["bucket_start"] + width, L)
+        assert b["nll"] == pytest.approx(ref_buckets[b["bucket_start"]][1] / b["tokens"], rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------
 # sweeps: tables on disk, loss by position, resuming
 
