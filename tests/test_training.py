@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lenx.attention import BACKENDS
 from lenx.cli import main
 
-from .conftest import ALL_SCHEMES, tiny_model
+from .conftest import ALL_SCHEMES, tiny_config, tiny_model
 
 TINY = ["--train-len", "16", "--batch-size", "8", "--layers", "1", "--d-model", "32", "--heads", "2", "--lr", "3e-3",
         "--steps", "30", "--save-every", "1000"]
@@ -197,3 +197,34 @@ def test_training_benchmark_reports_paired_ratios():
     low, mid, high = rope["vs_peer_quartiles"]
     assert low <= mid <= high and rows["lenx-nope"]["vs_nope"] == 1.0
     assert rows["hf-llama (rope, sdpa)"]["vs_peer"] is None and all(r["tokens_per_s"] > 0 for r in rows.values())
+
+
+def test_every_scheme_starts_from_the_same_shared_weights():
+    """Schemes differ only in their positional part: with one seed, token embeddings, blocks and final norm start
+    identical for every scheme (a scheme's own parameters draw from a stream of their own), so a comparison at one
+    seed is not also a comparison of initialisations. The global RNG is left where a parameterless scheme leaves it."""
+    from lenx.model import LenxForCausalLM
+
+    shared, rng = {}, {}
+    for pe in ALL_SCHEMES:
+        torch.manual_seed(0)
+        model = LenxForCausalLM(tiny_config(pe))
+        rng[pe] = torch.get_rng_state()
+        shared[pe] = {k: v for k, v in model.state_dict().items() if not k.startswith("pe.")}
+    for pe in ALL_SCHEMES:
+        assert shared[pe].keys() == shared["nope"].keys()
+        for k in shared[pe]:
+            assert torch.equal(shared[pe][k], shared["nope"][k]), (pe, k)
+        assert torch.equal(rng[pe], rng["nope"]), pe
+    # the scheme's own parameters are still random, and follow the seed
+    for pe in ("learned", "shaw", "fire"):
+        a, b, c = (_pe_state(pe, seed) for seed in (0, 0, 1))
+        assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], c[k]) for k in a), pe
+        assert any(v.numel() > 1 and v.std() > 0 for v in a.values()), pe
+
+
+def _pe_state(pe, seed):
+    from lenx.model import LenxForCausalLM
+
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in LenxForCausalLM(tiny_config(pe)).pe.state_dict().items()}
