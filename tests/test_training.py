@@ -363,3 +363,33 @@ def test_recorded_mfu_is_the_papers_flop_count_over_the_peak(monkeypatch, tmp_pa
     layers, d, T = info["config"]["layers"], info["config"]["d_model"], info["config"]["train_len"]
     flops = 6 * n + 12 * layers * d * T
     assert info["precision"] == "fp32" and info["mfu"] == pytest.approx(info["tokens_per_s"] * flops / 1e9, abs=2e-4)
+
+
+@pytest.mark.parametrize("pe", ["learned", "kerple-log"])
+def test_a_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(pe, tmp_path, text_dataset,
+                                                                                  monkeypatch):
+    """Schemes with parameters of their own (their pos_lr_mult group, KERPLE's in-place projection): a run stopped
+    after its checkpoint at step 3 and resumed ends bit-identical to one never stopped."""
+    from safetensors.torch import load_file
+
+    from lenx import train as train_module
+
+    args = ["train", "--pe", pe, *TINY[:-4], "--steps", "6", "--save-every", "3", "--precision", "fp32",
+            "--dataset", str(text_dataset)]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    get_batch = train_module.get_batch
+
+    def stop_at_4(stream, cfg, step, rows):
+        if step == 4:
+            raise KeyboardInterrupt
+        return get_batch(stream, cfg, step, rows)
+
+    monkeypatch.setattr(train_module, "get_batch", stop_at_4)
+    assert main([*args, "--out", str(tmp_path / "cut")]) != 0
+    assert json.loads((tmp_path / "cut" / "latest.json").read_text())["step"] == 3
+    monkeypatch.undo()
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
