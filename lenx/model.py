@@ -6,6 +6,8 @@ keys of every layer, and the attention scores of every layer. Nothing here knows
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -95,6 +97,27 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _rng_devices() -> list[int]:
+    return [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
+def _peek_seed() -> int:
+    """A seed drawn from the global RNG without advancing it."""
+    with torch.random.fork_rng(devices=[]):
+        return int(torch.randint(0, 2**62, (), device="cpu").item())
+
+
+@contextmanager
+def _own_rng(seed: int):
+    """Run with the CPU (and current CUDA device's) RNG seeded with `seed`, restoring their states afterwards."""
+    devices = _rng_devices()
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        yield
+
+
 class LenxForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = LenxConfig
     config: LenxConfig
@@ -106,7 +129,11 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: LenxConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.pe = build_scheme(config)
+        # The scheme's own parameters draw from a stream of their own (seeded from the global one, which they leave
+        # untouched): every scheme, with or without parameters, starts from the same shared weights for one seed.
+        self._pe_seed = _peek_seed()
+        with _own_rng(self._pe_seed):
+            self.pe = build_scheme(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -120,7 +147,8 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
         std = self.config.initializer_range
         if isinstance(module, PositionalScheme):
             if not all(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
-                module.reset_parameters()
+                with _own_rng(self._pe_seed):
+                    module.reset_parameters()
         elif getattr(module, "_lenx_pe_owned", False):
             return  # the scheme initialises its own parts, as its paper does
         elif isinstance(module, nn.Linear):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lenx.attention import BACKENDS
 from lenx.cli import main
 
-from .conftest import ALL_SCHEMES, tiny_model
+from .conftest import ALL_SCHEMES, tiny_config, tiny_model
 
 TINY = ["--train-len", "16", "--batch-size", "8", "--layers", "1", "--d-model", "32", "--heads", "2", "--lr", "3e-3",
         "--steps", "30", "--save-every", "1000"]
@@ -197,3 +197,199 @@ def test_training_benchmark_reports_paired_ratios():
     low, mid, high = rope["vs_peer_quartiles"]
     assert low <= mid <= high and rows["lenx-nope"]["vs_nope"] == 1.0
     assert rows["hf-llama (rope, sdpa)"]["vs_peer"] is None and all(r["tokens_per_s"] > 0 for r in rows.values())
+
+
+def test_every_scheme_starts_from_the_same_shared_weights():
+    """Schemes differ only in their positional part: with one seed, token embeddings, blocks and final norm start
+    identical for every scheme (a scheme's own parameters draw from a stream of their own), so a comparison at one
+    seed is not also a comparison of initialisations. The global RNG is left where a parameterless scheme leaves it."""
+    from lenx.model import LenxForCausalLM
+
+    shared, rng = {}, {}
+    for pe in ALL_SCHEMES:
+        torch.manual_seed(0)
+        model = LenxForCausalLM(tiny_config(pe))
+        rng[pe] = torch.get_rng_state()
+        shared[pe] = {k: v for k, v in model.state_dict().items() if not k.startswith("pe.")}
+    for pe in ALL_SCHEMES:
+        assert shared[pe].keys() == shared["nope"].keys()
+        for k in shared[pe]:
+            assert torch.equal(shared[pe][k], shared["nope"][k]), (pe, k)
+        assert torch.equal(rng[pe], rng["nope"]), pe
+    # the scheme's own parameters are still random, and follow the seed
+    for pe in ("learned", "shaw", "fire"):
+        a, b, c = (_pe_state(pe, seed) for seed in (0, 0, 1))
+        assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], c[k]) for k in a), pe
+        assert any(v.numel() > 1 and v.std() > 0 for v in a.values()), pe
+
+
+def _pe_state(pe, seed):
+    from lenx.model import LenxForCausalLM
+
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in LenxForCausalLM(tiny_config(pe)).pe.state_dict().items()}
+
+
+def _cfg(**kw):
+    from lenx.config import TrainConfig
+
+    return TrainConfig(**{"steps": 100, "warmup": 10, "lr": 1e-3, "min_lr_ratio": 0.1, **kw})
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor():
+    import math
+
+    from lenx.train import lr_at
+
+    cfg = _cfg()
+    assert [lr_at(cfg, s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])  # never 0
+    assert lr_at(cfg, 10) == pytest.approx(1.0)  # cosine starts at the peak
+    for s in range(10, 100):
+        t = (s - 10) / 90
+        assert lr_at(cfg, s) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    assert 0.1 < lr_at(cfg, 99) < 0.1 + 1e-3 and lr_at(cfg, 100) == pytest.approx(0.1)  # last step: at the floor
+    decay = [lr_at(cfg, s) for s in range(10, 100)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    short = _cfg(steps=5, warmup=10)  # warm-up not below steps: still rising at the end, never past the peak
+    assert [lr_at(short, s) for s in range(5)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert lr_at(_cfg(warmup=0), 0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("pe", ALL_SCHEMES)
+def test_optimizer_groups_decay_matrices_and_scale_only_the_schemes_own_parameters(pe):
+    from lenx.model import LenxForCausalLM
+    from lenx.train import build_optimizer, lr_at, set_lr
+
+    cfg = _cfg(pos_lr_mult=7.0, weight_decay=0.1, beta1=0.8, beta2=0.9)
+    model = LenxForCausalLM(tiny_config(pe))
+    opt = build_optimizer(model, cfg)
+    assert model.lm_head.weight is model.wte.weight
+    own = {id(p) for p in model.pe.parameters()}
+    matrices = [p for p in model.parameters() if id(p) not in own and p.dim() >= 2]
+    rest = [p for p in model.parameters() if id(p) not in own and p.dim() < 2]  # LayerNorm weights and biases
+    by_mult = {}
+    for g in opt.param_groups:
+        by_mult.setdefault((g["lr_mult"], g["weight_decay"]), []).extend(map(id, g["params"]))
+    assert sorted(by_mult.pop((1.0, 0.1))) == sorted(map(id, matrices))  # wte (= lm_head) once, block matrices
+    assert sorted(by_mult.pop((1.0, 0.0))) == sorted(map(id, rest))
+    assert sorted(by_mult.pop((7.0, 0.0), [])) == sorted(own)
+    assert not by_mult and (len(own) > 0) == get_scheme(pe).learned
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    for step in (0, 5, 10, 60, 99):  # the multiplier scales the schedule, for the scheme's group only
+        set_lr(opt, cfg, step)
+        for g in opt.param_groups:
+            assert g["lr"] == pytest.approx(cfg.lr * lr_at(cfg, step) * g["lr_mult"])
+    assert all(g["betas"] == (0.8, 0.9) and g["fused"] for g in opt.param_groups)
+
+
+def get_scheme(pe):
+    from lenx.positional import get_scheme as get
+
+    return get(pe)
+
+
+def _record_training(monkeypatch, tmp_path, text_dataset, pe, *args, name=None):
+    """Train and record each step's batch and its gradient norm before clipping."""
+    from lenx import train as train_module
+
+    batches, norms = [], []
+    get_batch, clip = train_module.get_batch, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(train_module, "get_batch", lambda *a: batches.append(get_batch(*a)) or batches[-1])
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: norms.append(clip(*a, **k)) or norms[-1])
+    out = tmp_path / (name or pe)
+    assert main(["train", "--pe", pe, *TINY[:-4], "--steps", "4", "--save-every", "1000", "--precision", "fp32",
+                 "--dataset", str(text_dataset), "--out", str(out), *args]) == 0
+    monkeypatch.undo()
+    from safetensors.torch import load_file
+
+    return batches, torch.stack(norms), load_file(out / "model.safetensors"), out
+
+
+def test_every_scheme_sees_the_same_batches(monkeypatch, tmp_path, text_dataset):
+    """The data order is a function of the seed alone: two schemes trained with one seed read the same windows."""
+    seen = {pe: _record_training(monkeypatch, tmp_path, text_dataset, pe)[0] for pe in ("nope", "learned", "t5")}
+    assert len(seen["nope"]) == 4
+    for pe in seen:
+        assert all(torch.equal(a, b) for a, b in zip(seen[pe], seen["nope"], strict=True)), pe
+    assert not torch.equal(seen["nope"][0], seen["nope"][1])
+    other = _record_training(monkeypatch, tmp_path, text_dataset, "nope", "--seed", "1", name="s1")[0]
+    assert not torch.equal(other[0], seen["nope"][0])
+
+
+def test_gradient_accumulation_equals_the_whole_batch(monkeypatch, tmp_path, text_dataset):
+    """--batch-size 8 and --batch-size 4 --grad-accum 2 (and 2 x 4): the same gradient before clipping at every step
+    (a mean over the global batch, not a sum over micro-batches) and the same weights after."""
+    runs = {(b, k): _record_training(monkeypatch, tmp_path, text_dataset, "learned", "--batch-size", str(b),
+                                     "--grad-accum", str(k), name=f"b{b}k{k}") for b, k in ((8, 1), (4, 2), (2, 4))}
+    _, ref_norms, ref_weights, _ = runs[(8, 1)]
+    for key, (_, norms, weights, _) in runs.items():
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=0, msg=lambda m: f"{key}: {m}")
+        for name in ref_weights:
+            torch.testing.assert_close(weights[name], ref_weights[name], rtol=0, atol=1e-5)
+
+
+def test_training_loss_is_next_token_cross_entropy_of_the_window(monkeypatch, tmp_path, text_dataset):
+    """The first logged loss (before any update) is the mean next-token loss of the initial model on step 0's
+    windows: inputs are tokens 0..T-1, targets tokens 1..T, every position counted once."""
+    from lenx.model import LenxForCausalLM
+
+    batches, _, _, out = _record_training(monkeypatch, tmp_path, text_dataset, "rope", "--steps", "1")
+    logged = float((out / "train_log.csv").read_text().splitlines()[1].split(",")[1])
+    config = json.loads((out / "config.json").read_text())
+    torch.manual_seed(0)
+    model = LenxForCausalLM(tiny_config("rope", **{k: config[k] for k in (
+        "vocab_size", "n_layer", "d_model", "n_head", "d_ff", "train_len", "eod_token_id")}))
+    window = batches[0]
+    assert window.shape == (8, 17)
+    with torch.no_grad():
+        expected = model(window, labels=window).loss
+    assert logged == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_recorded_mfu_is_the_papers_flop_count_over_the_peak(monkeypatch, tmp_path, text_dataset):
+    """run.json's mfu = tokens/s x (6 N + 12 L d T) / peak, N the matrices a token passes through (the tied
+    embedding once), counted here from the model itself."""
+    from safetensors.torch import load_file
+
+    from lenx import perf
+
+    monkeypatch.setattr(perf, "matmul_peak", lambda device, dtype: 1e9)
+    out = tmp_path / "run"
+    assert main(["train", "--pe", "nope", *TINY, "--steps", "20", "--precision", "fp32",
+                 "--dataset", str(text_dataset), "--out", str(out)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    weights = load_file(out / "model.safetensors")
+    n = sum(w.numel() for k, w in weights.items() if w.dim() == 2 and k != "lm_head.weight")
+    layers, d, T = info["config"]["layers"], info["config"]["d_model"], info["config"]["train_len"]
+    flops = 6 * n + 12 * layers * d * T
+    assert info["precision"] == "fp32" and info["mfu"] == pytest.approx(info["tokens_per_s"] * flops / 1e9, abs=2e-4)
+
+
+@pytest.mark.parametrize("pe", ["learned", "kerple-log"])
+def test_a_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(pe, tmp_path, text_dataset,
+                                                                                  monkeypatch):
+    """Schemes with parameters of their own (their pos_lr_mult group, KERPLE's in-place projection): a run stopped
+    after its checkpoint at step 3 and resumed ends bit-identical to one never stopped."""
+    from safetensors.torch import load_file
+
+    from lenx import train as train_module
+
+    args = ["train", "--pe", pe, *TINY[:-4], "--steps", "6", "--save-every", "3", "--precision", "fp32",
+            "--dataset", str(text_dataset)]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    get_batch = train_module.get_batch
+
+    def stop_at_4(stream, cfg, step, rows):
+        if step == 4:
+            raise KeyboardInterrupt
+        return get_batch(stream, cfg, step, rows)
+
+    monkeypatch.setattr(train_module, "get_batch", stop_at_4)
+    assert main([*args, "--out", str(tmp_path / "cut")]) != 0
+    assert json.loads((tmp_path / "cut" / "latest.json").read_text())["step"] == 3
+    monkeypatch.undo()
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
