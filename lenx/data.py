@@ -253,9 +253,10 @@ def _split_documents(named_texts: list[tuple[str, str]], dedup: bool = True) -> 
     otherwise (few documents, or none hashed to test) the last goes to test and the one before to validation;
     one document is cut 90/5/5 by characters. A document whose exact text (not blank) is already in an earlier
     split (train, then validation) is dropped from the later one: the same file under two names must not be both
-    trained on and scored."""
+    trained on and scored. (The three parts of a cut text are never dropped: a periodic text's parts can be equal.)"""
     splits = _split_documents_as_named(named_texts)
-    return _drop_repeats(splits) if dedup else splits
+    whole = len(named_texts) >= 3  # documents go to splits whole; fewer are one text cut in three, not copies
+    return _drop_repeats(splits) if dedup and whole else splits
 
 
 def _drop_repeats(splits: dict[str, list[str]]) -> dict[str, list[str]]:

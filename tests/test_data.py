@@ -555,3 +555,14 @@ def test_eval_on_another_corpus_keeps_its_own_rows(text_dataset, tmp_path, cache
     assert sorted(df["dataset"]) == sorted([str(text_dataset), "files"]) and df["ppl"].notna().all()
     assert df["dataset_fingerprint"].nunique() == 2 and (df["tokenizer"] == "bpe:300").all()
     one_line_error(capsys, lenx("eval", out, "--text-field", "body", "--out", res), "--text-field", "--dataset")
+
+
+def test_a_single_periodic_text_keeps_its_test_split():
+    """One .txt is cut 90/5/5 by characters; in a periodic text the validation and test parts can be the same
+    characters, and they are parts of one document, not two copies of it: neither is dropped."""
+    from lenx.data import _split_documents
+
+    text = "gamma delta epsilon " * 200
+    splits = _split_documents([("b.txt", text)])
+    assert splits["validation"] == splits["test"] != [] and "".join(sum(splits.values(), [])) == text
+
