@@ -116,7 +116,6 @@ def mean(ctx: Context, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-
 def stop(how: str, message: str = "") -> tuple[int, str, str] | None:
     """This process is stopping (`how`: "failed" or "interrupted", with its error `message`). The first process of
     the job to stop records (rank, how, message) in the store; then the process group is aborted, so that a
