@@ -235,20 +235,21 @@ def _hashed(named_texts: list[tuple[str, str]]) -> bool:
     return len(named_texts) >= 20 and any(_split_of(name) == "test" for name, _ in named_texts)
 
 
-def _local_fingerprint(named_texts: list[tuple[str, str]]) -> str:
-    """The fingerprint of a corpus split by `_split_documents` (keys its token cache): the text's, marked where
+def _local_corpus(label: str, named_texts: list[tuple[str, str]]) -> Corpus:
+    """A corpus split by `_split_documents`, and its fingerprint (keys its token cache): the text's, marked where
     20 or more documents are split in order because none hashed to test (lenx used to hash them all the same,
     leaving test empty: a train split cached then holds this one's test document and must not be read), and
     where documents repeated across splits were dropped (lenx used to keep them: a validation or test split
     cached then holds text of the training split)."""
-    ordered = len(named_texts) >= 20 and not _hashed(named_texts)
-    marks = [("split", "in order")] if ordered else []
-    if _split_documents(named_texts, dedup=False) != _split_documents(named_texts):
+    splits = _split_documents(named_texts)
+    marks = [("split", "in order")] if len(named_texts) >= 20 and not _hashed(named_texts) else []
+    # whole documents each go to one split, so fewer than were given means repeats were dropped
+    if len(named_texts) >= 3 and sum(map(len, splits.values())) < len(named_texts):
         marks.append(("split", "cross-split duplicates dropped"))
-    return _fingerprint([*marks, *named_texts])
+    return Corpus(label, _fingerprint([*marks, *named_texts]), {s: _Docs(d) for s, d in splits.items()})
 
 
-def _split_documents(named_texts: list[tuple[str, str]], dedup: bool = True) -> dict[str, list[str]]:
+def _split_documents(named_texts: list[tuple[str, str]]) -> dict[str, list[str]]:
     """Split (name, text) documents: by a hash of the name when there are enough of them (`_hashed`);
     otherwise (few documents, or none hashed to test) the last goes to test and the one before to validation;
     one document is cut 90/5/5 by characters. A document whose exact text (not blank) is already in an earlier
@@ -256,7 +257,7 @@ def _split_documents(named_texts: list[tuple[str, str]], dedup: bool = True) -> 
     trained on and scored. (The three parts of a cut text are never dropped: a periodic text's parts can be equal.)"""
     splits = _split_documents_as_named(named_texts)
     whole = len(named_texts) >= 3  # documents go to splits whole; fewer are one text cut in three, not copies
-    return _drop_repeats(splits) if dedup and whole else splits
+    return _drop_repeats(splits) if whole else splits
 
 
 def _drop_repeats(splits: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -449,7 +450,7 @@ def _load(spec: DataSpec) -> Corpus:
     if name == "stdlib":
         root, files = stdlib_files()
         named = [(p.relative_to(root).as_posix(), _read(p)) for p in files]
-        return Corpus("stdlib", _local_fingerprint(named), {s: _Docs(d) for s, d in _split_documents(named).items()})
+        return _local_corpus("stdlib", named)
     if name in HUB_DATASETS:
         return _load_hub(name, HUB_DATASETS[name])
     if name.startswith("hf:"):
@@ -459,7 +460,7 @@ def _load(spec: DataSpec) -> Corpus:
         return _load_hub(name, HubDataset(repo, config or None, spec.text_field))
     path = _local_path(name, "dataset")
     named = _nonempty(_load_local(path, spec.text_field), str(path))
-    return Corpus(str(path), _local_fingerprint(named), {s: _Docs(d) for s, d in _split_documents(named).items()})
+    return _local_corpus(str(path), named)
 
 
 def load_corpus(spec: Any) -> Corpus:
