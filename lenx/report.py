@@ -419,7 +419,7 @@ def saved_sweep(results_dir: Path) -> SavedSweep | None:
     return SavedSweep(path, str(raw.get("name", results_dir.name)), published, raw)
 
 
-def published_table(summary: pd.DataFrame, published: Path, df: pd.DataFrame | None = None) -> str | None:
+def published_table(summary: pd.DataFrame, published: Path, df: pd.DataFrame) -> str:
     """The paper's numbers beside ours, matched by scheme, training length and evaluation length (non-overlapping
     windows): 'lenx / paper' perplexity, then each side's ratio to its training length. What each side measured
     (the paper's `source`; our corpus, split, tokenizer) is said above the tables: perplexities of other
@@ -428,15 +428,13 @@ def published_table(summary: pd.DataFrame, published: Path, df: pd.DataFrame | N
     pub = pd.read_csv(published)
     pub = pub.assign(note=_text(pub["note"], "") if "note" in pub else "")
     ours = summary[summary["protocol"] == "nonoverlap"]
-    ppl = ours.set_index(["scheme", "train_len", "eval_len"])["ppl"]
-    rel = ours.set_index(["scheme", "train_len", "eval_len"])["rel_1x"]
+    indexed = ours.set_index(["scheme", "train_len", "eval_len"])
+    ppl, rel = indexed["ppl"], indexed["rel_1x"]
     source = next((str(x) for x in pub["source"] if pd.notna(x) and str(x).strip()), "") if "source" in pub else ""
-    lines = [f"Paper: {source or published.name}."]
-    if df is not None:
-        rows = df[_text(df["protocol"], "nonoverlap") == "nonoverlap"]
-        lines[-1] += (f" Ours: lenx, the test split of {', '.join(sorted(rows['dataset'].astype(str).unique()))}, "
-                      f"perplexity per token of tokenizer {', '.join(tokenizers(rows))}, non-overlapping windows."
-                      + tokens_text(rows))
+    rows = df[_text(df["protocol"], "nonoverlap") == "nonoverlap"]
+    lines = [f"Paper: {source or published.name}. Ours: lenx, the test split of "
+             f"{', '.join(sorted(rows['dataset'].astype(str).unique()))}, perplexity per token of tokenizer "
+             f"{', '.join(tokenizers(rows))}, non-overlapping windows." + tokens_text(rows)]
     lines += ["", "Perplexities measured on other tokens (words vs subwords or bytes), splits or corpora differ in value "
               "for reasons other than position: compare the shapes, each scheme's ratio to its training length "
               "(the second table), more than the values."]
