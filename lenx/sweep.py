@@ -108,7 +108,7 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
     from .data import DataSpec
     from .evaluate import _key, cell_keys, check_settings, load_results
     from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
-    from .train import check_run_dir
+    from .train import check_run_dir, precision_dtype, resolve_precision
 
     efficiency = _efficiency(spec, device)
     table = load_results(spec.results_dir) if spec.results_dir.exists() else None
@@ -125,7 +125,7 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
                 f"a vocabulary of {ASSUMED_VOCAB:,} (GPT-2's)")
             vocab = vocab or ASSUMED_VOCAB
             # the peak of the precision the run trains in (bf16 on CUDA under auto), as its MFU is measured
-            peak = matmul_peak(device, precision_dtype(cfg.precision, device)) * efficiency
+            peak = matmul_peak(device, precision_dtype(resolve_precision(cfg.precision, device))) * efficiency
             fpt = train_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, cfg.train_len)
             state = check_run_dir(run_dir, cfg, world, f"delete it or set another runs_dir in {spec.path}")
             start = _checkpoint_step(run_dir) if state == "resume" else 0
@@ -176,14 +176,6 @@ def vocab_size(cfg, run_dir: Path) -> int | None:
         return HFTokenizer.load(cfg.tokenizer, local_only=True).vocab_size
     except LenxError:
         return None
-
-
-def precision_dtype(precision: str, device: str):
-    import torch
-
-    from .train import resolve_precision
-
-    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32
 
 
 def _cell_name(cell: dict) -> str:

@@ -70,6 +70,11 @@ def _cpu_has_native_bf16() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The matmul dtype of a resolved precision ("fp32" or "bf16")."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def autocast(precision: str, device: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
@@ -484,6 +489,6 @@ def _mfu(cfg: TrainConfig, vocab: int, tps: float, device: str, precision: str) 
     """Model FLOPs utilisation against a matrix-multiply peak measured now, at the run's precision."""
     from .perf import matmul_peak, train_flops_per_token
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = precision_dtype(precision)
     flops = train_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, cfg.train_len)
     return round(tps * flops / matmul_peak(device, dtype), 4)
