@@ -713,13 +713,18 @@ def get_tokenizer(name: str, dataset: Any = None, progress: bool = True) -> Toke
         raise LenxError(f"tokenizer '{name}' is trained on a dataset; none was given")
     corpus = load_corpus(dataset)
     path = cache_dir() / "tokenizers" / f"bpe{size}-{corpus.fingerprint}.json"
+    tok = None
     if path.exists():
         try:
-            return BPETokenizer.from_file(path, name)
+            tok = BPETokenizer.from_file(path, name)
         except Exception:  # unreadable: train it again below
             pass
-    tok = BPETokenizer.train(name, size, corpus, progress)
-    write_text(path, tok.tk.to_str())
+    if tok is None:
+        tok = BPETokenizer.train(name, size, corpus, progress)
+        write_text(path, tok.tk.to_str())
+    if tok.vocab_size != size:  # the trainer stops when no pair is left to merge
+        raise LenxError(f"tokenizer '{name}': the training split of '{corpus.name}' has too little text for {size} "
+                        f"tokens (it gives {tok.vocab_size}); use bpe:{tok.vocab_size} or fewer, or more text")
     return tok
 
 

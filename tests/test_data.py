@@ -316,9 +316,22 @@ def test_bpe_is_trained_on_the_training_split_only(tmp_path, cache):
     root.mkdir()
     for i in range(3):
         (root / f"{i}.txt").write_text(("zzqq " if i == 2 else "abab ") * 200)  # 3 documents: the last is test
-    tok = get_tokenizer("bpe:400", str(root))
+    tok = get_tokenizer("bpe:260", str(root))
     vocab = tok.tk.get_vocab()
     assert any("ab" in t for t in vocab) and not any("zq" in t or "qz" in t for t in vocab)
+
+
+def test_bpe_vocab_size_the_training_text_cannot_reach_is_one_line(tmp_path, cache, capsys):
+    """The trainer stops when no pair is left to merge: a run named bpe:<n> never has fewer than n tokens."""
+    root = tmp_path / "c"
+    root.mkdir()
+    for i, text in enumerate(["abab " * 50, "cdcd " * 50, "efef", "ghgh"]):
+        (root / f"{i}.txt").write_text(text)
+    code = lenx("train", "--pe", "nope", *TINY, "--dataset", root, "--tokenizer", "bpe:400", "--out", tmp_path / "r")
+    # 256 bytes + end of document + 3 merges each for 'abab' and 'cdcd' (ab, abab, Ġabab); the last two are not train
+    one_line_error(capsys, code, "bpe:400", "too little text", "use bpe:263 or fewer")
+    assert not (tmp_path / "r").exists()
+    assert get_tokenizer("bpe:263", str(root)).vocab_size == 263  # the size it names is reached exactly
 
 
 def test_document_tokens_are_the_split_documents(bpe300, text_dataset, cache):
