@@ -631,12 +631,15 @@ class HFTokenizer(Tokenizer):
         self.fingerprint = "hf-" + h.hexdigest()[:16]
         self.byte_level = '"ByteLevel"' in backend
         special = set(tok.all_special_ids) | {self.eod_id}
+        added = tok.get_added_vocab()  # spelled as plain text, also in a byte-level vocabulary
         dec = _byte_decoder()
         self.byte_lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in vocab.items():
             if i in special or i >= self.vocab_size:
                 continue
-            if self.byte_level and all(c in dec for c in token):
+            if token in added:
+                self.byte_lengths[i] = len(token.encode())
+            elif self.byte_level and all(c in dec for c in token):
                 self.byte_lengths[i] = len(token)  # exact: one alphabet character per byte
             elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
                 self.byte_lengths[i] = 1  # sentencepiece byte fallback

@@ -387,6 +387,20 @@ def test_transformers_tokenizer_from_a_local_directory(bpe300, text_dataset, tmp
     assert lenx("eval", out, "--lengths", "16", "--tokens", "32", "--out", tmp_path / "res") == 0
 
 
+def test_added_tokens_of_a_byte_level_tokenizer_count_their_utf8_bytes(bpe300, tmp_path, cache):
+    """An added token is spelled as text, not in the byte-level alphabet ('é' there is the one byte 0xE9)."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    bpe300.tk.add_tokens([AddedToken("café", normalized=False), "ü", "<tool>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe300.tk).save_pretrained(tmp_path / "added")
+    tok = get_tokenizer(str(tmp_path / "added"))
+    text = "un café <tool> über ü"
+    ids = tok.encode(text)
+    assert {"café", "ü", "<tool>"} <= set(tok.tok.convert_ids_to_tokens(ids))
+    assert tok.token_bytes(ids) == len(text.encode("utf-8"))
+
+
 def test_a_tokenizer_that_adds_bos_gets_none_in_the_stream(bpe300, text_dataset, tmp_path, cache):
     """A Llama-style tokenizer adds BOS (and here EOS) to every encoding by itself; lenx's streams hold each document's
     text tokens and one end-of-document token, no BOS, in training and evaluation alike (README)."""
