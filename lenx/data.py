@@ -711,6 +711,10 @@ def get_tokenizer(name: str, dataset: Any = None, progress: bool = True) -> Toke
                 not Path(name).expanduser().exists():  # not a hub id ("name" or "org/name"): a path, and not there
             raise LenxError(f"--tokenizer {name}: no such directory; give a tokenizer directory, a hub name, byte or "
                             "bpe:<vocab_size>")
+        path = Path(name).expanduser()
+        if path.is_dir() and not any(path.iterdir()):
+            raise LenxError(f"--tokenizer {name}: the directory is empty; save a tokenizer there (save_pretrained: "
+                            "tokenizer.json, tokenizer_config.json) or use byte or bpe:<vocab_size>")
         return HFTokenizer.load(name)
     if dataset is None:
         raise LenxError(f"tokenizer '{name}' is trained on a dataset; none was given")

@@ -467,6 +467,11 @@ def test_bad_tokenizer_names_are_one_line(capsys, tmp_path):
     code = lenx("train", "--pe", "nope", *TINY, "--tokenizer", missing, "--out", tmp_path / "d")
     one_line_error(capsys, code, f"--tokenizer {missing}: no such directory")
     assert not (tmp_path / "d").exists()
+    # a directory with no tokenizer in it says so, not what the loader tried
+    (tmp_path / "empty").mkdir()
+    code = lenx("train", "--pe", "nope", *TINY, "--tokenizer", tmp_path / "empty", "--out", tmp_path / "e")
+    one_line_error(capsys, code, f"--tokenizer {tmp_path / 'empty'}: the directory is empty", "save_pretrained")
+    assert not (tmp_path / "e").exists()
 
 
 # ---------------------------------------------------------------- hub names, offline
