@@ -631,12 +631,15 @@ class HFTokenizer(Tokenizer):
         self.fingerprint = "hf-" + h.hexdigest()[:16]
         self.byte_level = '"ByteLevel"' in backend
         special = set(tok.all_special_ids) | {self.eod_id}
+        added = tok.get_added_vocab()  # spelled as plain text, also in a byte-level vocabulary
         dec = _byte_decoder()
         self.byte_lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in vocab.items():
             if i in special or i >= self.vocab_size:
                 continue
-            if self.byte_level and all(c in dec for c in token):
+            if token in added:
+                self.byte_lengths[i] = len(token.encode())
+            elif self.byte_level and all(c in dec for c in token):
                 self.byte_lengths[i] = len(token)  # exact: one alphabet character per byte
             elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
                 self.byte_lengths[i] = 1  # sentencepiece byte fallback
@@ -708,18 +711,27 @@ def get_tokenizer(name: str, dataset: Any = None, progress: bool = True) -> Toke
                 not Path(name).expanduser().exists():  # not a hub id ("name" or "org/name"): a path, and not there
             raise LenxError(f"--tokenizer {name}: no such directory; give a tokenizer directory, a hub name, byte or "
                             "bpe:<vocab_size>")
+        path = Path(name).expanduser()
+        if path.is_dir() and not any(path.iterdir()):
+            raise LenxError(f"--tokenizer {name}: the directory is empty; save a tokenizer there (save_pretrained: "
+                            "tokenizer.json, tokenizer_config.json) or use byte or bpe:<vocab_size>")
         return HFTokenizer.load(name)
     if dataset is None:
         raise LenxError(f"tokenizer '{name}' is trained on a dataset; none was given")
     corpus = load_corpus(dataset)
     path = cache_dir() / "tokenizers" / f"bpe{size}-{corpus.fingerprint}.json"
+    tok = None
     if path.exists():
         try:
-            return BPETokenizer.from_file(path, name)
+            tok = BPETokenizer.from_file(path, name)
         except Exception:  # unreadable: train it again below
             pass
-    tok = BPETokenizer.train(name, size, corpus, progress)
-    write_text(path, tok.tk.to_str())
+    if tok is None:
+        tok = BPETokenizer.train(name, size, corpus, progress)
+        write_text(path, tok.tk.to_str())
+    if tok.vocab_size != size:  # the trainer stops when no pair is left to merge
+        raise LenxError(f"tokenizer '{name}': the training split of '{corpus.name}' has too little text for {size} "
+                        f"tokens (it gives {tok.vocab_size}); use bpe:{tok.vocab_size} or fewer, or more text")
     return tok
 
 

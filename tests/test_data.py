@@ -316,9 +316,22 @@ def test_bpe_is_trained_on_the_training_split_only(tmp_path, cache):
     root.mkdir()
     for i in range(3):
         (root / f"{i}.txt").write_text(("zzqq " if i == 2 else "abab ") * 200)  # 3 documents: the last is test
-    tok = get_tokenizer("bpe:400", str(root))
+    tok = get_tokenizer("bpe:260", str(root))
     vocab = tok.tk.get_vocab()
     assert any("ab" in t for t in vocab) and not any("zq" in t or "qz" in t for t in vocab)
+
+
+def test_bpe_vocab_size_the_training_text_cannot_reach_is_one_line(tmp_path, cache, capsys):
+    """The trainer stops when no pair is left to merge: a run named bpe:<n> never has fewer than n tokens."""
+    root = tmp_path / "c"
+    root.mkdir()
+    for i, text in enumerate(["abab " * 50, "cdcd " * 50, "efef", "ghgh"]):
+        (root / f"{i}.txt").write_text(text)
+    code = lenx("train", "--pe", "nope", *TINY, "--dataset", root, "--tokenizer", "bpe:400", "--out", tmp_path / "r")
+    # 256 bytes + end of document + 3 merges each for 'abab' and 'cdcd' (ab, abab, Ġabab); the last two are not train
+    one_line_error(capsys, code, "bpe:400", "too little text", "use bpe:263 or fewer")
+    assert not (tmp_path / "r").exists()
+    assert get_tokenizer("bpe:263", str(root)).vocab_size == 263  # the size it names is reached exactly
 
 
 def test_document_tokens_are_the_split_documents(bpe300, text_dataset, cache):
@@ -372,6 +385,20 @@ def test_transformers_tokenizer_from_a_local_directory(bpe300, text_dataset, tmp
     assert (out / "tokenizer" / "tokenizer.json").exists()
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 301
     assert lenx("eval", out, "--lengths", "16", "--tokens", "32", "--out", tmp_path / "res") == 0
+
+
+def test_added_tokens_of_a_byte_level_tokenizer_count_their_utf8_bytes(bpe300, tmp_path, cache):
+    """An added token is spelled as text, not in the byte-level alphabet ('é' there is the one byte 0xE9)."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    bpe300.tk.add_tokens([AddedToken("café", normalized=False), "ü", "<tool>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe300.tk).save_pretrained(tmp_path / "added")
+    tok = get_tokenizer(str(tmp_path / "added"))
+    text = "un café <tool> über ü"
+    ids = tok.encode(text)
+    assert {"café", "ü", "<tool>"} <= set(tok.tok.convert_ids_to_tokens(ids))
+    assert tok.token_bytes(ids) == len(text.encode("utf-8"))
 
 
 def test_a_tokenizer_that_adds_bos_gets_none_in_the_stream(bpe300, text_dataset, tmp_path, cache):
@@ -440,6 +467,11 @@ def test_bad_tokenizer_names_are_one_line(capsys, tmp_path):
     code = lenx("train", "--pe", "nope", *TINY, "--tokenizer", missing, "--out", tmp_path / "d")
     one_line_error(capsys, code, f"--tokenizer {missing}: no such directory")
     assert not (tmp_path / "d").exists()
+    # a directory with no tokenizer in it says so, not what the loader tried
+    (tmp_path / "empty").mkdir()
+    code = lenx("train", "--pe", "nope", *TINY, "--tokenizer", tmp_path / "empty", "--out", tmp_path / "e")
+    one_line_error(capsys, code, f"--tokenizer {tmp_path / 'empty'}: the directory is empty", "save_pretrained")
+    assert not (tmp_path / "e").exists()
 
 
 # ---------------------------------------------------------------- hub names, offline
