@@ -229,6 +229,23 @@ def test_bad_config_file_names_the_key(tmp_path, capsys):
     one_line_error(capsys, lenx("train", "--config", cfg), "is a sweep config", f"lenx sweep --config {cfg}")
 
 
+def test_config_reads_exponent_floats_without_a_dot(tmp_path, capsys, monkeypatch):
+    """`lr: 1e-3` is a number (YAML 1.1 reads it as text without a dot, and it was refused as "must be float, got
+    '1e-3'"), in a training config, a scheme's options and a sweep's train: section."""
+    import json
+
+    cfg, run = tmp_path / "c.yaml", tmp_path / "run"
+    cfg.write_text("lr: 1e-3\nwarmup: 2\npe_options: {base: 5e+4}\n")
+    assert lenx("train", "--pe", "rope", "--config", cfg, *TINY, "--out", run) == 0
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["lr"] == 1e-3 and config["pe_options"] == {"base": 5e4}
+    sweep = tmp_path / "s.yaml"
+    monkeypatch.chdir(tmp_path)  # the sweep's runs/ and results/ directories, if any
+    sweep.write_text("schemes: [alibi]\ntrain: {lr: 3E-4, steps: 2, train_len: 16}\neval: {tokens: 64}\n")
+    capsys.readouterr()
+    assert lenx("sweep", "--config", sweep, "--dry-run") == 0
+
+
 def test_console_script_has_no_traceback(tmp_path):
     """The installed entry point, in a real subprocess."""
     proc = subprocess.run([sys.executable, "-m", "lenx", "train", "--pe", "bogus"], capture_output=True, text=True,
