@@ -541,7 +541,7 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
             Section(f"Perplexity ({protocol})", f"Test-split perplexity over {seeds_text(part)}" + (
                     ": the geometric mean (the exp of the seeds' mean loss) and its 95% confidence interval [low–high] "
                     "(Student t on log perplexity, so never below zero; none with one seed)."
-                    if part["evaluated_seeds"].max() > 1 else ".") + tokens_text(df[_text(df["protocol"], "nonoverlap") == protocol])
+                    if part["evaluated_seeds"].max() > 1 else ".") + tokens_text(df[protocol_label(df) == protocol])
                     + " Columns: evaluation length (multiple "
                     "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
                     "test document is that long).", to_markdown(wide(part, ppl_cell), names)),

@@ -776,3 +776,17 @@ def test_report_says_how_many_tokens_each_perplexity_is_over(tmp_path):
     md = report(tmp_path).read_text()
     assert "Each cell scores 4,096 tokens per seed." in md  # nonoverlap; the learned cell scored none
     assert "Each cell scores 1,024–4,096 tokens per seed" in md  # truncate: fewer documents qualify at 32
+
+
+def test_report_says_how_many_tokens_a_sliding_window_perplexity_is_over(tmp_path):
+    """The sliding section, titled by its stride ('sliding (stride 8)'), says its token count as the others do."""
+    from lenx.report import report
+
+    rows = [result_row("rope", 0, L, 10.0, tokens=t, protocol="sliding", stride=s)
+            for L, t, s in ((16, 2048, 8), (32, 2048, 8), (16, 512, 4))]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    assert "## Perplexity (sliding (stride 8))" in md and "## Perplexity (sliding (stride 4))" in md
+    stride8 = md.split("## Perplexity (sliding (stride 8))")[1].split("##")[0]
+    stride4 = md.split("## Perplexity (sliding (stride 4))")[1].split("##")[0]
+    assert "Each cell scores 2,048 tokens per seed." in stride8 and "Each cell scores 512 tokens per seed." in stride4
