@@ -778,6 +778,24 @@ def test_report_says_how_many_tokens_each_perplexity_is_over(tmp_path):
     assert "Each cell scores 1,024–4,096 tokens per seed" in md  # truncate: fewer documents qualify at 32
 
 
+def test_report_without_its_run_directories_says_so_instead_of_none(tmp_path):
+    """Run directories not found from here (report run elsewhere, or the results copied): the provenance says where
+    it looked, never 'torch_version: None' and a training config of `null`; HF models alone have no run.json."""
+    from lenx.report import report
+
+    rows = [result_row("rope", 0, L, 10.0, run_dir="runs/rope-s0", lenx_version="0.1.0", device="cpu",
+                       dataset_fingerprint="ab") for L in (16, 32)]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    prov = md.split("## Provenance")[1]
+    assert "None" not in prov and "null" not in prov and "Training config" not in prov
+    assert "No run.json found (run_dir: runs/rope-s0, from " in prov and "where `lenx eval` ran" in prov
+    hf = [{**r, "seed": float("nan"), "run": "gpt2", "pe": "gpt2/learned", "run_dir": "gpt2"} for r in rows]
+    pd.DataFrame(hf).to_csv(tmp_path / "results.csv", index=False)
+    prov = report(tmp_path).read_text().split("## Provenance")[1]
+    assert "None" not in prov and "null" not in prov and "run.json" not in prov
+
+
 def test_report_says_how_many_tokens_a_sliding_window_perplexity_is_over(tmp_path):
     """The sliding section, titled by its stride ('sliding (stride 8)'), says its token count as the others do."""
     from lenx.report import report
