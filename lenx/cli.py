@@ -85,7 +85,8 @@ def eval_(
     run_dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories [default: every run under runs/]."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest evaluation length: 1x, 2x, 4x ... the training length up to it, and itself [default: 16x train length]."),
     lengths: Optional[str] = typer.Option(None, help="Comma-separated evaluation lengths (overrides --max-len)."),
-    tokens: Optional[int] = typer.Option(None, help="Tokens scored at every length [default: max(65536, max length)]."),
+    tokens: Optional[int] = typer.Option(None, help="Tokens scored at every length, rounded up to a multiple of the longest "
+                                        "length [default: max(65536, max length)]."),
     out: Path = typer.Option(Path("results"), help="Results directory."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for runs when none is named."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] [default: cuda when present]."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,15 @@ _TYPES = {"int": int, "float": float, "str": str, "dict": dict, "str | None": st
 _FILE_KEYS = ("train_file", "validation_file", "test_file")
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that reads `1e-3` as the number it is: YAML 1.1 (PyYAML) wants a dot (`1.0e-3`) and reads it as
+    text, which a float setting then refused as "must be float, got '1e-3'"."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def read_yaml(path: str | Path) -> dict:
     """Safe YAML (never constructs Python objects). One clear line on any problem."""
     path = Path(path)
@@ -68,7 +78,7 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as e:
         raise LenxError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: never constructs Python objects
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "syntax error"
         raise LenxError(f"config file {path} is not valid YAML: {first}") from None

@@ -541,7 +541,7 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
             Section(f"Perplexity ({protocol})", f"Test-split perplexity over {seeds_text(part)}" + (
                     ": the geometric mean (the exp of the seeds' mean loss) and its 95% confidence interval [low–high] "
                     "(Student t on log perplexity, so never below zero; none with one seed)."
-                    if part["evaluated_seeds"].max() > 1 else ".") + tokens_text(df[_text(df["protocol"], "nonoverlap") == protocol])
+                    if part["evaluated_seeds"].max() > 1 else ".") + tokens_text(df[protocol_label(df) == protocol])
                     + " Columns: evaluation length (multiple "
                     "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
                     "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
@@ -577,8 +577,14 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
         sections.append(Section("Notes", "\n".join(notes)))
     prov = provenance(df)
     prov_text = "\n".join(f"- {k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
-                          for k, v in prov.items() if k != "training_config")
-    prov_text += "\n\nTraining config of the first run:\n\n```json\n" + json.dumps(prov["training_config"], indent=1) + "\n```"
+                          for k, v in prov.items() if k != "training_config" and v is not None)
+    if prov["training_config"] is not None:
+        prov_text += "\n\nTraining config of the first run:\n\n```json\n" + json.dumps(prov["training_config"], indent=1) + "\n```"
+    elif df["seed"].notna().any():  # lenx runs (an HF model's seed is empty) whose run_dir is not found from here
+        where = ", ".join(map(str, df.loc[df["seed"].notna(), "run_dir"].dropna().unique()[:3]))
+        prov_text += (f"\n\nNo run.json found (run_dir: {where}, from {Path.cwd()}): torch version, git commit, device "
+                      "name, training config and training curves are in the run directories; run `lenx report` "
+                      "where `lenx eval` ran.")
     if config is not None:
         prov_text += f"\n\nSweep config `{config.path}`:\n\n```yaml\n{config.path.read_text().strip()}\n```"
     sections.append(Section("Provenance", prov_text))

@@ -245,12 +245,28 @@ def identity(config: dict, world: int) -> dict:
     return out
 
 
-def check_run_dir(run_dir: Path, cfg: TrainConfig, world: int = 1,
-                  fix: str = "use another --out or pass --overwrite") -> str:
+_TRAIN_FIX = "use another --out or pass --overwrite"
+
+
+def _foreign_entries(run_dir: Path) -> list[str]:
+    """What a directory without run.json holds besides what a new run writes before its run.json (its tokenizer)
+    and temporary files of interrupted writes: names, sorted; none for a directory that does not exist."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir()
+                  if p.name not in ("tokenizer.json", "tokenizer") and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+
+def check_run_dir(run_dir: Path, cfg: TrainConfig, world: int = 1, fix: str = _TRAIN_FIX) -> str:
     """'new', 'resume' or 'done' for `cfg` in `run_dir`, changing nothing. Refuses a directory holding a
     different config; `fix` tells the caller's way out."""
     run_json = run_dir / "run.json"
     if not run_json.exists():
+        stray = _foreign_entries(run_dir)
+        if stray:  # e.g. --out results, --out runs, --out .: a later --overwrite would delete what else is there
+            raise LenxError(f"{run_dir} is not empty ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}) and "
+                            "holds no lenx run (no run.json); a run is trained into a new or empty directory: "
+                            + ("use another --out" if fix == _TRAIN_FIX else fix))
         return "new"
     try:
         info = json.loads(run_json.read_text())
@@ -274,8 +290,9 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, overwrite: bool, world: int
             raise LenxError(f"{run_dir} is not a lenx run directory (no run.json); --overwrite replaces only a run, "
                             "choose another --out")
         shutil.rmtree(run_dir)
+    state = check_run_dir(run_dir, cfg, world)  # refuses another config, and a non-empty directory that is no run
     if (run_dir / "run.json").exists():
-        return check_run_dir(run_dir, cfg, world)
+        return state
     try:
         check_writable(run_dir)
     except OSError as e:

@@ -229,6 +229,23 @@ def test_bad_config_file_names_the_key(tmp_path, capsys):
     one_line_error(capsys, lenx("train", "--config", cfg), "is a sweep config", f"lenx sweep --config {cfg}")
 
 
+def test_config_reads_exponent_floats_without_a_dot(tmp_path, capsys, monkeypatch):
+    """`lr: 1e-3` is a number (YAML 1.1 reads it as text without a dot, and it was refused as "must be float, got
+    '1e-3'"), in a training config, a scheme's options and a sweep's train: section."""
+    import json
+
+    cfg, run = tmp_path / "c.yaml", tmp_path / "run"
+    cfg.write_text("lr: 1e-3\nwarmup: 2\npe_options: {base: 5e+4}\n")
+    assert lenx("train", "--pe", "rope", "--config", cfg, *TINY, "--out", run) == 0
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["lr"] == 1e-3 and config["pe_options"] == {"base": 5e4}
+    sweep = tmp_path / "s.yaml"
+    monkeypatch.chdir(tmp_path)  # the sweep's runs/ and results/ directories, if any
+    sweep.write_text("schemes: [alibi]\ntrain: {lr: 3E-4, steps: 2, train_len: 16}\neval: {tokens: 64}\n")
+    capsys.readouterr()
+    assert lenx("sweep", "--config", sweep, "--dry-run") == 0
+
+
 def test_console_script_has_no_traceback(tmp_path):
     """The installed entry point, in a real subprocess."""
     proc = subprocess.run([sys.executable, "-m", "lenx", "train", "--pe", "bogus"], capture_output=True, text=True,
@@ -279,6 +296,8 @@ def test_help_prints_defaults_and_brackets_as_written(capsys):
     assert main(["train", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "[default: runs/<pe>-L<train_len>-s<seed>]" in text and "cpu or cuda[:N] [default: cuda when present]" in text
+    assert main(["eval", "--help"]) == 0  # --tokens 1000 at lengths up to 384 scores 1,152: the help says why
+    assert "rounded up to a multiple of the longest length" in " ".join(capsys.readouterr().out.split())
 
 
 def test_results_of_other_weights_are_refused(tmp_path, capsys):
@@ -759,3 +778,35 @@ def test_report_says_how_many_tokens_each_perplexity_is_over(tmp_path):
     md = report(tmp_path).read_text()
     assert "Each cell scores 4,096 tokens per seed." in md  # nonoverlap; the learned cell scored none
     assert "Each cell scores 1,024–4,096 tokens per seed" in md  # truncate: fewer documents qualify at 32
+
+
+def test_report_without_its_run_directories_says_so_instead_of_none(tmp_path):
+    """Run directories not found from here (report run elsewhere, or the results copied): the provenance says where
+    it looked, never 'torch_version: None' and a training config of `null`; HF models alone have no run.json."""
+    from lenx.report import report
+
+    rows = [result_row("rope", 0, L, 10.0, run_dir="runs/rope-s0", lenx_version="0.1.0", device="cpu",
+                       dataset_fingerprint="ab") for L in (16, 32)]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    prov = md.split("## Provenance")[1]
+    assert "None" not in prov and "null" not in prov and "Training config" not in prov
+    assert "No run.json found (run_dir: runs/rope-s0, from " in prov and "where `lenx eval` ran" in prov
+    hf = [{**r, "seed": float("nan"), "run": "gpt2", "pe": "gpt2/learned", "run_dir": "gpt2"} for r in rows]
+    pd.DataFrame(hf).to_csv(tmp_path / "results.csv", index=False)
+    prov = report(tmp_path).read_text().split("## Provenance")[1]
+    assert "None" not in prov and "null" not in prov and "run.json" not in prov
+
+
+def test_report_says_how_many_tokens_a_sliding_window_perplexity_is_over(tmp_path):
+    """The sliding section, titled by its stride ('sliding (stride 8)'), says its token count as the others do."""
+    from lenx.report import report
+
+    rows = [result_row("rope", 0, L, 10.0, tokens=t, protocol="sliding", stride=s)
+            for L, t, s in ((16, 2048, 8), (32, 2048, 8), (16, 512, 4))]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    assert "## Perplexity (sliding (stride 8))" in md and "## Perplexity (sliding (stride 4))" in md
+    stride8 = md.split("## Perplexity (sliding (stride 8))")[1].split("##")[0]
+    stride4 = md.split("## Perplexity (sliding (stride 4))")[1].split("##")[0]
+    assert "Each cell scores 2,048 tokens per seed." in stride8 and "Each cell scores 512 tokens per seed." in stride4

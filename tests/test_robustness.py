@@ -139,6 +139,26 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path, text_da
                 tmp_path / "empty", "--overwrite") == 0
 
 
+def test_a_run_is_never_trained_into_a_directory_holding_other_files(tmp_path, text_dataset, capsys):
+    """`--out runs` (or results, or .) trained a run among the files there; a later `--overwrite` of that directory,
+    now holding a run.json, deleted them all."""
+    runs = tmp_path / "runs"
+    assert lenx("train", "--pe", "nope", *SMALL, "--steps", "2", "--dataset", text_dataset, "--out", runs / "a") == 0
+    (runs / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    code = lenx("train", "--pe", "nope", *SMALL, "--steps", "2", "--dataset", text_dataset, "--out", runs)
+    one_line(capsys, code, f"{runs} is not empty (a, notes.txt) and holds no lenx run (no run.json)")
+    assert sorted(p.name for p in runs.iterdir()) == ["a", "notes.txt"]
+    one_line(capsys, lenx("train", "--pe", "nope", *SMALL, "--steps", "3", "--dataset", text_dataset, "--out", runs,
+                          "--overwrite"), "is not a lenx run directory")
+    assert (runs / "a" / "model.safetensors").exists() and (runs / "notes.txt").read_text() == "mine"
+    # what a new run writes before its run.json (its tokenizer; a temporary file) is no obstacle to rerunning it
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "tokenizer.json").write_text("{}")
+    (tmp_path / "b" / ".run.json.1.ab.tmp").write_text("")
+    assert lenx("train", "--pe", "nope", *SMALL, "--steps", "2", "--dataset", text_dataset, "--out", tmp_path / "b") == 0
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("robust")
