@@ -573,6 +573,11 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     if config is not None and config.published is not None:
         sections.append(Section("Published numbers", table=published_table(summary, config.published, df)))
     notes = note_lines(summary)
+    if ((_text(df["rope_scaling"], "none") == "dynamic-ntk") & df["rope_factor"].isna()).any():
+        notes.append("- dynamic-ntk: every scored window is as long as its evaluation length, so dynamic NTK (s = "
+                     "window length / training length) is NTK-aware scaling at s = evaluation length / training "
+                     "length, and its rows equal ntk's; the two differ only where a sequence grows token by token "
+                     "(generation with a cache).")
     if notes:
         sections.append(Section("Notes", "\n".join(notes)))
     prov = provenance(df)

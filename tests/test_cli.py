@@ -737,6 +737,22 @@ def test_one_seed_report_speaks_of_no_interval(tmp_path):
     assert "over 2 seed(s): the geometric mean" in md and "95% confidence interval" in md
 
 
+def test_dynamic_ntk_rows_say_why_they_equal_ntk(tmp_path):
+    """Every scored window has its evaluation length, so dynamic NTK is NTK-aware scaling at that length: equal
+    rows, which the report explains (a reader took them for a bug); with a given factor they differ, and no note."""
+    from lenx.report import report
+
+    rows = [result_row("rope", 0, L, 5.0 + L / 16, rope_scaling=m, rope_factor=L / 16 if m == "ntk" else float("nan"))
+            for L in (16, 32) for m in ("ntk", "dynamic-ntk")]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    assert "| rope+dynamic-ntk | 6.00 | 7.00 |" in md and "| rope+ntk | 6.00 | 7.00 |" in md
+    assert "its rows equal ntk's" in md
+    rows = [{**r, "rope_factor": 4.0} for r in rows]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    assert "its rows equal ntk's" not in report(tmp_path).read_text()
+
+
 def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():
     """The bar gives up room, not the loss and tokens/s text (which wrapped onto a second line at 80 columns)."""
     import io
