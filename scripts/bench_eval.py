@@ -62,7 +62,7 @@ def eager_scores_bytes(heads: int, length: int, dtype) -> int:
 
 
 def build_peer(args, cfg, dtype):
-    """The transformers peer args.peer, of cfg's size, or a note saying why it is not run at args.length."""
+    """The transformers peer args.peer, of cfg's size, and a note saying why it is not run at args.length (or "")."""
     from types import SimpleNamespace
 
     import torch
@@ -75,11 +75,11 @@ def build_peer(args, cfg, dtype):
     model.config.use_cache = False  # scoring a window, as lenx does: no KV cache to fill
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and args.length > limit:
-        return None, f"{args.peer.split(' ')[0]} has {limit} positions (max_position_embeddings)"
+        return model, f"{args.peer.split(' ')[0]} has {limit} positions (max_position_embeddings)"
     if model.config._attn_implementation == "eager":
         need = eager_scores_bytes(cfg.n_head, args.length, dtype) / 2**30
         if need > args.mem_budget:
-            return None, (f"skipped: eager attention needs ~{need:.3g} GiB of scores > --mem-budget "
+            return model, (f"skipped: eager attention needs ~{need:.3g} GiB of scores > --mem-budget "
                           f"{args.mem_budget:.3g} GiB")
     return model, ""
 
@@ -106,8 +106,8 @@ def worker(args) -> dict:
               "dtype": args.dtype, "backend": args.backend, "device": args.device, "threads": torch.get_num_threads()}
     if args.peer:
         model, note = build_peer(args, cfg, dtype)
-        result.update(peer_of=args.scheme, backend=model.config._attn_implementation if model else None)
-        if model is None:
+        result.update(peer_of=args.scheme, backend=model.config._attn_implementation)
+        if note:
             return {**result, "seconds": None, "peak_mb": None, "note": note}
     else:
         torch.manual_seed(0)
