@@ -53,7 +53,9 @@ PEERS = {"rope": "hf-llama (rope, sdpa)", "alibi": "hf-bloom (alibi, eager)", "l
 
 def eager_scores_bytes(heads: int, length: int, dtype) -> int:
     """Peak of transformers' eager attention in one layer (batch 1): the heads x L x L scores, the scores plus
-    the mask (a new tensor), their float32 softmax (and its cast back, unless float32), and the L x L float mask."""
+    the mask (a new tensor), their float32 softmax (and its cast back, unless float32), and the L x L float mask.
+    Scores only: at 4 layers, d 256, 4 heads, fp32 on CPU, 13 GiB at 16,384 tokens; Bloom's measured peak was
+    17.2 GiB."""
     import torch
 
     size = torch.finfo(dtype).bits // 8
