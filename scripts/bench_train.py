@@ -33,9 +33,11 @@ from lenx.positional import SCHEMES  # noqa: E402
 from lenx.train import compile_model  # noqa: E402
 
 
-def hf_models(a) -> dict:
+def hf_models(a, max_len: int | None = None) -> dict:
     """Randomly initialised peers. Llama's SwiGLU has three FFN matrices, so its intermediate size is 2/3 of
-    d_ff (LLaMA's own convention) to match the parameters and FLOPs of a two-matrix FFN of width d_ff."""
+    d_ff (LLaMA's own convention) to match the parameters and FLOPs of a two-matrix FFN of width d_ff.
+    GPT-2's position table has a.seq entries; max_len (default a.seq) is Llama's max_position_embeddings
+    (declared only: its default rotary embedding has no table). Bloom has no positional limit to set."""
     from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     # No dropout anywhere (lenx has none; GPT-2's config defaults to 0.1 in three places).
@@ -46,7 +48,7 @@ def hf_models(a) -> dict:
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)),
         "hf-llama (rope, sdpa)": lambda: LlamaForCausalLM(LlamaConfig(
             hidden_size=a.d_model, num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
-            intermediate_size=2 * a.d_ff // 3, max_position_embeddings=a.seq, tie_word_embeddings=True,
+            intermediate_size=2 * a.d_ff // 3, max_position_embeddings=max_len or a.seq, tie_word_embeddings=True,
             attn_implementation="sdpa", **common)),
         "hf-bloom (alibi, eager)": lambda: BloomForCausalLM(BloomConfig(
             hidden_size=a.d_model, n_layer=a.layers, n_head=a.heads, attn_implementation="eager", **common)),

@@ -199,6 +199,38 @@ def test_training_benchmark_reports_paired_ratios():
     assert rows["hf-llama (rope, sdpa)"]["vs_peer"] is None and all(r["tokens_per_s"] > 0 for r in rows.values())
 
 
+def test_eval_benchmark_reports_transformers_peers():
+    """scripts/bench_eval.py at a tiny size: each lenx scheme with a peer is followed by the transformers model's
+    row, the ratios are the rows' own peer / lenx figures, GPT-2 has no numbers past its position table (as
+    lenx-learned has none), and a Bloom length whose eager scores exceed --mem-budget is skipped with a note."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_eval.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--layers", "1", "--d-model", "32", "--heads", "2", "--train-len", "16",
+         "--multiples", "1,2", "--schemes", "alibi,learned", "--mem-budget", "0.00001", "--json"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    rows = {(r["scheme"], r["length"]): r for r in map(json.loads, out.splitlines())}
+    assert set(rows) == {(s, n) for s in ("nope (baseline)", "alibi", "hf-bloom (alibi, eager)", "learned",
+                                          "hf-gpt2 (learned, sdpa)") for n in (16, 32)}
+    for scheme, peer in (("alibi", "hf-bloom (alibi, eager)"), ("learned", "hf-gpt2 (learned, sdpa)")):
+        lenx, hf = rows[(scheme, 16)], rows[(peer, 16)]
+        assert lenx["peer"] == peer and hf["peer_of"] == scheme and hf["seconds"] > 0 and hf["note"] == ""
+        assert lenx["vs_peer_seconds"] == pytest.approx(hf["seconds"] / lenx["seconds"])
+        assert hf["peak_mb"] >= 0 and (lenx["vs_peer_peak_mb"] is None if not lenx["peak_mb"]
+                                       else lenx["vs_peer_peak_mb"] == pytest.approx(hf["peak_mb"] / lenx["peak_mb"]))
+    # 16 x 16 scores fit the budget (~7 KB), 32 x 32 (~28 KB) do not
+    assert rows[("hf-bloom (alibi, eager)", 32)]["note"].startswith("skipped: eager attention needs")
+    assert rows[("hf-gpt2 (learned, sdpa)", 32)]["note"] == "hf-gpt2 has 16 positions (max_position_embeddings)"
+    assert rows[("learned", 32)]["note"] and rows[("learned", 32)]["seconds"] is None
+    for scheme in ("alibi", "learned"):
+        assert rows[(scheme, 32)]["vs_peer_seconds"] is None and rows[(scheme, 32)]["vs_peer_peak_mb"] is None
+        assert rows[(scheme, 32)]["peer"]
+
+
 def test_every_scheme_starts_from_the_same_shared_weights():
     """Schemes differ only in their positional part: with one seed, token embeddings, blocks and final norm start
     identical for every scheme (a scheme's own parameters draw from a stream of their own), so a comparison at one
