@@ -74,7 +74,6 @@ def build_peer(args, cfg, dtype):
                            d_ff=cfg.d_ff, seq=cfg.train_len)
     torch.manual_seed(0)
     model = hf_models(dims, max_len=args.max_len)[args.peer]()
-    model.config.use_cache = False  # scoring a window, as lenx does: no KV cache to fill
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and args.length > limit:
         return model, f"{args.peer.split(' ')[0]} has {limit} positions (max_position_embeddings)"

@@ -40,8 +40,9 @@ def hf_models(a, max_len: int | None = None) -> dict:
     (declared only: its default rotary embedding has no table). Bloom has no positional limit to set."""
     from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    # No dropout anywhere (lenx has none; GPT-2's config defaults to 0.1 in three places).
-    common = dict(vocab_size=a.vocab, bos_token_id=a.vocab - 1, eos_token_id=a.vocab - 1)
+    # No dropout anywhere (lenx has none; GPT-2's config defaults to 0.1 in three places), and no KV cache filled
+    # while training or scoring a window (lenx has none; the config's default would make one every forward).
+    common = dict(vocab_size=a.vocab, bos_token_id=a.vocab - 1, eos_token_id=a.vocab - 1, use_cache=False)
     return {
         "hf-gpt2 (learned, sdpa)": lambda: GPT2LMHeadModel(GPT2Config(
             n_embd=a.d_model, n_layer=a.layers, n_head=a.heads, n_inner=a.d_ff, n_positions=a.seq, attn_implementation="sdpa",
