@@ -3,7 +3,8 @@
 
 Each contender gets the same random batches; steps (forward + backward + AdamW) are timed round-robin,
 one step per contender in turn, so that machine drift hits all alike. Tokens/s is the median over the
-timed steps; MFU is against a matrix-multiply peak measured in the same run, at the same precision.
+timed steps; MFU is against a matrix-multiply peak measured in every round of the same run (the
+median), at the same precision.
 A ratio is paired: each round's two step times, divided, then the median over rounds (the JSON also
 gives the quartiles), so that a slow round slows both sides of the ratio it enters.
 
@@ -113,6 +114,7 @@ def main() -> None:
         steps[name] = make_step(build, a, device)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g).to(device) for _ in range(a.warmup + a.steps)]
+    peaks = []  # the matmul peak, measured in every round like a contender: one slow moment cannot skew MFU
     for i, batch in enumerate(batches):  # round robin: one step of each contender in turn
         for name, (step, _) in steps.items():
             sync()
@@ -121,7 +123,9 @@ def main() -> None:
             sync()
             if i >= a.warmup:
                 times[name].append(time.perf_counter() - t0)
-    peak = matmul_peak(device, torch.bfloat16 if a.precision == "bf16" else torch.float32)
+        if i >= a.warmup:
+            peaks.append(matmul_peak(device, torch.bfloat16 if a.precision == "bf16" else torch.float32, seconds=0.2))
+    peak = statistics.median(peaks)
     flops = train_flops_per_token(a.d_model, a.layers, a.d_ff, a.vocab, a.seq)
     tokens = a.batch * a.seq
     rows = []
