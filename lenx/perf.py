@@ -24,8 +24,8 @@ def eval_flops_per_token(d_model: int, layers: int, d_ff: int, vocab: int, seq_l
     return train_flops_per_token(d_model, layers, d_ff, vocab, seq_len) / 3
 
 
-@lru_cache(maxsize=4)
-def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
+def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024,
+                        seconds: float = 0.5) -> float:
     """Sustained FLOP/s of an n x n matrix multiply on this device and dtype, measured now."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -39,3 +39,9 @@ def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int 
         reps += 1
     sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+@lru_cache(maxsize=4)
+def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """`measure_matmul_peak`, once per process for each device and dtype (a run's MFU, a sweep's estimates)."""
+    return measure_matmul_peak(device, dtype)

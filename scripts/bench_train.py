@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,9 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lenx.model import LenxConfig, LenxForCausalLM  # noqa: E402
-from lenx.perf import matmul_peak, train_flops_per_token  # noqa: E402
+from lenx.perf import measure_matmul_peak, train_flops_per_token  # noqa: E402
 from lenx.positional import SCHEMES  # noqa: E402
-from lenx.train import compile_model  # noqa: E402
+from lenx.train import autocast, compile_model, precision_dtype  # noqa: E402
 
 
 def hf_models(a, max_len: int | None = None) -> dict:
@@ -68,7 +67,7 @@ def make_step(build, a, device):
     model = build().to(device).train()
     fwd = compile_model(model) if a.compile else model  # as `lenx train --compile` does
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for every contender, as lenx trains
-    ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if a.precision == "bf16" else nullcontext()
+    ctx = autocast(a.precision, device)  # as `lenx train --precision` does
 
     def step(batch):
         with ctx:
@@ -124,7 +123,7 @@ def main() -> None:
             if i >= a.warmup:
                 times[name].append(time.perf_counter() - t0)
         if i >= a.warmup:
-            peaks.append(matmul_peak(device, torch.bfloat16 if a.precision == "bf16" else torch.float32, seconds=0.2))
+            peaks.append(measure_matmul_peak(device, precision_dtype(a.precision), seconds=0.2))  # not cached: anew
     peak = statistics.median(peaks)
     flops = train_flops_per_token(a.d_model, a.layers, a.d_ff, a.vocab, a.seq)
     tokens = a.batch * a.seq
