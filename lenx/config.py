@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import LenxError
+from .errors import LenxError, did_you_mean
 
 DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -95,7 +95,7 @@ def check_values(values: dict, source: str) -> dict:
     for key, value in values.items():
         key = str(key).replace("-", "_")
         if key not in _FIELDS:
-            raise LenxError(f"{source}: unknown key '{key}'; known keys: {', '.join(_FIELDS)}")
+            raise LenxError(f"{source}: unknown key '{key}'{did_you_mean(key, _FIELDS)}; known keys: {', '.join(_FIELDS)}")
         want = _TYPES[_FIELDS[key].type]
         if value is None and _FIELDS[key].type.endswith("| None"):
             out[key] = None
@@ -197,4 +197,4 @@ def validate(cfg: TrainConfig) -> None:
     from .attention import BACKENDS
 
     if cfg.attn_backend not in BACKENDS:
-        raise LenxError(f"unknown attention backend '{cfg.attn_backend}'; known: {', '.join(BACKENDS)}")
+        raise LenxError(f"unknown attention backend '{cfg.attn_backend}'{did_you_mean(cfg.attn_backend, BACKENDS)}; known: {', '.join(BACKENDS)}")

@@ -9,3 +9,12 @@ class LenxError(Exception):
 
 class LengthNotSupported(Exception):
     """A scheme cannot represent a sequence this long (e.g. learned positions past their table)."""
+
+
+def did_you_mean(value, known) -> str:
+    """' (did you mean 'x'?)' for the known name closest to a mistyped one (case ignored), else ''."""
+    import difflib
+
+    by_lower = {str(k).lower(): str(k) for k in known}
+    close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean '{by_lower[close[0]]}'?)" if close and by_lower[close[0]] != str(value) else ""

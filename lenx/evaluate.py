@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .config import TRAIN_KEYS, TrainConfig, check_values
 from .data import DataSpec, Tokenizer, document_tokens, load_corpus, load_run_tokenizer, token_stream
-from .errors import LengthNotSupported, LenxError
+from .errors import LengthNotSupported, LenxError, did_you_mean
 from .io import write_table
 from . import distributed
 from .runinfo import provenance, quiet_hf
@@ -296,7 +296,7 @@ def check_eval_options(opts: dict, names: dict = EVAL_FLAGS, where: str = "") ->
     scalings = _items(out["rope_scaling"])
     bad = [x for x in scalings if x not in ROPE_SCALINGS]
     if bad:
-        raise fail(f"unknown {names['rope_scaling']} {_shown(bad[0])}; known: {', '.join(ROPE_SCALINGS)}")
+        raise fail(f"unknown {names['rope_scaling']} {_shown(bad[0])}{did_you_mean(bad[0], ROPE_SCALINGS)}; known: {', '.join(ROPE_SCALINGS)}")
     out["rope_scaling"] = scalings or None
     factors = []
     for x in _items(out["rope_factor"]):
@@ -315,7 +315,7 @@ def check_eval_options(opts: dict, names: dict = EVAL_FLAGS, where: str = "") ->
     protocols = _items(out["protocols"])
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad:
-        raise fail(f"unknown protocol {_shown(bad[0])} in {names['protocols']}; known: {', '.join(PROTOCOLS)}")
+        raise fail(f"unknown protocol {_shown(bad[0])}{did_you_mean(bad[0], PROTOCOLS)} in {names['protocols']}; known: {', '.join(PROTOCOLS)}")
     out["protocols"] = list(dict.fromkeys(protocols)) or ["nonoverlap"]
     if out["stride"] is not None and "sliding" not in out["protocols"]:
         raise fail(f"{names['stride']} applies to the sliding protocol; add {names['protocols']} sliding "

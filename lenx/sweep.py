@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import TRAIN_KEYS, check_values, read_yaml, resolve
-from .errors import LenxError
+from .errors import LenxError, did_you_mean
 from .evaluate import EVAL_FLAGS, check_eval_options, run_lengths, scaling_plan
 from .positional.base import is_integer
 
@@ -41,7 +41,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise LenxError(f"{path} is a training config; train one run with `lenx train --config {path}`, or sweep with "
                         "a file of schemes: [...], seeds: [...] and these settings under train:")
     if unknown:
-        raise LenxError(f"{path}: unknown key '{sorted(unknown)[0]}'; known keys: {', '.join(sorted(TOP_KEYS))}")
+        raise LenxError(f"{path}: unknown key '{sorted(unknown)[0]}'{did_you_mean(sorted(unknown)[0], TOP_KEYS)}; known keys: {', '.join(sorted(TOP_KEYS))}")
     name = str(raw.get("name", path.stem))
     schemes = raw.get("schemes")
     if not isinstance(schemes, list) or not schemes or not all(isinstance(s, str) for s in schemes):
@@ -63,7 +63,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     check_values(train, f"{path}: train")
     bad = set(evals) - EVAL_KEYS - {"protocol"}
     if bad:
-        raise LenxError(f"{path}: unknown key 'eval.{sorted(bad)[0]}'; known: {', '.join(sorted(EVAL_KEYS))}")
+        raise LenxError(f"{path}: unknown key 'eval.{sorted(bad)[0]}'{did_you_mean(sorted(bad)[0], EVAL_KEYS)}; known: {', '.join(sorted(EVAL_KEYS))}")
     # eval: gets the checks `lenx eval` gives its flags, named eval.<key> of this file
     names, where = {k: f"eval.{k}" for k in EVAL_KEYS}, f"{path}: "
     if "protocol" in evals:  # as the flag spells it (--protocol)

@@ -144,6 +144,17 @@ def test_unknown_scheme_lists_known():
         get_scheme("nosuch")
 
 
+def test_mistyped_names_get_the_closest_known_one():
+    from lenx.errors import LenxError, did_you_mean
+    from lenx.positional import get_scheme
+
+    with pytest.raises(LenxError, match=r"'ALiBi' \(did you mean 'alibi'\?\); known schemes"):
+        get_scheme("ALiBi")
+    assert did_you_mean("kerple-pwr", ["kerple-log", "kerple-power"]) == " (did you mean 'kerple-power'?)"
+    assert did_you_mean("nosuch", ["rope", "alibi"]) == ""
+    assert did_you_mean("rope", ["rope"]) == ""  # a known name is not a typo of itself
+
+
 def test_scheme_names_are_data_and_each_module_loads_on_first_use():
     """The names and their order need no torch (the report orders its tables by them); a scheme's module is
     imported when it is first asked for, and the registry holds exactly the listed names, in their order."""

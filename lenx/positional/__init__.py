@@ -32,9 +32,9 @@ def registry() -> dict:
 def get_scheme(name: str):
     """The class of a scheme, its module imported (and so registered) on first use."""
     if name not in SCHEMES:
-        from ..errors import LenxError
+        from ..errors import LenxError, did_you_mean
 
-        raise LenxError(f"unknown positional scheme '{name}'; known schemes: {', '.join(SCHEMES)}")
+        raise LenxError(f"unknown positional scheme '{name}'{did_you_mean(name, SCHEMES)}; known schemes: {', '.join(SCHEMES)}")
     if name not in _registry:
         importlib.import_module(f".{SCHEMES[name]}", __name__)
     return _registry[name]
