@@ -153,11 +153,17 @@ NOT_EXPERIMENT = ("seed", "log_every", "save_every")  # left out of config_id: s
 
 def config_id(info: dict) -> str:
     """A short fingerprint of a run's training config (as `train.identity` compares configs) apart from its seed
-    and bookkeeping: runs that share it are seeds of one experiment, and `lenx report` pools only those."""
+    and bookkeeping: runs that share it are seeds of one experiment, and `lenx report` pools only those.
+    A transformers tokenizer is named by a path or hub name whose contents can change, so its fingerprint joins
+    the config (two tokenizers saved at one path are two experiments); `byte` and `bpe:<n>` (trained on the
+    run's text, which the results' dataset_fingerprint names) are fixed by their names, and keep their ids."""
     from .train import identity
 
-    ident = identity(info["config"], info.get("world_size", 1))
-    return short_hash({k: v for k, v in ident.items() if k not in NOT_EXPERIMENT})
+    ident = {k: v for k, v in identity(info["config"], info.get("world_size", 1)).items() if k not in NOT_EXPERIMENT}
+    tok = info.get("tokenizer") or {}
+    if tok.get("kind") == "hf" and tok.get("fingerprint"):
+        ident["tokenizer_fingerprint"] = tok["fingerprint"]
+    return short_hash(ident)
 
 
 def weights_id(run_dir: Path) -> str:

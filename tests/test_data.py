@@ -598,3 +598,19 @@ def test_a_single_periodic_text_keeps_its_test_split():
     splits = _split_documents([("b.txt", text)])
     assert splits["validation"] == splits["test"] != [] and "".join(sum(splits.values(), [])) == text
 
+
+
+def test_config_id_tells_transformers_tokenizers_apart_by_contents():
+    """Two tokenizers saved at one path in turn are two experiments, not seeds of one; byte and bpe:<n> runs keep
+    the ids they had (pinned: an id that changes splits old results tables from new ones in the report)."""
+    from lenx.config import TrainConfig
+    from lenx.evaluate import config_id
+
+    def info(name, kind, fingerprint, seed=0):
+        return {"config": {**TrainConfig().to_dict(), "tokenizer": name, "seed": seed},
+                "tokenizer": {"name": name, "kind": kind, "fingerprint": fingerprint}}
+
+    assert config_id(info("./tok", "hf", "hf-aaaa")) != config_id(info("./tok", "hf", "hf-bbbb"))
+    assert config_id(info("./tok", "hf", "hf-aaaa", seed=0)) == config_id(info("./tok", "hf", "hf-aaaa", seed=1))
+    assert config_id(info("byte", "byte", "byte-utf8-eod256")) == "b86a99"
+    assert config_id(info("bpe:512", "bpe", "bpe-1")) == config_id(info("bpe:512", "bpe", "bpe-2"))
