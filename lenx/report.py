@@ -520,10 +520,26 @@ def note_lines(summary: pd.DataFrame) -> list[str]:
     return [line for *_, line in sorted(lines, key=lambda t: t[:3])]
 
 
+def locate_runs(run_dirs: pd.Series, results_dir: Path) -> pd.Series:
+    """Run directories as the report can open them. `lenx eval` stores them as it was given them, often relative
+    to where it ran (runs/alibi); a relative one not found from here is looked for beside the results directory
+    and above it (a report of /proj/results run from elsewhere finds /proj/runs/alibi). Unfound: kept as stored."""
+    bases = [results_dir.resolve().parent, *results_dir.resolve().parent.parents][:3]
+
+    def find(stored):
+        if not isinstance(stored, str) or not stored or Path(stored).is_absolute() or Path(stored).exists():
+            return stored
+        return next((str(b / stored) for b in bases if (b / stored / "run.json").exists()), stored)
+
+    found = {d: find(d) for d in run_dirs.dropna().unique()}
+    return run_dirs.map(lambda d: found.get(d, d))
+
+
 def report(results_dir: str | Path = "results", out: str | Path | None = None, config=None) -> Path:
     results_dir = Path(results_dir)
     out = Path(out) if out else results_dir
     df = read_results(results_dir)
+    df = df.assign(run_dir=locate_runs(df["run_dir"], results_dir))  # for their logs and run.json only: writes nothing
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -588,8 +604,8 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     elif df["seed"].notna().any():  # lenx runs (an HF model's seed is empty) whose run_dir is not found from here
         where = ", ".join(map(str, df.loc[df["seed"].notna(), "run_dir"].dropna().unique()[:3]))
         prov_text += (f"\n\nNo run.json found (run_dir: {where}, from {Path.cwd()}): torch version, git commit, device "
-                      "name, training config and training curves are in the run directories; run `lenx report` "
-                      "where `lenx eval` ran.")
+                      "name, training config and training curves are in the run directories (looked for from here and "
+                      f"beside {results_dir}); run `lenx report` where `lenx eval` ran.")
     if config is not None:
         prov_text += f"\n\nSweep config `{config.path}`:\n\n```yaml\n{config.path.read_text().strip()}\n```"
     sections.append(Section("Provenance", prov_text))

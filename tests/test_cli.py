@@ -798,6 +798,19 @@ def test_report_says_how_many_tokens_each_perplexity_is_over(tmp_path):
     assert "Each cell scores 1,024–4,096 tokens per seed" in md  # truncate: fewer documents qualify at 32
 
 
+def test_report_elsewhere_finds_runs_stored_relative_to_where_eval_ran(trained, tmp_path, monkeypatch):
+    """eval in the project stores run_dir as given (runs/alibi); a report of that project's results run from another
+    directory looks beside the results directory, so it still has the training curves and the provenance."""
+    monkeypatch.chdir(trained)
+    assert lenx("eval", "runs/alibi", "--max-len", "32", "--tokens", "64", "--out", "results-rel") == 0
+    assert set(pd.read_csv(trained / "results-rel" / "results.csv")["run_dir"]) == {"runs/alibi"}
+    monkeypatch.chdir(tmp_path)
+    assert lenx("report", trained / "results-rel", "--out", tmp_path / "rep") == 0
+    assert (tmp_path / "rep" / "training_loss.png").exists()
+    prov = (tmp_path / "rep" / "report.md").read_text().split("## Provenance")[1]
+    assert "Training config of the first run" in prov and "No run.json found" not in prov
+
+
 def test_report_without_its_run_directories_says_so_instead_of_none(tmp_path):
     """Run directories not found from here (report run elsewhere, or the results copied): the provenance says where
     it looked, never 'torch_version: None' and a training config of `null`; HF models alone have no run.json."""
