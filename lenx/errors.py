@@ -16,5 +16,5 @@ def did_you_mean(value, known) -> str:
     import difflib
 
     by_lower = {str(k).lower(): str(k) for k in known}
-    close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.75)
     return f" (did you mean '{by_lower[close[0]]}'?)" if close and by_lower[close[0]] != str(value) else ""

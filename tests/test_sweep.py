@@ -160,7 +160,7 @@ ROPE = "schemes: [rope]\nseeds: [0]\n"
     (ROPE + "eval: {rope_scaling: [yarn], rope_factor: [0.5]}\n", "bad.yaml: eval.rope_factor needs finite factors >= 1"),
     (ROPE + "eval: {rope_factor: 2}\n", "bad.yaml: eval.rope_factor needs eval.rope_scaling other than none"),
     (ROPE + "eval: {rope_scaling: [pie]}\n",
-     "bad.yaml: unknown eval.rope_scaling 'pie'; known: none, pi, ntk, dynamic-ntk, yarn"),
+     "bad.yaml: unknown eval.rope_scaling 'pie' (did you mean 'pi'?); known: none, pi, ntk, dynamic-ntk, yarn"),
     (ROPE + "eval: {protocols: [sliding], stride: 0}\n", "bad.yaml: eval.stride must be a positive integer, got 0"),
     (ROPE + "eval: {protocols: [sliding], stride: 200}\n", "bad.yaml: eval.stride 200 must be between 1 and"),
     (ROPE + "eval: {stride: 8}\n", "bad.yaml: eval.stride applies to the sliding protocol; add eval.protocols sliding"),
