@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from abc import ABC, abstractmethod
 import os
 import re
 import sysconfig
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -813,7 +813,6 @@ def token_stream(spec: Any, tokenizer: Tokenizer | str, split: str, progress: bo
     if cached is not None:
         return cached
     total = corpus.size(split)  # raises the usual one-line error for an empty split
-    eod = np.array([tok.eod_id], dtype=tok.dtype)
     h, n, n_docs = hashlib.sha256(), 0, 0
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -826,8 +825,7 @@ def token_stream(spec: Any, tokenizer: Tokenizer | str, split: str, progress: bo
         with open(tmp, "wb") as f, bar as advance:
             for docs, units in corpus.batches(split):
                 if docs:
-                    ids = tok.encode_batch(docs)
-                    chunk = np.concatenate([p for a in ids for p in (a.astype(tok.dtype, copy=False), eod)])
+                    chunk = tok.encode_documents(docs)
                     data = chunk.tobytes()
                     f.write(data)
                     h.update(data)
