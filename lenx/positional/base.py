@@ -14,7 +14,8 @@ the fused causal kernel with no mask at all).
 Score biases are handed to attention as a ``Bias``: an object that builds the bias for one block of
 query rows at a time, so no path ever needs a heads x L x L tensor. Relative schemes (bias a function
 of i - j only) implement ``distance_bias`` and get a ``TableBias``: one per-head 1-D table over
-distances per forward and layer, gathered per block.
+distances per forward and layer, gathered per block (ALiBi overrides ``bias`` to return a ``LinearBias``, a
+``TableBias`` that also declares itself separable).
 """
 
 from __future__ import annotations
