@@ -193,7 +193,7 @@ def check_weights(row, subject, fix: str) -> None:
 def check_text(row, spec, fix: str) -> None:
     """Refuse a finished cell scored on other text than the local files `spec` names now (another --test-file,
     all of them dataset 'files', or a file edited since): for them the name alone does not identify the text."""
-    from .data import HUB_DATASETS, load_corpus
+    from .data import HUB_DATASETS
 
     if spec.dataset == "stdlib" or spec.dataset in HUB_DATASETS or spec.dataset.startswith("hf:"):
         return
@@ -206,8 +206,8 @@ def check_text(row, spec, fix: str) -> None:
 
 class LenxRun:
     """A lenx run directory as an evaluation subject. `evaluate` asks the same of an HF model (`lenx.hf.HFModel`):
-    name, pe, seed, train_len, config_id, tokenizer_name, run_dir, default_data, scaling_plan(), open(),
-    check_tokens(), prepare(), attn_backend, batch_tokens()."""
+    kind, name, pe, seed, train_len, config_id, weights_id, tokenizer_name, run_dir, default_data, scaling_plan(),
+    open(), check_tokens(), prepare(), attn_backend, batch_tokens()."""
 
     kind = "lenx"
 
