@@ -702,8 +702,9 @@ def get_tokenizer(name: str, dataset: Any = None, progress: bool = True) -> Toke
         return ByteTokenizer()
     size = parse_bpe(name)
     if size is None:
-        if (name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1) and \
-                not Path(name).expanduser().exists():  # not a hub id ("name" or "org/name"): a path, and not there
+        from .hub import is_path
+
+        if is_path(name) and not Path(name).expanduser().exists():
             raise LenxError(f"--tokenizer {name}: no such directory; give a tokenizer directory, a hub name, byte or "
                             "bpe:<vocab_size>")
         path = Path(name).expanduser()

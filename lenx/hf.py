@@ -119,6 +119,7 @@ class HFModel:
     seed = None
 
     def __init__(self, name: str, train_len: int | None = None, dtype: str | None = None):
+        from .hub import is_path, offline_reason
         from .runinfo import quiet_hf
 
         quiet_hf()
@@ -133,13 +134,10 @@ class HFModel:
                 )
             path = path.resolve()  # one directory, however it is named: one model (config_id, tokenizer)
             self.source, self.name = str(path), path.name
-        elif name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
-            # not a hub id ("name" or "org/name"): a path, and it is not there
+        elif is_path(name):  # and it is not there
             raise LenxError(f"--model {name}: no such directory; give a save_pretrained directory or a hub name")
         else:
             self.source = self.name = name
-        from .hub import offline_reason
-
         self.offline = None if self.local else offline_reason()  # hub name, no Hub: the HF cache, at once
         self.cache_only = self.local or self.offline is not None
         self.run_dir = self.source
