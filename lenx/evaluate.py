@@ -694,7 +694,8 @@ def evaluate(
         from .attention import BACKENDS
 
         if attn_backend not in BACKENDS:
-            raise LenxError(f"unknown attention backend '{attn_backend}'; known: {', '.join(BACKENDS)}")
+            raise LenxError(f"unknown attention backend '{attn_backend}'{did_you_mean(attn_backend, BACKENDS)}; "
+                            f"known: {', '.join(BACKENDS)}")
     if not models and (train_len is not None or dtype is not None):
         raise LenxError("--train-len and --dtype apply to HF models; give --model PATH_OR_NAME")
     subjects: list = [LenxRun(r) for r in ([Path(r) for r in run_dirs] if run_dirs else
