@@ -568,7 +568,7 @@ def token_budget(tokens: int | None, lens: list[int]) -> int:
     return math.ceil(n / max(lens)) * max(lens)
 
 
-def cell_keys(run: Path | str, cfg: dict, lens: list[int], scalings: list[tuple[str, float | None]],
+def cell_keys(run: Path | str, train_len: int, lens: list[int], scalings: list[tuple[str, float | None]],
               protocols: list[str], stride: int | None, tokens: int | None = None,
               position_buckets: int = 1) -> list[dict]:
     """The evaluation cells of one run (a run directory, or the name of an HF model), keyed as in the results
@@ -576,11 +576,11 @@ def cell_keys(run: Path | str, cfg: dict, lens: list[int], scalings: list[tuple[
     (token_budget, bucket_width) that its numbers depend on."""
     name = run if isinstance(run, str) else run.name
     settings = {"token_budget": token_budget(tokens, lens),
-                "bucket_width": bucket_width(cfg["train_len"], position_buckets)}
+                "bucket_width": bucket_width(train_len, position_buckets)}
     cells = []
     for (scaling, factor), L, protocol in itertools.product(scalings, lens, protocols):
         if scaling in STATIC_SCALINGS and factor is None:
-            factor = max(1.0, L / cfg["train_len"])  # the default: stretch the training length to L
+            factor = max(1.0, L / train_len)  # the default: stretch the training length to L
         cells.append({"run": name, "eval_len": L, "protocol": protocol,
                       "stride": resolve_stride(protocol, L, stride), "rope_scaling": scaling, "rope_factor": factor,
                       **settings})
@@ -717,7 +717,7 @@ def evaluate(
             subj.longest = lens[-1]
         width = bucket_width(L, position_buckets)
         scalings = subj.scaling_plan(rope_scalings, rope_factors)
-        plan.append((subj, lens, width, cell_keys(subj.name, {"train_len": L}, lens, scalings, protocols, stride,
+        plan.append((subj, lens, width, cell_keys(subj.name, L, lens, scalings, protocols, stride,
                                                   tokens, position_buckets)))
     out = Path(out)  # made once every option has passed its checks (bad input leaves nothing behind)
     try:
