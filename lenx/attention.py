@@ -4,7 +4,7 @@ Backends (``BACKENDS``); without a bias every one but ``materialized`` runs the 
 with no mask at all, except that ``sdpa`` trains on the CPU by the stored route below. With a bias:
 
 - ``sdpa`` (default): the fastest exact route this device and the bias allow, chosen from what the
-  bias declares (``Bias.key_term`` / ``Bias.toeplitz_table``, see positional/base.py), never from a
+  bias declares (``Bias.toeplitz_table`` / ``Bias.key_term`` / ``Bias.clipped_kv``, see positional/base.py), never from a
   scheme's name:
     * training on the CPU in fp32, with no bias or a relative bias over contiguous positions
       (``Bias.toeplitz_table``): batched matmuls over chunks of query rows, each chunk's probabilities

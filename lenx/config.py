@@ -78,7 +78,7 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as e:
         raise LenxError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: never constructs Python objects
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "syntax error"
         raise LenxError(f"config file {path} is not valid YAML: {first}") from None

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from abc import ABC, abstractmethod
 import os
 import re
 import sysconfig
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import LenxError
+from .errors import LenxError, first_line
 from .io import atomic_path, write_text
 
 SPLITS = ("train", "validation", "test")
@@ -317,11 +317,6 @@ def quiet_datasets() -> None:
     hf_utils.logging.set_verbosity_error()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
 LOCAL_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -353,7 +348,7 @@ def _load_files(kind: str, files: list[Path], text_field: str, shown: Path) -> l
     except Exception as e:  # a malformed file: name it, never a traceback
         while e.__cause__ is not None:  # DatasetGenerationError wraps the parser's error, which says what is wrong
             e = e.__cause__
-        raise LenxError(f"cannot read {shown} as {kind} ({_first_line(e)}); check the file's format") from None
+        raise LenxError(f"cannot read {shown} as {kind} ({first_line(e)}); check the file's format") from None
     if text_field not in ds.column_names:
         raise LenxError(
             f"{shown} has no column '{text_field}' (columns: {', '.join(ds.column_names)}); "
@@ -392,7 +387,7 @@ def _load_hub(name: str, hub: HubDataset) -> Corpus:
             dd = datasets.load_dataset(hub.repo, hub.config)
     except Exception as e:
         raise LenxError(
-            f"cannot load dataset '{name}' ({shown}) from the Hugging Face Hub ({_first_line(e)}); "
+            f"cannot load dataset '{name}' ({shown}) from the Hugging Face Hub ({first_line(e)}); "
             + unreachable_note(offline)
             + "without network, "
             "pass a local copy as the dataset (--dataset, or train.dataset in a sweep config: a .txt/.jsonl/.parquet "
@@ -663,7 +658,7 @@ class HFTokenizer(Tokenizer):
                                                 local_files_only=local or offline is not None)
         except Exception as e:
             raise LenxError(
-                f"cannot load tokenizer '{name}' ({_first_line(e)}); {unreachable_note(offline)}use byte, bpe:<vocab_size>, a local tokenizer "
+                f"cannot load tokenizer '{name}' ({first_line(e)}); {unreachable_note(offline)}use byte, bpe:<vocab_size>, a local tokenizer "
                 "directory, or a hub name already in the HF cache (offline: HF_HUB_OFFLINE=1)"
             ) from None
         return cls(tok, name)
@@ -707,8 +702,9 @@ def get_tokenizer(name: str, dataset: Any = None, progress: bool = True) -> Toke
         return ByteTokenizer()
     size = parse_bpe(name)
     if size is None:
-        if (name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1) and \
-                not Path(name).expanduser().exists():  # not a hub id ("name" or "org/name"): a path, and not there
+        from .hub import is_path
+
+        if is_path(name) and not Path(name).expanduser().exists():
             raise LenxError(f"--tokenizer {name}: no such directory; give a tokenizer directory, a hub name, byte or "
                             "bpe:<vocab_size>")
         path = Path(name).expanduser()
@@ -813,7 +809,6 @@ def token_stream(spec: Any, tokenizer: Tokenizer | str, split: str, progress: bo
     if cached is not None:
         return cached
     total = corpus.size(split)  # raises the usual one-line error for an empty split
-    eod = np.array([tok.eod_id], dtype=tok.dtype)
     h, n, n_docs = hashlib.sha256(), 0, 0
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -826,8 +821,7 @@ def token_stream(spec: Any, tokenizer: Tokenizer | str, split: str, progress: bo
         with open(tmp, "wb") as f, bar as advance:
             for docs, units in corpus.batches(split):
                 if docs:
-                    ids = tok.encode_batch(docs)
-                    chunk = np.concatenate([p for a in ids for p in (a.astype(tok.dtype, copy=False), eod)])
+                    chunk = tok.encode_documents(docs)
                     data = chunk.tobytes()
                     f.write(data)
                     h.update(data)

@@ -69,13 +69,12 @@ def check_device(device: str) -> str:
         if dev.index:  # torch accepts cpu:N, but every index is the same CPU: refuse rather than pretend
             raise LenxError(f"--device {device}: the CPU has no device index; use --device cpu")
         return "cpu"
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            why = "sees no GPU" if torch.backends.cuda.is_built() else f"{torch.__version__} is a build without CUDA"
-            raise LenxError(f"--device {device}: this torch {why}; use --device cpu")
-        if dev.index is not None and dev.index >= count:
-            raise LenxError(f"--device {device}: there are {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        why = "sees no GPU" if torch.backends.cuda.is_built() else f"{torch.__version__} is a build without CUDA"
+        raise LenxError(f"--device {device}: this torch {why}; use --device cpu")
+    if dev.index is not None and dev.index >= count:
+        raise LenxError(f"--device {device}: there are {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return device
 
 

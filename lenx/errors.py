@@ -11,6 +11,12 @@ class LengthNotSupported(Exception):
     """A scheme cannot represent a sequence this long (e.g. learned positions past their table)."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one short line for a user-facing message: its type and the first line of its text."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 def did_you_mean(value, known) -> str:
     """' (did you mean 'x'?)' for the known name closest to a mistyped one (case ignored), else ''."""
     import difflib

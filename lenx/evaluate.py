@@ -193,7 +193,7 @@ def check_weights(row, subject, fix: str) -> None:
 def check_text(row, spec, fix: str) -> None:
     """Refuse a finished cell scored on other text than the local files `spec` names now (another --test-file,
     all of them dataset 'files', or a file edited since): for them the name alone does not identify the text."""
-    from .data import HUB_DATASETS, load_corpus
+    from .data import HUB_DATASETS
 
     if spec.dataset == "stdlib" or spec.dataset in HUB_DATASETS or spec.dataset.startswith("hf:"):
         return
@@ -206,8 +206,8 @@ def check_text(row, spec, fix: str) -> None:
 
 class LenxRun:
     """A lenx run directory as an evaluation subject. `evaluate` asks the same of an HF model (`lenx.hf.HFModel`):
-    name, pe, seed, train_len, config_id, tokenizer_name, run_dir, default_data, scaling_plan(), open(),
-    check_tokens(), prepare(), attn_backend, batch_tokens()."""
+    kind, name, pe, seed, train_len, config_id, weights_id, tokenizer_name, run_dir, default_data, scaling_plan(),
+    open(), check_tokens(), prepare(), attn_backend, batch_tokens()."""
 
     kind = "lenx"
 
@@ -568,7 +568,7 @@ def token_budget(tokens: int | None, lens: list[int]) -> int:
     return math.ceil(n / max(lens)) * max(lens)
 
 
-def cell_keys(run: Path | str, cfg: dict, lens: list[int], scalings: list[tuple[str, float | None]],
+def cell_keys(run: Path | str, train_len: int, lens: list[int], scalings: list[tuple[str, float | None]],
               protocols: list[str], stride: int | None, tokens: int | None = None,
               position_buckets: int = 1) -> list[dict]:
     """The evaluation cells of one run (a run directory, or the name of an HF model), keyed as in the results
@@ -576,11 +576,11 @@ def cell_keys(run: Path | str, cfg: dict, lens: list[int], scalings: list[tuple[
     (token_budget, bucket_width) that its numbers depend on."""
     name = run if isinstance(run, str) else run.name
     settings = {"token_budget": token_budget(tokens, lens),
-                "bucket_width": bucket_width(cfg["train_len"], position_buckets)}
+                "bucket_width": bucket_width(train_len, position_buckets)}
     cells = []
     for (scaling, factor), L, protocol in itertools.product(scalings, lens, protocols):
         if scaling in STATIC_SCALINGS and factor is None:
-            factor = max(1.0, L / cfg["train_len"])  # the default: stretch the training length to L
+            factor = max(1.0, L / train_len)  # the default: stretch the training length to L
         cells.append({"run": name, "eval_len": L, "protocol": protocol,
                       "stride": resolve_stride(protocol, L, stride), "rope_scaling": scaling, "rope_factor": factor,
                       **settings})
@@ -694,7 +694,8 @@ def evaluate(
         from .attention import BACKENDS
 
         if attn_backend not in BACKENDS:
-            raise LenxError(f"unknown attention backend '{attn_backend}'; known: {', '.join(BACKENDS)}")
+            raise LenxError(f"unknown attention backend '{attn_backend}'{did_you_mean(attn_backend, BACKENDS)}; "
+                            f"known: {', '.join(BACKENDS)}")
     if not models and (train_len is not None or dtype is not None):
         raise LenxError("--train-len and --dtype apply to HF models; give --model PATH_OR_NAME")
     subjects: list = [LenxRun(r) for r in ([Path(r) for r in run_dirs] if run_dirs else
@@ -716,7 +717,7 @@ def evaluate(
             subj.longest = lens[-1]
         width = bucket_width(L, position_buckets)
         scalings = subj.scaling_plan(rope_scalings, rope_factors)
-        plan.append((subj, lens, width, cell_keys(subj.name, {"train_len": L}, lens, scalings, protocols, stride,
+        plan.append((subj, lens, width, cell_keys(subj.name, L, lens, scalings, protocols, stride,
                                                   tokens, position_buckets)))
     out = Path(out)  # made once every option has passed its checks (bad input leaves nothing behind)
     try:

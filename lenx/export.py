@@ -17,7 +17,6 @@ renamed into place. An existing non-empty DIR is refused unless `overwrite`.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import LengthNotSupported, LenxError
+from .errors import LengthNotSupported, LenxError, first_line
 
-# model_type -> positional scheme (Falcon and MPT are decided per config in `scheme_of`)
+# model_type -> positional scheme (Falcon's is decided per config in `scheme_of`; an MPT without ALiBi is refused)
 SCHEMES = {
     **dict.fromkeys(["gpt2", "gpt_neo", "opt", "gpt_bigcode", "biogpt", "imagegpt"], "learned"),
     **dict.fromkeys(["xglm"], "sinusoidal"),
@@ -47,11 +47,6 @@ TABLES = {"mpt": "max_seq_len", "gptj": "n_positions", "codegen": "n_positions"}
 HF_ROPE_TYPES = {"pi": "linear", "dynamic-ntk": "dynamic", "yarn": "yarn", "ntk": "ntk"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LONG_LEN = 2048  # at and past this window length an HF model is run one window at a time
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def scheme_of(config) -> str:
@@ -124,6 +119,7 @@ class HFModel:
     seed = None
 
     def __init__(self, name: str, train_len: int | None = None, dtype: str | None = None):
+        from .hub import is_path, offline_reason
         from .runinfo import quiet_hf
 
         quiet_hf()
@@ -138,13 +134,10 @@ class HFModel:
                 )
             path = path.resolve()  # one directory, however it is named: one model (config_id, tokenizer)
             self.source, self.name = str(path), path.name
-        elif name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
-            # not a hub id ("name" or "org/name"): a path, and it is not there
+        elif is_path(name):  # and it is not there
             raise LenxError(f"--model {name}: no such directory; give a save_pretrained directory or a hub name")
         else:
             self.source = self.name = name
-        from .hub import offline_reason
-
         self.offline = None if self.local else offline_reason()  # hub name, no Hub: the HF cache, at once
         self.cache_only = self.local or self.offline is not None
         self.run_dir = self.source
@@ -223,7 +216,7 @@ class HFModel:
                     "implement; upgrade transformers (pip install -U transformers) or use a supported model"
                 ) from None
             hint = "check its config.json" if self.local else self._hub_hint()
-            raise LenxError(f"cannot load model '{self.given}' ({_first_line(e)}); {hint}") from None
+            raise LenxError(f"cannot load model '{self.given}' ({first_line(e)}); {hint}") from None
 
     def _check_loadable(self, path: Path) -> None:
         """Before any text is read: the config has a causal LM class, and a local directory has safetensors weights
@@ -251,7 +244,7 @@ class HFModel:
 
     def open(self, device: str, attn_backend: str | None = None):
         """Load the tokenizer (the model's own, wrapped for lenx: exact byte counts where it is byte-level)."""
-        from .data import HFTokenizer, _first_line as first
+        from .data import HFTokenizer
         from transformers import AutoTokenizer
 
         if attn_backend is not None:
@@ -263,7 +256,7 @@ class HFModel:
             hint = self._hub_hint() if not self.local else (
                 f"it is a lenx run: evaluate it as `lenx eval {self.given}`, or `lenx export` it first"
                 if (Path(self.source) / "run.json").exists() else "save the model's tokenizer into its directory")
-            raise LenxError(f"cannot load the tokenizer of model '{self.given}' ({first(e)}); {hint}") from None
+            raise LenxError(f"cannot load the tokenizer of model '{self.given}' ({first_line(e)}); {hint}") from None
         eod = None
         if tok.eos_token_id is None:  # documents are separated by a token the model knows
             for cand in (self.config.eos_token_id, self.config.bos_token_id):
@@ -353,7 +346,7 @@ class HFModel:
             )
         except Exception as e:
             hint = "check that its weights belong to its config.json" if self.local else self._hub_hint()
-            raise LenxError(f"cannot load the weights of model '{self.given}' ({_first_line(e)}); {hint}") from None
+            raise LenxError(f"cannot load the weights of model '{self.given}' ({first_line(e)}); {hint}") from None
         if rope_type is not None:
             used = {m.rope_type for m in model.modules() if isinstance(getattr(m, "rope_type", None), str)}
             if used != {rope_type}:

@@ -19,6 +19,11 @@ from urllib.request import getproxies, proxy_bypass
 PROBE_SECONDS = 3.0
 
 
+def is_path(name: str) -> bool:
+    """Whether a model or tokenizer name can only be a path, not a hub id ("name" or "org/name")."""
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+
+
 def probe_address() -> tuple[str | None, int]:
     """Where a connection to the Hub first goes: the endpoint's host and port, or its proxy's (HTTPS_PROXY etc.,
     unless NO_PROXY exempts the host)."""

@@ -168,9 +168,10 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
 
         if backend is not None:
             if backend not in BACKENDS:
-                from .errors import LenxError
+                from .errors import LenxError, did_you_mean
 
-                raise LenxError(f"unknown attention backend '{backend}'; known: {', '.join(BACKENDS)}")
+                raise LenxError(f"unknown attention backend '{backend}'{did_you_mean(backend, BACKENDS)}; known: "
+                                f"{', '.join(BACKENDS)}")
             self.config.attn_backend = backend
         if block_size is not None:
             self.config.attn_block_size = block_size

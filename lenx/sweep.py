@@ -136,7 +136,7 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
             lengths = run_lengths(cfg.train_len, ev)
             scalings = scaling_plan(pe, ev["rope_scaling"], ev["rope_factor"])
             dataset = DataSpec.of(cfg).dataset
-            for cell in cell_keys(run_dir, cfg.to_dict(), lengths, scalings, ev["protocols"], ev["stride"], ev["tokens"],
+            for cell in cell_keys(run_dir, cfg.train_len, lengths, scalings, ev["protocols"], ev["stride"], ev["tokens"],
                                   ev["position_buckets"]):
                 cell["dataset"] = dataset
                 L, tokens = cell["eval_len"], cell["token_budget"]

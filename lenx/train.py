@@ -177,7 +177,7 @@ def load_checkpoint(run_dir: Path, model, opt) -> int:
     try:
         info = json.loads(latest.read_text())
         ckpt = run_dir / info["checkpoint"]
-        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=True)
+        load_model(model, str(ckpt / "model.safetensors"), strict=True)
         state = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -362,7 +362,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
 
     try:
         corpus, tok, stream = _training_data(cfg, run_dir, state, progress)
-        _check_same_text(ctx, corpus.fingerprint, tok.info()["fingerprint"])
+        _check_same_text(ctx, corpus.fingerprint, tok.fingerprint)
     except LenxError:
         if state == "new" and created is not None and ctx.main:  # a bad dataset or tokenizer leaves no directory
             shutil.rmtree(created, ignore_errors=True)
@@ -503,7 +503,8 @@ def _drop_checkpoints(run_dir: Path) -> None:
 
 
 def _mfu(cfg: TrainConfig, vocab: int, tps: float, device: str, precision: str) -> float:
-    """Model FLOPs utilisation against a matrix-multiply peak measured now, at the run's precision."""
+    """Model FLOPs utilisation against a matrix-multiply peak at the run's precision (`perf.matmul_peak`: measured
+    once per process)."""
     from .perf import matmul_peak, train_flops_per_token
 
     dtype = precision_dtype(precision)

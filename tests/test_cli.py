@@ -202,6 +202,7 @@ def test_max_len_below_training_length(trained, capsys):
         (["eval", "--rope-scaling", "longrope"], "--rope-scaling"),
         (["eval", "--rope-scaling", "YaRN"], "did you mean 'yarn'"),
         (["train", "--pe", "Rope"], "did you mean 'rope'"),
+        (["eval", "--attn-backend", "SDPA"], "did you mean 'sdpa'"),
         (["eval", "--rope-scaling", "pi", "--rope-factor", "0.5"], "--rope-factor"),
         (["eval", "--rope-factor", "2"], "--rope-factor"),
         (["eval", "/no/such/run"], "not a lenx run"),

@@ -40,9 +40,5 @@ class ALiBi(PositionalScheme):
         self.slopes = alibi_slopes(self.n_head)
 
     def bias(self, layer: int, pos: Tensor) -> LinearBias:
-        # the same numbers as the default TableBias, plus the declaration that the bias is separable
+        # a TableBias over distances, -m_h * (i - j), that also declares itself separable
         return LinearBias(torch.tensor(self.slopes, dtype=torch.float32), pos)
-
-    def distance_bias(self, layer: int, dist: Tensor) -> Tensor:
-        m = torch.tensor(self.slopes, dtype=torch.float32, device=dist.device)
-        return -m[:, None] * dist[None, :].float()

@@ -14,7 +14,8 @@ the fused causal kernel with no mask at all).
 Score biases are handed to attention as a ``Bias``: an object that builds the bias for one block of
 query rows at a time, so no path ever needs a heads x L x L tensor. Relative schemes (bias a function
 of i - j only) implement ``distance_bias`` and get a ``TableBias``: one per-head 1-D table over
-distances per forward and layer, gathered per block.
+distances per forward and layer, gathered per block (ALiBi overrides ``bias`` to return a ``LinearBias``, a
+``TableBias`` that also declares itself separable).
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class Bias:
         return None
 
 
+def distances(pos: Tensor) -> Tensor:
+    """0, 1, ..., up to the largest distance between two of the positions `pos` (at least [0])."""
+    n = int(pos.max().item() - pos.min().item()) + 1 if pos.numel() else 1
+    return torch.arange(n, device=pos.device)
+
+
 def contiguous_positions(pos: Tensor) -> bool:
     """Positions p0, p0 + 1, ...: then pos_i - pos_j = i - j, and a bias can be laid out by index."""
     T = pos.numel()
@@ -113,10 +120,8 @@ class LinearBias(TableBias):
     slope[h] * pos_j up to a per-row constant."""
 
     def __init__(self, slopes: Tensor, pos: Tensor):
-        n = int(pos.max().item() - pos.min().item()) + 1 if pos.numel() else 1
-        dist = torch.arange(n, device=pos.device)
-        super().__init__(-slopes.to(pos.device, torch.float32)[:, None] * dist[None, :].float(), pos)
         self.slopes = slopes.to(pos.device, torch.float32)
+        super().__init__(-self.slopes[:, None] * distances(pos)[None, :].float(), pos)
 
     def key_term(self) -> tuple[Tensor, Tensor]:
         return self.slopes, self.pos
@@ -206,9 +211,7 @@ class PositionalScheme(nn.Module):
     def bias(self, layer: int, pos: Tensor) -> Bias | None:
         if not self.relative or "bias" not in self.acts:
             return None
-        n = int(pos.max().item() - pos.min().item()) + 1 if pos.numel() else 1
-        dist = torch.arange(n, device=pos.device)
-        return TableBias(self.distance_bias(layer, dist), pos)
+        return TableBias(self.distance_bias(layer, distances(pos)), pos)
 
     def distance_bias(self, layer: int, dist: Tensor) -> Tensor:
         """Relative schemes: the (H, D) bias for causal distances i - j = dist (>= 0)."""
