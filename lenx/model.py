@@ -190,7 +190,14 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
 
     def hidden(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         T = input_ids.shape[1]
-        pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids.reshape(-1, T)[0]
+        if position_ids is None:
+            pos = torch.arange(T, device=input_ids.device)
+        else:  # one set of positions serves the whole batch (every hook takes pos of shape (T,))
+            rows = position_ids.reshape(-1, T)
+            pos = rows[0]
+            if rows.shape[0] > 1 and not bool((rows == pos).all()):
+                raise ValueError("lenx models take one set of positions per batch: the rows of position_ids differ; "
+                                 "run sequences with different positions one at a time")
         x = self.pe.embed(self.wte(input_ids), pos)
         for layer, block in enumerate(self.blocks):
             x = block(x, pos, self.pe, self.pe.bias(layer, pos))

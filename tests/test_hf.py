@@ -316,6 +316,18 @@ def test_padding_is_refused_not_scored_wrongly(tmp_path):
             model(ids, attention_mask=mask)
 
 
+def test_position_ids_that_differ_by_row_are_refused_not_read_from_row_0(tmp_path):
+    """Every positional hook takes one (T,) set of positions: rows of position_ids that agree are served (the same
+    logits as without them), rows that differ are a clear error rather than every row scored at row 0's positions."""
+    model = load_model(make_run(tmp_path, "rope"), "cpu")
+    ids = torch.tensor([list(b"def f(x)")] * 2)
+    with torch.no_grad():
+        same = torch.arange(8).expand(2, 8)
+        assert torch.equal(model(ids, position_ids=same).logits, model(ids).logits)
+        with pytest.raises(ValueError, match="rows of position_ids differ"):
+            model(ids, position_ids=torch.stack([torch.arange(8), torch.arange(3, 11)]))
+
+
 def test_generate_refuses_a_padded_batch_and_generates_an_unpadded_one(tmp_path):
     """generate() hands the attention mask on to forward: a left-padded batch is the same clear error, not
     generation that attends to the pad tokens."""
