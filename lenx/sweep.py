@@ -141,6 +141,8 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
                 cell["dataset"] = dataset
                 L, tokens = cell["eval_len"], cell["token_budget"]
                 seconds = tokens * eval_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, L) / peak
+                if cell["protocol"] == "sliding":  # each window of L tokens scores its last `stride`
+                    seconds *= L / cell["stride"]
                 done = done_cells.get(_key(cell))
                 if done is not None:
                     check_settings(done, cell, f"set another results_dir in {spec.path}")
@@ -192,7 +194,7 @@ def _efficiency(spec: SweepSpec, device: str) -> float:
             info = json.loads(run_json.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("mfu") and info.get("device") == device:
+        if info.get("mfu") and str(info.get("device")).split(":")[0] == device.split(":")[0]:  # cuda:0 is cuda
             seen.append(info["mfu"])
     return sorted(seen)[len(seen) // 2] if seen else 0.5
 

@@ -365,6 +365,37 @@ results_dir: {tmp_path / name / 'results'}
     assert f"note: tokenizer {missing} is in no run directory" in out and "50,257" in out, out
 
 
+def test_plan_estimates_sliding_windows_by_the_tokens_they_run(tmp_path, monkeypatch):
+    """A sliding window of L tokens scores its last `stride`: its cells cost L / stride times a non-overlapping
+    cell's of the same token budget. The measured efficiency of earlier runs counts runs on cuda:0 for cuda."""
+    import json
+
+    import torch
+
+    from lenx import perf
+    from lenx.sweep import _efficiency, load_sweep, plan
+
+    monkeypatch.setattr(perf, "matmul_peak", lambda device, dtype=torch.float32: 1e9)
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"""schemes: [alibi]
+train: {{dataset: {corpus}, steps: 10, train_len: 16, batch_size: 4, layers: 1, d_model: 32, heads: 2}}
+eval: {{max_len: 32, tokens: 64, protocols: [nonoverlap, sliding], stride: 4}}
+runs_dir: {tmp_path / 'runs'}
+results_dir: {tmp_path / 'results'}
+""")
+    spec = load_sweep(cfg)
+    cells = {j.what: j.seconds for j in plan(spec, "cpu") if j.kind == "eval"}
+    assert cells["@32 sliding/4"] == pytest.approx(cells["@32"] * 32 / 4)
+    assert cells["@16 sliding/4"] == pytest.approx(cells["@16"] * 16 / 4)
+
+    run = spec.runs_dir / "r"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"mfu": 0.3, "device": "cuda:0"}))
+    assert _efficiency(spec, "cuda") == 0.3 and _efficiency(spec, "cpu") == 0.5
+
+
 def test_published_section_says_what_each_side_measured_and_compares_ratios(tmp_path):
     """The published numbers sit beside ours matched by scheme, training length and evaluation length; the
     section names the paper's setting and ours (corpus, test split, tokenizer), adds each side's ratio to its
