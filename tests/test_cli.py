@@ -230,6 +230,10 @@ def test_bad_config_file_names_the_key(tmp_path, capsys):
     one_line_error(capsys, lenx("train", "--config", cfg), "steps", "int")
     cfg.write_text("schemes: [rope, alibi]\nseeds: [0]\ntrain: {steps: 5}\n")
     one_line_error(capsys, lenx("train", "--config", cfg), "is a sweep config", f"lenx sweep --config {cfg}")
+    for text, needle in (("beta2: 1.0\n", "beta2' must lie in [0, 1), got 1.0"), ("min_lr_ratio: 2\n", "min_lr_ratio"),
+                         ("grad_clip: -1\n", "grad_clip")):
+        cfg.write_text(text)  # the key that is out of range, by the name the user set it with
+        one_line_error(capsys, lenx("train", "--pe", "rope", "--config", cfg), needle)
 
 
 def test_config_reads_exponent_floats_without_a_dot(tmp_path, capsys, monkeypatch):
