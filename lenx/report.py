@@ -165,8 +165,9 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             "note": "; ".join(sorted(set(_text(g["note"], "")) - {""}) + partial),
         })
     out = pd.DataFrame(rows)
-    out["rel_1x"] = [_rel_1x(logs[(r.protocol, r.scheme, r.eval_len)], logs.get((r.protocol, r.scheme, r.train_len)))
-                     for r in out.itertuples()]
+    rel = [_rel_1x(logs[(r.protocol, r.scheme, r.eval_len)], logs.get((r.protocol, r.scheme, r.train_len)))
+           for r in out.itertuples()]
+    out[["rel_1x", "rel_1x_low", "rel_1x_high", "rel_1x_stderr"]] = pd.DataFrame(rel, index=out.index, dtype=float)
     order = _scheme_order(out["scheme"].unique())
     proto_order = {p: i for i, p in enumerate(protocols(df))}
     return out.sort_values(["protocol", "scheme", "eval_len"],
@@ -174,11 +175,69 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
                            if c.name == "protocol" else c)
 
 
-def _rel_1x(log: pd.Series, base: pd.Series | None) -> float:
+def _rel_1x(log: pd.Series, base: pd.Series | None) -> tuple[float, float, float, float]:
     """Perplexity relative to 1x over the seeds that have both (log ppl by seed): the geometric mean of each seed's
-    ratio, which is the ratio of the two geometric means when every seed has both."""
+    ratio, which is the ratio of the two geometric means when every seed has both; with two or more such seeds its
+    95% interval (Student t on the seeds' log ratios: paired, so what the seeds share cancels) and standard error
+    (delta method). (ratio, low, high, stderr), NaN where not defined."""
+    nan = float("nan")
     common = log.index.intersection(base.index) if base is not None else []
-    return math.exp((log[common] - base[common]).mean()) if len(common) else float("nan")
+    if not len(common):
+        return nan, nan, nan, nan
+    diff = log[common] - base[common]
+    ratio, n = math.exp(diff.mean()), len(diff)
+    if n < 2:
+        return ratio, nan, nan, nan
+    se = diff.std(ddof=1) / math.sqrt(n)
+    return ratio, ratio * math.exp(-t975(n - 1) * se), ratio * math.exp(t975(n - 1) * se), ratio * se
+
+
+def rel_cell(r) -> str:
+    return _fmt(r.rel_1x) + ("" if pd.isna(r.rel_1x_low) else f" [{_fmt(r.rel_1x_low)}–{_fmt(r.rel_1x_high)}]")
+
+
+KEPT = 1.10  # "keeps working": perplexity at the longest length within 10% of the scheme's own at 1x
+
+
+def answer(part: pd.DataFrame, protocol: str, seeds: str) -> tuple[str, str] | None:
+    """The report's headline for one protocol: at the longest multiple of the training length evaluated, every
+    scheme ranked by its perplexity relative to its own at 1x, with the perplexities at both; which schemes stayed
+    within `KEPT` of 1x, which was lowest there, and which have no perplexity there. (text, markdown table);
+    None when no scheme has both numbers."""
+    multiple = part["eval_len"] / part["train_len"]
+    scored = part[part["ppl"].notna()]
+    if scored.empty:
+        return None
+    M = (scored["eval_len"] / scored["train_len"]).max()
+    if M <= 1:
+        return None
+    at = part[(multiple - M).abs() < 1e-9].set_index("scheme")
+    base = part[multiple == 1].set_index("scheme")["ppl"]
+    ranked = at[at["rel_1x"].notna()].sort_values(["rel_1x", "ppl"])
+    if ranked.empty:
+        return None
+    lens = sorted(at["eval_len"].unique())
+    where = (f"{M:g}× the training length ({lens[0]:,} tokens)" if len(lens) == 1
+             else f"{M:g}× each run's training length")
+    rows = ["| rank | scheme | ppl at 1× | ppl at " + f"{M:g}×" + f" | {M:g}× ÷ 1× |", "|---|---|---|---|---|"]
+    for i, (scheme, r) in enumerate(ranked.iterrows(), 1):
+        rows.append(f"| {i} | {scheme} | {_fmt(base.get(scheme))} | {ppl_cell(r)} | {rel_cell(r)} |")
+    kept = [s for s, r in ranked.iterrows() if r.rel_1x <= KEPT]
+    best = ranked["ppl"].idxmin()
+    text = [f"At {where}, {protocol}, over {seeds}: every scheme's perplexity there divided by its own at 1× "
+            "(1.00: the longer context costs nothing; below 1: it helps), best first"
+            + (", with 95% intervals over seeds [low–high]." if ranked["rel_1x_low"].notna().any() else
+               ". One seed: no intervals, and differences of a few percent may be seed-to-seed variation; "
+               "train more seeds (`seeds:` in a sweep config) before reading them.")]
+    text.append(f"Within {KEPT - 1:.0%} of their 1× perplexity at {M:g}×: " + (", ".join(kept) if kept else "none")
+                + f". Lowest perplexity at {M:g}×: {best} ({_fmt(ranked.loc[best, 'ppl'])}).")
+    lacking = [s for s in dict.fromkeys(part["scheme"]) if s not in ranked.index]
+    if lacking:
+        why = {s: at.loc[s, "note"] if s in at.index and at.loc[s, "note"] else
+               "no 1× perplexity to divide by" if s in at.index and pd.notna(at.loc[s, "ppl"]) else
+               f"not evaluated at {M:g}×" for s in lacking}
+        text.append("Not ranked: " + "; ".join(f"{s} ({why[s]})" for s in lacking) + ".")
+    return " ".join(text), "\n".join(rows)
 
 
 def seeds_text(part: pd.DataFrame) -> str:
@@ -551,6 +610,10 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
 
     plot_ppl_vs_length(summary, out / "ppl_vs_length.png")
     sections = []
+    first = summary["protocol"].iloc[0]  # nonoverlap where it was evaluated (protocols sort it first)
+    headline = answer(summary[summary["protocol"] == first], first, seeds_text(summary[summary["protocol"] == first]))
+    if headline is not None:
+        sections.append(Section("Summary", *headline))
     for protocol, part in summary.groupby("protocol", sort=False):
         no_1x = part["rel_1x"].isna() & part["ppl"].notna()  # a ppl but no 1x row to divide by
         sections += [
@@ -563,9 +626,10 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
                     "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
             Section(f"Perplexity relative to 1× ({protocol})", "Perplexity divided by the same scheme's at its "
                     "training length, seed by seed (the geometric mean over the seeds that have both): 1.00 is "
-                    "perfect extrapolation." + (" Blank: the training length itself was not evaluated for these "
+                    "perfect extrapolation." + (" With several seeds, its 95% interval [low–high] (Student t on the "
+                    "seeds' log ratios)." if part["rel_1x_low"].notna().any() else "") + (" Blank: the training length itself was not evaluated for these "
                     "seeds (add it to --lengths)." if no_1x.any() else ""),
-                    to_markdown(wide(part, lambda r: "" if no_1x[r.Index] else _fmt(r.rel_1x)), names)),
+                    to_markdown(wide(part, lambda r: "" if no_1x[r.Index] else rel_cell(r)), names)),
         ]
         if len(tokenizers(df)) > 1:
             sections.append(Section(f"Bits per byte ({protocol})", "Tokenizers differ between runs: bits per UTF-8 "
@@ -685,6 +749,7 @@ def lm_eval_json(summary: pd.DataFrame, prov: dict, config) -> dict:
             "token_perplexity_stderr,none": None if pd.isna(r.ppl_stderr) else float(r.ppl_stderr),
             "bits_per_byte,none": None if pd.isna(r.bpb) else float(r.bpb),
             "ppl_relative_to_1x,none": None if pd.isna(r.rel_1x) else float(r.rel_1x),
+            "ppl_relative_to_1x_stderr,none": None if pd.isna(r.rel_1x_stderr) else float(r.rel_1x_stderr),
             "seeds": int(r.seeds),
         }
     return {

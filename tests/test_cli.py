@@ -715,6 +715,53 @@ def test_ratio_to_1x_pairs_each_seed_with_its_own_1x():
     assert "mean over 2 of 3 seeds" in r.note
 
 
+def test_ratio_to_1x_has_a_paired_interval_over_seeds():
+    """Seeds 0-2 of rope: 1x 5, 6, 8 and 2x 10, 9, 20, so log ratios ln 2, ln 1.5, ln 2.5. The interval is
+    exp(mean -+ t(2) * sd / sqrt(3)) of those, computed here by hand; one seed has none."""
+    import math
+
+    from lenx.report import rel_cell, summarise
+
+    rows = [result_row("rope", s, L, p) for s, (a, b) in enumerate(((5.0, 10.0), (6.0, 9.0), (8.0, 20.0)))
+            for L, p in ((16, a), (32, b))]
+    r = summarise(pd.DataFrame(rows)).set_index("eval_len").loc[32]
+    logs = [math.log(2), math.log(1.5), math.log(2.5)]
+    mean = sum(logs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / 2)
+    half = 4.303 * sd / math.sqrt(3)  # t(0.975, 2 degrees of freedom) = 4.3027
+    assert r.rel_1x == pytest.approx(math.exp(mean))
+    assert (r.rel_1x_low, r.rel_1x_high) == (pytest.approx(math.exp(mean - half), rel=1e-5),
+                                              pytest.approx(math.exp(mean + half), rel=1e-5))
+    assert r.rel_1x_stderr == pytest.approx(math.exp(mean) * sd / math.sqrt(3))
+    assert rel_cell(r) == f"{math.exp(mean):.2f} [{math.exp(mean - half):.2f}–{math.exp(mean + half):.2f}]"
+    one = summarise(pd.DataFrame(rows[:2])).set_index("eval_len").loc[32]
+    assert one.rel_1x == pytest.approx(2.0) and pd.isna(one.rel_1x_low) and rel_cell(one) == "2.00"
+
+
+def test_report_opens_with_the_answer_schemes_ranked_at_the_longest_length(tmp_path):
+    """The summary ranks schemes by perplexity at the longest multiple divided by their own at 1x (two seeds: with
+    intervals), names those within 10% of 1x and the lowest perplexity there, and says why a scheme is not ranked
+    (no perplexity at that length, or no 1x to divide by)."""
+    from lenx.report import report
+
+    ppl = {"alibi": ((7.0, 7.1), (7.2, 7.0)), "rope": ((6.0, 12.0), (6.2, 13.0)), "nope": ((9.0, 9.5), (9.4, 9.6))}
+    rows = [result_row(pe, s, L, p) for pe, seeds in ppl.items() for s, pair in enumerate(seeds)
+            for L, p in zip((16, 64), pair)]
+    rows += [result_row("learned", s, 16, 8.0) for s in (0, 1)]
+    rows += [result_row("learned", s, 64, float("nan"), note="learned positions end at 16") for s in (0, 1)]
+    rows += [result_row("t5", s, 64, 8.0) for s in (0, 1)]  # evaluated at 4x only
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    md = report(tmp_path).read_text()
+    head = md.split("## Summary")[1].split("\n## ")[0]
+    assert md.index("## Summary") < md.index("## Perplexity (nonoverlap)")
+    assert "At 4× the training length (64 tokens), nonoverlap, over 2 seed(s)" in head
+    order = [line.split("|")[2].strip() for line in head.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert order == ["alibi", "nope", "rope"]  # ratios 0.99, 1.04, 2.05
+    assert "| 1 | alibi | 7.10 | 7.05 [6.44–7.71] | 0.99 [0.76–1.30] |" in head  # by hand: exp(mean ln ratio -+ 12.706 se)
+    assert "Within 10% of their 1× perplexity at 4×: alibi, nope. Lowest perplexity at 4×: alibi" in head
+    assert "learned (learned positions end at 16)" in head and "t5 (no 1× perplexity to divide by)" in head
+
+
 @pytest.mark.parametrize("low, high, at_least", [(65, 110, 4), (6, 25, 4), (1, 20000, 4), (0.5, 1e9, 4)])
 def test_log_y_axis_has_a_few_plain_labels_whatever_its_span(low, high, at_least):
     """A handful of readable labels on the log y axis, from a fraction of a decade to many decades."""
