@@ -199,11 +199,23 @@ def rel_cell(r) -> str:
 KEPT = 1.10  # "keeps working": perplexity at the longest length within 10% of the scheme's own at 1x
 
 
-def answer(part: pd.DataFrame, protocol: str, seeds: str) -> tuple[str, str] | None:
+@dataclass
+class Headline:
+    """The report's answer for one protocol: a paragraph and a ranking table (header, rows of cells)."""
+    text: str
+    columns: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        return "\n".join(["| " + " | ".join(self.columns) + " |", "|---" * len(self.columns) + "|",
+                          *("| " + " | ".join(row) + " |" for row in self.rows)])
+
+
+def answer(part: pd.DataFrame, protocol: str, seeds: str) -> Headline | None:
     """The report's headline for one protocol: at the longest multiple of the training length evaluated, every
     scheme ranked by its perplexity relative to its own at 1x, with the perplexities at both; which schemes stayed
-    within `KEPT` of 1x, which was lowest there, and which have no perplexity there. (text, markdown table);
-    None when no scheme has both numbers."""
+    within `KEPT` of 1x, which was lowest there, and which have no perplexity there. None when no scheme has both
+    numbers."""
     multiple = part["eval_len"] / part["train_len"]
     scored = part[part["ppl"].notna()]
     if scored.empty:
@@ -219,9 +231,8 @@ def answer(part: pd.DataFrame, protocol: str, seeds: str) -> tuple[str, str] | N
     lens = sorted(at["eval_len"].unique())
     where = (f"{M:g}× the training length ({lens[0]:,} tokens)" if len(lens) == 1
              else f"{M:g}× each run's training length")
-    rows = ["| rank | scheme | ppl at 1× | ppl at " + f"{M:g}×" + f" | {M:g}× ÷ 1× |", "|---|---|---|---|---|"]
-    for i, (scheme, r) in enumerate(ranked.iterrows(), 1):
-        rows.append(f"| {i} | {scheme} | {_fmt(base.get(scheme))} | {ppl_cell(r)} | {rel_cell(r)} |")
+    rows = [[str(i), scheme, _fmt(base.get(scheme)), ppl_cell(r), rel_cell(r)]
+            for i, (scheme, r) in enumerate(ranked.iterrows(), 1)]
     kept = [s for s, r in ranked.iterrows() if r.rel_1x <= KEPT]
     best = ranked["ppl"].idxmin()
     text = [f"At {where}, {protocol}, over {seeds}: every scheme's perplexity there divided by its own at 1× "
@@ -237,7 +248,29 @@ def answer(part: pd.DataFrame, protocol: str, seeds: str) -> tuple[str, str] | N
                "no 1× perplexity to divide by" if s in at.index and pd.notna(at.loc[s, "ppl"]) else
                f"not evaluated at {M:g}×" for s in lacking}
         text.append("Not ranked: " + "; ".join(f"{s} ({why[s]})" for s in lacking) + ".")
-    return " ".join(text), "\n".join(rows)
+    return Headline(" ".join(text), ["rank", "scheme", "ppl at 1×", f"ppl at {M:g}×", f"{M:g}× ÷ 1×"], rows)
+
+
+def headline(summary: pd.DataFrame) -> Headline | None:
+    """The answer for the first protocol (nonoverlap, where it was evaluated: protocols sort it first)."""
+    part = summary[summary["protocol"] == summary["protocol"].iloc[0]]
+    return answer(part, part["protocol"].iloc[0], seeds_text(part))
+
+
+def print_headline(results_dir: str | Path) -> None:
+    """The report's answer on the terminal, as a rich table (nothing when there is none)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    found = headline(summarise(read_results(Path(results_dir))))
+    if found is None:
+        return
+    table = Table(title="Summary", caption=found.text, caption_justify="left")
+    for i, name in enumerate(found.columns):
+        table.add_column(name, justify="left" if i == 1 else "right")
+    for row in found.rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 def seeds_text(part: pd.DataFrame) -> str:
@@ -610,10 +643,9 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
 
     plot_ppl_vs_length(summary, out / "ppl_vs_length.png")
     sections = []
-    first = summary["protocol"].iloc[0]  # nonoverlap where it was evaluated (protocols sort it first)
-    headline = answer(summary[summary["protocol"] == first], first, seeds_text(summary[summary["protocol"] == first]))
-    if headline is not None:
-        sections.append(Section("Summary", *headline))
+    found = headline(summary)
+    if found is not None:
+        sections.append(Section("Summary", found.text, found.markdown()))
     for protocol, part in summary.groupby("protocol", sort=False):
         no_1x = part["rel_1x"].isna() & part["ppl"].notna()  # a ppl but no 1x row to divide by
         sections += [

@@ -738,7 +738,7 @@ def test_ratio_to_1x_has_a_paired_interval_over_seeds():
     assert one.rel_1x == pytest.approx(2.0) and pd.isna(one.rel_1x_low) and rel_cell(one) == "2.00"
 
 
-def test_report_opens_with_the_answer_schemes_ranked_at_the_longest_length(tmp_path):
+def test_report_opens_with_the_answer_schemes_ranked_at_the_longest_length(tmp_path, capsys):
     """The summary ranks schemes by perplexity at the longest multiple divided by their own at 1x (two seeds: with
     intervals), names those within 10% of 1x and the lowest perplexity there, and says why a scheme is not ranked
     (no perplexity at that length, or no 1x to divide by)."""
@@ -760,6 +760,10 @@ def test_report_opens_with_the_answer_schemes_ranked_at_the_longest_length(tmp_p
     assert "| 1 | alibi | 7.10 | 7.05 [6.44–7.71] | 0.99 [0.76–1.30] |" in head  # by hand: exp(mean ln ratio -+ 12.706 se)
     assert "Within 10% of their 1× perplexity at 4×: alibi, nope. Lowest perplexity at 4×: alibi" in head
     assert "learned (learned positions end at 16)" in head and "t5 (no 1× perplexity to divide by)" in head
+    capsys.readouterr()
+    assert lenx("report", tmp_path) == 0  # the terminal gets the same ranking
+    shown = capsys.readouterr().out
+    assert "Summary" in shown and "0.99 [0.76–1.30]" in shown and shown.index("alibi") < shown.index("rope")
 
 
 @pytest.mark.parametrize("low, high, at_least", [(65, 110, 4), (6, 25, 4), (1, 20000, 4), (0.5, 1e9, 4)])
