@@ -261,15 +261,17 @@ def print_headline(results_dir: str | Path) -> None:
     """The report's answer on the terminal, as a rich table (nothing when there is none)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     found = headline(summarise(read_results(Path(results_dir))))
     if found is None:
         return
-    table = Table(title="Summary", caption=found.text, caption_justify="left")
+    # Text, not markup: "[low–high]" and a scheme's "[bpe:512]" are ours to show, not rich tags
+    table = Table(title="Summary", caption=Text(found.text), caption_justify="left")
     for i, name in enumerate(found.columns):
         table.add_column(name, justify="left" if i == 1 else "right")
     for row in found.rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
     Console().print(table)
 
 

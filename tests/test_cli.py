@@ -764,6 +764,7 @@ def test_report_opens_with_the_answer_schemes_ranked_at_the_longest_length(tmp_p
     assert lenx("report", tmp_path) == 0  # the terminal gets the same ranking
     shown = capsys.readouterr().out
     assert "Summary" in shown and "0.99 [0.76–1.30]" in shown and shown.index("alibi") < shown.index("rope")
+    assert "[low–high]" in " ".join(shown.split())  # shown as text, not swallowed as a rich markup tag
 
 
 @pytest.mark.parametrize("low, high, at_least", [(65, 110, 4), (6, 25, 4), (1, 20000, 4), (0.5, 1e9, 4)])
