@@ -156,10 +156,9 @@ def report(
     out: Optional[Path] = typer.Option(None, help="Where to write the report [default: RESULTS_DIR]."),
 ) -> None:
     """Write report.md, report.html, figures and results_<timestamp>.json from the results table."""
-    from .report import print_headline, report as make_report
+    from .report import report as make_report
 
-    path = make_report(results_dir, out)
-    print_headline(results_dir)
+    path = make_report(results_dir, out, echo=True)
     typer.echo(f"report written to {path}")
 
 
@@ -190,9 +189,6 @@ def sweep(
 
     path = run_sweep(config, dry_run=dry_run, device=device)
     if path:
-        from .report import print_headline
-
-        print_headline(path.parent)  # the sweep's results directory, where its report is written
         typer.echo(f"report written to {path} (and report.html beside it)")
 
 

@@ -178,10 +178,10 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("weight_decay", "grad_clip"):
         if not (getattr(cfg, key) >= 0 and math.isfinite(getattr(cfg, key))):
             raise LenxError(f"{_name(key)} must be a finite number >= 0, got {getattr(cfg, key)}")
-    for key, high, closed in (("min_lr_ratio", 1, True), ("beta1", 1, False), ("beta2", 1, False)):
+    for key, closed in (("min_lr_ratio", True), ("beta1", False), ("beta2", False)):
         value = getattr(cfg, key)
-        if not (0 <= value <= high if closed else 0 <= value < high):
-            raise LenxError(f"{_name(key)} must lie in [0, {high}{']' if closed else ')'}, got {value}")
+        if not (0 <= value <= 1 if closed else 0 <= value < 1):
+            raise LenxError(f"{_name(key)} must lie in [0, 1{']' if closed else ')'}, got {value}")
     for key in ("warmup", "seed"):
         if getattr(cfg, key) < 0:
             raise LenxError(f"{_name(key)} must be >= 0, got {getattr(cfg, key)}")

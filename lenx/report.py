@@ -257,15 +257,12 @@ def headline(summary: pd.DataFrame) -> Headline | None:
     return answer(part, part["protocol"].iloc[0], seeds_text(part))
 
 
-def print_headline(results_dir: str | Path) -> None:
-    """The report's answer on the terminal, as a rich table (nothing when there is none)."""
+def print_headline(found: Headline) -> None:
+    """The report's answer on the terminal, as a rich table."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    found = headline(summarise(read_results(Path(results_dir))))
-    if found is None:
-        return
     # Text, not markup: "[low–high]" and a scheme's "[bpe:512]" are ours to show, not rich tags
     table = Table(title="Summary", caption=Text(found.text), caption_justify="left")
     for i, name in enumerate(found.columns):
@@ -629,7 +626,8 @@ def locate_runs(run_dirs: pd.Series, results_dir: Path) -> pd.Series:
     return run_dirs.map(lambda d: found.get(d, d))
 
 
-def report(results_dir: str | Path = "results", out: str | Path | None = None, config=None) -> Path:
+def report(results_dir: str | Path = "results", out: str | Path | None = None, config=None, echo: bool = False) -> Path:
+    """Write the report of the results in `results_dir` into `out`; `echo`: also print its summary on the terminal."""
     results_dir = Path(results_dir)
     out = Path(out) if out else results_dir
     df = read_results(results_dir)
@@ -648,6 +646,8 @@ def report(results_dir: str | Path = "results", out: str | Path | None = None, c
     found = headline(summary)
     if found is not None:
         sections.append(Section("Summary", found.text, found.markdown()))
+        if echo:
+            print_headline(found)
     for protocol, part in summary.groupby("protocol", sort=False):
         no_1x = part["rel_1x"].isna() & part["ppl"].notna()  # a ppl but no 1x row to divide by
         sections += [

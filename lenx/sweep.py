@@ -284,4 +284,4 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
                  protocols=ev["protocols"], stride=ev["stride"], position_buckets=ev["position_buckets"],
                  on_cell=lambda cell: bar.advance(overall, seconds.get((cell["run"], _cell_name(cell)), 0.0)))
         bar.update(overall, completed=total)  # done, whatever the estimates (and at 100% when nothing was left to do)
-    return report(spec.results_dir, config=spec) if ctx.main else None
+    return report(spec.results_dir, config=spec, echo=True) if ctx.main else None
