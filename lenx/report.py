@@ -217,11 +217,8 @@ def answer(part: pd.DataFrame, protocol: str, seeds: str) -> Headline | None:
     within `KEPT` of 1x, which was lowest there, and which have no perplexity there. None when no scheme has both
     numbers."""
     multiple = part["eval_len"] / part["train_len"]
-    scored = part[part["ppl"].notna()]
-    if scored.empty:
-        return None
-    M = (scored["eval_len"] / scored["train_len"]).max()
-    if M <= 1:
+    M = multiple[part["ppl"].notna()].max()  # NaN where no cell has a perplexity
+    if not M > 1:
         return None
     at = part[(multiple - M).abs() < 1e-9].set_index("scheme")
     base = part[multiple == 1].set_index("scheme")["ppl"]
