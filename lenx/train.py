@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
 from .config import TrainConfig
@@ -30,6 +29,7 @@ from .hf import is_oom
 from .io import atomic_path, check_writable, readable, write_json
 from .progress import progress as make_progress
 from .runinfo import provenance, quiet_hf
+from .step import cpu_shards, forward_backward
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -378,6 +378,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
             raise
         raise LenxError(f"the model does not fit in memory on {device}; lower --d-model, --d-ff or --layers") from None
     opt = build_optimizer(model, cfg)
+    shards = cpu_shards(device, cfg.batch_size, distributed=ctx.active, compiled=cfg.compile)
     start, log = 0, []
     run_info = {
         "run": run_dir.name,
@@ -389,6 +390,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         "n_params": sum(p.numel() for p in model.parameters()),
         "world_size": ctx.world,
         "global_batch": cfg.batch_size * cfg.grad_accum * ctx.world,
+        "cpu_shards": shards,
         **provenance(device),
     }
     if state == "resume":
@@ -406,6 +408,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     model.train()
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.active else model
     net = compile_model(net) if cfg.compile else net
+    cast = lambda: autocast(precision, device)  # noqa: E731
     rows = cfg.batch_size * cfg.grad_accum  # this process's share of the global batch
     tokens_per_step = rows * ctx.world * cfg.train_len
     progress, bar = progress and ctx.main, bar if ctx.main else None
@@ -424,11 +427,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
                 for micro, batch in enumerate(mine.to(device).split(cfg.batch_size)):
                     last = micro == cfg.grad_accum - 1
                     with net.no_sync() if ctx.active and not last else nullcontext():
-                        with autocast(precision, device):
-                            logits = net(batch[:, :-1]).logits
-                        micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-                        (micro_loss / cfg.grad_accum).backward()
-                    loss += micro_loss.detach() / cfg.grad_accum
+                        micro_loss = forward_backward(net, batch, cast, 1 / cfg.grad_accum, shards)
+                    loss += micro_loss / cfg.grad_accum
             except (RuntimeError, MemoryError) as e:
                 if not is_oom(e):
                     raise

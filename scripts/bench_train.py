@@ -5,12 +5,16 @@ Each contender gets the same random batches; steps (forward + backward + AdamW) 
 one step per contender in turn, so that machine drift hits all alike. Tokens/s is the median over the
 timed steps; MFU is against a matrix-multiply peak measured in every round of the same run (the
 median), at the same precision.
+lenx steps as `lenx train` does: on the CPU, a batch's rows in one shard per core, side by side (lenx/step.py);
+the transformers models as transformers runs them, the whole batch at once (--shard-peers: in lenx's shards too;
+--cpu-shards 1: lenx without them).
 A ratio is paired: each round's two step times, divided, then the median over rounds (the JSON also
 gives the quartiles), so that a slow round slows both sides of the ratio it enters.
 
   python scripts/bench_train.py                       # this issue's CPU size: 4 layers, d 256, 4 heads, 8 x 512
   python scripts/bench_train.py --precision bf16 --json
   python scripts/bench_train.py --schemes rope,alibi --steps 8 --compile
+  python scripts/bench_train.py --cpu-shards 1             # lenx's step on the whole batch at once
 """
 
 from __future__ import annotations
@@ -23,13 +27,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lenx.model import LenxConfig, LenxForCausalLM  # noqa: E402
 from lenx.perf import measure_matmul_peak, train_flops_per_token  # noqa: E402
 from lenx.positional import SCHEMES  # noqa: E402
+from lenx.step import cpu_shards, forward_backward  # noqa: E402
 from lenx.train import autocast, compile_model, precision_dtype  # noqa: E402
 
 
@@ -62,19 +66,18 @@ def lenx_model(a, pe: str):
                                               eod_token_id=a.vocab - 1))
 
 
-def make_step(build, a, device):
+def make_step(build, a, device, shards: int = 1):
+    """One training step as `lenx train` takes it (forward_backward), for lenx and the peers alike; `shards`: the
+    row shards it runs side by side on the CPU (lenx train's cpu_shards; 1 is the whole batch at once)."""
     torch.manual_seed(0)
     model = build().to(device).train()
     fwd = compile_model(model) if a.compile else model  # as `lenx train --compile` does
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for every contender, as lenx trains
-    ctx = autocast(a.precision, device)  # as `lenx train --precision` does
+    cast = lambda: autocast(a.precision, device)  # noqa: E731  as `lenx train --precision` does
 
     def step(batch):
-        with ctx:
-            logits = fwd(input_ids=batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = forward_backward(fwd, batch, cast, shards=shards)
         opt.step()
         return loss
 
@@ -97,20 +100,29 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile every contender")
     p.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated lenx schemes")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers models")
+    p.add_argument("--cpu-shards", type=int, default=None,
+                   help="row shards of a step run side by side on the CPU's cores, for lenx [default: as lenx train "
+                        "chooses; 1: the whole batch at once]")
+    p.add_argument("--shard-peers", action="store_true",
+                   help="run the transformers models' steps in the same row shards as lenx's (default: as transformers "
+                        "runs them, the whole batch at once)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args()
     if a.steps < 2:
         p.error("--steps must be at least 2 (the ratios' quartiles need two rounds)")
+    if a.cpu_shards is not None and a.cpu_shards < 1:
+        p.error("--cpu-shards must be at least 1 (1: the whole batch at once)")
     device = a.device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     builders = {f"lenx-{pe}": lenx_model(a, pe) for pe in a.schemes.split(",") if pe}
     if not a.no_hf:
         builders.update(hf_models(a))
+    shards = cpu_shards(device, a.batch, compiled=a.compile) if a.cpu_shards is None else a.cpu_shards
     steps, times = {}, {name: [] for name in builders}
     for name, build in builders.items():
-        steps[name] = make_step(build, a, device)
+        steps[name] = make_step(build, a, device, shards if name.startswith("lenx") or a.shard_peers else 1)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g).to(device) for _ in range(a.warmup + a.steps)]
     peaks = []  # the matmul peak, measured in every round like a contender: one slow moment cannot skew MFU
@@ -148,7 +160,7 @@ def main() -> None:
         r["vs_nope"], r["vs_nope_quartiles"] = paired(r["model"], "lenx-nope") if lenx else (None, None)
     meta = {"device": device, "precision": a.precision, "compile": a.compile, "batch": a.batch, "seq": a.seq,
             "layers": a.layers, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "vocab": a.vocab,
-            "timed_steps": a.steps, "matmul_peak_gflops": round(peak / 1e9, 1), "torch": torch.__version__,
+            "timed_steps": a.steps, "lenx_cpu_shards": shards, "peer_cpu_shards": shards if a.shard_peers else 1, "matmul_peak_gflops": round(peak / 1e9, 1), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
     if a.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -156,9 +168,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    sharding = f"; {shards} row shards a step ({'lenx and peers' if a.shard_peers else 'lenx'})" if shards > 1 else ""
     t = Table(title=f"training tokens/s, {device} {a.precision}{' compiled' if a.compile else ''}, "
                     f"{a.layers}L d{a.d_model} h{a.heads} ffn{a.d_ff}, batch {a.batch}x{a.seq}; "
-                    f"matmul peak {peak / 1e9:.0f} GFLOP/s")
+                    f"matmul peak {peak / 1e9:.0f} GFLOP/s{sharding}")
     for col in ("model", "params", "tokens/s", "MFU", "vs HF peer [quartiles]", "vs lenx-nope"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:

@@ -103,7 +103,7 @@ class RoPE(PositionalScheme):
     def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
         super().set_eval_scaling(method, factor)  # rejects unknown methods
         self.scaling = (method or "none", factor)
-        self._cache.clear()
+        self._cache = {}
         self._last = None
 
     def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,10 +115,11 @@ class RoPE(PositionalScheme):
             return self._cos_sin_at(pos, pos.shape[-1])
         n = int(pos.max()) + 1
         key = (pos.device, n)
-        if key not in self._cache:
-            self._cache.clear()
-            self._cache[key] = tuple(t.to(pos.device) for t in self._cos_sin_at(torch.arange(n), n))
-        cos, sin = self._cache[key]
+        table = self._cache.get(key)  # read once, replaced whole: row shards call this from threads at once
+        if table is None:
+            table = tuple(t.to(pos.device) for t in self._cos_sin_at(torch.arange(n), n))
+            self._cache = {key: table}
+        cos, sin = table
         return cos[pos], sin[pos]
 
     def _cos_sin_at(self, pos: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
@@ -132,9 +133,10 @@ class RoPE(PositionalScheme):
         object, so the table is gathered once per forward, not once per layer."""
         if torch.compiler.is_compiling():
             return torch.stack(self.cos_sin(pos), -1)
-        if self._last is None or self._last[0] is not pos:
-            self._last = (pos, torch.stack(self.cos_sin(pos), -1))
-        return self._last[1]
+        last = self._last  # read once: row shards (lenx/step.py) run forwards from threads at once
+        if last is None or last[0] is not pos:
+            last = self._last = (pos, torch.stack(self.cos_sin(pos), -1))
+        return last[1]
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         rot = self.rotation(pos)
