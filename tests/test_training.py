@@ -186,10 +186,12 @@ def test_training_benchmark_reports_paired_ratios():
     out = subprocess.run(
         [sys.executable, str(script), "--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64",
          "--vocab", "64", "--batch", "2", "--seq", "32", "--steps", "3", "--warmup", "1",
-         "--schemes", "nope,rope", "--json"],
+         "--schemes", "nope,rope", "--json", "--shard-peers"],
         capture_output=True, text=True, timeout=600, check=True,
     ).stdout
-    rows = {r["model"]: r for r in json.loads(out)["rows"]}
+    meta, rows = json.loads(out)["meta"], {r["model"]: r for r in json.loads(out)["rows"]}
+    # lenx steps as lenx train does (a row shard per thread, here at most one per row), and so, asked, do the peers
+    assert meta["lenx_cpu_shards"] == meta["peer_cpu_shards"] == min(meta["threads"], 2)
     assert set(rows) == {"lenx-nope", "lenx-rope", "hf-gpt2 (learned, sdpa)", "hf-llama (rope, sdpa)",
                          "hf-bloom (alibi, eager)"}
     rope = rows["lenx-rope"]
