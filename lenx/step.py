@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (its size, the pool)
 
 
 def cpu_shards(device: str, rows: int, distributed: bool = False, compiled: bool = False) -> int:
@@ -74,9 +74,10 @@ def forward_backward(net, batch: Tensor, autocast, weight: float = 1.0, shards: 
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
+    """A pool of at least n threads, kept from step to step (and grown when a step needs more)."""
     global _POOL
-    if _POOL is None or _POOL._max_workers < n:
+    if _POOL is None or _POOL[0] < n:
         if _POOL is not None:
-            _POOL.shutdown(wait=False)
-        _POOL = ThreadPoolExecutor(n, thread_name_prefix="lenx-shard")
-    return _POOL
+            _POOL[1].shutdown(wait=False)
+        _POOL = (n, ThreadPoolExecutor(n, thread_name_prefix="lenx-shard"))
+    return _POOL[1]
