@@ -1,6 +1,6 @@
 """One micro-batch's forward and backward: whole, or on the CPU in row shards that run side by side.
 
-On a CPU, one step of a small model spends a fifth to a third of its time outside the matrix multiplies
+On a CPU, one step of a small model spends about a fifth of its time outside the matrix multiplies
 (elementwise ops, the Python between ops), where intra-op threads wait for each other at every op. Split by rows
 into one shard per thread, each shard running single-threaded on a core of its own, the same step ran about 5%
 faster on this project's 2-core machines (lenx-rope, 4 layers, d 256, batch 8 x 512, paired rounds against the
