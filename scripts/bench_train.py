@@ -160,8 +160,8 @@ def main() -> None:
         r["vs_nope"], r["vs_nope_quartiles"] = paired(r["model"], "lenx-nope") if lenx else (None, None)
     meta = {"device": device, "precision": a.precision, "compile": a.compile, "batch": a.batch, "seq": a.seq,
             "layers": a.layers, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "vocab": a.vocab,
-            "timed_steps": a.steps, "lenx_cpu_shards": shards, "peer_cpu_shards": shards if a.shard_peers else 1, "matmul_peak_gflops": round(peak / 1e9, 1), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "timed_steps": a.steps, "lenx_cpu_shards": shards, "peer_cpu_shards": shards if a.shard_peers else 1,
+            "matmul_peak_gflops": round(peak / 1e9, 1), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if a.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=1))
         return

@@ -189,7 +189,8 @@ def test_training_benchmark_reports_paired_ratios():
          "--schemes", "nope,rope", "--json", "--shard-peers"],
         capture_output=True, text=True, timeout=600, check=True,
     ).stdout
-    meta, rows = json.loads(out)["meta"], {r["model"]: r for r in json.loads(out)["rows"]}
+    result = json.loads(out)
+    meta, rows = result["meta"], {r["model"]: r for r in result["rows"]}
     # lenx steps as lenx train does (a row shard per thread, here at most one per row), and so, asked, do the peers
     assert meta["lenx_cpu_shards"] == meta["peer_cpu_shards"] == min(meta["threads"], 2)
     assert set(rows) == {"lenx-nope", "lenx-rope", "hf-gpt2 (learned, sdpa)", "hf-llama (rope, sdpa)",
