@@ -24,3 +24,21 @@ def did_you_mean(value, known) -> str:
     by_lower = {str(k).lower(): str(k) for k in known}
     close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.75)
     return f" (did you mean '{by_lower[close[0]]}'?)" if close and by_lower[close[0]] != str(value) else ""
+
+
+OOM_NOTE = "out of memory"
+
+
+def is_oom(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+    )
+
+
+def oom_note(eval_len: int, device: str) -> str:
+    return f"{OOM_NOTE} at length {eval_len} on {device} (one window at a time); rerun on a larger device"

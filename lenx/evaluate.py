@@ -30,7 +30,6 @@ row's token_budget / bucket_width) is refused; write to another --out.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -48,8 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import TRAIN_KEYS, TrainConfig, check_values
+from .ids import config_id, weights_id
 from .data import DataSpec, Tokenizer, document_tokens, load_corpus, load_run_tokenizer, token_stream
-from .errors import LengthNotSupported, LenxError, did_you_mean
+from .errors import OOM_NOTE, LengthNotSupported, LenxError, did_you_mean, is_oom, oom_note
 from .io import write_table
 from . import distributed
 from .runinfo import provenance, quiet_hf
@@ -93,7 +93,7 @@ def read_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     try:
         info = json.loads((run_dir / "run.json").read_text())
-        # keys added to lenx since the run was made take their defaults (as train.identity does); known keys are
+        # keys added to lenx since the run was made take their defaults (as ids.identity does); known keys are
         # checked for their types, so an edited file is refused here, not mid-evaluation
         info["config"] = {**TrainConfig().to_dict(), **info["config"]}
         check_values({k: v for k, v in info["config"].items() if k in TRAIN_KEYS}, f"{run_dir}/run.json")
@@ -142,43 +142,6 @@ def check_run_matches(run_dir: Path, model, cfg: dict, tok: Tokenizer) -> None:
                 f"{run_dir}: config.json has {key}={got} but run.json / its tokenizer expect {want}; "
                 "the directory mixes two runs, retrain it with --overwrite"
             )
-
-
-def short_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:6]
-
-
-NOT_EXPERIMENT = ("seed", "log_every", "save_every")  # left out of config_id: seeds of one experiment share it
-
-
-def config_id(info: dict) -> str:
-    """A short fingerprint of a run's training config (as `train.identity` compares configs) apart from its seed
-    and bookkeeping: runs that share it are seeds of one experiment, and `lenx report` pools only those.
-    A transformers tokenizer is named by a path or hub name whose contents can change, so its fingerprint joins
-    the config (two tokenizers saved at one path are two experiments); `byte` and `bpe:<n>` (trained on the
-    run's text, which the results' dataset_fingerprint names) are fixed by their names, and keep their ids."""
-    from .train import identity
-
-    ident = {k: v for k, v in identity(info["config"], info.get("world_size", 1)).items() if k not in NOT_EXPERIMENT}
-    tok = info.get("tokenizer") or {}
-    if tok.get("kind") == "hf" and tok.get("fingerprint"):
-        ident["tokenizer_fingerprint"] = tok["fingerprint"]
-    return short_hash(ident)
-
-
-def weights_id(run_dir: Path) -> str:
-    """A short fingerprint of a run's trained weights: a run retrained in place gets another one."""
-    return files_id([run_dir / "model.safetensors"])
-
-
-def files_id(paths) -> str:
-    """A short fingerprint of the files' contents, read in order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def check_weights(row, subject, fix: str) -> None:
@@ -636,13 +599,11 @@ def eval_cell(model, data: dict, eval_len: int, protocol: str, *, stride: int | 
     except LengthNotSupported as e:
         return {**metrics, **empty, "note": str(e)}, []
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        from .hf import is_oom
 
         if not is_oom(e):
             raise
         sc = None  # the failed batch's tensors are freed when this block ends
     if sc is None:
-        from .hf import oom_note
 
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
@@ -735,7 +696,6 @@ def evaluate(
         have_buckets = {_key(r) for _, r in by_pos.iterrows()}
         # a cell is finished when its row is in results (written last) and its buckets are there too; a cell
         # that ran out of memory is tried again
-        from .hf import OOM_NOTE
 
         finished = {_key(r): r for _, r in table.iterrows()
                     if (_key(r) in have_buckets or not (r["tokens"] > 0)) and not str(r["note"]).startswith(OOM_NOTE)}

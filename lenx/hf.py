@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LengthNotSupported, LenxError, first_line
+from .errors import LengthNotSupported, LenxError, first_line, is_oom
 
 # model_type -> positional scheme (Falcon's is decided per config in `scheme_of`; an MPT without ALiBi is refused)
 SCHEMES = {
@@ -146,7 +146,7 @@ class HFModel:
         if dtype not in DTYPES:
             raise LenxError(f"unknown --dtype '{dtype}'; known: {', '.join(DTYPES)}")
         self.dtype = dtype
-        from .evaluate import files_id, short_hash
+        from .ids import files_id, short_hash
 
         self.config_id = short_hash({"model": self.source, "dtype": dtype})  # one model, one dtype: one experiment
         # a local directory can be saved again in place (its config, its weights): fingerprinted, as a lenx run is;
@@ -375,19 +375,3 @@ class HFModel:
     def batch_tokens(self, eval_len: int, batch_tokens: int) -> int:
         """Long windows go one at a time (the activations and the logits of one window are already large)."""
         return eval_len if eval_len >= LONG_LEN else batch_tokens
-
-
-OOM_NOTE = "out of memory"
-
-
-def is_oom(e: BaseException) -> bool:
-    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and any(
-        s in text for s in ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
-    )
-
-
-def oom_note(eval_len: int, device: str) -> str:
-    return f"{OOM_NOTE} at length {eval_len} on {device} (one window at a time); rerun on a larger device"

@@ -24,8 +24,8 @@ from safetensors.torch import load_model, save_model
 
 from .config import TrainConfig
 from .data import DataSpec, get_tokenizer, load_corpus, load_run_tokenizer, token_stream
-from .errors import LenxError
-from .hf import is_oom
+from .errors import LenxError, is_oom
+from .ids import identity
 from .io import atomic_path, check_writable, readable, write_json
 from .progress import progress as make_progress
 from .runinfo import provenance, quiet_hf
@@ -230,19 +230,6 @@ def _read_log(run_dir: Path, upto: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- the loop
-
-
-# may change on resume (e.g. other process count) if the global batch does not; compiling changes no result
-RESUME_FREE = ("batch_size", "grad_accum", "compile")
-
-
-def identity(config: dict, world: int) -> dict:
-    """What makes two runs the same run. Keys added to lenx since a run was made take their defaults,
-    which preserve the old behaviour."""
-    config = {**TrainConfig().to_dict(), **config}
-    out = {k: v for k, v in config.items() if k not in RESUME_FREE}
-    out["global_batch"] = config["batch_size"] * config.get("grad_accum", 1) * world
-    return out
 
 
 _TRAIN_FIX = "use another --out or pass --overwrite"

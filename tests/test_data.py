@@ -604,7 +604,7 @@ def test_config_id_tells_transformers_tokenizers_apart_by_contents():
     """Two tokenizers saved at one path in turn are two experiments, not seeds of one; byte and bpe:<n> runs keep
     the ids they had (pinned: an id that changes splits old results tables from new ones in the report)."""
     from lenx.config import TrainConfig
-    from lenx.evaluate import config_id
+    from lenx.ids import config_id
 
     def info(name, kind, fingerprint, seed=0):
         return {"config": {**TrainConfig().to_dict(), "tokenizer": name, "seed": seed},
