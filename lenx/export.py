@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .data import EOD_TOKEN, BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer, _byte_decoder
+from .data import EOD_TOKEN, BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer, byte_decoder as _byte_decoder
 from .errors import LenxError
 
 CHECK_TEXT = "def f(x):\n    return x  # naïve café, 日本語, emoji 🙂, tab\t, CRLF\r\n, NUL \x00 end"

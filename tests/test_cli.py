@@ -446,7 +446,7 @@ def test_results_of_another_text_are_refused(tmp_path, capsys):
     one_line_error(capsys, lenx("eval", run, "--test-file", tmp_path / "b.txt", *cell), "other text", "another --out")
     assert lenx("eval", run, "--dataset", tmp_path / "b.txt", *cell) == 0
     (tmp_path / "b.txt").write_text("zeta eta " * 200)
-    from lenx.data import _load
+    from lenx.data import load_spec as _load
 
     _load.cache_clear()  # a new `lenx eval` process reads the file afresh
     one_line_error(capsys, lenx("eval", run, "--dataset", tmp_path / "b.txt", *cell), "other text", "another --out")

@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from lenx import data
+from lenx.data import cache as token_cache
+from lenx.data import splits, tokenizers
 from lenx.cli import main
 from lenx.config import DEFAULTS_FILE, TrainConfig, resolve
 from lenx.data import (
@@ -84,10 +86,10 @@ def test_directory_of_txt_files_one_document_per_file(text_dataset, cache):
     assert sorted(got) == sorted(texts) and len(got) == 30
     # the split and fingerprint are those of the (name, text) documents, as before datasets did the reading
     named = [(p.name, p.read_text()) for p in files]
-    assert corpus.fingerprint == data._fingerprint(named)
-    assert corpus.documents("test") == data._split_documents(named)["test"]
+    assert corpus.fingerprint == splits.fingerprint(named)
+    assert corpus.documents("test") == splits.split_documents(named)["test"]
     (text_dataset / "doc00.txt").write_text("changed")
-    data._load.cache_clear()
+    data.load_spec.cache_clear()
     assert load_corpus(str(text_dataset)).fingerprint != corpus.fingerprint
 
 
@@ -95,13 +97,13 @@ def test_a_directory_whose_names_hash_no_document_to_test_still_has_a_test_split
     """20 to 60 files often hash none to test (0.95 ** 20: a third of 20-file corpora): such a corpus trained and
     then could not be evaluated. It is split in order instead, under a fingerprint of its own (the token cache)."""
     names = [f"doc{i:02d}.txt" for i in range(40)]
-    names = [n for n in names if data._split_of(n) != "test"][:20]
+    names = [n for n in names if splits.split_of(n) != "test"][:20]
     for i, n in enumerate(names):
         (tmp_path / n).write_text(f"document {i}\n" * 5)
     corpus = load_corpus(str(tmp_path))
     assert corpus.documents("test") == ["document 19\n" * 5] and len(corpus.documents("train")) == 18
     named = [(n, (tmp_path / n).read_text()) for n in sorted(names)]
-    assert corpus.fingerprint != data._fingerprint(named)
+    assert corpus.fingerprint != splits.fingerprint(named)
 
 
 def test_jsonl_with_a_custom_text_field(tmp_path, cache, capsys):
@@ -140,7 +142,7 @@ def test_parquet(tmp_path, cache):
     corpus = load_corpus(str(path))
     got = [d for docs in corpus.splits.values() for d in docs]
     assert sorted(got) == sorted(texts)
-    expect = data._split_documents([(f"docs.parquet#{i}", t) for i, t in enumerate(texts)])
+    expect = splits.split_documents([(f"docs.parquet#{i}", t) for i, t in enumerate(texts)])
     assert corpus.documents("train") == expect["train"] and corpus.documents("test") == expect["test"]
 
 
@@ -193,9 +195,9 @@ def test_the_same_text_under_two_names_is_never_both_trained_on_and_scored(tmp_p
     """A directory split by a hash of the names put a copy of a training file (another name, the same text) in
     test: its text was trained on and then scored. The later copy is dropped, under a fingerprint of its own."""
     names = [f"doc{i:03d}.txt" for i in range(200)]
-    to_test = [n for n in names if data._split_of(n) == "test"][:3]
-    to_val = [n for n in names if data._split_of(n) == "validation"][:2]
-    to_train = [n for n in names if data._split_of(n) == "train"][:30]
+    to_test = [n for n in names if splits.split_of(n) == "test"][:3]
+    to_val = [n for n in names if splits.split_of(n) == "validation"][:2]
+    to_train = [n for n in names if splits.split_of(n) == "train"][:30]
     for n in to_train + to_val + to_test:
         (tmp_path / n).write_text(f"the text of {n}\n" * 3)
     (tmp_path / to_test[0]).write_text((tmp_path / to_train[0]).read_text())  # a copy of a training file
@@ -206,7 +208,7 @@ def test_the_same_text_under_two_names_is_never_both_trained_on_and_scored(tmp_p
     assert len(train) == 30 and val == [(tmp_path / to_val[1]).read_text()]
     assert test == [(tmp_path / to_test[2]).read_text()]
     named = [(p.name, p.read_text()) for p in sorted(tmp_path.glob("*.txt"))]
-    assert corpus.fingerprint != data._fingerprint(named)  # not the cache key of the splits that held the copies
+    assert corpus.fingerprint != splits.fingerprint(named)  # not the cache key of the splits that held the copies
     stream = bytes(token_stream(str(tmp_path), "byte", "validation").astype(np.uint8)).decode("utf-8", "replace")
     assert (tmp_path / to_train[1]).read_text() not in stream
 
@@ -257,7 +259,7 @@ def test_second_call_hits_the_cache_and_a_corrupted_file_is_rebuilt(text_dataset
     path.write_bytes(bytes(raw))
     rebuilt = token_stream(str(text_dataset), tok, "train")
     assert calls and np.array_equal(rebuilt, first)
-    assert data._sha256_file(path) == json.loads(path.with_suffix(".json").read_text())["sha256"]
+    assert token_cache._sha256_file(path) == json.loads(path.with_suffix(".json").read_text())["sha256"]
 
     # a truncated file, and a file whose sidecar never got written (a crash between the two)
     for damage in ("truncate", "no sidecar"):
@@ -279,8 +281,8 @@ def test_cache_location_follows_hf_home(monkeypatch, tmp_path):
 
 
 def test_memmap_dtype_follows_vocabulary():
-    assert data._dtype_for(257) == np.uint16 and data._dtype_for(65536) == np.uint16
-    assert data._dtype_for(65537) == np.uint32
+    assert tokenizers._dtype_for(257) == np.uint16 and tokenizers._dtype_for(65536) == np.uint16
+    assert tokenizers._dtype_for(65537) == np.uint32
 
 
 # ---------------------------------------------------------------- tokenizers and bytes
@@ -556,7 +558,7 @@ def test_hub_code_path_on_a_local_dataset_directory(tmp_path, cache):
              "validation": [" = C = \n", " c \n"], "test": ["", " = D = \n", " d \n", " = E = \n", " e \n"]}
     for split, rows in lines.items():
         pd.DataFrame({"text": rows}).to_parquet(wiki / f"{split}.parquet")
-    corpus = data._load_hub("wiki", data.HubDataset(str(wiki), None, wikitext=True))
+    corpus = data.load_hub("wiki", data.HubDataset(str(wiki), None, wikitext=True))
     assert corpus.documents("train") == ["\n = A = \n a text \n\n", " = B = \n = = B1 = = \n b text \n"]
     assert corpus.documents("test") == ["\n = D = \n d \n", " = E = \n e \n"]
     assert corpus.size("train") == len(lines["train"])  # progress counts rows
@@ -566,12 +568,12 @@ def test_hub_code_path_on_a_local_dataset_directory(tmp_path, cache):
     texts = [f"document {i} " + words(i, 1) for i in range(60)]
     pd.DataFrame({"content": texts}).to_parquet(one / "data.parquet")
     with pytest.raises(LenxError, match="no column 'text'.*content.*--text-field"):
-        data._load_hub("one", data.HubDataset(str(one), None))
-    corpus = data._load_hub("one", data.HubDataset(str(one), None, text_field="content"))
+        data.load_hub("one", data.HubDataset(str(one), None))
+    corpus = data.load_hub("one", data.HubDataset(str(one), None, text_field="content"))
     by_split = corpus.splits
     assert sorted(d for docs in by_split.values() for d in docs) == sorted(texts)  # one split, divided by row hash
-    assert by_split["test"] == [t for i, t in enumerate(texts) if data._split_of(str(i)) == "test"]
-    again = data._load_hub("one", data.HubDataset(str(one), None, text_field="content"))
+    assert by_split["test"] == [t for i, t in enumerate(texts) if splits.split_of(str(i)) == "test"]
+    again = data.load_hub("one", data.HubDataset(str(one), None, text_field="content"))
     assert again.fingerprint == corpus.fingerprint
 
 
@@ -592,11 +594,9 @@ def test_eval_on_another_corpus_keeps_its_own_rows(text_dataset, tmp_path, cache
 def test_a_single_periodic_text_keeps_its_test_split():
     """One .txt is cut 90/5/5 by characters; in a periodic text the validation and test parts can be the same
     characters, and they are parts of one document, not two copies of it: neither is dropped."""
-    from lenx.data import _split_documents
-
     text = "gamma delta epsilon " * 200
-    splits = _split_documents([("b.txt", text)])
-    assert splits["validation"] == splits["test"] != [] and "".join(sum(splits.values(), [])) == text
+    parts = splits.split_documents([("b.txt", text)])
+    assert parts["validation"] == parts["test"] != [] and "".join(sum(parts.values(), [])) == text
 
 
 

@@ -78,7 +78,7 @@ def test_local_dataset_still_loads_with_the_hub_unreachable(no_hub, tmp_path, mo
     one = tmp_path / "one"
     one.mkdir()
     pd.DataFrame({"text": [f"document {i}" for i in range(40)]}).to_parquet(one / "data.parquet")
-    corpus = data._load_hub("one", data.HubDataset(str(one), None))
+    corpus = data.load_hub("one", data.HubDataset(str(one), None))
     assert sum(len(docs) for docs in corpus.splits.values()) == 40
 
 
