@@ -255,8 +255,6 @@ def check_tokenizer_name(name: str) -> None:
     parse_bpe(name)
 
 
-
-
 def hf_tokenizer(name: str) -> "HFTokenizer":
     """The transformers tokenizer `--tokenizer` names; a path that is not a tokenizer directory says so."""
     from ..hub import is_path
