@@ -1,5 +1,6 @@
 """Corpora, tokenizers and the token cache, on files each test writes itself (no network, ever)."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -270,6 +271,39 @@ def test_second_call_hits_the_cache_and_a_corrupted_file_is_rebuilt(text_dataset
             path.with_suffix(".json").unlink()
         assert np.array_equal(token_stream(str(text_dataset), tok, "train"), first) and calls, damage
     assert not list((cache / "tokens").glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_a_token_cache_written_before_is_read_as_it_is(tmp_path, cache, monkeypatch):
+    """The cache key (the file name), the sidecar and the tokens are pinned as an earlier lenx wrote them: such a
+    cache is read, never re-tokenised or rewritten."""
+    root = tmp_path / "c"
+    root.mkdir()
+    for i, text in enumerate(["alpha beta\n", "gamma delta\n", "epsilon zeta\n"]):  # 3 documents: the last is test
+        (root / f"{i}.txt").write_text(text)
+    tokens = np.array([*b"epsilon zeta\n", 256], dtype=np.uint16)
+    sha = "7bc928dc40fe5080f446c55f19ca01207e63424834e65d54ab7aa830efdf4826"
+    assert hashlib.sha256(tokens.tobytes()).hexdigest() == sha
+    path = cache / "tokens" / "35fe1fe7468c8869-byte-utf8-eod256-test.bin"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(tokens.tobytes())
+    meta = {"dataset_fingerprint": "35fe1fe7468c8869", "tokenizer_fingerprint": "byte-utf8-eod256", "split": "test",
+            "dtype": "uint16", "eod_id": 256, "length": 14, "documents": 1, "sha256": sha, "dataset": str(root),
+            "tokenizer": "byte"}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    mtimes = [p.stat().st_mtime_ns for p in (path, path.with_suffix(".json"))]
+    monkeypatch.setattr(ByteTokenizer, "encode_batch", lambda self, texts: pytest.fail("re-tokenised"))
+    assert load_corpus(str(root)).fingerprint == "35fe1fe7468c8869"
+    assert np.array_equal(token_stream(str(root), "byte", "test"), tokens)
+    assert [p.stat().st_mtime_ns for p in (path, path.with_suffix(".json"))] == mtimes
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.with_suffix(".json").name]
+
+
+@pytest.mark.parametrize("module", ["splits", "progress", "corpora", "tokenizers", "cache"])
+def test_each_data_module_imports_alone(module):
+    """No import cycle inside lenx.data: every module imports first, in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-c", f"import lenx.data.{module}"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_cache_location_follows_hf_home(monkeypatch, tmp_path):
