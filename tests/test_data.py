@@ -298,7 +298,7 @@ def test_a_token_cache_written_before_is_read_as_it_is(tmp_path, cache, monkeypa
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.with_suffix(".json").name]
 
 
-@pytest.mark.parametrize("module", ["splits", "progress", "corpora", "tokenizers", "cache"])
+@pytest.mark.parametrize("module", ["splits", "corpora", "tokenizers", "cache"])
 def test_each_data_module_imports_alone(module):
     """No import cycle inside lenx.data: every module imports first, in a fresh interpreter."""
     proc = subprocess.run([sys.executable, "-c", f"import lenx.data.{module}"], capture_output=True, text=True,

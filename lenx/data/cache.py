@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import LenxError
 from ..io import atomic_path, write_text
 from .corpora import Corpus, load_corpus
-from .progress import CountBar
+from ..progress import CountBar
 from .tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, check_tokenizer_name, hf_tokenizer, parse_bpe
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import LenxError, first_line
 from ..io import write_text
 from .corpora import Corpus, quiet_datasets
-from .progress import CountBar
+from ..progress import CountBar
 
 EOD_TOKEN = "<|endoftext|>"
 
