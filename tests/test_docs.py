@@ -20,7 +20,9 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-OPTION_LINE = re.compile(r"^  (-\S.*?)(?:\s{2,}|$)")  # click's help: an option's names start its line, 2 spaces in
+# an option's names start its line in help output: 2 spaces in (click, argparse), or inside a box (rich); the
+# lines of a wrapped help text are indented further
+OPTION_LINE = re.compile(r"^(?:\W )? {0,2}(-\S.*?)(?:\s{2,}|$)")
 FLAG = re.compile(r"--?[A-Za-z][\w-]*")
 
 
@@ -195,6 +197,15 @@ def test_flag_extraction():
     assert _fenced("```bash\nlenx eval \\\n  --stride 8\n```\n") == ["lenx eval    --stride 8"]
     assert option_names("Options:\n  --compile / --no-compile  Compile.\n                 --max-len)\n") == {
         "--compile", "--no-compile"}
+    assert option_names("│ --pe        TEXT  Scheme.      │\n│             --max-len)        │") == {"--pe"}
+
+
+def test_documented_files_exist():
+    """Configs and scripts named in the commands shown are in the repository."""
+    bad = []
+    for where, args in commands():
+        bad += [f"{where}\n    no file {a}" for a in args if re.match(r"(configs|scripts)/", a) and not (ROOT / a).is_file()]
+    assert not bad, "\n".join(bad)
 
 
 def test_documented_scripts_exist_and_take_their_flags():
