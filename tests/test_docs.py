@@ -96,29 +96,20 @@ def flags(args: list[str]) -> list[str]:
     return out
 
 
+def shown(pick) -> list[tuple[str, object]]:
+    """(where, pick(words)) of every simple command shown in the pages that `pick` does not answer None for."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for line in _fenced(text) + _inline(text):
+            found += [(f"{page.relative_to(ROOT)}: {line.strip()}", hit) for hit in map(pick, _segments(line))
+                      if hit is not None]
+    return found
+
+
 def commands() -> list[tuple[str, list[str]]]:
     """(where, lenx arguments) of every lenx command shown in the pages."""
-    found = []
-    for page in PAGES:
-        text = page.read_text()
-        for line in _fenced(text) + _inline(text):
-            for words in _segments(line):
-                args = lenx_args(words)
-                if args is not None:
-                    found.append((f"{page.relative_to(ROOT)}: {line.strip()}", args))
-    return found
-
-
-def scripts() -> list[tuple[str, str, list[str]]]:
-    found = []
-    for page in PAGES:
-        text = page.read_text()
-        for line in _fenced(text) + _inline(text):
-            for words in _segments(line):
-                hit = script_args(words)
-                if hit:
-                    found.append((f"{page.relative_to(ROOT)}: {line.strip()}", *hit))
-    return found
+    return shown(lenx_args)
 
 
 def option_names(help_text: str) -> set[str]:
@@ -197,6 +188,7 @@ def test_flag_extraction():
     assert _fenced("```bash\nlenx eval \\\n  --stride 8\n```\n") == ["lenx eval    --stride 8"]
     assert option_names("Options:\n  --compile / --no-compile  Compile.\n                 --max-len)\n") == {
         "--compile", "--no-compile"}
+    assert "exporting-a-run-lenx-export" in anchors(ROOT / "docs" / "hf-models.md")
     assert option_names("│ --pe        TEXT  Scheme.      │\n│             --max-len)        │") == {"--pe"}
 
 
@@ -210,7 +202,7 @@ def test_documented_files_exist():
 
 def test_documented_scripts_exist_and_take_their_flags():
     bad = []
-    for where, script, args in scripts():
+    for where, (script, args) in shown(script_args):
         if not (ROOT / script).is_file():
             bad.append(f"{where}\n    no file {script}")
         elif script.endswith(".py"):
@@ -219,16 +211,23 @@ def test_documented_scripts_exist_and_take_their_flags():
     assert not bad, "\n".join(bad)
 
 
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    heads = re.findall(r"^#+ (.+)$", FENCE.sub("", page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(page):
     bad = []
     for target in LINK.findall(page.read_text()):
-        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"^[a-z]+:", target):
             continue
-        path = target.split("#", 1)[0]
-        if not (page.parent / path).exists():
+        path, _, anchor = target.partition("#")
+        file = page.parent / path if path else page
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file)):
             bad.append(target)
-    assert not bad, f"{page.relative_to(ROOT)}: links to missing files: {bad}"
+    assert not bad, f"{page.relative_to(ROOT)}: links to missing files or headings: {bad}"
 
 
 def test_every_page_is_linked_from_readme():
