@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .stats import KEPT, label, protocol_label, ranking, text, tokenizers
+from .stats import KEPT, as_text, label, protocol_label, ranking, tokenizers
 
 # ---------------------------------------------------------------- cells and tables
 
@@ -209,7 +209,7 @@ def figure_sections(figures: set[str]) -> list[Section]:
 
 def notes_section(summary: pd.DataFrame, df: pd.DataFrame) -> list[Section]:
     notes = note_lines(summary)
-    if ((text(df["rope_scaling"], "none") == "dynamic-ntk") & df["rope_factor"].isna()).any():
+    if ((as_text(df["rope_scaling"], "none") == "dynamic-ntk") & df["rope_factor"].isna()).any():
         notes.append("- dynamic-ntk: every scored window is as long as its evaluation length, so dynamic NTK (s = "
                      "window length / training length) is NTK-aware scaling at s = evaluation length / training "
                      "length, and its rows equal ntk's; the two differ only where a sequence grows token by token "
@@ -282,12 +282,12 @@ def published_table(summary: pd.DataFrame, published: Path, df: pd.DataFrame) ->
     tokenizations, splits or corpora are not comparable in value, their shapes are. A `note` column, where the
     file has one, stands in for a value the paper does not give (e.g. OOM)."""
     pub = pd.read_csv(published)
-    pub = pub.assign(note=text(pub["note"], "") if "note" in pub else "")
+    pub = pub.assign(note=as_text(pub["note"], "") if "note" in pub else "")
     ours = summary[summary["protocol"] == "nonoverlap"]
     indexed = ours.set_index(["scheme", "train_len", "eval_len"])
     ppl, rel = indexed["ppl"], indexed["rel_1x"]
     source = next((str(x) for x in pub["source"] if pd.notna(x) and str(x).strip()), "") if "source" in pub else ""
-    rows = df[text(df["protocol"], "nonoverlap") == "nonoverlap"]
+    rows = df[as_text(df["protocol"], "nonoverlap") == "nonoverlap"]
     lines = [f"Paper: {source or published.name}. Ours: lenx, the test split of "
              f"{', '.join(sorted(rows['dataset'].astype(str).unique()))}, perplexity per token of tokenizer "
              f"{', '.join(tokenizers(rows))}, non-overlapping windows." + tokens_text(rows)]

@@ -22,7 +22,7 @@ def t975(df: int) -> float:
     return _T975[df - 1] if 1 <= df <= len(_T975) else 1.960
 
 
-def text(column: pd.Series, missing: str) -> pd.Series:
+def as_text(column: pd.Series, missing: str) -> pd.Series:
     """A text column as str, `missing` where empty. A column with no value at all reads back from CSV as float,
     and pandas is deprecating fillna with a string on a float column."""
     return column.astype(object).where(column.notna(), missing).astype(str)
@@ -43,7 +43,7 @@ def scheme_order(schemes) -> dict:
 
 
 def tokenizers(df: pd.DataFrame) -> list[str]:
-    return sorted(text(df["tokenizer"], "byte").unique()) if "tokenizer" in df else ["byte"]
+    return sorted(as_text(df["tokenizer"], "byte").unique()) if "tokenizer" in df else ["byte"]
 
 
 def label(df: pd.DataFrame) -> pd.Series:
@@ -52,10 +52,10 @@ def label(df: pd.DataFrame) -> pd.Series:
     --dataset / --test-file`; 'files#<fingerprint>' where one name covers several texts), plus `variant` where
     runs of one label were trained differently.
     Rows that share a label are seeds of one experiment."""
-    scaling = text(df["rope_scaling"], "none")
+    scaling = as_text(df["rope_scaling"], "none")
     lab = df["pe"].where(scaling == "none", df["pe"] + "+" + scaling) + factor_tag(df, scaling)
     if len(tokenizers(df)) > 1:
-        lab = lab + " [" + text(df["tokenizer"], "byte") + "]"
+        lab = lab + " [" + as_text(df["tokenizer"], "byte") + "]"
     if "dataset" in df:
         name = df["dataset"].astype(str)
         # one name, several texts (`--test-file` of other files: all 'files'): each named by its fingerprint too
@@ -98,7 +98,7 @@ PROTOCOL_ORDER = ("nonoverlap", "sliding", "truncate")
 
 def protocol_label(df: pd.DataFrame) -> pd.Series:
     """'nonoverlap', 'sliding (stride 64)' / 'sliding (stride L/2)', 'truncate'."""
-    protocol = text(df["protocol"], "nonoverlap")
+    protocol = as_text(df["protocol"], "nonoverlap")
     stride = df["stride"] if "stride" in df else pd.Series(float("nan"), index=df.index)
     half = stride == df["eval_len"] // 2
     name = protocol.where(protocol != "sliding", "sliding (stride " + stride.astype("Int64").astype(str) + ")")
@@ -154,7 +154,7 @@ def _cell(g: pd.DataFrame, ppl: pd.Series, seeds) -> dict:
         "ppl_high": mean * math.exp(t975(n - 1) * se) if n > 1 else float("nan"),
         "ppl_stderr": mean * se,
         "bpb": g["bpb"].dropna().mean() if g["bpb"].notna().any() else float("nan"),
-        "note": "; ".join(sorted(set(text(g["note"], "")) - {""}) + partial),
+        "note": "; ".join(sorted(set(as_text(g["note"], "")) - {""}) + partial),
     }
 
 
