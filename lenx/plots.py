@@ -1,22 +1,23 @@
-"""One look for every figure: a colour-blind-safe palette, the same colour and marker for a
-scheme everywhere, readable axes, the legend outside the data."""
+"""The report's figures, and one look for every figure: a colour-blind-safe palette, the same colour and marker
+for a scheme everywhere, readable axes, the legend outside the data."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import matplotlib
+import pandas as pd
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .stats import base_scheme, label, protocol_label, protocols, scheme_order, variant  # noqa: E402
 
 # Paul Tol's 'muted' palette (colour-blind safe), plus his pale grey, in registry order.
 _PALETTE = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99", "#999933", "#AA4499",
             "#6699CC", "#555555", "#DDDDDD"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p"]
-
-
-def base_scheme(label: str) -> str:
-    """The registered scheme of a report label: "alibi+yarn×4 [bpe:4096] on stdlib (L16)" -> alibi."""
-    return label.split(" ")[0].split("+")[0]
 
 
 def style(scheme: str) -> dict:
@@ -29,7 +30,7 @@ def style(scheme: str) -> dict:
     s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}
     tags = scheme.split(" ", 1)[1] if " " in scheme else ""
     if tags:  # "alibi [bpe:4096] on files (L16)": a tokenizer, evaluation dataset or training variant among several
-        k = sum(map(ord, tags))  # (lenx.report.label): its own marker and dashes
+        k = sum(map(ord, tags))  # (lenx.stats.label): its own marker and dashes
         s["marker"] = _marker_apart(i, k)
         s["linestyle"] = _VARIANT_DASHES[k % len(_VARIANT_DASHES)]
     if "+" in scheme:  # a RoPE extension: the scheme's colour; its own dash pattern and hollow marker
@@ -101,3 +102,127 @@ def finish(fig, ax, path, legend_title: str | None = None) -> None:
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- the report's figures
+
+
+_DASHES = ["-", "--", ":", "-."]
+
+
+def plot_ppl_vs_length(summary: pd.DataFrame, path: Path) -> None:
+    fig, ax = new_figure()
+    order = list(dict.fromkeys(summary["protocol"]))
+    per_scheme = styles(dict.fromkeys(summary["scheme"]))
+    # several protocols: each its dashes, in place of a variant's own, and the lines drawn apart again
+    looks = apart({(p, s): per_scheme[s] if len(order) == 1 else
+                   {**per_scheme[s], "linestyle": _DASHES[order.index(p) % len(_DASHES)]}
+                   for p, s in dict.fromkeys(zip(summary["protocol"], summary["scheme"]))})
+    for (protocol, scheme), g in summary.groupby(["protocol", "scheme"], sort=False):
+        g = g.dropna(subset=["ppl"])
+        if g.empty:
+            continue
+        st = looks[(protocol, scheme)]
+        name = scheme if len(order) == 1 else f"{scheme}, {protocol}"
+        ax.plot(g["eval_len"], g["ppl"], label=name, linewidth=2, markersize=6, **st)
+        if g["ppl_low"].notna().any():
+            low, high = g["ppl_low"].fillna(g["ppl"]), g["ppl_high"].fillna(g["ppl"])
+            if len(g) > 1:
+                ax.fill_between(g["eval_len"], low, high, color=st["color"], alpha=0.2, linewidth=0)
+            else:  # one length (learned positions past their table elsewhere): a band with no width; a bar
+                ax.vlines(g["eval_len"], low, high, color=st["color"], alpha=0.3, linewidth=8)
+    _mark_train_len(ax, summary["train_len"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    if summary["ppl"].notna().any():
+        ax.set_ylim(*ppl_ylim(summary))
+    readable_log_y(ax)
+    ax.set_xlabel("evaluation length (tokens, log2 scale)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title("Perplexity vs evaluation length" + (" (geometric mean over seeds, 95% CI band)"
+                                                      if summary["ppl_low"].notna().any() else ""))
+    ax.set_xticks(sorted(summary["eval_len"].unique()))
+    ax.get_xaxis().set_major_formatter(lambda x, _: f"{int(x):,}")
+    ax.minorticks_off()
+    finish(fig, ax, path, legend_title="scheme")
+
+
+def ppl_ylim(summary: pd.DataFrame) -> tuple[float, float]:
+    """The y range of ppl_vs_length: lines and bands, but a band reaches at most 3x past the lines (a few seeds'
+    interval can span decades; it then runs off the edge rather than squash the lines)."""
+    means = summary["ppl"].dropna()
+    low = pd.concat([means, summary["ppl_low"].dropna()]).min()
+    high = pd.concat([means, summary["ppl_high"].dropna()]).max()
+    return max(low, means.min() / 3) / 1.08, min(high, means.max() * 3) * 1.08
+
+
+def _mark_train_len(ax, train_lens) -> None:
+    """A dotted line at each training length, labelled; several labels stacked downwards so they never overlap."""
+    for k, L in enumerate(sorted(int(x) for x in train_lens)):
+        ax.axvline(L, color="black", linestyle=":", linewidth=1)
+        ax.annotate(f"train length {L}", (L, 1), xycoords=("data", "axes fraction"), xytext=(4, -14 - 13 * k),
+                    textcoords="offset points", fontsize=9,
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+
+
+def plot_training_curves(df: pd.DataFrame, path: Path) -> bool:
+    """Training loss vs step, mean over seeds per scheme (and training variant). False when no run's log is at hand."""
+    df = df.assign(curve=df["pe"] + variant(df, df["pe"]))
+    logs = []
+    for run_dir, g in df.groupby("run_dir"):
+        log = Path(run_dir) / "train_log.csv"
+        if log.exists():
+            try:
+                logs.append(pd.read_csv(log)[["step", "loss"]].assign(pe=g["curve"].iloc[0], run=run_dir))
+            except Exception as e:  # edited or truncated by hand: the figure goes on without it
+                print(f"note: {log} is unreadable ({type(e).__name__}); its run has no training curve", file=sys.stderr)
+    if not logs:
+        return False
+    logs = pd.concat(logs)
+    fig, ax = new_figure()
+    order = scheme_order(logs["pe"].unique())
+    looks = styles(sorted(logs["pe"].unique(), key=order.get))
+    for pe, g in sorted(logs.groupby("pe", sort=False), key=lambda item: order[item[0]]):
+        curve = g.groupby("step")["loss"].mean().rolling(5, min_periods=1).mean()
+        # markers too: a training variant's dashes come from a hash of its tag, and two variants can share them
+        ax.plot(curve.index, curve.values, label=pe, linewidth=1.8, markersize=5,
+                markevery=max(1, len(curve) // 12), **looks[pe])  # at most about a dozen markers a line
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, also on short runs
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (nats/token, 5-point moving mean)")
+    ax.set_title("Training loss")
+    finish(fig, ax, path, legend_title="scheme")
+    return True
+
+
+def plot_loss_by_position(pos: pd.DataFrame, path: Path) -> None:
+    """Mean NLL by position in the window, at each run's longest evaluation length: one panel per protocol,
+    one line per scheme (token-weighted over seeds), the training length marked."""
+    pos = pos.assign(_protocol=protocol_label(pos), scheme=label(pos))
+    longest = pos.groupby("run")["eval_len"].transform("max")
+    pos = pos[pos["eval_len"] == longest]
+    order = protocols(pos)
+    fig, axes = new_figure(width=6.0 * len(order) + 2, height=4.8, ncols=len(order), sharey=True)
+    axes = axes if len(order) > 1 else [axes]
+    rank = scheme_order(pos["scheme"].unique())
+    schemes = sorted(pos["scheme"].unique(), key=rank.get)  # the legend order of the other figures
+    looks = styles(schemes)
+    for ax, protocol in zip(axes, order):
+        part = pos[pos["_protocol"] == protocol].assign(weighted=lambda d: d["nll"] * d["tokens"])
+        agg = part.groupby(["scheme", "bucket_start", "bucket_end"], as_index=False)[["weighted", "tokens"]].sum()
+        for scheme in [s for s in schemes if s in set(agg["scheme"])]:
+            a = agg[agg["scheme"] == scheme].sort_values("bucket_start")
+            centre = (a["bucket_start"] + a["bucket_end"]) / 2
+            ax.plot(centre, a["weighted"] / a["tokens"], label=scheme, linewidth=2, markersize=5,
+                    markevery=max(1, len(a) // 12), **looks[scheme])  # at most about a dozen markers a line
+        _mark_train_len(ax, part["train_len"].unique())
+        lens = sorted(part["eval_len"].unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("position in the window (tokens, bucket centres, log2 scale)")
+        ax.set_title(f"{protocol}, window {', '.join(f'{n:,}' for n in lens)}", fontsize=11)
+        ax.get_xaxis().set_major_formatter(lambda x, _: f"{int(x):,}" if x >= 1 else f"{x:g}")
+    axes[0].set_ylabel("mean NLL (nats per token)")
+    fig.suptitle("Loss by position in the evaluation window (longest evaluated length)")
+    finish(fig, axes[-1], path, legend_title="scheme")

@@ -371,7 +371,7 @@ def test_bad_scheme_options_are_one_line_before_any_run_directory(pe, options, n
 def test_training_curves_of_variants_never_share_a_style(tmp_path, monkeypatch):
     """alibi trained at 64 and, in two configs, at 32: 'alibi (L64)' and 'alibi (L32, 8dd3b8)' hash to the same dashes,
     so without markers their training curves looked alike."""
-    import lenx.report as report
+    import lenx.plots as plots
 
     rows = []
     for name, (train_len, config_id) in {"a": (32, "8dd3b8"), "b": (32, "1af947"), "c": (64, "8dd3b8")}.items():
@@ -379,22 +379,22 @@ def test_training_curves_of_variants_never_share_a_style(tmp_path, monkeypatch):
         pd.DataFrame({"step": [10, 20, 30], "loss": [4.0, 3.5, 3.0]}).to_csv(tmp_path / name / "train_log.csv")
         rows.append({"pe": "alibi", "train_len": train_len, "run_dir": str(tmp_path / name), "config_id": config_id})
     drawn = {}
-    monkeypatch.setattr(report, "finish", lambda fig, ax, path, legend_title=None: drawn.update(
+    monkeypatch.setattr(plots, "finish", lambda fig, ax, path, legend_title=None: drawn.update(
         {line.get_label(): (line.get_color(), line.get_linestyle(), line.get_marker()) for line in ax.get_lines()}))
-    assert report.plot_training_curves(pd.DataFrame(rows), tmp_path / "training_loss.png")
+    assert plots.plot_training_curves(pd.DataFrame(rows), tmp_path / "training_loss.png")
     assert set(drawn) == {"alibi (L32, 8dd3b8)", "alibi (L32, 1af947)", "alibi (L64)"}, drawn
     assert len(set(drawn.values())) == len(drawn), drawn
 
 
 def test_unreadable_training_log_leaves_the_report_with_the_other_curves(tmp_path, capsys):
-    import lenx.report as report
+    import lenx.plots as plots
 
     rows = []
     for name, text in {"good": "step,loss\n10,4.0\n20,3.5\n", "empty": "", "foreign": "garbage\n"}.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "train_log.csv").write_text(text)
         rows.append({"pe": name, "train_len": 32, "run_dir": str(tmp_path / name), "config_id": "x"})
-    assert report.plot_training_curves(pd.DataFrame(rows), tmp_path / "training_loss.png")
+    assert plots.plot_training_curves(pd.DataFrame(rows), tmp_path / "training_loss.png")
     err = capsys.readouterr().err
     assert "empty/train_log.csv is unreadable" in err and "foreign/train_log.csv is unreadable" in err, err
 
@@ -414,7 +414,7 @@ def test_a_foreign_results_table_is_one_line_for_eval_and_report(trained, capsys
 
 
 def test_length_columns_show_the_multiple_to_three_digits():
-    from lenx.report import length_label
+    from lenx.render import length_label
 
     assert [length_label(L, 512) for L in (512, 1012, 15512, 8192)] == [
         "512 (1×)", "1012 (1.98×)", "15512 (30.3×)", "8192 (16×)"]
@@ -456,7 +456,7 @@ def test_results_of_another_text_are_refused(tmp_path, capsys):
 def test_ppl_figure_with_several_protocols_never_draws_two_lines_alike(tmp_path, monkeypatch):
     """With several protocols the protocol sets each line's dashes, overriding a training variant's own; two variants
     that styles() told apart by their dashes alone (same colour and marker) must not then look alike."""
-    import lenx.report as rep
+    import lenx.plots as plots
     from lenx.plots import style
 
     a, b = "alibi (L16, 000000)", "alibi (L16, 00001f)"
@@ -470,8 +470,8 @@ def test_ppl_figure_with_several_protocols_never_draws_two_lines_alike(tmp_path,
         drawn.update({line.get_label(): (line.get_color(), line.get_marker(), line.get_linestyle())
                       for line in ax.get_lines() if not line.get_label().startswith("_")})
 
-    monkeypatch.setattr(rep, "finish", keep)
-    rep.plot_ppl_vs_length(summary, tmp_path / "ppl.png")
+    monkeypatch.setattr(plots, "finish", keep)
+    plots.plot_ppl_vs_length(summary, tmp_path / "ppl.png")
     assert len(drawn) == 4 and len(set(drawn.values())) == 4, drawn
 
 
@@ -481,7 +481,7 @@ def test_ppl_figure_draws_the_interval_of_a_scheme_with_one_length(tmp_path, mon
     drawn at that length too."""
     import numpy as np
 
-    import lenx.report as rep
+    import lenx.plots as plots
 
     summary = pd.DataFrame([{"protocol": "nonoverlap", "scheme": s, "eval_len": L, "train_len": 16, "ppl": 40.0,
                              "ppl_low": 20.0 if s == "learned" else 35.0, "ppl_high": 80.0 if s == "learned" else 45.0}
@@ -495,14 +495,14 @@ def test_ppl_figure_draws_the_interval_of_a_scheme_with_one_length(tmp_path, mon
             x, top = ax.transData.transform((32, y))
             pixels[y] = image[image.shape[0] - int(round(top)), int(round(x)) + 4, :3]  # beside the grid line
 
-    monkeypatch.setattr(rep, "finish", keep)
-    rep.plot_ppl_vs_length(summary, tmp_path / "ppl.png")
+    monkeypatch.setattr(plots, "finish", keep)
+    plots.plot_ppl_vs_length(summary, tmp_path / "ppl.png")
     assert all((p < 250).any() for p in pixels.values()), pixels  # not the white background
 
 
 def test_report_keeps_datasets_apart():
     """One run scored on its own corpus and on another (`lenx eval --test-file`): two rows, never their mean."""
-    from lenx.report import summarise
+    from lenx.stats import summarise
 
     rows = [{"run": "alibi-L16-s0", "pe": "alibi", "seed": 0, "train_len": 16, "eval_len": 16, "protocol": "nonoverlap",
              "stride": 16, "rope_scaling": "none", "rope_factor": float("nan"), "ppl": ppl, "bpb": 1.0, "note": "",
@@ -519,7 +519,7 @@ def test_report_keeps_datasets_apart():
 def test_report_keeps_texts_of_one_dataset_name_apart():
     """Two seeds scored with `lenx eval --test-file` on different files: both rows say dataset 'files', but the texts
     differ (dataset_fingerprint), so they are two labels, never one scheme's two seeds pooled."""
-    from lenx.report import summarise
+    from lenx.stats import summarise
 
     rows = [result_row("alibi", seed, 16, ppl, dataset="files", dataset_fingerprint=fp)
             for seed, ppl, fp in ((0, 20.0, "aaaaaa0123456789"), (1, 80.0, "bbbbbb0123456789"))]
@@ -601,7 +601,7 @@ def test_report_reads_text_columns_that_csv_left_empty(tmp_path):
     float; the report fills them without pandas' deprecated string-into-float fillna (an error in a later pandas)."""
     import warnings
 
-    from lenx.report import label, summarise
+    from lenx.stats import label, summarise
 
     rows = [{"run": f"alibi-s{s}", "pe": "alibi", "seed": s, "train_len": 16, "eval_len": L, "ppl": 5.0 + s + L / 16,
              "bpb": 2.0, "note": None, "rope_scaling": None, "rope_factor": None, "tokenizer": None,
@@ -631,7 +631,9 @@ def result_row(pe: str, seed, eval_len: int, ppl: float, **fields) -> dict:
 def test_interval_over_seeds_stays_positive_and_brackets_the_mean(tmp_path):
     """Two seeds at 30 and 60: a t interval on ppl itself would reach below zero (45.00 ± 190.59); on log ppl
     it is the geometric mean 42.43 times and divided by one factor, drawn as a band on the log axis."""
-    from lenx.report import plot_ppl_vs_length, ppl_cell, ppl_ylim, summarise
+    from lenx.plots import plot_ppl_vs_length, ppl_ylim
+    from lenx.render import ppl_cell
+    from lenx.stats import summarise
 
     rows = [result_row("rope", s, L, ppl) for s, (a, b) in enumerate(((5.0, 30.0), (6.0, 60.0)))
             for L, ppl in ((16, a), (32, b))]
@@ -652,7 +654,8 @@ def test_interval_over_seeds_stays_positive_and_brackets_the_mean(tmp_path):
 def test_interval_bounds_far_from_the_mean_stay_readable_and_above_zero():
     """Two seeds a factor 400 apart: the t(1) interval spans dozens of decades. Its bounds are written in
     significant digits (never '0.00', which reads as the zero the log interval cannot reach, nor 20-digit numbers)."""
-    from lenx.report import ppl_cell, summarise
+    from lenx.render import ppl_cell
+    from lenx.stats import summarise
 
     rows = [result_row("rope", s, 64, ppl) for s, ppl in enumerate((75.0, 30000.0))]
     r = next(summarise(pd.DataFrame(rows)).itertuples())
@@ -682,7 +685,8 @@ def test_a_cell_missing_a_seed_says_so(tmp_path):
 def test_seed_count_of_a_scheme_with_no_perplexity_is_its_seeds(tmp_path):
     """Two learned runs evaluated only past their table: every cell is empty, but two seeds were evaluated
     (the text said 'over 0 seed(s)')."""
-    from lenx.report import seeds_text, summarise
+    from lenx.render import seeds_text
+    from lenx.stats import summarise
 
     rows = [result_row("learned", s, L, float("nan"), bpb=float("nan"), note="learned positions end at 16")
             for s in range(2) for L in (32, 64)]
@@ -694,7 +698,8 @@ def test_report_with_every_cell_empty_warns_nothing(tmp_path):
     matplotlib warning about an empty legend."""
     import warnings
 
-    from lenx.report import plot_ppl_vs_length, summarise
+    from lenx.plots import plot_ppl_vs_length
+    from lenx.stats import summarise
 
     rows = [result_row("learned", 0, 32, float("nan"), bpb=float("nan"), note="learned positions end at 16")]
     with warnings.catch_warnings():
@@ -706,7 +711,7 @@ def test_report_with_every_cell_empty_warns_nothing(tmp_path):
 def test_ratio_to_1x_pairs_each_seed_with_its_own_1x():
     """A seed missing at 2x leaves the ratio over the seeds that have both, not one mean over two seeds divided by
     one over three (with every seed present the two agree)."""
-    from lenx.report import summarise
+    from lenx.stats import summarise
 
     ppl = {(0, 16): 5.0, (1, 16): 6.0, (2, 16): 20.0, (0, 32): 10.0, (1, 32): 9.0}  # seed 2 has no 2x row
     rows = [result_row("rope", s, L, p) for (s, L), p in ppl.items()]
@@ -720,7 +725,8 @@ def test_ratio_to_1x_has_a_paired_interval_over_seeds():
     exp(mean -+ t(2) * sd / sqrt(3)) of those, computed here by hand; one seed has none."""
     import math
 
-    from lenx.report import rel_cell, summarise
+    from lenx.render import rel_cell
+    from lenx.stats import summarise
 
     rows = [result_row("rope", s, L, p) for s, (a, b) in enumerate(((5.0, 10.0), (6.0, 9.0), (8.0, 20.0)))
             for L, p in ((16, a), (32, b))]
@@ -833,7 +839,8 @@ def test_progress_line_keeps_its_fields_on_one_line_at_80_columns():
 def test_hex_ids_in_a_csv_only_results_table_stay_text(tmp_path):
     """results.csv alone (no Parquet beside it): ids that look like numbers keep their digits, and two configs
     whose ids both read as 0.0 stay apart."""
-    from lenx.report import read_results, summarise
+    from lenx.report import read_results
+    from lenx.stats import summarise
 
     rows = [result_row("rope", 0, 32, 10.0, config_id="0e1234", weights_id="012345678901"),
             result_row("rope", 0, 32, 20.0, config_id="0e5678", weights_id="112345678901")]

@@ -223,7 +223,7 @@ def test_one_model_directory_named_two_ways_is_one_experiment(llama_dir, text_da
     one tokenizer, one report row (not two tagged rows and a bits-per-byte table for 'different tokenizers')."""
     import shutil
 
-    from lenx.report import summarise
+    from lenx.stats import summarise
 
     shutil.copytree(llama_dir, tmp_path / "model")
     monkeypatch.chdir(tmp_path)

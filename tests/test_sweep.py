@@ -71,8 +71,21 @@ def test_sweep_report_and_rerun(tiny_sweep, capsys, monkeypatch):
     assert len(stamped) == 1
     js = json.loads(stamped[0].read_text())
     cell = js["results"]["alibi@32"]
-    assert cell["seeds"] == 2 and cell["token_perplexity,none"] > 1 and cell["token_perplexity_stderr,none"] >= 0
+    assert cell["token_perplexity,none"] > 1 and cell["token_perplexity_stderr,none"] >= 0
+    assert cell["bits_per_byte_stderr,none"] == "N/A"  # the harness's word for a metric with no standard error
     assert js["config"]["sweep"]["name"] == "tiny"
+    # lm-evaluation-harness's layout: every task in each per-task table, task versions apart from software versions
+    tasks = set(js["results"])
+    assert len(tasks) == 2 * 3 and all(set(js[key]) == tasks for key in
+                                       ("configs", "versions", "n-shot", "higher_is_better", "n-samples"))
+    assert js["n-samples"]["alibi@32"] == {"original": 2, "effective": 2} and cell["sample_len"] == 2
+    assert js["higher_is_better"]["alibi@32"] == {"token_perplexity": False, "bits_per_byte": False,
+                                                  "ppl_relative_to_1x": False}
+    assert {k.split(",")[0].removesuffix("_stderr") for k in cell if "," in k} == set(js["higher_is_better"]["alibi@32"])
+    assert all(isinstance(v, (int, float, str)) for v in js["versions"].values())
+    assert set(js["software_versions"]) == {"lenx", "torch", "transformers", "python"}
+    assert js["software_versions"]["lenx"] == "0.1.0" and js["software_versions"]["torch"]
+    assert js["configs"]["alibi@32"]["eval_len"] == 32 and js["configs"]["alibi@32"]["scheme"] == "alibi"
 
     # the geometric mean over the two seeds, and the Student-t interval on log ppl: never below zero
     log = np.log(df[(df["pe"] == "alibi") & (df["eval_len"] == 32)]["ppl"])
@@ -221,7 +234,7 @@ def test_plan_durations_read_well():
 
 
 def test_report_notes_keep_every_distinct_note_with_its_lengths():
-    from lenx.report import note_lines
+    from lenx.render import note_lines
 
     summary = pd.DataFrame({
         "scheme": ["alibi"] * 4 + ["rope"],
@@ -401,7 +414,8 @@ def test_published_section_says_what_each_side_measured_and_compares_ratios(tmp_
     section names the paper's setting and ours (corpus, test split, tokenizer), adds each side's ratio to its
     training length (the comparable part when units differ), shows the paper's note where it has no number,
     and says so when nothing of ours lines up. In HTML each table stays a table of its own."""
-    from lenx.report import _md_table_to_html, published_table, summarise
+    from lenx.render import markdown_to_html, published_table
+    from lenx.stats import summarise
 
     rows = [dict(run=f"{pe}-L{tl}-s0", pe=pe, seed=0, train_len=tl, eval_len=L, protocol="nonoverlap",
                  rope_scaling="none", rope_factor=float("nan"), dataset="stdlib", ppl=ppl, tokenizer="byte",
@@ -423,7 +437,7 @@ def test_published_section_says_what_each_side_measured_and_compares_ratios(tmp_
     assert "| alibi | — / 18.00 | — / 17.00 |" in md                # trained on 64: none of ours (trained on 16)
     assert "16 (1×) | 32 (2×)" in md and "64 (1×) | 128 (2×)" in md
     assert "No lenx result matches" not in md
-    assert _md_table_to_html(md).count("<table>") == 4
+    assert markdown_to_html(md).count("<table>") == 4
 
     other = df.assign(train_len=8, eval_len=df["eval_len"] * 4)      # nothing lines up with the paper's cells
     md = published_table(summarise(other), pub, other)

@@ -1,0 +1,82 @@
+"""The summary as an lm-evaluation-harness results file (`results_<timestamp>.json`): tools that read the
+harness's output (its result tables, leaderboards, trackers) read lenx's.
+
+Each summary cell is a task, named `<scheme>@<eval_len>` (plus `/<protocol>` for protocols other than
+nonoverlap). As in the harness: `results` holds `metric,filter` keys (filter `none`) with `metric_stderr,none`
+beside them ("N/A" where no standard error is defined), `versions` each task's version, `higher_is_better` each
+task's metrics, `n-samples` each task's sample counts. lenx's samples are seeds: the standard errors are over
+seeds, `original` counts the seeds the scheme was evaluated with, `effective` those with a perplexity there."""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+
+import pandas as pd
+
+TASK_VERSION = 1  # of what a task reports and how: bump when a metric's meaning changes
+
+METRICS = {  # metric -> (summary column, its standard error's column or None); all lower is better
+    "token_perplexity": ("ppl", "ppl_stderr"),
+    "bits_per_byte": ("bpb", None),
+    "ppl_relative_to_1x": ("rel_1x", "rel_1x_stderr"),
+}
+
+
+def task_name(r) -> str:
+    return f"{r.scheme}@{r.eval_len}" + ("" if r.protocol == "nonoverlap" else f"/{r.protocol}")
+
+
+def task_alias(r) -> str:
+    return f"{r.scheme} at {r.eval_len} tokens, {r.protocol}"
+
+
+def _value(x):
+    return None if pd.isna(x) else float(x)
+
+
+def task_results(r) -> dict:
+    """One summary row as the harness's per-task metrics."""
+    out = {"name": task_name(r), "alias": task_alias(r), "sample_len": int(r.seeds)}
+    for metric, (column, stderr) in METRICS.items():
+        out[f"{metric},none"] = _value(getattr(r, column))
+        se = _value(getattr(r, stderr)) if stderr else None
+        out[f"{metric}_stderr,none"] = "N/A" if se is None else se
+    return out
+
+
+def software_versions(prov: dict) -> dict:
+    """lenx, transformers and python of the environment writing the file; torch as the first run recorded it."""
+    from . import __version__
+
+    def installed(name: str):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"lenx": __version__, "torch": prov.get("torch_version") or installed("torch"),
+            "transformers": installed("transformers"), "python": platform.python_version()}
+
+
+def lm_eval_json(summary: pd.DataFrame, prov: dict, config) -> dict:
+    """The results file: per-task results, configs, versions, higher_is_better and n-samples in the harness's
+    layout; the sweep and training configs under `config`; software versions and provenance under their own keys."""
+    rows = list(summary.itertuples())
+    tasks = [task_name(r) for r in rows]
+    return {
+        "results": {t: task_results(r) for t, r in zip(tasks, rows)},
+        "configs": {t: {"task": t, "task_alias": task_alias(r),
+                        "scheme": r.scheme, "protocol": r.protocol, "train_len": int(r.train_len),
+                        "eval_len": int(r.eval_len)} for t, r in zip(tasks, rows)},
+        "versions": {t: TASK_VERSION for t in tasks},
+        "n-shot": {t: 0 for t in tasks},
+        "higher_is_better": {t: {metric: False for metric in METRICS} for t in tasks},
+        "n-samples": {t: {"original": int(r.evaluated_seeds), "effective": int(r.seeds)} for t, r in zip(tasks, rows)},
+        "config": {"sweep": config.raw if config is not None else None, "training": prov.get("training_config")},
+        "git_hash": prov.get("git_commit"),
+        "date": datetime.now(timezone.utc).timestamp(),
+        "software_versions": software_versions(prov),
+        "provenance": {k: v for k, v in prov.items() if k != "training_config"},
+    }

@@ -1,0 +1,341 @@
+"""The report as text: the Markdown tables and sections of report.md, the self-contained report.html rendered
+from that Markdown (by markdown-it-py, figures embedded), and the summary on the terminal (rich)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .stats import KEPT, as_text, label, protocol_label, ranking, tokenizers
+
+# ---------------------------------------------------------------- cells and tables
+
+
+def _fmt(x, digits=2) -> str:
+    """A table's number: fixed decimals, or three significant digits far from that range (a diverged model's
+    perplexity of 1e19 would take twenty digits; an interval bound of 1e-5 would read '0.00', a zero that a
+    perplexity never reaches)."""
+    if pd.isna(x):
+        return "—"
+    return f"{x:.{digits}f}" if x == 0 or 0.01 <= abs(x) < 1e6 else f"{x:.3g}"
+
+
+def ppl_cell(r) -> str:
+    return _fmt(r.ppl) + ("" if pd.isna(r.ppl_low) else f" [{_fmt(r.ppl_low)}–{_fmt(r.ppl_high)}]")
+
+
+def rel_cell(r) -> str:
+    return _fmt(r.rel_1x) + ("" if pd.isna(r.rel_1x_low) else f" [{_fmt(r.rel_1x_low)}–{_fmt(r.rel_1x_high)}]")
+
+
+def wide(summary: pd.DataFrame, cell) -> pd.DataFrame:
+    """scheme x eval_len table of strings (one protocol), `cell(row)` per entry."""
+    schemes = list(dict.fromkeys(summary["scheme"]))
+    lengths = sorted(summary["eval_len"].unique())
+    table = pd.DataFrame("", index=schemes, columns=lengths)
+    for r in summary.itertuples():
+        table.loc[r.scheme, r.eval_len] = cell(r)
+    return table
+
+
+def column_names(summary: pd.DataFrame) -> dict:
+    train_lens = summary["train_len"].unique()
+    if len(train_lens) != 1:
+        return {L: str(L) for L in summary["eval_len"].unique()}
+    return {L: length_label(L, train_lens[0]) for L in summary["eval_len"].unique()}
+
+
+def length_label(L: int, train_len: int) -> str:
+    """'1012 (1.98×)': an evaluation length and its multiple of the training length, to three digits."""
+    return f"{L} ({L / train_len:.3g}×)"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+                      *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def to_markdown(table: pd.DataFrame, names: dict) -> str:
+    return markdown_table(["scheme", *(names.get(c, str(c)) for c in table.columns)],
+                          [[str(idx), *map(str, row)] for idx, row in table.iterrows()])
+
+
+def seeds_text(part: pd.DataFrame) -> str:
+    """'3 seed(s)', or each scheme's count where they differ: the seeds evaluated, also where none has a perplexity
+    (learned positions evaluated past their table only)."""
+    per_scheme = part.groupby("scheme", sort=False)["evaluated_seeds"].max()
+    if per_scheme.nunique() == 1:
+        return f"{per_scheme.iloc[0]} seed(s)"
+    return "each scheme's seeds (" + ", ".join(f"{s}: {n}" for s, n in per_scheme.items()) + ")"
+
+
+def tokens_text(rows: pd.DataFrame) -> str:
+    """How many scored tokens each perplexity is over (rows of one protocol): one count, or the range."""
+    tokens = pd.to_numeric(rows["tokens"], errors="coerce").dropna() if "tokens" in rows else pd.Series(dtype=float)
+    tokens = tokens[tokens > 0]
+    if tokens.empty:
+        return ""
+    low, high = int(tokens.min()), int(tokens.max())
+    return f" Each cell scores {low:,} tokens per seed." if low == high else \
+        f" Each cell scores {low:,}–{high:,} tokens per seed (the `tokens` column has each cell's count)."
+
+
+# ---------------------------------------------------------------- the answer
+
+
+@dataclass
+class Headline:
+    """The report's answer for one protocol: a paragraph and a ranking table (header, rows of cells)."""
+    text: str
+    columns: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        return markdown_table(self.columns, self.rows)
+
+
+def answer(part: pd.DataFrame, protocol: str, seeds: str) -> Headline | None:
+    """The report's headline for one protocol: at the longest multiple of the training length evaluated, every
+    scheme ranked by its perplexity relative to its own at 1x, with the perplexities at both; which schemes stayed
+    within `KEPT` of 1x, which was lowest there, and which have no perplexity there. None when no scheme has both
+    numbers."""
+    found = ranking(part)
+    if found is None:
+        return None
+    M, ranked, lens = found.multiple, found.ranked, found.lengths
+    where = (f"{M:g}× the training length ({lens[0]:,} tokens)" if len(lens) == 1
+             else f"{M:g}× each run's training length")
+    rows = [[str(i), scheme, _fmt(found.base.get(scheme)), ppl_cell(r), rel_cell(r)]
+            for i, (scheme, r) in enumerate(ranked.iterrows(), 1)]
+    lines = [f"At {where}, {protocol}, over {seeds}: every scheme's perplexity there divided by its own at 1× "
+             "(1.00: the longer context costs nothing; below 1: it helps), best first"
+             + (", with 95% intervals over seeds [low–high]." if ranked["rel_1x_low"].notna().any() else
+                ". One seed: no intervals, and differences of a few percent may be seed-to-seed variation; "
+                "train more seeds (`seeds:` in a sweep config) before reading them.")]
+    lines.append(f"Within {KEPT - 1:.0%} of their 1× perplexity at {M:g}×: "
+                 + (", ".join(found.kept) if found.kept else "none")
+                 + f". Lowest perplexity at {M:g}×: {found.best} ({_fmt(ranked.loc[found.best, 'ppl'])}).")
+    if found.unranked:
+        why = {"no 1x": "no 1× perplexity to divide by", "not evaluated": f"not evaluated at {M:g}×"}
+        lines.append("Not ranked: " + "; ".join(f"{s} ({note or why[reason]})"
+                                                for s, (reason, note) in found.unranked.items()) + ".")
+    return Headline(" ".join(lines), ["rank", "scheme", "ppl at 1×", f"ppl at {M:g}×", f"{M:g}× ÷ 1×"], rows)
+
+
+def headline(summary: pd.DataFrame) -> Headline | None:
+    """The answer for the first protocol (nonoverlap, where it was evaluated: protocols sort it first)."""
+    part = summary[summary["protocol"] == summary["protocol"].iloc[0]]
+    return answer(part, part["protocol"].iloc[0], seeds_text(part))
+
+
+def print_headline(found: Headline) -> None:
+    """The report's answer on the terminal, as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    # Text, not markup: "[low–high]" and a scheme's "[bpe:512]" are ours to show, not rich tags
+    table = Table(title="Summary", caption=Text(found.text), caption_justify="left")
+    for i, name in enumerate(found.columns):
+        table.add_column(name, justify="left" if i == 1 else "right")
+    for row in found.rows:
+        table.add_row(*map(Text, row))
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    table: str = ""  # Markdown table
+    image: str = ""  # file name beside the report
+
+
+def perplexity_sections(part: pd.DataFrame, protocol: str, df: pd.DataFrame, names: dict) -> list[Section]:
+    """One protocol's tables: perplexity, its ratio to 1x, and bits per byte where tokenizers differ."""
+    no_1x = part["rel_1x"].isna() & part["ppl"].notna()  # a ppl but no 1x row to divide by
+    sections = [
+        Section(f"Perplexity ({protocol})", f"Test-split perplexity over {seeds_text(part)}" + (
+                ": the geometric mean (the exp of the seeds' mean loss) and its 95% confidence interval [low–high] "
+                "(Student t on log perplexity, so never below zero; none with one seed)."
+                if part["evaluated_seeds"].max() > 1 else ".") + tokens_text(df[protocol_label(df) == protocol])
+                + " Columns: evaluation length (multiple "
+                "of the training length). '—': the scheme cannot represent that length (or, for truncate, no "
+                "test document is that long).", to_markdown(wide(part, ppl_cell), names)),
+        Section(f"Perplexity relative to 1× ({protocol})", "Perplexity divided by the same scheme's at its "
+                "training length, seed by seed (the geometric mean over the seeds that have both): 1.00 is "
+                "perfect extrapolation." + (" With several seeds, its 95% interval [low–high] (Student t on the "
+                "seeds' log ratios)." if part["rel_1x_low"].notna().any() else "") + (" Blank: the training length "
+                "itself was not evaluated for these seeds (add it to --lengths)." if no_1x.any() else ""),
+                to_markdown(wide(part, lambda r: "" if no_1x[r.Index] else rel_cell(r)), names)),
+    ]
+    if len(tokenizers(df)) > 1:
+        sections.append(Section(f"Bits per byte ({protocol})", "Tokenizers differ between runs: bits per UTF-8 "
+                                "byte compares them fairly.", to_markdown(wide(part, lambda r: _fmt(r.bpb, 3)), names)))
+    return sections
+
+
+def variants_section(df: pd.DataFrame) -> list[Section]:
+    """Which runs each tagged label pools, where runs of one scheme were trained differently."""
+    runs = df.assign(scheme=label(df)).groupby("scheme", sort=False)["run"].unique()
+    tagged = [s for s in runs.index if s.endswith(")")]
+    if not tagged:
+        return []
+    return [Section("Training variants", "Runs of one scheme trained differently are not pooled: "
+                    "L<n> in the tag is the training length n, a hex tag the fingerprint of the training config "
+                    "apart from the seed (results column config_id).\n"
+                    + "\n".join(f"- {s}: {', '.join(map(str, runs[s]))}" for s in sorted(tagged)))]
+
+
+def figure_sections(figures: set[str]) -> list[Section]:
+    """The figures drawn (file names beside the report), each under its heading."""
+    sections = [Section("Perplexity vs length", image="ppl_vs_length.png")]
+    if "loss_by_position.png" in figures:
+        sections.append(Section("Loss by position", "Mean NLL by position inside the window "
+                                "(results_by_position.csv), at each run's longest evaluated length: where a scheme "
+                                "breaks.", image="loss_by_position.png"))
+    if "training_loss.png" in figures:
+        sections.append(Section("Training loss", image="training_loss.png"))
+    return sections
+
+
+def notes_section(summary: pd.DataFrame, df: pd.DataFrame) -> list[Section]:
+    notes = note_lines(summary)
+    if ((as_text(df["rope_scaling"], "none") == "dynamic-ntk") & df["rope_factor"].isna()).any():
+        notes.append("- dynamic-ntk: every scored window is as long as its evaluation length, so dynamic NTK (s = "
+                     "window length / training length) is NTK-aware scaling at s = evaluation length / training "
+                     "length, and its rows equal ntk's; the two differ only where a sequence grows token by token "
+                     "(generation with a cache).")
+    return [Section("Notes", "\n".join(notes))] if notes else []
+
+
+def provenance_section(prov: dict, df: pd.DataFrame, config, results_dir: Path) -> Section:
+    """Versions, commit, device and data of the results; the first run's training config, or where its run.json
+    was looked for; the sweep config the results came from."""
+    lines = "\n".join(f"- {k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                      for k, v in prov.items() if k != "training_config" and v is not None)
+    if prov["training_config"] is not None:
+        lines += ("\n\nTraining config of the first run:\n\n```json\n" + json.dumps(prov["training_config"], indent=1)
+                  + "\n```")
+    elif df["seed"].notna().any():  # lenx runs (an HF model's seed is empty) whose run_dir is not found from here
+        where = ", ".join(map(str, df.loc[df["seed"].notna(), "run_dir"].dropna().unique()[:3]))
+        lines += (f"\n\nNo run.json found (run_dir: {where}, from {Path.cwd()}): torch version, git commit, device "
+                  "name, training config and training curves are in the run directories (looked for from here and "
+                  f"beside {results_dir}); run `lenx report` where `lenx eval` ran.")
+    if config is not None:
+        lines += f"\n\nSweep config `{config.path}`:\n\n```yaml\n{config.path.read_text().strip()}\n```"
+    return Section("Provenance", lines)
+
+
+# ---------------------------------------------------------------- Markdown and HTML
+
+
+def render_markdown(title: str, sections: list[Section], image_src=str) -> str:
+    """report.md; `image_src(file name)` is where each figure's image link points."""
+    parts = [f"# {title}"]
+    for s in sections:
+        parts.append(f"## {s.title}")
+        parts += [x for x in (s.text, s.table) if x]
+        if s.image:
+            parts.append(f"![{s.title}]({image_src(s.image)})")
+    return "\n\n".join(parts) + "\n"
+
+
+def markdown_to_html(md: str) -> str:
+    """CommonMark with pipe tables; raw HTML off, so a scheme label or a note with '<' stays text."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "th:first-child,td:first-child{text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:1em;"
+        "overflow-x:auto}")
+
+
+def render_html(title: str, sections: list[Section], out: Path) -> str:
+    """One self-contained file: the report's Markdown as HTML, styles inline, figures embedded as base64."""
+    def embedded(name: str) -> str:
+        return "data:image/png;base64," + base64.b64encode((out / name).read_bytes()).decode()
+
+    body = markdown_to_html(render_markdown(title, sections, image_src=embedded))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n{body}</body></html>\n")
+
+
+# ---------------------------------------------------------------- published numbers and notes
+
+
+def published_table(summary: pd.DataFrame, published: Path, df: pd.DataFrame) -> str:
+    """The paper's numbers beside ours, matched by scheme, training length and evaluation length (non-overlapping
+    windows): 'lenx / paper' perplexity, then each side's ratio to its training length. What each side measured
+    (the paper's `source`; our corpus, split, tokenizer) is said above the tables: perplexities of other
+    tokenizations, splits or corpora are not comparable in value, their shapes are. A `note` column, where the
+    file has one, stands in for a value the paper does not give (e.g. OOM)."""
+    pub = pd.read_csv(published)
+    pub = pub.assign(note=as_text(pub["note"], "") if "note" in pub else "")
+    ours = summary[summary["protocol"] == "nonoverlap"]
+    indexed = ours.set_index(["scheme", "train_len", "eval_len"])
+    ppl, rel = indexed["ppl"], indexed["rel_1x"]
+    source = next((str(x) for x in pub["source"] if pd.notna(x) and str(x).strip()), "") if "source" in pub else ""
+    rows = df[as_text(df["protocol"], "nonoverlap") == "nonoverlap"]
+    lines = [f"Paper: {source or published.name}. Ours: lenx, the test split of "
+             f"{', '.join(sorted(rows['dataset'].astype(str).unique()))}, perplexity per token of tokenizer "
+             f"{', '.join(tokenizers(rows))}, non-overlapping windows." + tokens_text(rows)]
+    lines += ["", "Perplexities measured on other tokens (words vs subwords or bytes), splits or corpora differ in value "
+              "for reasons other than position: compare the shapes, each scheme's ratio to its training length "
+              "(the second table), more than the values."]
+    matched = 0
+    for train_len, part in pub.groupby("train_len", sort=True):
+        train_len = int(train_len)
+        lengths = sorted(int(L) for L in part["eval_len"].unique())
+        head = ["| scheme | " + " | ".join(length_label(L, train_len) for L in lengths) + " |",
+                "|---" * (len(lengths) + 1) + "|"]
+        values, ratios = list(head), list(head)
+        for pe, g in part.groupby("pe", sort=False):
+            paper = g.assign(eval_len=g["eval_len"].astype(int)).set_index("eval_len")
+            base = paper["ppl"].get(train_len, float("nan"))
+            cells, rel_cells = [], []
+            for L in lengths:
+                mine = ppl.get((pe, train_len, L), float("nan"))
+                matched += pd.notna(mine)
+                theirs = paper["ppl"].get(L, float("nan"))
+                missing = (paper["note"].get(L, "") or "—") if L in paper.index else "—"
+                cells.append(f"{_fmt(mine)} / {missing if pd.isna(theirs) else _fmt(theirs)}")
+                theirs_rel = theirs / base if pd.notna(theirs) and pd.notna(base) else float("nan")
+                rel_cells.append(f"{_fmt(rel.get((pe, train_len, L), float('nan')))} / "
+                                 f"{missing if pd.isna(theirs) else _fmt(theirs_rel)}")
+            values.append(f"| {pe} | " + " | ".join(cells) + " |")
+            ratios.append(f"| {pe} | " + " | ".join(rel_cells) + " |")
+        lines += ["", f"Trained on {train_len} tokens: perplexity, lenx / paper.", ""] + values
+        lines += ["", f"Relative to {train_len} (perplexity / perplexity at the training length), lenx / paper.",
+                  ""] + ratios
+    lines += ["", "'—': no value (lenx: not evaluated at that length or training length; the paper: not reported)."
+              + (" Other text in a paper cell is the paper's note where it gives no number (OOM: out of memory)."
+                 if (pub["note"] != "").any() else "")]
+    if not matched:
+        ours_lens = sorted(ours["eval_len"].unique())
+        lines += ["", "No lenx result matches the paper's schemes, training length and evaluation lengths: ours are "
+                  f"trained on {', '.join(map(str, sorted(ours['train_len'].unique())))} and evaluated at "
+                  f"{', '.join(map(str, ours_lens))} (schemes {', '.join(dict.fromkeys(ours['scheme']))})."]
+    return "\n".join(lines)
+
+
+def note_lines(summary: pd.DataFrame) -> list[str]:
+    """One line per scheme, protocol and distinct note, with the lengths it applies to (a scheme's notes can differ
+    from length to length: fewer documents qualify, then none)."""
+    rank = {scheme: i for i, scheme in enumerate(dict.fromkeys(summary["scheme"]))}  # the tables' order of schemes
+    lines = []
+    for (scheme, protocol, note), g in summary[summary["note"] != ""].groupby(["scheme", "protocol", "note"]):
+        lengths = sorted(set(g["eval_len"].astype(int)))
+        lines.append((rank[scheme], protocol, lengths[0], f"- {scheme}, {protocol}, at {', '.join(map(str, lengths))}: {note}"))
+    return [line for *_, line in sorted(lines, key=lambda t: t[:3])]
