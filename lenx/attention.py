@@ -157,8 +157,8 @@ def _distance_row(table: Tensor, T: int) -> Tensor:
 class _StoredProbs(torch.autograd.Function):
     """Exact causal attention, optionally with a relative bias b[h, i, j] = G[h, i - j + T - 1], for training
     on the CPU: plain batched matmuls over chunks of query rows, with each chunk's probabilities kept for the
-    backward pass (2 matmuls forward, 4 backward, no recomputation). On this hardware that is faster than
-    the fused flash kernel, whose backward recomputes the scores in small tiles; the price is memory,
+    backward pass (2 matmuls forward, 4 backward, no recomputation). On a CPU that is faster than the fused
+    flash kernel, whose backward recomputes the scores in small tiles (docs/performance.md); the price is memory,
     about B*H*T*T/2 floats per layer, which ``STORED_MAX_BYTES`` caps.
 
     With a bias, keys and values are kept in reverse order, so that a chunk's bias is a strided view of G
@@ -402,7 +402,7 @@ def _chunked(x: Tensor, chunk: int) -> Tensor:
 
 def _lead(K: int, chunk: int) -> int:
     """Rows of a window before its chunk: K - 1 are needed; a few more (up to chunk) round the window's length up
-    to a multiple of 16, where the CPU matmuls of these small shapes run about a third faster (79 -> 80 columns)."""
+    to a multiple of 16, where the CPU matmuls of these small shapes run faster (docs/performance.md)."""
     lead = K - 1 + (-(chunk + K - 1)) % 16
     return lead if lead <= chunk else K - 1
 

@@ -10,7 +10,7 @@ from rich.text import Text
 
 class FieldsColumn(ProgressColumn):
     """Whatever short strings a task carries in its fields (loss, tokens/s, ...). Kept on one line: on a narrow
-    terminal the bar gives up the room (at 80 columns "12,345 tok/s" used to wrap onto a second line)."""
+    terminal the bar gives up the room, so that a figure never wraps onto a second line."""
 
     def __init__(self) -> None:
         super().__init__(table_column=Column(no_wrap=True))
