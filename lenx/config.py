@@ -186,11 +186,14 @@ def check_path_given(name: str, value: str | None) -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Every option's own check (TrainConfig's fields), then the checks that join several."""
-    run_checks(TrainConfig, cfg.to_dict(), _name)
+    """Every option's own check (TrainConfig's fields) and the checks that join several. The scheme and the
+    sizes come first: the scheme's options are checked by building it at those sizes."""
+    values = cfg.to_dict()
+    run_checks(TrainConfig, values, _name, which=lambda check: check in (_scheme, positive_int))
     if cfg.d_model % cfg.heads or (cfg.d_model // cfg.heads) % 2:
         raise LenxError(f"--d-model {cfg.d_model} must split into {cfg.heads} heads of an even size")
     _check_scheme_options(cfg)
+    run_checks(TrainConfig, values, _name, which=lambda check: check not in (_scheme, positive_int))
     if cfg.dataset == "files" and not (cfg.train_file and cfg.test_file):
         raise LenxError("--dataset files needs --train-file and --test-file (--validation-file is optional)")
 

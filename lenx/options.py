@@ -102,12 +102,13 @@ def from_flags(cls, flags: dict) -> dict:
     return out
 
 
-def run_checks(cls, values: dict, names: Callable[[str], str]) -> dict:
+def run_checks(cls, values: dict, names: Callable[[str], str], which: Callable | None = None) -> dict:
     """Every option's own check, in field order, on `values` (keyed by field name); `names(field)`: how the user
-    set it. Returns the checked values."""
+    set it; `which(check)`: only the options whose check it accepts. Returns the checked values."""
     out = dict(values)
     for f in options(cls):
-        if f.metadata["check"] is not None and f.name in out:
+        check = f.metadata["check"]
+        if check is not None and f.name in out and (which is None or which(check)):
             out[f.name] = f.metadata["check"](out[f.name], names(f.name))
     return out
 
