@@ -22,8 +22,8 @@ DEFAULTS_HEADER = """\
 lenx defaults: the fields of lenx.config.TrainConfig, written out by `python -m lenx.config` (a test keeps this
 file equal to them; lenx itself does not read it). Every key here can be set in a --config file; most also by a
 flag of `lenx train` (`lenx train --help`; the optimizer details, attention backend, scheme options and log
-period only here); flags win. At these values `lenx train --pe alibi` takes a few minutes on a 2-core CPU and
-already shows the published pattern (ALiBi flat past the training length, sinusoidal and RoPE not)."""
+period only here); flags win. At these values `lenx train --pe alibi` already shows the published pattern
+(ALiBi flat past the training length, sinusoidal and RoPE not)."""
 
 
 def _scheme(value: str, name: str) -> str:
