@@ -138,7 +138,7 @@ def _install_wheel(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_lenx_from_a_wheel_works_as_from_the_checkout(tmp_path, capsys, monkeypatch):
     """Installed from a wheel (no configs/ beside it) and run from another directory, lenx shows the same
-    `lenx train --help`, resolves the same default config and trains with it."""
+    --help of train, eval and sweep, resolves the same default config and trains with it."""
     site = _install_wheel(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -155,8 +155,9 @@ def test_lenx_from_a_wheel_works_as_from_the_checkout(tmp_path, capsys, monkeypa
     assert Path(where).is_relative_to(site)
     assert json.loads(config) == json.loads(json.dumps(resolve().to_dict()))
     monkeypatch.setenv("COLUMNS", "100")
-    assert main(["train", "--help"]) == 0
-    assert run("-m", "lenx", "train", "--help") == capsys.readouterr().out
+    for command in ("train", "eval", "sweep"):
+        assert main([command, "--help"]) == 0
+        assert run("-m", "lenx", command, "--help") == capsys.readouterr().out
     tiny = ["--pe", "alibi", "--steps", "2", "--train-len", "16", "--batch-size", "2", "--layers", "1",
             "--d-model", "16", "--heads", "2", "--d-ff", "32", "--save-every", "2"]
     assert "run saved to" in run("-m", "lenx", "train", *tiny, "--out", "run", "--device", "cpu")
