@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .data import DATASET_HELP
+from .config import TrainConfig
+from .eval_config import EvalConfig
+from .options import DEVICE_HELP, command_signature, from_flags, option, typer_parameters
 
 app = typer.Typer(
     add_completion=False,
@@ -19,135 +22,56 @@ app = typer.Typer(
 )
 
 
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise typer.BadParameter(f"expects comma-separated integers, got '{text}'", param_hint=flag) from None
-    if not values:
-        raise typer.BadParameter("expects at least one length", param_hint=flag)
-    return values
+@dataclass
+class TrainRun:
+    """Where `lenx train` reads its settings and writes its run: not part of the run's config (nor of its id)."""
+
+    config: Optional[Path] = option(None, "YAML file of settings (flags override it).")
+    out: Optional[Path] = option(None, "Run directory [default: runs/<pe>-L<train_len>-s<seed>].")
+    overwrite: bool = option(False, "Replace an existing run directory.")
+    device: Optional[str] = option(None, DEVICE_HELP)
 
 
-@app.command()
-def train(
-    pe: Optional[str] = typer.Option(None, "--pe", help="Positional scheme (see `lenx schemes`)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (flags override it)."),
-    dataset: Optional[str] = typer.Option(None, help=f"Corpus: {DATASET_HELP}."),
-    tokenizer: Optional[str] = typer.Option(
-        None, help="byte | bpe:<vocab_size> (trained on the training split) | a transformers tokenizer name or path."
-    ),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column (.jsonl/.json/.parquet/hf:)."),
-    train_file: Optional[str] = typer.Option(None, "--train-file", help="Explicit training split (file or directory)."),
-    validation_file: Optional[str] = typer.Option(None, "--validation-file", help="Explicit validation split."),
-    test_file: Optional[str] = typer.Option(None, "--test-file", help="Explicit test split."),
-    train_len: Optional[int] = typer.Option(None, "--train-len", help="Training context length in tokens."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per step per process."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches accumulated per step."),
-    layers: Optional[int] = typer.Option(None, help="Transformer blocks."),
-    d_model: Optional[int] = typer.Option(None, "--d-model", help="Model width."),
-    heads: Optional[int] = typer.Option(None, help="Attention heads."),
-    d_ff: Optional[int] = typer.Option(None, "--d-ff", help="Feed-forward width."),
-    warmup: Optional[int] = typer.Option(None, help="Linear warm-up steps before the cosine decay."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
-    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16."),
-    compile: Optional[bool] = typer.Option(
-        None, "--compile/--no-compile",
-        help="torch.compile the model [default: off; on CPU lenx's own training route is faster than compiled code].",
-    ),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint period in steps."),
-    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/<pe>-L<train_len>-s<seed>]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] [default: cuda when present]."),
-) -> None:
+@dataclass
+class SweepRun:
+    """The options of `lenx sweep`; what it runs is in its YAML file (`lenx.sweep.SweepSpec`)."""
+
+    config: Path = option(help="Sweep YAML (e.g. configs/quick.yaml).")
+    dry_run: bool = option(False, "List what would run and its estimated time; change nothing.")
+    device: Optional[str] = option(None, DEVICE_HELP)
+
+
+def train(**flags) -> None:
     """Train one small causal LM with the given positional scheme."""
     from .config import resolve
     from .train import train as run_train
 
-    cfg = resolve(
-        str(config) if config else None,
-        pe=pe, dataset=dataset, tokenizer=tokenizer, text_field=text_field, train_file=train_file,
-        validation_file=validation_file, test_file=test_file, train_len=train_len, steps=steps, batch_size=batch_size,
-        grad_accum=grad_accum, layers=layers, d_model=d_model, heads=heads, d_ff=d_ff, warmup=warmup, lr=lr, seed=seed, precision=precision,
-        compile=compile, save_every=save_every,
-    )
-    run_dir = run_train(cfg, out=out, overwrite=overwrite, device=device)
+    run = TrainRun(**from_flags(TrainRun, flags))
+    cfg = resolve(str(run.config) if run.config else None, **from_flags(TrainConfig, flags))
+    run_dir = run_train(cfg, out=run.out, overwrite=run.overwrite, device=run.device)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         typer.echo(f"run saved to {run_dir}")
 
 
-@app.command("eval")
+_run = typer_parameters(TrainRun)  # --config first, then the run's settings, then where it runs
+app.command()(command_signature(train, _run[:1], typer_parameters(TrainConfig, given_only=True), _run[1:]))
+
+
 def eval_(
     run_dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories [default: every run under runs/]."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest evaluation length: 1x, 2x, 4x ... the training length up to it, and itself [default: 16x train length]."),
-    lengths: Optional[str] = typer.Option(None, help="Comma-separated evaluation lengths (overrides --max-len)."),
-    tokens: Optional[int] = typer.Option(None, help="Tokens scored at every length, rounded up to a multiple of the longest "
-                                        "length [default: max(65536, max length)]."),
-    out: Path = typer.Option(Path("results"), help="Results directory."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for runs when none is named."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] [default: cuda when present]."),
-    rope_scaling: Optional[List[str]] = typer.Option(
-        None, "--rope-scaling", help="RoPE extension for rope/xpos runs: none, pi, ntk, dynamic-ntk, yarn. Repeat or "
-        "comma-separate to sweep; with several, other schemes are evaluated with none [default: none]."),
-    rope_factor: Optional[List[str]] = typer.Option(
-        None, "--rope-factor", help="Scale factor s >= 1; repeat or comma-separate to sweep [default: eval length / "
-        "train length; dynamic-ntk: max(1, window / train length) per window]."),
-    protocol: Optional[List[str]] = typer.Option(
-        None, "--protocol",
-        help="nonoverlap | sliding | truncate; repeat or comma-separate for several [default: nonoverlap].",
-    ),
-    stride: Optional[int] = typer.Option(
-        None, "--stride", help="Sliding-window stride in tokens [default: half the evaluation length]."
-    ),
-    position_buckets: int = typer.Option(
-        1, "--position-buckets",
-        help="Position buckets per training length in results_by_position (1: width = training length).",
-    ),
-    attn_backend: Optional[str] = typer.Option(
-        None, "--attn-backend", help="sdpa | blocked | flex | materialized [default: the run's own setting]."
-    ),
-    dataset: Optional[str] = typer.Option(
-        None, help="Score on this corpus's test split [default: each run's own dataset]; same forms as `train`."
-    ),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column, with --dataset / --test-file."),
-    test_file: Optional[str] = typer.Option(None, "--test-file", help="Score on this file (or directory) instead."),
-    model: Optional[List[str]] = typer.Option(
-        None, "--model", help="A Hugging Face causal LM (local directory, or hub name when online) to score with its own "
-        "tokenizer, through the same protocols and tables; repeatable. With --model, RUN_DIRS default to none."),
-    train_len: Optional[int] = typer.Option(
-        None, "--train-len", help="1x length of --model [default: its max_position_embeddings / n_positions]."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="--model weights: float32 | bfloat16 | float16 "
-                                        "[default: float32]."),
+    **flags,
 ) -> None:
     """Perplexity of trained runs (or HF models, --model) at 1x, 2x, ... 16x their training length (each with its
     own tokenizer)."""
-    from .config import check_path_given
-    from .data import DataSpec
-    from .errors import LenxError
     from .evaluate import evaluate
 
-    data = None
-    for flag, value in (("--dataset", dataset), ("--test-file", test_file)):
-        check_path_given(flag, value)
-    if dataset is not None or test_file is not None:
-        if dataset is not None and test_file is not None:
-            raise LenxError(f"give either --dataset ({dataset}) or --test-file, not both")
-        data = DataSpec(dataset=dataset or "files", text_field=text_field or "text", test_file=test_file)
-    elif text_field is not None:
-        raise LenxError("--text-field applies with --dataset or --test-file; give one of them")
-
-    # every other option is checked by evaluate (check_eval_options: the checks `lenx sweep` gives its eval: section)
-    lens = _ints(lengths, "--lengths")
-    table = evaluate(run_dirs or None, max_len=max_len, lengths=lens, tokens=tokens, out=out, runs_dir=runs_dir,
-                     device=device, protocols=protocol, stride=stride, position_buckets=position_buckets,
-                     attn_backend=attn_backend, rope_scalings=rope_scaling, rope_factors=rope_factor, dataset=data,
-                     models=model or None, train_len=train_len, dtype=dtype)
+    cfg = EvalConfig(**from_flags(EvalConfig, flags))
+    table = evaluate(run_dirs or None, **cfg.kwargs())  # evaluate checks the options (check_eval_options)
     if os.environ.get("RANK", "0") == "0":
-        typer.echo(f"{len(table)} rows in {out / 'results.csv'}")
+        typer.echo(f"{len(table)} rows in {cfg.out / 'results.csv'}")
+
+
+app.command("eval")(command_signature(eval_, typer_parameters(EvalConfig)))
 
 
 @app.command()
@@ -178,18 +102,17 @@ def export(
     typer.echo(f"exported {run_dir} to {path}")
 
 
-@app.command()
-def sweep(
-    config: Path = typer.Option(..., "--config", help="Sweep YAML (e.g. configs/quick.yaml)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List what would run and its estimated time; change nothing."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] [default: cuda when present]."),
-) -> None:
+def sweep(**flags) -> None:
     """Schemes x seeds from one config: train what is missing, evaluate what is missing, write the report."""
     from .sweep import run_sweep
 
-    path = run_sweep(config, dry_run=dry_run, device=device)
+    run = SweepRun(**from_flags(SweepRun, flags))
+    path = run_sweep(run.config, dry_run=run.dry_run, device=run.device)
     if path:
         typer.echo(f"report written to {path} (and report.html beside it)")
+
+
+app.command()(command_signature(sweep, typer_parameters(SweepRun)))
 
 
 def _reflow(text: str) -> str:

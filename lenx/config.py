@@ -1,61 +1,107 @@
-"""Training configuration: defaults from configs/default.yaml, then a --config file, then flags."""
+"""Training configuration: TrainConfig's defaults, then a --config file, then the flags of `lenx train`. Each
+option is written once, as a field of TrainConfig (`lenx.options`); its flag, its key in a --config file and
+configs/default.yaml (a documented example, kept equal to these fields by a test) come from the field."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .errors import LenxError, did_you_mean
+from .data import DATASET_HELP
+from .errors import LenxError
+from .options import (at_least_zero, check_types, file_keys, finite_at_least_zero, flag_of, one_of, option,
+                      options, path_given, positive_finite, positive_int, run_checks, unit_interval, yaml_example)
 
+# Where a checkout keeps the documented example of the defaults; lenx never reads it (a wheel has no configs/).
 DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULTS_HEADER = """\
+lenx defaults: the fields of lenx.config.TrainConfig, written out by `python -m lenx.config` (a test keeps this
+file equal to them; lenx itself does not read it). Every key here can be set in a --config file; most also by a
+flag of `lenx train` (`lenx train --help`; the optimizer details, attention backend, scheme options and log
+period only here); flags win. At these values `lenx train --pe alibi` already shows the published pattern
+(ALiBi flat past the training length, sinusoidal and RoPE not)."""
+
+
+def _scheme(value: str, name: str) -> str:
+    from .positional import get_scheme
+
+    get_scheme(value)
+    return value
+
+
+def _tokenizer(value: str, name: str) -> str:
+    from .data import check_tokenizer_name
+
+    check_tokenizer_name(value)
+    return value
+
+
+def _text_field(value: str, name: str) -> str:
+    if not value.strip():
+        raise LenxError(f"{name} is empty; name the column that holds the text (default: text)")
+    return value
+
+
+def _attn_backend(value: str, name: str) -> str:
+    from .attention import BACKENDS
+
+    return one_of(BACKENDS, "attention backend")(value, name)
 
 
 @dataclass
 class TrainConfig:
-    pe: str = "rope"
-    pe_options: dict = field(default_factory=dict)
-    dataset: str = "stdlib"
-    tokenizer: str = "byte"
-    text_field: str = "text"
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
-    train_len: int = 128
-    steps: int = 800
-    batch_size: int = 32
-    grad_accum: int = 1
-    layers: int = 4
-    d_model: int = 128
-    heads: int = 4
-    d_ff: int = 512
-    lr: float = 2e-3
-    pos_lr_mult: float = 10.0
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup: int = 80
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    precision: str = "auto"
-    compile: bool = False  # torch.compile the model (slower on CPU, where lenx's own training route is faster)
-    attn_backend: str = "sdpa"
-    attn_block_size: int = 512
-    log_every: int = 10
-    save_every: int = 200
+    pe: str = option("rope", "Positional scheme (see `lenx schemes`).", check=_scheme)
+    pe_options: dict = option({}, "Scheme options (e.g. {base: 10000} for rope); `lenx schemes NAME` shows them.",
+                              flag=None)
+    dataset: str = option("stdlib", f"Corpus: {DATASET_HELP}.", check=path_given)
+    tokenizer: str = option("byte", "byte | bpe:<vocab_size> (trained on the training split) | a transformers "
+                            "tokenizer name or path.", check=_tokenizer)
+    text_field: str = option("text", "Text column (.jsonl/.json/.parquet/hf:).", check=_text_field)
+    train_file: str | None = option(None, "Explicit training split (file or directory).", check=path_given)
+    validation_file: str | None = option(None, "Explicit validation split.", check=path_given)
+    test_file: str | None = option(None, "Explicit test split.", check=path_given)
+    train_len: int = option(128, "Training context length in tokens.", check=positive_int)
+    steps: int = option(800, "Optimizer steps.", check=positive_int)
+    batch_size: int = option(32, "Sequences per step per process.", check=positive_int)
+    grad_accum: int = option(1, "Micro-batches accumulated per step.", check=positive_int)
+    layers: int = option(4, "Transformer blocks.", check=positive_int)
+    d_model: int = option(128, "Model width.", check=positive_int)
+    heads: int = option(4, "Attention heads.", check=positive_int)
+    d_ff: int = option(512, "Feed-forward width.", check=positive_int)
+    lr: float = option(2e-3, "Peak learning rate (AdamW).", check=positive_finite)
+    pos_lr_mult: float = option(10.0, "Learning-rate multiplier for a scheme's own parameters (learned table, "
+                                "T5/KERPLE/FIRE/Shaw).", flag=None, check=positive_finite)
+    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only; never on norms or position parameters.",
+                                 flag=None, check=finite_at_least_zero)
+    beta1: float = option(0.9, "AdamW beta1.", flag=None, check=unit_interval(closed=False))
+    beta2: float = option(0.95, "AdamW beta2.", flag=None, check=unit_interval(closed=False))
+    warmup: int = option(80, "Linear warm-up steps before the cosine decay.", check=at_least_zero)
+    min_lr_ratio: float = option(0.1, "The cosine decay ends at lr * min_lr_ratio.", flag=None,
+                                 check=unit_interval(closed=True))
+    grad_clip: float = option(1.0, "Gradient norm clip.", flag=None, check=finite_at_least_zero)
+    seed: int = option(0, "Random seed.", check=at_least_zero)
+    precision: str = option("auto", "auto | fp32 | bf16.", check=one_of(("auto", "fp32", "bf16"), "precision",
+                                                                       suggest=False))
+    compile: bool = option(False, "torch.compile the model [default: off; on CPU lenx's own training route is "
+                           "faster than compiled code].", flag="--compile/--no-compile")
+    attn_backend: str = option("sdpa", "sdpa (fused, blocked for score biases) | materialized (reference).",
+                               flag=None, check=_attn_backend)
+    attn_block_size: int = option(512, "Query rows per block when a scheme biases the scores.", flag=None,
+                                  check=positive_int)
+    log_every: int = option(10, "Logging period in steps.", flag=None, check=positive_int)
+    save_every: int = option(200, "Checkpoint period in steps.", check=positive_int)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-TRAIN_KEYS = tuple(_FIELDS)  # the keys of a training config (configs/default.yaml)
-_TYPES = {"int": int, "float": float, "str": str, "dict": dict, "str | None": str, "bool": bool}
+TRAIN_KEYS = tuple(file_keys(TrainConfig))  # the keys of a training config (a --config file)
+# Settings that `lenx train` takes as flags; the others are set in a --config file.
+FLAGS = tuple(f.name for f in options(TrainConfig) if flag_of(f))
 _FILE_KEYS = ("train_file", "validation_file", "test_file")
 
 
@@ -91,32 +137,17 @@ def read_yaml(path: str | Path) -> dict:
 
 def check_values(values: dict, source: str) -> dict:
     """Reject unknown keys and wrong types, naming the key."""
-    out = {}
-    for key, value in values.items():
-        key = str(key).replace("-", "_")
-        if key not in _FIELDS:
-            raise LenxError(f"{source}: unknown key '{key}'{did_you_mean(key, _FIELDS)}; known keys: {', '.join(_FIELDS)}")
-        want = _TYPES[_FIELDS[key].type]
-        if value is None and _FIELDS[key].type.endswith("| None"):
-            out[key] = None
-            continue
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
-            raise LenxError(f"{source}: key '{key}' must be {want.__name__}, got {value!r}")
-        out[key] = value
-    return out
+    return check_types(TrainConfig, values, source)
 
 
 def resolve(config_file: str | None = None, **flags) -> TrainConfig:
-    values = check_values(read_yaml(DEFAULTS_FILE), str(DEFAULTS_FILE)) if DEFAULTS_FILE.exists() else {}
     raw = read_yaml(config_file) if config_file else {}
     if "schemes" in raw:
         raise LenxError(f"{config_file} is a sweep config (schemes, seeds, train:, eval:); run it with "
                         f"`lenx sweep --config {config_file}`")
     explicit = check_values(raw, str(config_file))
     explicit.update(check_values({k: v for k, v in flags.items() if v is not None}, "flag"))
-    values.update(explicit)
+    values = {**TrainConfig().to_dict(), **explicit}
     if any(values.get(k) for k in _FILE_KEYS):
         # explicit split files name the corpus themselves: dataset becomes 'files'
         if explicit.get("dataset", "files") != "files":
@@ -127,12 +158,6 @@ def resolve(config_file: str | None = None, **flags) -> TrainConfig:
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
-
-
-# Settings that `lenx train` takes as flags; the others are set in a --config file (or configs/default.yaml).
-FLAGS = ("pe", "dataset", "tokenizer", "text_field", "train_file", "validation_file", "test_file", "train_len", "steps",
-         "batch_size", "grad_accum", "layers", "d_model", "heads", "d_ff", "warmup", "lr", "seed", "precision",
-         "compile", "save_every")
 
 
 def _name(key: str) -> str:
@@ -157,46 +182,26 @@ def _check_scheme_options(cfg: TrainConfig) -> None:
 def check_path_given(name: str, value: str | None) -> None:
     """A dataset or file flag given empty: one line (an empty path would read the current directory, or be
     ignored)."""
-    if value is not None and not value.strip():
-        raise LenxError(f"{name} is empty; give a corpus name or a file or directory path")
+    path_given(value, name)
 
 
 def validate(cfg: TrainConfig) -> None:
-    from .positional import get_scheme
-
-    get_scheme(cfg.pe)
-    for key in ("train_len", "steps", "batch_size", "grad_accum", "layers", "d_model", "heads", "d_ff", "attn_block_size", "log_every", "save_every"):
-        if getattr(cfg, key) <= 0:
-            raise LenxError(f"{_name(key)} must be a positive integer, got {getattr(cfg, key)}")
+    """Every option's own check (TrainConfig's fields) and the checks that join several. The scheme and the
+    sizes come first: the scheme's options are checked by building it at those sizes."""
+    values = cfg.to_dict()
+    run_checks(TrainConfig, values, _name, which=lambda check: check in (_scheme, positive_int))
     if cfg.d_model % cfg.heads or (cfg.d_model // cfg.heads) % 2:
         raise LenxError(f"--d-model {cfg.d_model} must split into {cfg.heads} heads of an even size")
     _check_scheme_options(cfg)
-    for key in ("lr", "pos_lr_mult"):
-        value = getattr(cfg, key)
-        if not (value > 0 and math.isfinite(value)):
-            raise LenxError(f"{_name(key)} must be a positive finite number, got {value}")
-    for key in ("weight_decay", "grad_clip"):
-        if not (getattr(cfg, key) >= 0 and math.isfinite(getattr(cfg, key))):
-            raise LenxError(f"{_name(key)} must be a finite number >= 0, got {getattr(cfg, key)}")
-    for key, closed in (("min_lr_ratio", True), ("beta1", False), ("beta2", False)):
-        value = getattr(cfg, key)
-        if not (0 <= value <= 1 if closed else 0 <= value < 1):
-            raise LenxError(f"{_name(key)} must lie in [0, 1{']' if closed else ')'}, got {value}")
-    for key in ("warmup", "seed"):
-        if getattr(cfg, key) < 0:
-            raise LenxError(f"{_name(key)} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise LenxError(f"unknown precision '{cfg.precision}'; known: auto, fp32, bf16")
-    from .data import check_tokenizer_name
-
-    check_tokenizer_name(cfg.tokenizer)
-    for key in ("dataset", *_FILE_KEYS):
-        check_path_given(_name(key), getattr(cfg, key))
-    if not cfg.text_field.strip():
-        raise LenxError("--text-field is empty; name the column that holds the text (default: text)")
+    run_checks(TrainConfig, values, _name, which=lambda check: check not in (_scheme, positive_int))
     if cfg.dataset == "files" and not (cfg.train_file and cfg.test_file):
         raise LenxError("--dataset files needs --train-file and --test-file (--validation-file is optional)")
-    from .attention import BACKENDS
 
-    if cfg.attn_backend not in BACKENDS:
-        raise LenxError(f"unknown attention backend '{cfg.attn_backend}'{did_you_mean(cfg.attn_backend, BACKENDS)}; known: {', '.join(BACKENDS)}")
+
+def default_yaml() -> str:
+    """configs/default.yaml as these fields write it."""
+    return yaml_example(TrainConfig, DEFAULTS_HEADER)
+
+
+if __name__ == "__main__":  # python -m lenx.config > configs/default.yaml
+    print(default_yaml(), end="")

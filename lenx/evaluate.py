@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from .config import TRAIN_KEYS, TrainConfig, check_values
 from .ids import config_id, weights_id
 from .data import DataSpec, Tokenizer, document_tokens, load_corpus, load_run_tokenizer, token_stream
+from .eval_config import check_eval_options, run_lengths
 from .errors import OOM_NOTE, LengthNotSupported, LenxError, did_you_mean, is_oom, oom_note
 from .io import write_table
 from . import distributed
@@ -210,101 +211,6 @@ class LenxRun:
 
     def batch_tokens(self, eval_len: int, batch_tokens: int) -> int:
         return batch_tokens
-
-
-def default_lengths(train_len: int, max_len: int) -> list[int]:
-    """1x, 2x, 4x, ... of the training length up to max_len, and max_len itself when it is not on that ladder
-    (it was asked for)."""
-    lengths, n = [], train_len
-    while n <= max_len:
-        lengths.append(n)
-        n *= 2
-    return lengths + ([max_len] if lengths[-1] != max_len else [])
-
-
-# How `lenx eval` names each evaluation option (its flag); `lenx sweep` names them eval.<key> of its YAML file.
-EVAL_FLAGS = {"max_len": "--max-len", "lengths": "--lengths", "tokens": "--tokens", "rope_scaling": "--rope-scaling",
-              "rope_factor": "--rope-factor", "protocols": "--protocol", "stride": "--stride",
-              "position_buckets": "--position-buckets"}
-
-
-def _items(value) -> list:
-    """A list of values from None (none), one value, or a list; text items split at commas, as `lenx eval`
-    takes repeated or comma-separated flags."""
-    items = [] if value is None else value if isinstance(value, list) else [value]
-    return [p for x in items for p in (x.replace(" ", "").split(",") if isinstance(x, str) else [x]) if p != ""]
-
-
-def _shown(value) -> str:
-    return f"'{value}'" if isinstance(value, str) else repr(value)
-
-
-def check_eval_options(opts: dict, names: dict = EVAL_FLAGS, where: str = "") -> dict:
-    """The checks of every evaluation option that hold whatever the run: `evaluate` (so `lenx eval`) applies them
-    to its arguments and `lenx sweep` to a config's eval: section when it reads the file. `opts`: values keyed as
-    EVAL_FLAGS (missing: default), as given (a YAML value may be anything); `names`: how the user set each key;
-    `where`: prefix of every error (e.g. the file). Returns the values in the form `evaluate` uses: lists for
-    lengths, rope_scaling, rope_factor (floats) and protocols (default nonoverlap, each once), None where not
-    given, position_buckets 1 by default. The checks that need a run's training length are `run_lengths`'."""
-    from .positional.base import is_integer
-    from .positional.rope import ROPE_SCALINGS
-
-    def fail(message: str) -> LenxError:
-        return LenxError(where + message)
-
-    out = {key: opts.get(key) for key in EVAL_FLAGS}
-    out["position_buckets"] = 1 if out["position_buckets"] is None else out["position_buckets"]
-    for key in ("max_len", "tokens", "stride", "position_buckets"):
-        if out[key] is not None and not (is_integer(out[key]) and out[key] > 0):
-            raise fail(f"{names[key]} must be a positive integer, got {_shown(out[key])}")
-    lengths = _items(out["lengths"])
-    bad = [n for n in lengths if not (is_integer(n) and n > 0)]
-    if bad:
-        raise fail(f"{names['lengths']} must be positive integers, got {_shown(bad[0])}")
-    out["lengths"] = lengths or None
-    scalings = _items(out["rope_scaling"])
-    bad = [x for x in scalings if x not in ROPE_SCALINGS]
-    if bad:
-        raise fail(f"unknown {names['rope_scaling']} {_shown(bad[0])}{did_you_mean(bad[0], ROPE_SCALINGS)}; known: {', '.join(ROPE_SCALINGS)}")
-    out["rope_scaling"] = scalings or None
-    factors = []
-    for x in _items(out["rope_factor"]):
-        try:
-            if isinstance(x, bool) or not isinstance(x, (int, float, str)):
-                raise ValueError
-            factors.append(float(x))
-        except ValueError:
-            raise fail(f"{names['rope_factor']} expects numbers, got {_shown(x)}") from None
-    bad = [f for f in factors if not (math.isfinite(f) and f >= 1)]
-    if bad:
-        raise fail(f"{names['rope_factor']} needs finite factors >= 1, got {bad[0]:g}")
-    if factors and set(scalings or ["none"]) == {"none"}:
-        raise fail(f"{names['rope_factor']} needs {names['rope_scaling']} other than none")
-    out["rope_factor"] = factors or None
-    protocols = _items(out["protocols"])
-    bad = [p for p in protocols if p not in PROTOCOLS]
-    if bad:
-        raise fail(f"unknown protocol {_shown(bad[0])}{did_you_mean(bad[0], PROTOCOLS)} in {names['protocols']}; known: {', '.join(PROTOCOLS)}")
-    out["protocols"] = list(dict.fromkeys(protocols)) or ["nonoverlap"]
-    if out["stride"] is not None and "sliding" not in out["protocols"]:
-        raise fail(f"{names['stride']} applies to the sliding protocol; add {names['protocols']} sliding "
-                   f"(or drop {names['stride']})")
-    return out
-
-
-def run_lengths(train_len: int, opts: dict, names: dict = EVAL_FLAGS, where: str = "") -> list[int]:
-    """The evaluation lengths of a run with this training length, from options checked by `check_eval_options`:
-    `lengths`, else 1x, 2x, 4x ... up to `max_len` (default 16x). Refuses a max_len below the training length and
-    a sliding stride longer than a length."""
-    max_len = opts["max_len"]
-    if max_len is not None and max_len < train_len:
-        raise LenxError(f"{where}{names['max_len']} {max_len} is below the training length {train_len}; "
-                        f"give {names['max_len']} >= {train_len}")
-    lens = opts["lengths"] or default_lengths(train_len, max_len or 16 * train_len)
-    for protocol in opts["protocols"]:
-        for L in lens:
-            resolve_stride(protocol, L, opts["stride"], names["stride"], where)
-    return lens
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,31 +6,42 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TRAIN_KEYS, check_values, read_yaml, resolve
 from .errors import LenxError, did_you_mean
-from .evaluate import EVAL_FLAGS, check_eval_options, run_lengths, scaling_plan
+from .eval_config import EVAL_FLAGS, check_eval_options, eval_kwargs, run_lengths
+from .evaluate import scaling_plan
+from .options import file_keys, option
 from .positional.base import is_integer
 
-TOP_KEYS = {"name", "description", "schemes", "seeds", "train", "eval", "runs_dir", "results_dir", "published"}
 EVAL_KEYS = set(EVAL_FLAGS)  # the options of `lenx eval`, keyed as in a sweep's eval: section
 PATH_KEYS = {"runs_dir": "a directory path", "results_dir": "a directory path", "published": "a file path"}
 
 
 @dataclass
 class SweepSpec:
-    path: Path
-    name: str
-    schemes: list[str]
-    seeds: list[int]
-    train: dict
-    eval: dict  # as check_eval_options returns it: every key of EVAL_KEYS, checked, defaults filled in
-    runs_dir: Path
-    results_dir: Path
-    published: Path | None = None
-    raw: dict = field(default_factory=dict)
+    """A sweep config as `load_sweep` read and checked it; the fields with a key are its top-level keys."""
+
+    path: Path = option(help="The file read.", flag=None, key=None)
+    schemes: list[str] = option(help="Positional schemes to train and evaluate (`lenx schemes` lists them).",
+                                flag=None)
+    runs_dir: Path = option(help="Where the runs are trained [default: runs/<name>].", flag=None)
+    results_dir: Path = option(help="Where results and report go [default: results/<name>].", flag=None)
+    name: str = option("", "The sweep's name [default: the file's name].", flag=None)
+    description: str | None = option(None, "What the sweep is for (read by people only).", flag=None)
+    seeds: list[int] = option([0], "Seeds of each scheme.", flag=None)
+    train: dict = option({}, "Training settings of every run (`lenx train --config` keys, but pe and seed).",
+                         flag=None)
+    # as check_eval_options returns it: every key of EVAL_KEYS, checked, defaults filled in
+    eval: dict = option({}, "Evaluation settings (`lenx eval` options: " + ", ".join(sorted(EVAL_KEYS)) + ").",
+                        flag=None)
+    published: Path | None = option(None, "A CSV of the paper's numbers to set beside ours.", flag=None)
+    raw: dict = option({}, "The file as read.", flag=None, key=None)
+
+
+TOP_KEYS = set(file_keys(SweepSpec))
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -43,6 +54,36 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if unknown:
         raise LenxError(f"{path}: unknown key '{sorted(unknown)[0]}'{did_you_mean(sorted(unknown)[0], TOP_KEYS)}; known keys: {', '.join(sorted(TOP_KEYS))}")
     name = str(raw.get("name", path.stem))
+    schemes, seeds = _schemes_and_seeds(raw, path)
+    train = raw.get("train") or {}
+    evals = raw.get("eval") or {}
+    for key, value in (("train", train), ("eval", evals)):
+        if not isinstance(value, dict):
+            raise LenxError(f"{path}: '{key}' must be a mapping")
+    if set(train) & {"pe", "seed"}:
+        raise LenxError(f"{path}: set 'pe' and 'seed' through 'schemes' and 'seeds', not under 'train'")
+    check_values(train, f"{path}: train")
+    evals, names = _eval_section(evals, path)
+    for key, what in PATH_KEYS.items():
+        if raw.get(key) is not None and not (isinstance(raw[key], str) and raw[key].strip()):
+            raise LenxError(f"{path}: '{key}' must be {what} (text), got {raw[key]!r}")
+    for s in schemes:
+        cfg = resolve(None, pe=s, **train)  # validates scheme names and every training value now, not hours later
+        run_lengths(cfg.train_len, evals, names, f"{path}: ")  # and the eval values that depend on the run
+        scaling_plan(s, evals["rope_scaling"], evals["rope_factor"], names["rope_scaling"], f"{path}: ")
+    published = raw.get("published")
+    if published is not None:
+        published = (path.parent / published).resolve()
+        if not published.exists():
+            raise LenxError(f"{path}: published numbers file {published} not found")
+    return SweepSpec(
+        path=path, name=name, description=raw.get("description"), schemes=schemes, seeds=seeds, train=train,
+        eval=evals, runs_dir=Path(raw.get("runs_dir") or f"runs/{name}"),
+        results_dir=Path(raw.get("results_dir") or f"results/{name}"), published=published, raw=raw,
+    )
+
+
+def _schemes_and_seeds(raw: dict, path: Path) -> tuple[list[str], list[int]]:
     schemes = raw.get("schemes")
     if not isinstance(schemes, list) or not schemes or not all(isinstance(s, str) for s in schemes):
         raise LenxError(f"{path}: 'schemes' must be a non-empty list of scheme names")
@@ -53,42 +94,22 @@ def load_sweep(path: str | Path) -> SweepSpec:
         twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if twice is not None:
             raise LenxError(f"{path}: '{key}' lists {twice} twice; list each once")
-    train = raw.get("train") or {}
-    evals = raw.get("eval") or {}
-    for key, value in (("train", train), ("eval", evals)):
-        if not isinstance(value, dict):
-            raise LenxError(f"{path}: '{key}' must be a mapping")
-    if set(train) & {"pe", "seed"}:
-        raise LenxError(f"{path}: set 'pe' and 'seed' through 'schemes' and 'seeds', not under 'train'")
-    check_values(train, f"{path}: train")
+    return schemes, seeds
+
+
+def _eval_section(evals: dict, path: Path) -> tuple[dict, dict]:
+    """The eval: section with the checks `lenx eval` gives its flags, each named eval.<key> of this file; and
+    those names."""
     bad = set(evals) - EVAL_KEYS - {"protocol"}
     if bad:
         raise LenxError(f"{path}: unknown key 'eval.{sorted(bad)[0]}'{did_you_mean(sorted(bad)[0], EVAL_KEYS)}; known: {', '.join(sorted(EVAL_KEYS))}")
-    # eval: gets the checks `lenx eval` gives its flags, named eval.<key> of this file
-    names, where = {k: f"eval.{k}" for k in EVAL_KEYS}, f"{path}: "
+    names = {k: f"eval.{k}" for k in EVAL_KEYS}
     if "protocol" in evals:  # as the flag spells it (--protocol)
         if "protocols" in evals:
             raise LenxError(f"{path}: eval.protocol and eval.protocols are one setting; keep one")
         evals = {("protocols" if k == "protocol" else k): v for k, v in evals.items()}
         names["protocols"] = "eval.protocol"
-    evals = check_eval_options(evals, names, where)
-    for key, what in PATH_KEYS.items():
-        if raw.get(key) is not None and not (isinstance(raw[key], str) and raw[key].strip()):
-            raise LenxError(f"{path}: '{key}' must be {what} (text), got {raw[key]!r}")
-    for s in schemes:
-        cfg = resolve(None, pe=s, **train)  # validates scheme names and every training value now, not hours later
-        run_lengths(cfg.train_len, evals, names, where)  # and the eval values that depend on the run
-        scaling_plan(s, evals["rope_scaling"], evals["rope_factor"], names["rope_scaling"], where)
-    published = raw.get("published")
-    if published is not None:
-        published = (path.parent / published).resolve()
-        if not published.exists():
-            raise LenxError(f"{path}: published numbers file {published} not found")
-    return SweepSpec(
-        path=path, name=name, schemes=schemes, seeds=seeds, train=train, eval=evals,
-        runs_dir=Path(raw.get("runs_dir") or f"runs/{name}"), results_dir=Path(raw.get("results_dir") or f"results/{name}"),
-        published=published, raw=raw,
-    )
+    return check_eval_options(evals, names, f"{path}: "), names
 
 
 @dataclass
@@ -278,10 +299,7 @@ def run_sweep(config: str | Path, dry_run: bool = False, device: str | None = No
                 bar.advance(overall, job.seconds)
         runs = list(dict.fromkeys(j.run_dir for j in jobs))
         seconds = {(j.run_dir.name, j.what): j.seconds for j in jobs if j.kind == "eval"}
-        ev = spec.eval
-        evaluate(runs, max_len=ev["max_len"], lengths=ev["lengths"], tokens=ev["tokens"], out=spec.results_dir,
-                 device=device, bar=bar, rope_scalings=ev["rope_scaling"], rope_factors=ev["rope_factor"],
-                 protocols=ev["protocols"], stride=ev["stride"], position_buckets=ev["position_buckets"],
+        evaluate(runs, **eval_kwargs(spec.eval), out=spec.results_dir, device=device, bar=bar,
                  on_cell=lambda cell: bar.advance(overall, seconds.get((cell["run"], _cell_name(cell)), 0.0)))
         bar.update(overall, completed=total)  # done, whatever the estimates (and at 100% when nothing was left to do)
     return report(spec.results_dir, config=spec, echo=True) if ctx.main else None

@@ -466,8 +466,10 @@ def test_unfinished_runs_are_named_and_skipped(runs, tmp_path, capsys):
 
 
 def test_max_len_off_the_doubling_ladder_is_evaluated_too(runs, tmp_path):
-    assert ev.default_lengths(64, 256) == [64, 128, 256]
-    assert ev.default_lengths(64, 100) == [64, 100] and ev.default_lengths(64, 64) == [64]
+    from lenx.eval_config import default_lengths
+
+    assert default_lengths(64, 256) == [64, 128, 256]
+    assert default_lengths(64, 100) == [64, 100] and default_lengths(64, 64) == [64]
     out = tmp_path / "res"
     assert main(["eval", str(runs[0]), "--max-len", "40", "--tokens", "80", "--out", str(out)]) == 0
     assert sorted(pd.read_csv(out / "results.csv")["eval_len"]) == [16, 32, 40]
