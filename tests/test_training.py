@@ -48,7 +48,7 @@ def test_fast_path_gradients_equal_the_reference(pe):
 
 
 def _can_compile() -> str | None:
-    from lenx.train import compile_problem
+    from lenx.precision import compile_problem
 
     return compile_problem("cpu")
 
@@ -59,7 +59,7 @@ def test_compiled_step_agrees_with_eager(pe, fullgraph):
     """Loss and gradients of a compiled step equal eager's. Schemes that act on the embedding or on q and k
     compile into one graph (fullgraph: no break, RoPE's rotation in real arithmetic); bias schemes compile
     with breaks where a bias reads its positions' range."""
-    from lenx.train import compile_model
+    from lenx.precision import compile_model
 
     torch.manual_seed(4)
     x = torch.randint(0, 60, (2, 24))
@@ -274,7 +274,7 @@ def _cfg(**kw):
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor():
     import math
 
-    from lenx.train import lr_at
+    from lenx.optim import lr_at
 
     cfg = _cfg()
     assert [lr_at(cfg, s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])  # never 0
@@ -293,7 +293,7 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor():
 @pytest.mark.parametrize("pe", ALL_SCHEMES)
 def test_optimizer_groups_decay_matrices_and_scale_only_the_schemes_own_parameters(pe):
     from lenx.model import LenxForCausalLM
-    from lenx.train import build_optimizer, lr_at, set_lr
+    from lenx.optim import build_optimizer, lr_at, set_lr
 
     cfg = _cfg(pos_lr_mult=7.0, weight_decay=0.1, beta1=0.8, beta2=0.9)
     model = LenxForCausalLM(tiny_config(pe))
