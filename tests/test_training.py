@@ -428,3 +428,46 @@ def test_a_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_run_directory_goes_new_resume_done_and_a_checkpoint_restores_every_state(tmp_path):
+    """RunDir: a checkpoint restores the weights, the optimizer and the torch, Python and NumPy RNGs at its step,
+    the state follows the files (new, then resume once a checkpoint is there, then done), and a finished run keeps
+    its weights, log and run.json but no checkpoint."""
+    import random
+
+    import numpy as np
+
+    from lenx.optim import build_optimizer
+    from lenx.rundir import RunDir, check_run_dir
+
+    cfg = _cfg(pe="learned")
+    run = RunDir(tmp_path / "run")
+    assert run.prepare(cfg, overwrite=False) == "new" and run.path.is_dir()
+    run.write_info({"config": cfg.to_dict(), "world_size": 1, "status": "training"})
+    assert check_run_dir(run.path, cfg) == "new"
+    model = tiny_model("learned").train()
+    opt = build_optimizer(model, cfg)
+    model(torch.randint(0, 64, (2, 9)), labels=torch.randint(0, 64, (2, 9))).loss.backward()
+    opt.step()
+    log = [{"step": 3, "loss": 4.5, "lr": 1e-3, "tokens_per_s": 100.0}, {"step": 6, "loss": 4.0, "lr": 1e-3,
+                                                                        "tokens_per_s": 90.0}]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    run.save_checkpoint(model, opt, 6, log)
+    draws = torch.rand(3), random.random(), np.random.rand()
+    assert run.state(cfg) == "resume" and json.loads((run.path / "latest.json").read_text())["step"] == 6
+
+    other = tiny_model("learned", seed=1).train()
+    other_opt = build_optimizer(other, cfg)
+    assert run.load_checkpoint(other, other_opt) == 6
+    assert torch.equal(torch.rand(3), draws[0]) and random.random() == draws[1] and np.random.rand() == draws[2]
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in saved.items())
+    restored, want = other_opt.state_dict()["state"], opt.state_dict()["state"]
+    assert restored.keys() == want.keys() and want
+    assert all(torch.equal(restored[i][k], want[i][k]) for i in want for k in want[i])
+    assert run.read_log(3) == log[:1] and run.read_log(6) == log
+
+    run.finish(other, log, {**run.info(), "status": "done"})
+    assert run.state(cfg) == "done"
+    assert sorted(p.name for p in run.path.iterdir()) == ["config.json", "generation_config.json",
+                                                          "model.safetensors", "run.json", "train_log.csv"]
