@@ -1,11 +1,11 @@
-"""One micro-batch's forward and backward: whole, or on the CPU in row shards that run side by side.
+"""One training step: TrainStep takes an optimizer step over a process's rows of the global batch, one
+micro-batch at a time; `forward_backward` runs a micro-batch's forward and backward, whole, or on the CPU in row
+shards that run side by side.
 
-On a CPU, one step of a small model spends about a fifth of its time outside the matrix multiplies
-(elementwise ops, the Python between ops), where intra-op threads wait for each other at every op. Split by rows
-into one shard per thread, each shard running single-threaded on a core of its own, the same step ran about 5%
-faster on this project's 2-core machines (lenx-rope, 4 layers, d 256, batch 8 x 512, paired rounds against the
-whole batch at once). The trick is the trainer's, not the model's: transformers' Llama gained about 6% from it
-(scripts/bench_train.py --shard-peers).
+Row shards: on a CPU, a small model's step spends a share of its time outside the matrix multiplies (elementwise
+ops, the Python between ops), where intra-op threads wait for each other at every op. Split by rows into one shard
+per thread, each shard running single-threaded on a core of its own, the step runs faster
+(scripts/bench_train.py measures it; --shard-peers for transformers' Llama, which gains from it too).
 
 It stays exact: each shard's loss is the mean over its rows, weighted by its share of the rows, so the shards'
 losses add up to the whole batch's mean and their gradients to its gradient. The gradients are summed in shard
@@ -15,10 +15,16 @@ order (not accumulated by autograd as each shard finishes), so a step gives the 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import distributed
+from .config import TrainConfig
+from .errors import LenxError, is_oom
+from .optim import set_lr
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (its size, the pool)
 
@@ -81,3 +87,45 @@ def _pool(n: int) -> ThreadPoolExecutor:
             _POOL[1].shutdown(wait=False)
         _POOL = (n, ThreadPoolExecutor(n, thread_name_prefix="lenx-shard"))
     return _POOL[1]
+
+
+class TrainStep:
+    """One optimizer step: the step's lr, this process's rows in micro-batches of --batch-size (their gradients
+    averaged, and synchronised across processes at the last one only), the loss averaged across processes and
+    checked, gradient clipping, the update. `net`: the model as it runs forward (DDP-wrapped, compiled);
+    `cast`: a function returning the precision's autocast context."""
+
+    def __init__(self, net, model, opt: torch.optim.Optimizer, cfg: TrainConfig, ctx: distributed.Context,
+                 device: str, cast, shards: int = 1):
+        self.net, self.model, self.opt, self.cfg, self.ctx = net, model, opt, cfg, ctx
+        self.device, self.cast, self.shards = device, cast, shards
+
+    def __call__(self, step: int, rows: Tensor) -> tuple[Tensor, float]:
+        """Step `step` on `rows` (this process's share of the step's batch); returns (the loss, the lr)."""
+        lr = set_lr(self.opt, self.cfg, step)
+        self.opt.zero_grad(set_to_none=True)
+        loss = distributed.mean(self.ctx, self._backward(step, rows))
+        if not torch.isfinite(loss):
+            raise LenxError(f"loss became {loss.item()} at step {step}; lower --lr (now {self.cfg.lr:g}) and rerun "
+                            "(the last good checkpoint is kept)")
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        return loss, lr
+
+    def _backward(self, step: int, rows: Tensor) -> Tensor:
+        """The micro-batches' gradients into .grad; returns their mean loss. Out of memory is the user's to fix."""
+        cfg, loss = self.cfg, torch.zeros((), device=self.device)
+        try:
+            for micro, batch in enumerate(rows.to(self.device).split(cfg.batch_size)):
+                last = micro == cfg.grad_accum - 1
+                with self.net.no_sync() if self.ctx.active and not last else nullcontext():
+                    micro_loss = forward_backward(self.net, batch, self.cast, 1 / cfg.grad_accum, self.shards)
+                loss += micro_loss / cfg.grad_accum
+        except (RuntimeError, MemoryError) as e:
+            if not is_oom(e):
+                raise
+            raise LenxError(f"out of memory at step {step} on {self.device} ({cfg.batch_size} x {cfg.train_len} "
+                            "tokens a micro-batch); lower --batch-size and raise --grad-accum to keep the global batch "
+                            "(the last checkpoint is kept)") from None
+        return loss

@@ -403,16 +403,16 @@ def test_an_interrupt_while_a_checkpoint_is_written_leaves_no_partial_checkpoint
                                                                                 monkeypatch):
     """Ctrl-C between a checkpoint's files (here: as its state.json is written): the directory of the unfinished
     checkpoint is gone, the previous checkpoint is the latest, and no temporary file is left."""
-    from lenx import train
+    from lenx import rundir
 
-    write_json = train.write_json
+    write_json = rundir.write_json
 
     def interrupted_at_step_4(path, obj):
         if Path(path).name == "state.json" and obj["step"] == 4:
             raise KeyboardInterrupt
         write_json(path, obj)
 
-    monkeypatch.setattr(train, "write_json", interrupted_at_step_4)
+    monkeypatch.setattr(rundir, "write_json", interrupted_at_step_4)
     out = tmp_path / "run"
     assert lenx("train", "--pe", "alibi", *SMALL, "--steps", "6", "--save-every", "2", "--dataset", text_dataset,
                 "--out", out) == 130
@@ -424,7 +424,7 @@ def test_an_interrupt_while_a_checkpoint_is_written_leaves_no_partial_checkpoint
 def test_a_save_killed_outright_leaves_nothing_after_the_next_start(tmp_path, text_dataset, monkeypatch, finished):
     """SIGKILL mid-save runs no cleanup and leaves the save's temporary directory: the next `lenx train` of the run
     (resuming it from its last complete checkpoint, or finding it finished) removes it."""
-    from lenx import train
+    from lenx import rundir
 
     out = tmp_path / "run"
     args = ("train", "--pe", "alibi", *SMALL, "--steps", "6", "--save-every", "2", "--dataset", text_dataset,
@@ -435,8 +435,8 @@ def test_a_save_killed_outright_leaves_nothing_after_the_next_start(tmp_path, te
                 raise KeyboardInterrupt
             write_json(path, obj)
 
-        write_json = train.write_json
-        monkeypatch.setattr(train, "write_json", interrupted_at_step_4)
+        write_json = rundir.write_json
+        monkeypatch.setattr(rundir, "write_json", interrupted_at_step_4)
     assert lenx(*args) == (0 if finished else 130)
     monkeypatch.undo()
     killed = out / ".checkpoint-0000004.999999.tmp"

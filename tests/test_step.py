@@ -109,3 +109,74 @@ def test_train_records_its_row_shards(tmp_path, text_dataset):
                  "--out", str(out)]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["cpu_shards"] == min(torch.get_num_threads(), 4)
+
+
+def _train_step(model, **kw):
+    from lenx.config import TrainConfig
+    from lenx.distributed import Context
+    from lenx.optim import build_optimizer
+    from lenx.step import TrainStep
+
+    cfg = TrainConfig(**{"train_len": 16, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup": 2, "steps": 10, **kw})
+    return TrainStep(model, model, build_optimizer(model, cfg), cfg, Context(), "cpu", nullcontext), cfg
+
+
+def test_a_train_step_in_micro_batches_is_the_step_of_the_whole_batch():
+    """--batch-size 2 --grad-accum 2 takes the step of --batch-size 4 on the same rows: the mean loss, the lr of
+    the step's schedule, the same update."""
+    from lenx.optim import lr_at
+
+    rows = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(4))
+    before = {k: v.clone() for k, v in tiny_model("learned").state_dict().items()}
+    results = {}
+    for b, k in ((4, 1), (2, 2)):
+        model = tiny_model("learned").train()
+        step, cfg = _train_step(model, batch_size=b, grad_accum=k)
+        results[b] = (*step(1, rows), model.state_dict())
+    (loss4, lr4, after4), (loss2, lr2, after2) = results[4], results[2]
+    assert lr4 == lr2 == pytest.approx(1e-3 * lr_at(cfg, 1))
+    torch.testing.assert_close(loss2, loss4, rtol=1e-6, atol=0)
+    assert not torch.equal(after4["wte.weight"], before["wte.weight"])
+    for name in after4:
+        torch.testing.assert_close(after2[name], after4[name], rtol=0, atol=1e-6)
+
+
+def test_a_train_step_stops_at_a_loss_that_is_not_finite_before_updating():
+    from lenx.errors import LenxError
+
+    model = tiny_model("rope").train()
+    with torch.no_grad():
+        model.wte.weight[3] = float("nan")
+    step, _ = _train_step(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LenxError) as e:
+        step(7, torch.full((4, 17), 3))
+    assert str(e.value) == ("loss became nan at step 7; lower --lr (now 0.001) and rerun (the last good checkpoint "
+                            "is kept)")
+    after = model.state_dict()  # no update: every weight as it was (the poisoned row still NaN)
+    assert all(torch.allclose(after[k], v, rtol=0, atol=0, equal_nan=True) for k, v in before.items())
+
+
+@pytest.mark.parametrize("error", ["CUDA out of memory. Tried to allocate 2.00 GiB", "shape mismatch"])
+def test_a_train_step_out_of_memory_is_a_one_line_error_and_other_errors_propagate(error):
+    from lenx.errors import LenxError
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_model("rope").train()
+
+        def forward(self, ids):
+            raise RuntimeError(error)
+
+    net = Net()
+    step, _ = _train_step(net.inner, batch_size=2, grad_accum=2)
+    step.net = net
+    expected = LenxError if "memory" in error else RuntimeError
+    with pytest.raises(expected) as e:
+        step(5, torch.zeros(4, 17, dtype=torch.long))
+    if expected is LenxError:
+        assert str(e.value) == ("out of memory at step 5 on cpu (2 x 16 tokens a micro-batch); lower --batch-size and "
+                                "raise --grad-accum to keep the global batch (the last checkpoint is kept)")
+    else:
+        assert str(e.value) == error

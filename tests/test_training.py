@@ -48,7 +48,7 @@ def test_fast_path_gradients_equal_the_reference(pe):
 
 
 def _can_compile() -> str | None:
-    from lenx.train import compile_problem
+    from lenx.precision import compile_problem
 
     return compile_problem("cpu")
 
@@ -59,7 +59,7 @@ def test_compiled_step_agrees_with_eager(pe, fullgraph):
     """Loss and gradients of a compiled step equal eager's. Schemes that act on the embedding or on q and k
     compile into one graph (fullgraph: no break, RoPE's rotation in real arithmetic); bias schemes compile
     with breaks where a bias reads its positions' range."""
-    from lenx.train import compile_model
+    from lenx.precision import compile_model
 
     torch.manual_seed(4)
     x = torch.randint(0, 60, (2, 24))
@@ -274,7 +274,7 @@ def _cfg(**kw):
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor():
     import math
 
-    from lenx.train import lr_at
+    from lenx.optim import lr_at
 
     cfg = _cfg()
     assert [lr_at(cfg, s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])  # never 0
@@ -293,7 +293,7 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor():
 @pytest.mark.parametrize("pe", ALL_SCHEMES)
 def test_optimizer_groups_decay_matrices_and_scale_only_the_schemes_own_parameters(pe):
     from lenx.model import LenxForCausalLM
-    from lenx.train import build_optimizer, lr_at, set_lr
+    from lenx.optim import build_optimizer, lr_at, set_lr
 
     cfg = _cfg(pos_lr_mult=7.0, weight_decay=0.1, beta1=0.8, beta2=0.9)
     model = LenxForCausalLM(tiny_config(pe))
@@ -428,3 +428,46 @@ def test_a_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_run_directory_goes_new_resume_done_and_a_checkpoint_restores_every_state(tmp_path):
+    """RunDir: a checkpoint restores the weights, the optimizer and the torch, Python and NumPy RNGs at its step,
+    the state follows the files (new, then resume once a checkpoint is there, then done), and a finished run keeps
+    its weights, log and run.json but no checkpoint."""
+    import random
+
+    import numpy as np
+
+    from lenx.optim import build_optimizer
+    from lenx.rundir import RunDir, check_run_dir
+
+    cfg = _cfg(pe="learned")
+    run = RunDir(tmp_path / "run")
+    assert run.prepare(cfg, overwrite=False) == "new" and run.path.is_dir()
+    run.write_info({"config": cfg.to_dict(), "world_size": 1, "status": "training"})
+    assert check_run_dir(run.path, cfg) == "new"
+    model = tiny_model("learned").train()
+    opt = build_optimizer(model, cfg)
+    model(torch.randint(0, 64, (2, 9)), labels=torch.randint(0, 64, (2, 9))).loss.backward()
+    opt.step()
+    log = [{"step": 3, "loss": 4.5, "lr": 1e-3, "tokens_per_s": 100.0}, {"step": 6, "loss": 4.0, "lr": 1e-3,
+                                                                        "tokens_per_s": 90.0}]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    run.save_checkpoint(model, opt, 6, log)
+    draws = torch.rand(3), random.random(), np.random.rand()
+    assert run.state(cfg) == "resume" and json.loads((run.path / "latest.json").read_text())["step"] == 6
+
+    other = tiny_model("learned", seed=1).train()
+    other_opt = build_optimizer(other, cfg)
+    assert run.load_checkpoint(other, other_opt) == 6
+    assert torch.equal(torch.rand(3), draws[0]) and random.random() == draws[1] and np.random.rand() == draws[2]
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in saved.items())
+    restored, want = other_opt.state_dict()["state"], opt.state_dict()["state"]
+    assert restored.keys() == want.keys() and want
+    assert all(torch.equal(restored[i][k], want[i][k]) for i in want for k in want[i])
+    assert run.read_log(3) == log[:1] and run.read_log(6) == log
+
+    run.finish(other, log, {**run.info(), "status": "done"})
+    assert run.state(cfg) == "done"
+    assert sorted(p.name for p in run.path.iterdir()) == ["config.json", "generation_config.json",
+                                                          "model.safetensors", "run.json", "train_log.csv"]
