@@ -25,23 +25,50 @@ def eval_flops_per_token(d_model: int, layers: int, d_ff: int, vocab: int, seq_l
 
 
 def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024,
-                        seconds: float = 0.5) -> float:
-    """Sustained FLOP/s of an n x n matrix multiply on this device and dtype, measured now."""
+                        seconds: float = 0.5, threads: int | None = None, repeats: int = 5) -> float:
+    """Sustained FLOP/s of an n x n matrix multiply on this device and dtype, measured now: the median of `repeats`
+    timings of `seconds` / `repeats` each, after a warm-up as long as one of them (a CPU's clock and caches, a GPU's
+    kernels, settle first). `threads`: the intra-op threads the measured work uses (default: this thread's
+    setting); the peak must be taken at the thread count of the step it is compared with."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(3):
-        a @ b
+    before = torch.get_num_threads()
+    if threads is not None and not device.startswith("cuda"):
+        torch.set_num_threads(threads)
+    try:
+        each = seconds / repeats
+        _time_matmuls(a, b, each, sync)  # warm-up
+        rates = sorted(_time_matmuls(a, b, each, sync) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(before)
+    return 2 * n**3 * rates[len(rates) // 2]
+
+
+def _time_matmuls(a, b, seconds: float, sync) -> float:
+    """Multiplies per second, over at least `seconds` and at least 2 multiplies."""
     sync()
     reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while reps < 2 or time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
     sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    return reps / (time.perf_counter() - t0)
 
 
-@lru_cache(maxsize=4)
-def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    """`measure_matmul_peak`, once per process for each device and dtype (a run's MFU, a sweep's estimates)."""
-    return measure_matmul_peak(device, dtype)
+@lru_cache(maxsize=8)
+def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int | None = None) -> float:
+    """`measure_matmul_peak`, once per process for each device, dtype and thread count (a run's MFU, a sweep's
+    estimates)."""
+    return measure_matmul_peak(device, dtype, threads=threads)
+
+
+def utilisation(flops_per_s: float, peak: float) -> tuple[float, str | None]:
+    """MFU, and a warning when it exceeds 1: a step cannot outrun the matmul peak, so the peak was measured low
+    (another process took the cores then, or the clock was still ramping). The figure is kept as computed, with
+    the warning beside it, rather than clipped to a number that was never measured."""
+    mfu = flops_per_s / peak
+    if mfu <= 1.0:
+        return mfu, None
+    return mfu, (f"MFU {mfu:.0%} is above 100%: the matmul peak ({peak / 1e9:.0f} GFLOP/s) was measured low, "
+                 "disturbed by other work on the machine; treat this run's MFU as unknown")

@@ -226,7 +226,10 @@ def main() -> None:
         args.mem_budget = free / 2 / 2**30
     rows = []
 
+    from lenx.hardware import this_cpu
+
     def emit(r):
+        r["cpu"] = this_cpu().describe() if args.device.startswith("cpu") else torch.cuda.get_device_name(args.device)
         rows.append(r)
         if args.json:
             print(json.dumps(r), flush=True)
@@ -257,7 +260,7 @@ def main() -> None:
 
     t = Table(title=f"lenx eval cost: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, batch 1, "
                     f"device {args.device}, backend {args.backend} (NoPE: plain causal SDPA), train length "
-                    f"{args.train_len}",
+                    f"{args.train_len}; {rows[0]['cpu'] if rows else ''}",
               caption="× NoPE: scheme / NoPE baseline. peer ÷ lenx: the transformers peer's time (peak memory) "
                       "divided by lenx's, > 1 is lenx faster (smaller).")
     for col in ("scheme", "tokens", "dtype", "seconds", "× NoPE", "peak MB", "× NoPE ", "peer ÷ lenx time",

@@ -21,6 +21,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from lenx.data import SPLITS, cache_dir, get_tokenizer, load_corpus, token_stream
+    from lenx.hardware import this_cpu
 
     t0 = time.perf_counter()
     corpus = load_corpus(args.dataset)
@@ -33,7 +34,7 @@ def main() -> None:
     n_bytes = sum(len(d.encode()) for docs in corpus.splits.values() for d in docs)
     print(f"{args.dataset} {args.tokenizer:>9} {args.label:>6}: corpus {t1 - t0:6.2f}s  tokenizer {t2 - t1:6.2f}s  "
           f"streams {t3 - t2:6.2f}s  total {t3 - t0:6.2f}s  | {n:,} tokens, {n_bytes / n:.2f} bytes/token "
-          f"(cache {cache_dir()})")
+          f"(cache {cache_dir()}; CPU {this_cpu().describe()})")
 
 
 if __name__ == "__main__":

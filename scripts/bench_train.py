@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lenx.hardware import this_cpu  # noqa: E402
 from lenx.model import LenxConfig, LenxForCausalLM  # noqa: E402
 from lenx.perf import measure_matmul_peak, train_flops_per_token  # noqa: E402
 from lenx.positional import SCHEMES  # noqa: E402
@@ -135,7 +136,8 @@ def main() -> None:
             if i >= a.warmup:
                 times[name].append(time.perf_counter() - t0)
         if i >= a.warmup:
-            peaks.append(measure_matmul_peak(device, precision_dtype(a.precision), seconds=0.2))  # not cached: anew
+            peaks.append(measure_matmul_peak(device, precision_dtype(a.precision), seconds=0.2,  # not cached: anew
+                                             threads=torch.get_num_threads()))
     peak = statistics.median(peaks)
     flops = train_flops_per_token(a.d_model, a.layers, a.d_ff, a.vocab, a.seq)
     tokens = a.batch * a.seq
@@ -161,7 +163,8 @@ def main() -> None:
     meta = {"device": device, "precision": a.precision, "compile": a.compile, "batch": a.batch, "seq": a.seq,
             "layers": a.layers, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "vocab": a.vocab,
             "timed_steps": a.steps, "lenx_cpu_shards": shards, "peer_cpu_shards": shards if a.shard_peers else 1,
-            "matmul_peak_gflops": round(peak / 1e9, 1), "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "matmul_peak_gflops": round(peak / 1e9, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": this_cpu().to_dict()}
     if a.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=1))
         return
@@ -171,7 +174,7 @@ def main() -> None:
     sharding = f"; {shards} row shards a step ({'lenx and peers' if a.shard_peers else 'lenx'})" if shards > 1 else ""
     t = Table(title=f"training tokens/s, {device} {a.precision}{' compiled' if a.compile else ''}, "
                     f"{a.layers}L d{a.d_model} h{a.heads} ffn{a.d_ff}, batch {a.batch}x{a.seq}; "
-                    f"matmul peak {peak / 1e9:.0f} GFLOP/s{sharding}")
+                    f"matmul peak {peak / 1e9:.0f} GFLOP/s{sharding}; CPU {this_cpu().describe()}")
     for col in ("model", "params", "tokens/s", "MFU", "vs HF peer [quartiles]", "vs lenx-nope"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:

@@ -200,6 +200,7 @@ def test_training_benchmark_reports_paired_ratios():
     low, mid, high = rope["vs_peer_quartiles"]
     assert low <= mid <= high and rows["lenx-nope"]["vs_nope"] == 1.0
     assert rows["hf-llama (rope, sdpa)"]["vs_peer"] is None and all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert meta["cpu"]["name"] and isinstance(meta["cpu"]["features"], list)  # the figures name their CPU
 
 
 def test_eval_benchmark_reports_transformers_peers():
@@ -217,6 +218,7 @@ def test_eval_benchmark_reports_transformers_peers():
         capture_output=True, text=True, timeout=600, check=True,
     ).stdout
     rows = {(r["scheme"], r["length"]): r for r in map(json.loads, out.splitlines())}
+    assert all(r["cpu"] for r in rows.values())  # the figures name their CPU
     assert set(rows) == {(s, n) for s in ("nope (baseline)", "alibi", "hf-bloom (alibi, eager)", "learned",
                                           "hf-gpt2 (learned, sdpa)") for n in (16, 32)}
     for scheme, peer in (("alibi", "hf-bloom (alibi, eager)"), ("learned", "hf-gpt2 (learned, sdpa)")):
