@@ -16,6 +16,8 @@ class _Kerple(PositionalScheme):
     relative = True
     learned = True
     r2_max: float | None = None
+    r1_init: tuple[float, float]  # U(low, high) bounds of the reference's initialisation
+    r2_init: tuple[float, float]
 
     def __init__(self, config):
         super().__init__(config)
@@ -27,6 +29,18 @@ class _Kerple(PositionalScheme):
         self.r1.data.clamp_(min=EPS)  # .data: a projection, invisible to autograd, as in the reference
         self.r2.data.clamp_(min=EPS, max=self.r2_max)
         return self.r1[:, None].float(), self.r2[:, None].float()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.r1, *self.r1_init)
+        nn.init.uniform_(self.r2, *self.r2_init)
+
+    def distance_bias(self, layer: int, dist: Tensor) -> Tensor:
+        r1, r2 = self.params()
+        return self.kernel(r1, r2, dist[None, :].float())
+
+    @staticmethod
+    def kernel(r1: Tensor, r2: Tensor, dist: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
 @register
@@ -42,13 +56,11 @@ class KerpleLog(_Kerple):
         "penalised far less than by ALiBi's linear slope."
     )
 
-    def reset_parameters(self) -> None:
-        nn.init.uniform_(self.r1, 0, 2)
-        nn.init.uniform_(self.r2, 0, 1)
+    r1_init, r2_init = (0.0, 2.0), (0.0, 1.0)
 
-    def distance_bias(self, layer: int, dist: Tensor) -> Tensor:
-        r1, r2 = self.params()
-        return -r1 * torch.log1p(r2 * dist[None, :].float())
+    @staticmethod
+    def kernel(r1: Tensor, r2: Tensor, dist: Tensor) -> Tensor:
+        return -r1 * torch.log1p(r2 * dist)
 
 
 @register
@@ -64,10 +76,8 @@ class KerplePower(_Kerple):
         "U(0, 1), r2 ~ U(0, 2). With r2 = 1 it is ALiBi with a learned slope."
     )
 
-    def reset_parameters(self) -> None:
-        nn.init.uniform_(self.r1, 0, 1)
-        nn.init.uniform_(self.r2, 0, 2)
+    r1_init, r2_init = (0.0, 1.0), (0.0, 2.0)
 
-    def distance_bias(self, layer: int, dist: Tensor) -> Tensor:
-        r1, r2 = self.params()
-        return -r1 * dist[None, :].float().pow(r2)
+    @staticmethod
+    def kernel(r1: Tensor, r2: Tensor, dist: Tensor) -> Tensor:
+        return -r1 * dist.pow(r2)
