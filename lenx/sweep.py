@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .config import TRAIN_KEYS, check_values, read_yaml, resolve
 from .errors import LenxError, did_you_mean
-from .evaluate import EVAL_FLAGS, check_eval_options, run_lengths, scaling_plan
+from .evaluate import EVAL_FLAGS, check_eval_options, run_lengths
+from .positional.rope import scaling_plan
 from .positional.base import is_integer
 
 TOP_KEYS = {"name", "description", "schemes", "seeds", "train", "eval", "runs_dir", "results_dir", "published"}
@@ -106,7 +107,7 @@ class Job:
 def plan(spec: SweepSpec, device: str) -> list[Job]:
     """Every training run and evaluation cell of the sweep, whether it is done, and an estimated time."""
     from .data import DataSpec
-    from .evaluate import _key, cell_keys, check_settings, load_results
+    from .perplexity import cell_key as _key, cell_keys, check_settings, load_results
     from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
     from .train import check_run_dir, precision_dtype, resolve_precision
 

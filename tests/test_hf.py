@@ -15,7 +15,7 @@ import torch
 import lenx  # noqa: F401  (registers the lenx model type with transformers)
 from lenx.cli import main
 from lenx.data import EOD_TOKEN, ByteTokenizer, DataSpec, get_tokenizer, load_run_tokenizer, token_stream
-from lenx.evaluate import load_model
+from lenx.subject import load_model
 
 from .conftest import tiny_model
 
@@ -446,7 +446,7 @@ def test_export_to_the_current_directory_is_one_line(tmp_path, capsys, monkeypat
 
 def test_cross_entropy_in_chunks_is_exact(monkeypatch):
     """Long windows of large vocabularies are scored in chunks of logits; the sums are the same to the bit."""
-    import lenx.evaluate as ev
+    import lenx.windows as ev
 
     model = tiny_model("alibi")
     w = torch.randint(0, 63, (3, 41))
