@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,8 +27,9 @@ from .subject import Subject
 
 class CellKind(ABC):
     """One kind of evaluation cell. A cell is a dict keyed as the kind's main table (`table.key` reads its
-    identity), plus the settings its numbers depend on; its rows get the cell's values, the subject's identity
-    columns, and device, lenx_version, timestamp and seconds from the driver."""
+    identity), plus the settings its numbers depend on; it names its RoPE extension (rope_scaling, rope_factor),
+    which the subject is prepared with. Its rows get the cell's values, the subject's identity columns, and
+    device, lenx_version, timestamp and seconds from the driver; a kind's `score` gives the rest."""
 
     tables: tuple[Table, ...]  # written in this order for each cell; the last one's row marks the cell finished
     settings: dict[str, str] = {}  # cell values outside its key that change its numbers -> the flag that sets each
@@ -167,16 +168,11 @@ def write_cell(kind: CellKind, out: Path, cell: dict, rows: dict[str, list[dict]
 def progress_task(bar, show: bool, total: int, completed: int):
     """A task on `bar` (a rich Progress of the caller's, removed at the end), else on a bar of its own."""
     own = bar is None
-    with make_progress(disable=not show) if own else _as_is(bar) as bar:
+    with make_progress(disable=not show) if own else nullcontext(bar) as bar:
         task = bar.add_task("eval", total=total, completed=completed)
         yield bar, task
         if not own:
             bar.remove_task(task)
-
-
-@contextmanager
-def _as_is(bar):
-    yield bar
 
 
 def run_cells(kind: CellKind, subjects: list[Subject], out: str | Path, *, ctx, device: str,

@@ -497,3 +497,59 @@ def test_bad_eval_options_are_one_line(runs, tmp_path, capsys, args, needle):
     code = main(["eval", str(runs[0]), "--lengths", "16,32", "--tokens", "64", "--out", str(tmp_path / "r"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+# ---------------------------------------------------------------------------------------------------
+# cell kinds: the driver plans, runs, writes and resumes any kind
+
+
+def test_a_second_cell_kind_runs_through_the_same_driver(runs, tmp_path, text_dataset):
+    """A kind of its own (the share of test targets a run predicts greedily) gets its own table, resumes, refuses
+    a finished cell computed with another setting, and leaves the perplexity tables alone."""
+    from lenx import distributed
+    from lenx.cells import CellKind, run_cells
+    from lenx.data import DataSpec
+    from lenx.store import Table, optional
+    from lenx.subject import LenxRun
+
+    def key(r):
+        return r["run"], int(r["eval_len"]), optional(r["rope_scaling"], str) or "none"
+
+    scored = []
+
+    class Greedy(CellKind):
+        tables = (Table("greedy", ["run", "pe", "eval_len", "rope_scaling", "rope_factor", "windows", "accuracy",
+                                   "weights_id", "seconds"], key, ["run", "eval_len"]),)
+        settings = {"windows": "--windows"}
+
+        def __init__(self, windows):
+            self.windows = windows
+
+        def cells(self, subject):
+            return [{"run": subject.name, "eval_len": L, "rope_scaling": "none", "rope_factor": None,
+                     "windows": self.windows} for L in (16, 32)]
+
+        def load(self, subject, tok, cell):
+            return torch.from_numpy(token_stream(DataSpec(str(text_dataset)), tok, "test").astype(np.int64))
+
+        def score(self, subject, model, data, cell):
+            L = cell["eval_len"]
+            w = data[: cell["windows"] * (L + 1)].view(cell["windows"], L + 1)
+            with torch.no_grad():
+                hits = model(w[:, :-1]).logits.argmax(-1) == w[:, 1:]
+            scored.append((subject.name, L))
+            return {"greedy": [{"accuracy": float(hits.float().mean())}]}
+
+    ctx = distributed.init()
+    subjects = [LenxRun(r) for r in runs]
+    table = run_cells(Greedy(2), subjects, tmp_path, ctx=ctx, device="cpu", show=False)
+    assert sorted(scored) == [(s.name, L) for s in subjects for L in (16, 32)]
+    assert len(table) == 4 and table["accuracy"].between(0, 1).all() and set(table["pe"]) == {"alibi", "rope"}
+    assert (table["weights_id"] == table["run"].map({s.name: s.weights_id for s in subjects})).all()
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["greedy.csv", "greedy.parquet"]
+
+    scored.clear()
+    again = run_cells(Greedy(2), subjects, tmp_path, ctx=ctx, device="cpu", show=False)
+    assert scored == [] and len(again) == 4  # finished cells are not scored again
+    with pytest.raises(LenxError, match=r"computed with windows 2, not 3 \(--windows\)"):
+        run_cells(Greedy(3), subjects, tmp_path, ctx=ctx, device="cpu", show=False)
