@@ -5,6 +5,10 @@ A cell is one measurement of one subject (`lenx.subject`), e.g. its perplexity a
 (`lenx.perplexity.Perplexity`). A cell kind (`CellKind`) says which cells a subject has, how one is scored and
 which tables its rows go to; `run_cells` plans, runs and writes any kind, in one process or sharded under torchrun
 (rank r scores cells r, r + world, ...; rank 0 alone plans and writes).
+
+Adding a kind (retrieval probes, say): a `CellKind` subclass naming its table (`lenx.store.Table`: stem, columns,
+key) and its `settings`, with `cells` (a subject's cells), `load` (what they are scored on, once per subject) and
+`score` (one cell's rows); `run_cells(kind, subjects, out, ...)` does the rest, as it does for perplexity.
 """
 
 from __future__ import annotations
