@@ -72,7 +72,7 @@ def _factors(value, name: str) -> list[float] | None:
 
 
 def _protocols(value, name: str) -> list[str]:
-    from .evaluate import PROTOCOLS  # imported when checked: evaluate needs torch, `lenx eval --help` does not
+    from .windows import PROTOCOLS  # imported when checked: windows needs torch, `lenx eval --help` does not
 
     protocols = _items(value)
     bad = [p for p in protocols if p not in PROTOCOLS]
@@ -194,7 +194,7 @@ def run_lengths(train_len: int, opts: dict, names: dict = EVAL_FLAGS, where: str
     """The evaluation lengths of a run with this training length, from options checked by `check_eval_options`:
     `lengths`, else 1x, 2x, 4x ... up to `max_len` (default 16x). Refuses a max_len below the training length and
     a sliding stride longer than a length."""
-    from .evaluate import resolve_stride  # imported when checked: evaluate needs torch, `lenx eval --help` does not
+    from .windows import resolve_stride  # imported when checked: windows needs torch, `lenx eval --help` does not
 
     max_len = opts["max_len"]
     if max_len is not None and max_len < train_len:

@@ -26,6 +26,7 @@ import torch
 
 from .data import EOD_TOKEN, BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer, byte_decoder as _byte_decoder
 from .errors import LenxError
+from .subject import check_run_matches, load_model, read_run, run_tokenizer
 
 CHECK_TEXT = "def f(x):\n    return x  # naïve café, 日本語, emoji 🙂, tab\t, CRLF\r\n, NUL \x00 end"
 
@@ -169,7 +170,6 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False, result
            ) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluate import check_run_matches, load_model, read_run, run_tokenizer
     from .io import readable, umask, write_json, write_text
     from .runinfo import quiet_hf
 

@@ -5,8 +5,8 @@ name (the usual HF cache; offline, a one-line error says how to supply a local c
 `AutoConfig` / `AutoModelForCausalLM` / `AutoTokenizer`, safetensors only, never remote code, with its own
 attention implementation (transformers picks `sdpa` where the model has one).
 
-- 1x (the `train_len` column) is the config's `max_position_embeddings` (`n_positions`; MPT: `max_seq_len`;
-  lenx models: `train_len`) unless `--train-len` says otherwise.
+- 1x (the `train_len` column) is the config's `max_position_embeddings` (`n_positions`; MPT: `max_seq_len`)
+  unless `--train-len` says otherwise.
 - `pe` is `<model_type>/<scheme>`, the scheme from `SCHEMES` (Falcon per config), else `unknown`.
 - RoPE extensions go through transformers' own `rope_parameters` (set on the config before the weights are
   loaded): pi -> `linear`, dynamic-ntk -> `dynamic`, yarn -> `yarn`; each (extension, factor) loads the model
@@ -17,6 +17,8 @@ attention implementation (transformers picks `sdpa` where the model has one).
   bias: `max_seq_len`; GPT-J's and CodeGen's rotary sin/cos: `n_positions`) are built for the longest length
   evaluated (`TABLES`): the model is scored as its scheme extends, not stopped at the table's end (a shape or
   index error). Shorter positions keep their values (ALiBi up to a constant per query row, which softmax ignores).
+- A `lenx export` directory (model_type `lenx`) is an `ExportedRun`: loaded and recorded as any HF model, its
+  positions handled as a lenx run's (its scheme and training length from its config, lenx's own extensions).
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from pathlib import Path
 
 import torch
 
+from .data import HFTokenizer
 from .errors import LengthNotSupported, LenxError, first_line, is_oom
+from .hub import is_path, offline_reason, unreachable_note
+from .ids import files_id, short_hash
+from .positional.rope import scaling_plan
+from .runinfo import quiet_hf
+from .subject import Subject
 
 # model_type -> positional scheme (Falcon's is decided per config in `scheme_of`; an MPT without ALiBi is refused)
 SCHEMES = {
@@ -52,8 +60,6 @@ LONG_LEN = 2048  # at and past this window length an HF model is run one window 
 def scheme_of(config) -> str:
     """The positional scheme of a transformers config, `unknown` for model types lenx does not know."""
     mt = config.model_type
-    if mt == "lenx":
-        return config.pe
     if mt == "falcon":
         return "alibi" if getattr(config, "alibi", False) else "rope"
     return SCHEMES.get(mt, "unknown")  # MPT: transformers' MptModel always adds ALiBi (it has no position table)
@@ -61,8 +67,6 @@ def scheme_of(config) -> str:
 
 def max_positions(config) -> int | None:
     """The config's position count (its own idea of 1x), or None when it has none (ALiBi models)."""
-    if config.model_type == "lenx":
-        return int(config.train_len)
     for attr in ("max_seq_len", "max_position_embeddings", "n_positions") if config.model_type == "mpt" else (
             "max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, attr, None)
@@ -112,16 +116,11 @@ class HFForward:
         return self.model(input_ids=input_ids, **self.kwargs)
 
 
-class HFModel:
-    """A transformers causal LM as an evaluation subject (what `evaluate` needs of a lenx run, for an HF model)."""
+class Location:
+    """Where `--model NAME` is read from: a local directory (`save_pretrained`; resolved, so that one directory
+    however it is named is one model) or a hub name (the HF cache; without the Hub, the cache at once)."""
 
-    kind = "hf"
-    seed = None
-
-    def __init__(self, name: str, train_len: int | None = None, dtype: str | None = None):
-        from .hub import is_path, offline_reason
-        from .runinfo import quiet_hf
-
+    def __init__(self, name: str):
         quiet_hf()
         self.given = name
         path = Path(name).expanduser()
@@ -132,63 +131,22 @@ class HFModel:
                     f"--model {name} is not a model directory (no config.json); give a save_pretrained directory "
                     "or a hub name"
                 )
-            path = path.resolve()  # one directory, however it is named: one model (config_id, tokenizer)
+            path = path.resolve()
             self.source, self.name = str(path), path.name
         elif is_path(name):  # and it is not there
             raise LenxError(f"--model {name}: no such directory; give a save_pretrained directory or a hub name")
         else:
             self.source = self.name = name
-        self.offline = None if self.local else offline_reason()  # hub name, no Hub: the HF cache, at once
+        self.path = path
+        self.offline = None if self.local else offline_reason()
         self.cache_only = self.local or self.offline is not None
-        self.run_dir = self.source
-        self.tokenizer_name = self.source
-        dtype = dtype or "float32"
-        if dtype not in DTYPES:
-            raise LenxError(f"unknown --dtype '{dtype}'; known: {', '.join(DTYPES)}")
-        self.dtype = dtype
-        from .ids import files_id, short_hash
 
-        self.config_id = short_hash({"model": self.source, "dtype": dtype})  # one model, one dtype: one experiment
-        # a local directory can be saved again in place (its config, its weights): fingerprinted, as a lenx run is;
-        # a hub name stands for its published weights
-        self.weights_id = files_id([path / "config.json", *sorted(path.glob("*.safetensors"))]) if self.local else None
-        self.config = self._load_config()
-        self._check_loadable(path)
-        self.scheme = scheme_of(self.config)
-        self.pe = f"{self.config.model_type}/{self.scheme}"
-        self.positions = max_positions(self.config)
-        if train_len is not None and train_len <= 0:
-            raise LenxError(f"--train-len must be a positive integer, got {train_len}")
-        if train_len is None and self.positions is None:
-            raise LenxError(
-                f"model {name} ({self.pe}) has no max_position_embeddings in its config; give its 1x length with "
-                "--train-len N"
-            )
-        self.train_len = int(train_len or self.positions)
-        self.limit = self.positions if self.scheme == "learned" and self.config.model_type != "lenx" else None
-        self.default_data = "stdlib"
-        if self.config.model_type == "mpt":
-            ac = getattr(self.config, "attn_config", None)
-            if not (ac.get("alibi", True) if isinstance(ac, dict) else getattr(ac, "alibi", True)):
-                raise LenxError(
-                    f"model {name} is an MPT with attn_config.alibi false (learned positions), which transformers' MPT "
-                    "does not implement (it always applies ALiBi and would drop its position table); it cannot be scored"
-                )
-        self.model = self.forward = None
-        self.loaded_as = None
-        self.device = None
-        self.longest = None  # the longest length to be evaluated (set by `evaluate`): sizes `TABLES`
-
-    # ------------------------------------------------------------------ loading
-
-    def _hub_hint(self) -> str:
-        from .hub import unreachable_note
-
+    def hub_hint(self) -> str:
         return (f"{unreachable_note(self.offline)}without network, save it once online (`AutoModelForCausalLM.from_pretrained('{self.given}')."
                 "save_pretrained(DIR)` and the same for its tokenizer, or `hf download "
                 f"{self.given} --local-dir DIR`) and pass --model DIR")
 
-    def _load_config(self):
+    def load_config(self):
         import json
 
         import transformers
@@ -201,7 +159,7 @@ class HFModel:
             raw = {}
             if self.local:
                 try:
-                    raw = json.loads((Path(self.source) / "config.json").read_text())
+                    raw = json.loads((self.path / "config.json").read_text())
                 except (OSError, ValueError):
                     pass
             mt = raw.get("model_type") if isinstance(raw, dict) else None
@@ -215,15 +173,84 @@ class HFModel:
                     f"model {self.given} has model_type '{mt}', which transformers {transformers.__version__} does not "
                     "implement; upgrade transformers (pip install -U transformers) or use a supported model"
                 ) from None
-            hint = "check its config.json" if self.local else self._hub_hint()
+            hint = "check its config.json" if self.local else self.hub_hint()
             raise LenxError(f"cannot load model '{self.given}' ({first_line(e)}); {hint}") from None
+
+
+def model_subject(name: str, train_len: int | None = None, dtype: str | None = None) -> HFModel:
+    """The subject of `--model NAME`: an `ExportedRun` for a `lenx export` directory (model_type lenx), else an
+    `HFModel`. `train_len`: its 1x (default: its config's position count); `dtype`: of its weights."""
+    where = Location(name)
+    dtype = dtype or "float32"
+    if dtype not in DTYPES:
+        raise LenxError(f"unknown --dtype '{dtype}'; known: {', '.join(DTYPES)}")
+    config = where.load_config()
+    return (ExportedRun if config.model_type == "lenx" else HFModel)(where, config, train_len, dtype)
+
+
+class HFModel(Subject):
+    """A transformers causal LM as an evaluation subject: its own tokenizer, its weights in `dtype`, its own
+    attention implementation; RoPE extensions through transformers' rope_parameters (the model reloaded)."""
+
+    kind = "hf"
+    seed = None
+    default_data = "stdlib"
+
+    def __init__(self, where: Location, config, train_len: int | None, dtype: str):
+        self.where, self.config, self.dtype = where, config, dtype
+        self.given, self.name, self.source = where.given, where.name, where.source
+        self.local, self.cache_only = where.local, where.cache_only
+        self.run_dir = self.tokenizer_name = where.source
+        self.config_id = short_hash({"model": self.source, "dtype": dtype})  # one model, one dtype: one experiment
+        # a local directory can be saved again in place (its config, its weights): fingerprinted, as a lenx run is;
+        # a hub name stands for its published weights
+        self.weights_id = (files_id([where.path / "config.json", *sorted(where.path.glob("*.safetensors"))])
+                           if self.local else None)
+        self._check_loadable(where.path)
+        self.scheme, self.positions = self.describe(config)
+        self.pe = f"{config.model_type}/{self.scheme}"
+        if train_len is not None and train_len <= 0:
+            raise LenxError(f"--train-len must be a positive integer, got {train_len}")
+        if train_len is None and self.positions is None:
+            raise LenxError(
+                f"model {self.given} ({self.pe}) has no max_position_embeddings in its config; give its 1x length "
+                "with --train-len N"
+            )
+        self.train_len = int(train_len or self.positions)
+        self.limit = self.table_end()
+        self._check_mpt()
+        self.model = self.forward = None
+        self.loaded_as = None
+        self.device = None
+        self.longest = None  # the longest length to be evaluated (`plan_lengths`): sizes `TABLES`
+
+    def describe(self, config) -> tuple[str, int | None]:
+        """Its positional scheme and its position count (None: it has none)."""
+        return scheme_of(config), max_positions(config)
+
+    def table_end(self) -> int | None:
+        """Where its learned positions end, checked before a window runs (past it transformers fails with an
+        index error); None: no limit."""
+        return self.positions if self.scheme == "learned" else None
+
+    # ------------------------------------------------------------------ loading
+
+    def _check_mpt(self) -> None:
+        if self.config.model_type == "mpt":
+            ac = getattr(self.config, "attn_config", None)
+            if not (ac.get("alibi", True) if isinstance(ac, dict) else getattr(ac, "alibi", True)):
+                raise LenxError(
+                    f"model {self.given} is an MPT with attn_config.alibi false (learned positions), which "
+                    "transformers' MPT does not implement (it always applies ALiBi and would drop its position table); "
+                    "it cannot be scored"
+                )
 
     def _check_loadable(self, path: Path) -> None:
         """Before any text is read: the config has a causal LM class, and a local directory has safetensors weights
         (pickled ones are refused: unpickling can run code)."""
         from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        if self.config.model_type != "lenx" and type(self.config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        if type(self.config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
             raise LenxError(
                 f"model {self.given} ({self.config.model_type}) has no causal LM class in transformers "
                 "(AutoModelForCausalLM); lenx scores decoder-only language models"
@@ -243,34 +270,33 @@ class HFModel:
         )
 
     def open(self, device: str, attn_backend: str | None = None):
-        """Load the tokenizer (the model's own, wrapped for lenx: exact byte counts where it is byte-level)."""
-        from .data import HFTokenizer
+        """Load the tokenizer (the model's own, wrapped for lenx: exact byte counts where it is byte-level).
+        `attn_backend` is lenx's, for the lenx runs beside it: an HF model keeps its own implementation."""
         from transformers import AutoTokenizer
 
-        if attn_backend is not None:
-            raise LenxError("--attn-backend applies to lenx runs; HF models use their own attention implementation")
         self.device = device
         try:
             tok = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False, local_files_only=self.cache_only)
         except Exception as e:
-            hint = self._hub_hint() if not self.local else (
+            hint = self.where.hub_hint() if not self.local else (
                 f"it is a lenx run: evaluate it as `lenx eval {self.given}`, or `lenx export` it first"
                 if (Path(self.source) / "run.json").exists() else "save the model's tokenizer into its directory")
             raise LenxError(f"cannot load the tokenizer of model '{self.given}' ({first_line(e)}); {hint}") from None
-        eod = None
-        if tok.eos_token_id is None:  # documents are separated by a token the model knows
-            for cand in (self.config.eos_token_id, self.config.bos_token_id):
-                cand = cand[0] if isinstance(cand, (list, tuple)) and cand else cand
-                if isinstance(cand, int):
-                    eod = cand
-                    break
-            if eod is None:
-                raise LenxError(
-                    f"model {self.given}: neither its tokenizer nor its config names an end-of-text token to "
-                    "separate documents; set eos_token in its tokenizer_config.json"
-                )
-        self.tokenizer = HFTokenizer(tok, self.source, eod_id=eod)
+        self.tokenizer = HFTokenizer(tok, self.source, eod_id=self._eod(tok))
         return self.tokenizer
+
+    def _eod(self, tok) -> int | None:
+        """Documents are separated by a token the model knows: the tokenizer's eos, else the config's."""
+        if tok.eos_token_id is not None:
+            return None
+        for cand in (self.config.eos_token_id, self.config.bos_token_id):
+            cand = cand[0] if isinstance(cand, (list, tuple)) and cand else cand
+            if isinstance(cand, int):
+                return cand
+        raise LenxError(
+            f"model {self.given}: neither its tokenizer nor its config names an end-of-text token to "
+            "separate documents; set eos_token in its tokenizer_config.json"
+        )
 
     def check_tokens(self, stream) -> None:
         """Every token id of the scored text must have a row in the model's embedding."""
@@ -282,13 +308,15 @@ class HFModel:
                 "the tokenizer does not belong to the model"
             )
 
+    def plan_lengths(self, lengths: list[int]) -> list[int]:
+        """Ascending: transformers' dynamic NTK keeps the frequencies of the longest length seen."""
+        lengths = sorted(set(lengths))
+        self.longest = lengths[-1]
+        return lengths
+
     def scaling_plan(self, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:
         """(RoPE extension, factor) cells, as for lenx runs: a model without RoPE takes none (and refuses an
         extension asked for alone); an extension transformers cannot express is refused."""
-        from .evaluate import scaling_plan
-
-        if self.config.model_type == "lenx":
-            return scaling_plan(self.config.pe, scalings, factors)
         scalings = scalings or ["none"]
         asked = [s for s in scalings if s != "none"]
         if asked and self.scheme != "rope":
@@ -298,29 +326,27 @@ class HFModel:
                 )
             return [("none", None)]
         if asked:
-            rp = getattr(self.config, "rope_parameters", None)
-            if not isinstance(rp, dict) or "rope_theta" not in rp:
-                raise LenxError(
-                    f"model {self.given} ({self.pe}) has no flat rope_parameters in its config; transformers cannot "
-                    "rescale its RoPE through it"
-                )
-            own = rp.get("rope_type", "default")
-            if own != "default":
-                raise LenxError(
-                    f"model {self.given} already uses RoPE scaling '{own}'; lenx only applies --rope-scaling to "
-                    "models with plain RoPE (rope_type default)"
-                )
-            for s in asked:
-                rope_scaled(self.config, s, None, self.train_len, self.given)  # refuses what transformers lacks
+            self._check_rescalable(asked)
         return [(s, f) for s in scalings for f in ([None] if s == "none" else factors or [None])]
+
+    def _check_rescalable(self, asked: list[str]) -> None:
+        rp = getattr(self.config, "rope_parameters", None)
+        if not isinstance(rp, dict) or "rope_theta" not in rp:
+            raise LenxError(
+                f"model {self.given} ({self.pe}) has no flat rope_parameters in its config; transformers cannot "
+                "rescale its RoPE through it"
+            )
+        own = rp.get("rope_type", "default")
+        if own != "default":
+            raise LenxError(
+                f"model {self.given} already uses RoPE scaling '{own}'; lenx only applies --rope-scaling to "
+                "models with plain RoPE (rope_type default)"
+            )
+        for s in asked:
+            rope_scaled(self.config, s, None, self.train_len, self.given)  # refuses what transformers lacks
 
     def prepare(self, scaling: str, factor: float | None):
         """The callable to score with, the model (re)loaded for this RoPE extension and factor."""
-        if self.config.model_type == "lenx":
-            if self.model is None:
-                self._load(self.config, None)
-            self.model.pe.set_eval_scaling(scaling, factor)
-            return self.forward
         key = (scaling, factor)
         if key != self.loaded_as:
             config = self.config if scaling == "none" else rope_scaled(self.config, scaling, factor, self.train_len,
@@ -345,7 +371,7 @@ class HFModel:
                 local_files_only=self.cache_only,
             )
         except Exception as e:
-            hint = "check that its weights belong to its config.json" if self.local else self._hub_hint()
+            hint = "check that its weights belong to its config.json" if self.local else self.where.hub_hint()
             raise LenxError(f"cannot load the weights of model '{self.given}' ({first_line(e)}); {hint}") from None
         if rope_type is not None:
             used = {m.rope_type for m in model.modules() if isinstance(getattr(m, "rope_type", None), str)}
@@ -375,3 +401,25 @@ class HFModel:
     def batch_tokens(self, eval_len: int, batch_tokens: int) -> int:
         """Long windows go one at a time (the activations and the logits of one window are already large)."""
         return eval_len if eval_len >= LONG_LEN else batch_tokens
+
+
+class ExportedRun(HFModel):
+    """A `lenx export` directory (model_type lenx): an HF model in how it is loaded and recorded (its files, its
+    tokenizer, --dtype, --train-len), a lenx run in its positions: its scheme and training length from its
+    config, lenx's own RoPE extensions (ntk included) set on the loaded scheme, and past a learned table the
+    scheme's own refusal."""
+
+    def describe(self, config) -> tuple[str, int | None]:
+        return config.pe, int(config.train_len)
+
+    def table_end(self) -> None:
+        return None  # lenx's learned scheme refuses positions past its table itself
+
+    def scaling_plan(self, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:
+        return scaling_plan(self.config.pe, scalings, factors)
+
+    def prepare(self, scaling: str, factor: float | None):
+        if self.model is None:
+            self._load(self.config, None)
+        self.model.pe.set_eval_scaling(scaling, factor)
+        return self.forward

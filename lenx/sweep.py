@@ -12,8 +12,8 @@ from pathlib import Path
 from .config import TRAIN_KEYS, check_values, read_yaml, resolve
 from .errors import LenxError, did_you_mean
 from .eval_config import EVAL_FLAGS, check_eval_options, eval_kwargs, run_lengths
-from .evaluate import scaling_plan
 from .options import file_keys, option
+from .positional.rope import scaling_plan
 from .positional.base import is_integer
 
 EVAL_KEYS = set(EVAL_FLAGS)  # the options of `lenx eval`, keyed as in a sweep's eval: section
@@ -127,7 +127,7 @@ class Job:
 def plan(spec: SweepSpec, device: str) -> list[Job]:
     """Every training run and evaluation cell of the sweep, whether it is done, and an estimated time."""
     from .data import DataSpec
-    from .evaluate import _key, cell_keys, check_settings, load_results
+    from .perplexity import cell_key as _key, cell_keys, check_settings, load_results
     from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
     from .train import check_run_dir, precision_dtype, resolve_precision
 

@@ -94,7 +94,7 @@ def worker(args) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from lenx.errors import LengthNotSupported
-    from lenx.evaluate import score_windows
+    from lenx.windows import score_windows
     from lenx.model import LenxConfig, LenxForCausalLM
 
     if args.threads:

@@ -15,7 +15,7 @@ import torch
 import lenx  # noqa: F401  (registers the lenx model type with transformers)
 from lenx.cli import main
 from lenx.data import EOD_TOKEN, ByteTokenizer, DataSpec, get_tokenizer, load_run_tokenizer, token_stream
-from lenx.evaluate import load_model
+from lenx.subject import load_model
 
 from .conftest import tiny_model
 
@@ -446,7 +446,7 @@ def test_export_to_the_current_directory_is_one_line(tmp_path, capsys, monkeypat
 
 def test_cross_entropy_in_chunks_is_exact(monkeypatch):
     """Long windows of large vocabularies are scored in chunks of logits; the sums are the same to the bit."""
-    import lenx.evaluate as ev
+    import lenx.windows as ev
 
     model = tiny_model("alibi")
     w = torch.randint(0, 63, (3, 41))
@@ -589,3 +589,21 @@ def test_model_directory_problems_are_one_line_with_the_fix(llama_dir, hf_tokeni
         code = lenx_cli("eval", "--model", tmp_path / name, "--dataset", text_dataset, "--out", tmp_path / "res")
         one_line_error(capsys, code, *needles)
     assert not (tmp_path / "res").exists() and not (tmp_path / "ran").exists()
+
+
+def test_an_exported_run_is_scored_as_its_run(tmp_path, text_dataset):
+    """`--model` on a `lenx export` directory: lenx's own RoPE extensions (ntk, which transformers lacks and HF
+    models refuse) and its learned scheme's own end of table apply, with the run's numbers and notes."""
+    args = ["--dataset", text_dataset, "--lengths", "16,32", "--tokens", "32"]
+    for pe, extra in (("rope", ["--rope-scaling", "none,ntk,yarn"]), ("learned", [])):
+        run = make_run(tmp_path / "runs", pe)
+        assert lenx_cli("export", run, "--out", tmp_path / f"export-{pe}") == 0
+        assert lenx_cli("eval", run, *args, *extra, "--out", tmp_path / f"run-{pe}") == 0
+        assert lenx_cli("eval", "--model", tmp_path / f"export-{pe}", *args, *extra, "--out", tmp_path / f"hf-{pe}") == 0
+        a, b = (pd.read_csv(tmp_path / f"{d}-{pe}" / "results.csv").set_index(["eval_len", "rope_scaling"]).sort_index()
+                for d in ("run", "hf"))
+        assert (b["pe"] == f"lenx/{pe}").all() and list(b.index) == list(a.index)
+        np.testing.assert_allclose(b["nll"], a["nll"], rtol=1e-6)
+        pd.testing.assert_series_equal(b["rope_factor"], a["rope_factor"])
+        pd.testing.assert_series_equal(b["note"], a["note"])
+    assert b.loc[(32, "none"), "note"] == a.loc[(32, "none"), "note"] != "" and pd.isna(b.loc[(32, "none"), "ppl"])

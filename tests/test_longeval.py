@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import lenx.evaluate as ev
+import lenx.perplexity as ppl
+import lenx.windows as win
 from lenx import attention
 from lenx.attention import BACKENDS, causal_attention
 from lenx.cli import main
@@ -150,7 +152,7 @@ def _model():
 
 
 def _cell(model, data, L, protocol, stride=None, n_tokens=96, width=4):
-    return ev.eval_cell(model, data, L, protocol, stride=ev.resolve_stride(protocol, L, stride), n_tokens=n_tokens,
+    return ppl.eval_cell(model, data, L, protocol, stride=win.resolve_stride(protocol, L, stride), n_tokens=n_tokens,
                         width=width, batch_tokens=64, device="cpu")
 
 
@@ -200,7 +202,7 @@ def test_sliding_stride_one_scores_each_token_with_its_full_window(stream):
 def test_sliding_windows_score_every_target_once():
     stream = np.arange(200)
     for L, S, n in [(16, 5, 100), (16, 16, 96), (10, 3, 10), (8, 7, 50)]:
-        w = ev.sliding_windows(stream, L, S, n)
+        w = win.sliding_windows(stream, L, S, n)
         targets = [int(t) for row, f in zip(w.tokens, w.first) for t in row[1:][int(f):]]
         assert targets == list(range(1, n + 1)), (L, S, n)
         assert (w.tokens[1:, 0] - w.tokens[:-1, 0] <= S).all()
@@ -208,12 +210,12 @@ def test_sliding_windows_score_every_target_once():
 
 def test_truncate_cuts_qualifying_documents():
     docs = [np.arange(10), np.arange(100, 140), np.arange(200, 217), np.arange(300, 330)]
-    w = ev.truncated_windows(docs, 16, max_documents=10)
+    w = win.truncated_windows(docs, 16, max_documents=10)
     assert w.documents == 3 and w.note == ""
     assert w.tokens[:, 0].tolist() == [100, 200, 300] and w.tokens.shape == (3, 17)
-    w = ev.truncated_windows(docs, 16, max_documents=2)
+    w = win.truncated_windows(docs, 16, max_documents=2)
     assert w.documents == 2 and "3 test documents qualify" in w.note
-    w = ev.truncated_windows(docs, 64, max_documents=10)
+    w = win.truncated_windows(docs, 64, max_documents=10)
     assert w.documents == 0 and "no test document" in w.note
 
 
@@ -291,8 +293,8 @@ def test_protocols_match_an_independent_reference(protocol, L, stride):
     docs = [np.append(rng.integers(0, 256, k), 256).astype(np.uint16) for k in (5, 30, 9, 16, 60, 20, 3, 17, 40)]
     stream = np.concatenate(docs)
     n, width = 96, 4
-    row, buckets = ev.eval_cell(_PositionModel(), _data(stream, docs), L, protocol,
-                                stride=ev.resolve_stride(protocol, L, stride), n_tokens=n, width=width,
+    row, buckets = ppl.eval_cell(_PositionModel(), _data(stream, docs), L, protocol,
+                                stride=win.resolve_stride(protocol, L, stride), n_tokens=n, width=width,
                                 batch_tokens=40, device="cpu")
     tokens, nll, nbytes, windows, ref_buckets = _ref_cell(stream, docs, L, protocol, stride, n, width)
     if protocol != "truncate":
@@ -363,7 +365,7 @@ def test_killed_sweep_resumes_to_the_same_tables(runs, tmp_path, monkeypatch):
     full_pos = pd.read_parquet(tmp_path / "full" / "results_by_position.parquet")
 
     calls = []
-    real = ev.eval_cell
+    real = ppl.eval_cell
 
     def dying(*args, **kw):
         if len(calls) == 5:
@@ -371,7 +373,7 @@ def test_killed_sweep_resumes_to_the_same_tables(runs, tmp_path, monkeypatch):
         calls.append(args[2:4])
         return real(*args, **kw)
 
-    monkeypatch.setattr(ev, "eval_cell", dying)
+    monkeypatch.setattr(ppl, "eval_cell", dying)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(runs, out=out, **SWEEP)
@@ -381,7 +383,7 @@ def test_killed_sweep_resumes_to_the_same_tables(runs, tmp_path, monkeypatch):
     first_rows = partial.set_index(["run", "eval_len", "protocol"])["timestamp"]
 
     calls.clear()
-    monkeypatch.setattr(ev, "eval_cell", lambda *a, **kw: (calls.append(a[2:4]), real(*a, **kw))[1])
+    monkeypatch.setattr(ppl, "eval_cell", lambda *a, **kw: (calls.append(a[2:4]), real(*a, **kw))[1])
     resumed = ev.evaluate(runs, out=out, **SWEEP)
     assert len(calls) == len(full) - 5  # finished cells are not recomputed
     again = resumed.set_index(["run", "eval_len", "protocol"])
@@ -497,3 +499,59 @@ def test_bad_eval_options_are_one_line(runs, tmp_path, capsys, args, needle):
     code = main(["eval", str(runs[0]), "--lengths", "16,32", "--tokens", "64", "--out", str(tmp_path / "r"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+# ---------------------------------------------------------------------------------------------------
+# cell kinds: the driver plans, runs, writes and resumes any kind
+
+
+def test_a_second_cell_kind_runs_through_the_same_driver(runs, tmp_path, text_dataset):
+    """A kind of its own (the share of test targets a run predicts greedily) gets its own table, resumes, refuses
+    a finished cell computed with another setting, and leaves the perplexity tables alone."""
+    from lenx import distributed
+    from lenx.cells import CellKind, run_cells
+    from lenx.data import DataSpec
+    from lenx.store import Table, optional
+    from lenx.subject import LenxRun
+
+    def key(r):
+        return r["run"], int(r["eval_len"]), optional(r["rope_scaling"], str) or "none"
+
+    scored = []
+
+    class Greedy(CellKind):
+        tables = (Table("greedy", ["run", "pe", "eval_len", "rope_scaling", "rope_factor", "windows", "accuracy",
+                                   "weights_id", "seconds"], key, ["run", "eval_len"]),)
+        settings = {"windows": "--windows"}
+
+        def __init__(self, windows):
+            self.windows = windows
+
+        def cells(self, subject):
+            return [{"run": subject.name, "eval_len": L, "rope_scaling": "none", "rope_factor": None,
+                     "windows": self.windows} for L in (16, 32)]
+
+        def load(self, subject, tok, cell):
+            return torch.from_numpy(token_stream(DataSpec(str(text_dataset)), tok, "test").astype(np.int64))
+
+        def score(self, subject, model, data, cell):
+            L = cell["eval_len"]
+            w = data[: cell["windows"] * (L + 1)].view(cell["windows"], L + 1)
+            with torch.no_grad():
+                hits = model(w[:, :-1]).logits.argmax(-1) == w[:, 1:]
+            scored.append((subject.name, L))
+            return {"greedy": [{"accuracy": float(hits.float().mean())}]}
+
+    ctx = distributed.init()
+    subjects = [LenxRun(r) for r in runs]
+    table = run_cells(Greedy(2), subjects, tmp_path, ctx=ctx, device="cpu", show=False)
+    assert sorted(scored) == [(s.name, L) for s in subjects for L in (16, 32)]
+    assert len(table) == 4 and table["accuracy"].between(0, 1).all() and set(table["pe"]) == {"alibi", "rope"}
+    assert (table["weights_id"] == table["run"].map({s.name: s.weights_id for s in subjects})).all()
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["greedy.csv", "greedy.parquet"]
+
+    scored.clear()
+    again = run_cells(Greedy(2), subjects, tmp_path, ctx=ctx, device="cpu", show=False)
+    assert scored == [] and len(again) == 4  # finished cells are not scored again
+    with pytest.raises(LenxError, match=r"computed with windows 2, not 3 \(--windows\)"):
+        run_cells(Greedy(3), subjects, tmp_path, ctx=ctx, device="cpu", show=False)

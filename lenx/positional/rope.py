@@ -1,14 +1,31 @@
+from __future__ import annotations
+
 import math
 
 import torch
 from torch import Tensor
 
-from . import register
-from .base import PositionalScheme, is_number
+from . import get_scheme, register
+from .base import PositionalScheme, is_number, scaling_not_supported
 
 # RoPE extensions applied at evaluation time (`lenx eval --rope-scaling`): pi, dynamic-ntk and yarn as transformers
 # implements them ("linear", "dynamic", "yarn"); ntk, which transformers does not have, by its formula below.
 ROPE_SCALINGS = ("none", "pi", "ntk", "dynamic-ntk", "yarn")
+STATIC_SCALINGS = ("pi", "ntk", "yarn")  # one factor per evaluation; dynamic-ntk derives its own per window
+
+
+def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | None, name: str = "--rope-scaling",
+                 where: str = "") -> list[tuple[str, float | None]]:
+    """The (RoPE extension, factor) cells for one run. Schemes without RoPE get only 'none' when several
+    extensions are asked for, and an error when the one asked for does not apply to them. A factor of None:
+    eval_len / train_len for the static extensions; for dynamic-ntk, transformers' default factor 1, i.e.
+    s = max(1, window length / train_len) recomputed per window (recorded as an empty rope_factor). `name`,
+    `where`: as in `lenx.evaluate.check_eval_options`."""
+    scalings = scalings or ["none"]
+    takes = [s for s in scalings if s in get_scheme(pe).eval_scalings]
+    if not takes and len(scalings) == 1:
+        raise scaling_not_supported(pe, scalings[0], name, where)
+    return [(s, f) for s in takes or ["none"] for f in ([None] if s == "none" else factors or [None])]
 
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0) -> Tensor:
