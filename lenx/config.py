@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import DATASET_HELP
+from .data import DATASET_HELP, FILE_KEYS
 from .errors import LenxError
 from .options import (at_least_zero, check_types, file_keys, finite_at_least_zero, flag_of, one_of, option,
                       options, path_given, positive_finite, positive_int, run_checks, unit_interval, yaml_example)
@@ -102,7 +102,6 @@ class TrainConfig:
 TRAIN_KEYS = tuple(file_keys(TrainConfig))  # the keys of a training config (a --config file)
 # Settings that `lenx train` takes as flags; the others are set in a --config file.
 FLAGS = tuple(f.name for f in options(TrainConfig) if flag_of(f))
-_FILE_KEYS = ("train_file", "validation_file", "test_file")
 
 
 class _Loader(yaml.SafeLoader):
@@ -148,7 +147,7 @@ def resolve(config_file: str | None = None, **flags) -> TrainConfig:
     explicit = check_values(raw, str(config_file))
     explicit.update(check_values({k: v for k, v in flags.items() if v is not None}, "flag"))
     values = {**TrainConfig().to_dict(), **explicit}
-    if any(values.get(k) for k in _FILE_KEYS):
+    if any(values.get(k) for k in FILE_KEYS):
         # explicit split files name the corpus themselves: dataset becomes 'files'
         if explicit.get("dataset", "files") != "files":
             raise LenxError(
@@ -177,12 +176,6 @@ def _check_scheme_options(cfg: TrainConfig) -> None:
     with torch.device("meta"):
         build_scheme(SimpleNamespace(pe=cfg.pe, pe_options=cfg.pe_options, n_head=cfg.heads, n_layer=cfg.layers,
                                      d_model=cfg.d_model, train_len=cfg.train_len))
-
-
-def check_path_given(name: str, value: str | None) -> None:
-    """A dataset or file flag given empty: one line (an empty path would read the current directory, or be
-    ignored)."""
-    path_given(value, name)
 
 
 def validate(cfg: TrainConfig) -> None:
