@@ -108,22 +108,6 @@ def time_steps(step: Callable[[str], None], repeats: int = 3) -> dict[str, float
     return best
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    if precision != "auto":
-        if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-            raise LenxError("this GPU has no bf16 support; use --precision fp32")
-        return precision
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    # CPUs without native bf16 matrix units (AVX2, e.g. this project's CI machines) run bf16
-    # autocast many times slower than fp32; only AMX / AVX512-BF16 parts gain from it.
-    return "bf16" if _cpu_has_native_bf16() else "fp32"
-
-
-def _cpu_has_native_bf16() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
-
-
 def precision_dtype(precision: str) -> torch.dtype:
     """The matmul dtype of a resolved precision ("fp32" or "bf16")."""
     return torch.bfloat16 if precision == "bf16" else torch.float32

@@ -129,7 +129,8 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
     from .data import DataSpec
     from .perplexity import cell_key as _key, cell_keys, check_settings, load_results
     from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
-    from .train import check_run_dir, precision_dtype, resolve_precision
+    from .precision import choose, precision_dtype
+    from .train import check_run_dir
 
     efficiency = _efficiency(spec, device)
     table = load_results(spec.results_dir) if spec.results_dir.exists() else None
@@ -145,8 +146,10 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
                 f"tokenizer {cfg.tokenizer} is in no run directory and not in the local HF cache: estimates assume "
                 f"a vocabulary of {ASSUMED_VOCAB:,} (GPT-2's)")
             vocab = vocab or ASSUMED_VOCAB
-            # the peak of the precision the run trains in (bf16 on CUDA under auto), as its MFU is measured
-            peak = matmul_peak(device, precision_dtype(resolve_precision(cfg.precision, device))) * efficiency
+            # the peak of the precision the run trains in (as recorded, or as `auto` chooses here), as its MFU is
+            # measured; a CPU of unknown features is estimated at fp32 until a run has measured it
+            precision = _recorded_precision(run_dir) or choose(cfg.precision, device).precision
+            peak = matmul_peak(device, precision_dtype(precision)) * efficiency
             fpt = train_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, cfg.train_len)
             state = check_run_dir(run_dir, cfg, world, f"delete it or set another runs_dir in {spec.path}")
             start = _checkpoint_step(run_dir) if state == "resume" else 0
@@ -215,9 +218,18 @@ def _efficiency(spec: SweepSpec, device: str) -> float:
             info = json.loads(run_json.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("mfu") and str(info.get("device")).split(":")[0] == device.split(":")[0]:  # cuda:0 is cuda
+        same_kind = str(info.get("device")).split(":")[0] == device.split(":")[0]  # cuda:0 is cuda
+        if info.get("mfu") and same_kind and not info.get("mfu_warning"):  # a warned MFU is no measurement
             seen.append(info["mfu"])
     return sorted(seen)[len(seen) // 2] if seen else 0.5
+
+
+def _recorded_precision(run_dir: Path) -> str | None:
+    try:
+        precision = json.loads((run_dir / "run.json").read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return precision if precision in ("fp32", "bf16") else None
 
 
 def _fmt_seconds(s: float) -> str:

@@ -23,15 +23,14 @@ from .config import TrainConfig
 from .data import DataSpec, load_corpus, token_stream
 from .errors import LenxError, is_oom
 from .optim import build_optimizer
-from .precision import autocast, compile_model, compile_problem, precision_dtype, resolve_precision
+from .precision import Choice, autocast, choose, compile_model, compile_problem, precision_dtype, time_steps
 from .progress import progress as make_progress
 from .rundir import RunDir, check_run_dir
 from .runinfo import provenance
-from .step import TrainStep, cpu_shards
+from .step import TrainStep, cpu_shards, forward_backward
 
 # Imported from here by other modules and scripts, though they live in lenx/precision.py and lenx/rundir.py.
-__all__ = ["train", "default_run_dir", "model_config", "get_batch", "check_run_dir", "resolve_precision",
-           "precision_dtype", "autocast", "compile_problem", "compile_model"]
+__all__ = ["train", "default_run_dir", "model_config", "get_batch", "check_run_dir", "precision_dtype", "autocast", "compile_problem", "compile_model"]
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -70,7 +69,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     """Train (or resume, or skip if finished) one run. `bar`: a rich Progress to draw into (e.g. a sweep's)."""
     ctx = distributed.init()
     device = distributed.device_for(ctx, device)  # checked before any directory is made
-    precision = resolve_precision(cfg.precision, device)
+    if cfg.precision != "auto":
+        choose(cfg.precision, device)  # refused here (bf16 on a GPU without it) before any directory is made
     problem = compile_problem(device) if cfg.compile else None
     if problem:
         raise LenxError(f"{problem}; install one or train without --compile")
@@ -87,7 +87,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     corpus, tok, stream = _training_data(cfg, run, state, ctx, created, progress)
     model, opt = _model_and_optimizer(cfg, tok, device)
     shards = cpu_shards(device, cfg.batch_size, distributed=ctx.active, compiled=cfg.compile)
-    info = _run_info(run, cfg, ctx, corpus, tok, model, precision, shards, device)
+    threads = torch.get_num_threads()  # what the steps use in all (shards x threads each): the MFU's peak is taken at it
+    choice = _precision(cfg, run, state, ctx, device, model, stream, shards)
+    precision = choice.precision
+    info = _run_info(run, cfg, ctx, corpus, tok, model, choice, shards, device)
     start, log, info = _resume_or_start(run, cfg, ctx, state, model, opt, info, progress)
     if ctx.main:
         run.write_info(info)
@@ -100,7 +103,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         wall = _run_steps(run, cfg, ctx, take_step, stream, start, log, info, bar, task)
     if not ctx.main:
         return run.path
-    info.update(_summary(cfg, ctx, log, wall, tok.vocab_size, device, precision))
+    info.update(_summary(cfg, ctx, log, wall, tok.vocab_size, device, precision, threads))
+    if info.get("mfu_warning") and progress:
+        print(f"warning: {info['mfu_warning']}", file=sys.stderr)
     run.finish(model, log, info)
     return run.path
 
@@ -158,14 +163,36 @@ def _model_and_optimizer(cfg: TrainConfig, tok, device: str):
     return model, build_optimizer(model, cfg)
 
 
-def _run_info(run: RunDir, cfg: TrainConfig, ctx, corpus, tok, model, precision: str, shards: int,
+def _precision(cfg: TrainConfig, run: RunDir, state: str, ctx, device: str, model, stream: np.ndarray,
+               shards: int) -> Choice:
+    """The precision the run trains in, and why (`precision.choose`). A resumed run keeps the one it began with,
+    whatever `auto` would choose now (another machine, another cache): its steps must stay those of one run."""
+    if state == "resume" and cfg.precision == "auto":
+        info = run.info()
+        if info.get("precision") in ("fp32", "bf16"):
+            return Choice(info["precision"], info.get("precision_reason") or "auto, as chosen when the run began")
+
+    def measure() -> dict[str, float]:  # one step of this run's own model and batch in each precision
+        batch = get_batch(stream, cfg, 0, cfg.batch_size).to(device)
+
+        def step(precision: str) -> None:
+            forward_backward(model, batch, lambda: autocast(precision, device), 1.0, shards)
+            model.zero_grad(set_to_none=True)
+
+        return time_steps(step)
+
+    return distributed.from_main(ctx, lambda: choose(cfg.precision, device, measure))
+
+
+def _run_info(run: RunDir, cfg: TrainConfig, ctx, corpus, tok, model, choice: Choice, shards: int,
               device: str) -> dict:
     """run.json of a run in training."""
     return {
         "run": run.path.name,
         "status": "training",
         "config": cfg.to_dict(),
-        "precision": precision,
+        "precision": choice.precision,
+        "precision_reason": choice.reason,
         "dataset_fingerprint": corpus.fingerprint,
         "tokenizer": tok.info(),
         "n_params": sum(p.numel() for p in model.parameters()),
@@ -236,26 +263,32 @@ def _run_steps(run: RunDir, cfg: TrainConfig, ctx, take_step: TrainStep, stream:
     return elapsed_before + time.perf_counter() - t_start
 
 
-def _summary(cfg: TrainConfig, ctx, log: list[dict], wall: float, vocab: int, device: str, precision: str) -> dict:
+def _summary(cfg: TrainConfig, ctx, log: list[dict], wall: float, vocab: int, device: str, precision: str,
+             threads: int) -> dict:
     """run.json's fields of a finished run: throughput (the median of the log rows, the first, warm-up, left out
-    when there are others), model FLOPs utilisation and the final loss."""
+    when there are others), model FLOPs utilisation (and a warning where it cannot be true) and the final loss."""
     tps_values = [r["tokens_per_s"] for r in log[1:]] or [r["tokens_per_s"] for r in log]
     tps = float(np.median(tps_values)) if tps_values else None
-    return dict(
+    mfu, warning = _mfu(cfg, vocab, tps / ctx.world, device, precision, threads) if tps else (None, None)
+    summary = dict(
         status="done",
         steps_done=cfg.steps,
         train_seconds=round(wall, 2),
         tokens_per_s=round(tps, 1) if tps else None,
-        mfu=_mfu(cfg, vocab, tps / ctx.world, device, precision) if tps else None,
+        mfu=mfu,
         final_loss=log[-1]["loss"] if log else None,
     )
+    if warning:
+        summary["mfu_warning"] = warning
+    return summary
 
 
-def _mfu(cfg: TrainConfig, vocab: int, tps: float, device: str, precision: str) -> float:
-    """Model FLOPs utilisation against a matrix-multiply peak at the run's precision (`perf.matmul_peak`: measured
-    once per process)."""
-    from .perf import matmul_peak, train_flops_per_token
+def _mfu(cfg: TrainConfig, vocab: int, tps: float, device: str, precision: str,
+         threads: int) -> tuple[float, str | None]:
+    """Model FLOPs utilisation against a matrix-multiply peak at the run's precision and the thread count its steps
+    use (`perf.matmul_peak`: measured once per process), with `perf.utilisation`'s warning above 1."""
+    from .perf import matmul_peak, train_flops_per_token, utilisation
 
-    dtype = precision_dtype(precision)
     flops = train_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, cfg.train_len)
-    return round(tps * flops / matmul_peak(device, dtype), 4)
+    mfu, warning = utilisation(tps * flops, matmul_peak(device, precision_dtype(precision), threads))
+    return round(mfu, 4), warning

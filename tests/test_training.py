@@ -390,7 +390,7 @@ def test_recorded_mfu_is_the_papers_flop_count_over_the_peak(monkeypatch, tmp_pa
 
     from lenx import perf
 
-    monkeypatch.setattr(perf, "matmul_peak", lambda device, dtype: 1e9)
+    monkeypatch.setattr(perf, "matmul_peak", lambda device, dtype, threads=None: 1e9)
     out = tmp_path / "run"
     assert main(["train", "--pe", "nope", *TINY, "--steps", "20", "--precision", "fp32",
                  "--dataset", str(text_dataset), "--out", str(out)]) == 0
@@ -473,3 +473,81 @@ def test_a_run_directory_goes_new_resume_done_and_a_checkpoint_restores_every_st
     assert run.state(cfg) == "done"
     assert sorted(p.name for p in run.path.iterdir()) == ["config.json", "generation_config.json",
                                                           "model.safetensors", "run.json", "train_log.csv"]
+
+
+def _cpu(*features):
+    from lenx.hardware import CPU
+
+    return CPU("test CPU", "x86_64", tuple(features), known=True)
+
+
+@pytest.mark.parametrize("features, chosen, reason", [
+    (("avx2", "avx512f", "avx512_bf16", "amx_bf16"), "bf16", "avx512_bf16"),
+    (("avx2", "fma"), "fp32", "no bf16 matrix units"),
+])
+def test_auto_precision_follows_the_cpus_features_and_run_json_says_why(features, chosen, reason, tmp_path,
+                                                                        text_dataset, monkeypatch):
+    from lenx import hardware
+
+    monkeypatch.setattr(hardware, "this_cpu", lambda: _cpu(*features))
+    out = tmp_path / "run"
+    assert main(["train", "--pe", "nope", *TINY, "--steps", "2", "--dataset", str(text_dataset), "--out", str(out)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["precision"] == "auto" and info["precision"] == chosen and reason in info["precision_reason"]
+
+
+def test_auto_precision_on_a_cpu_of_unknown_features_times_the_runs_own_step(tmp_path, text_dataset, monkeypatch):
+    """Unknown features: one timed step of the run's model in each precision decides, cached for the machine."""
+    from lenx import hardware
+    from lenx.hardware import CPU
+
+    monkeypatch.setenv("LENX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "this_cpu", lambda: CPU("mystery", "riscv64", (), known=False))
+    out = tmp_path / "run"
+    assert main(["train", "--pe", "rope", *TINY, "--steps", "2", "--dataset", str(text_dataset), "--out", str(out)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["precision"] in ("fp32", "bf16") and "measured a step at fp32" in info["precision_reason"]
+    cached = json.loads((tmp_path / "cache" / "precision.json").read_text())
+    assert list(cached.values()) == [info["precision"]]
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_began_with(tmp_path, text_dataset, monkeypatch):
+    """Begun where auto means bf16, resumed where it would mean fp32: it finishes in bf16, bit-identical to a run
+    never stopped."""
+    from safetensors.torch import load_file
+
+    from lenx import hardware
+    from lenx import train as train_module
+
+    monkeypatch.setattr(hardware, "this_cpu", lambda: _cpu("avx512_bf16"))
+    args = ["train", "--pe", "rope", *TINY[:-4], "--steps", "6", "--save-every", "3", "--dataset", str(text_dataset)]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    get_batch = train_module.get_batch
+
+    def stop_at_4(stream, cfg, step, rows):
+        if step == 4:
+            raise KeyboardInterrupt
+        return get_batch(stream, cfg, step, rows)
+
+    monkeypatch.setattr(train_module, "get_batch", stop_at_4)
+    assert main([*args, "--out", str(tmp_path / "cut")]) != 0
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    monkeypatch.setattr(hardware, "this_cpu", lambda: _cpu("avx2"))
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["precision"] == "bf16"
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_mfu_above_one_is_recorded_with_a_warning_and_the_peak_taken_at_the_steps_threads(
+        tmp_path, text_dataset, monkeypatch, capsys):
+    from lenx import perf
+
+    asked = []
+    monkeypatch.setattr(perf, "matmul_peak", lambda device, dtype, threads=None: asked.append(threads) or 1.0)
+    out = tmp_path / "run"
+    assert main(["train", "--pe", "nope", *TINY, "--steps", "4", "--precision", "fp32",
+                 "--dataset", str(text_dataset), "--out", str(out)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["mfu"] > 1 and "above 100%" in info["mfu_warning"] and "above 100%" in capsys.readouterr().err
+    assert asked == [torch.get_num_threads()]
