@@ -13,7 +13,7 @@ with no mask at all, except that ``sdpa`` trains on the CPU by the stored route 
     * a separable bias (b = s_h * g_j + per-row constant, e.g. ALiBi) on CPU in fp32: the bias is
       folded into one extra query/key dimension and queries run in blocks on the fused kernel with
       no mask (see ``_separable``);
-    * Shaw's clipped relative keys and values (``Bias.clipped_kv``) on CPU in fp32: the fused kernel for
+    * Shaw's clipped relative keys and values (``Bias.clipped_kv``) on CPU in fp32 or bf16: the fused kernel for
       keys past the clip, where both terms are constants, and a band of K explicit scores for the
       nearest keys, joined by a differentiable log-sum-exp (see ``_clipped``); training and inference;
     * anything else: the ``blocked`` route below.
@@ -358,7 +358,7 @@ def _clipped_supported(q: Tensor, bias: Bias) -> bool:
     return (
         _CPU_FLASH_BACKWARD is not None
         and q.device.type == "cpu"
-        and q.dtype == torch.float32
+        and q.dtype in (torch.float32, torch.bfloat16)
         and bias.clipped_kv() is not None
     )
 
@@ -371,26 +371,33 @@ def _clipped(q: Tensor, k: Tensor, v: Tensor, a_k: Tensor, a_v: Tensor, chunk: i
     vector. So keys at distance >= K are plain causal attention shifted by K (the fused kernel, with its
     log-sum-exp), and the K nearest keys a band of K explicit scores per query; the two are joined by
     their log-sum-exp. Memory and time stay those of plain attention plus O(T x K); differentiable.
+
+    bf16 (autocast): the fused kernel runs in bf16 as plain attention would; the band, the log-sum-exps that
+    join the two halves and the probabilities stay fp32 (autocast off), as the kernel keeps its own softmax.
     """
     B, H, T, hd = q.shape
     K = a_k.shape[0] - 1
     chunk = max(chunk, K)
     scale = hd**-0.5
-    qa = (q @ a_k.T.to(q.dtype)) * scale  # (B, H, T, K + 1)
-    band = _band_scores(q, k, K, chunk) * scale + qa[..., :K].flip(-1)  # column u: distance K - 1 - u
-    band = band.masked_fill(_band_before_start(T, K, q.device), float("-inf"))
-    lse = torch.logsumexp(band, -1)
-    if T <= K:
-        p = (band - lse[..., None]).exp()
-        return _band_apply(p, v, K, chunk) + p @ a_v[:K].flip(0).to(q.dtype)
     far = q[:, :, K:], k[:, :, : T - K], v[:, :, : T - K]
-    o_far, lse_far = _StoredProbs.apply(*far, None, True) if _stored_supported(*far) else _FlashLSE.apply(*far, scale)
-    lse_far = F.pad(lse_far + qa[:, :, K:, K], (K, 0), value=float("-inf"))  # rows i < K: no far keys
-    lse = torch.logaddexp(lse, lse_far)
-    # probabilities of the band's K distances and, last, the far keys' total (which all get a_v[K])
-    p = (torch.cat([band, lse_far[..., None]], -1) - lse[..., None]).exp()
-    out = _band_apply(p[..., :K], v, K, chunk) + p @ torch.cat([a_v[:K].flip(0), a_v[K:]]).to(q.dtype)
-    return out.index_add(2, torch.arange(K, T, device=q.device), o_far * p[:, :, K:, K:])
+    if T > K:
+        o_far, lse_far = _StoredProbs.apply(*far, None, True) if _stored_supported(*far) else _FlashLSE.apply(*far, scale)
+    with torch.autocast("cpu", enabled=False):
+        q, k, v, a_k, a_v, out_dtype = q.float(), k.float(), v.float(), a_k.float(), a_v.float(), q.dtype
+        qa = (q @ a_k.T) * scale  # (B, H, T, K + 1)
+        band = _band_scores(q, k, K, chunk) * scale + qa[..., :K].flip(-1)  # column u: distance K - 1 - u
+        band = band.masked_fill(_band_before_start(T, K, q.device), float("-inf"))
+        lse = torch.logsumexp(band, -1)
+        if T <= K:
+            p = (band - lse[..., None]).exp()
+            return (_band_apply(p, v, K, chunk) + p @ a_v[:K].flip(0)).to(out_dtype)
+        lse_far = F.pad(lse_far.float() + qa[:, :, K:, K], (K, 0), value=float("-inf"))  # rows i < K: no far keys
+        lse = torch.logaddexp(lse, lse_far)
+        # probabilities of the band's K distances and, last, the far keys' total (which all get a_v[K])
+        p = (torch.cat([band, lse_far[..., None]], -1) - lse[..., None]).exp()
+        out = _band_apply(p[..., :K], v, K, chunk) + p @ torch.cat([a_v[:K].flip(0), a_v[K:]])
+        out = out.index_add(2, torch.arange(K, T, device=q.device), o_far.float() * p[:, :, K:, K:])
+    return out.to(out_dtype)
 
 
 def _chunked(x: Tensor, chunk: int) -> Tensor:

@@ -206,6 +206,31 @@ def test_clipped_relative_route_equals_the_reference_with_gradients(K, T, chunk)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("K, T", [(3, 2), (16, 70), (16, 200)])
+def test_clipped_route_in_bf16_stays_within_bf16_rounding_of_the_fp32_reference(K, T):
+    """Under bf16 autocast Shaw trains by the same route: the fused kernel in bf16, the band and the joining
+    log-sum-exps in fp32. Outputs and gradients within bf16's rounding of the fp32 reference on the same inputs."""
+    from lenx.attention import _clipped, causal_attention
+    from lenx.positional.shaw import ShawBias
+
+    torch.manual_seed(K + T)
+    leaves32 = [torch.randn(1, 2, T, 16) for _ in range(3)] + [torch.randn(K + 1, 16) * 0.5 for _ in range(2)]
+    leaves32 = [x.bfloat16().float().requires_grad_() for x in leaves32]  # the same values in both precisions
+    leaves16 = [x.detach().bfloat16().requires_grad_() if i < 3 else x.detach().clone().requires_grad_()
+                for i, x in enumerate(leaves32)]
+    g = torch.randn(1, 2, T, 16)
+    q, k, v, a_k, a_v = leaves32
+    ref = causal_attention(q, k, v, ShawBias(a_k, a_v, torch.arange(T)), "materialized")
+    ref_grads = torch.autograd.grad((ref * g).sum(), leaves32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _clipped(*leaves16)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad((out.float() * g).sum(), leaves16)
+    for a, b in zip((out, *grads), (ref, *ref_grads)):
+        err = (a.float() - b).abs().max() / b.abs().max()
+        assert err < 2e-2, err
+
+
 def test_flash_lse_gradients_of_both_outputs():
     """The kernel's log-sum-exp is differentiable through _FlashLSE (torch's own op treats it as a constant)."""
     from lenx.attention import _FlashLSE
