@@ -17,10 +17,11 @@ import pandas as pd
 
 TASK_VERSION = 1  # of what a task reports and how: bump when a metric's meaning changes
 
-METRICS = {  # metric -> (summary column, its standard error's column or None); all lower is better
-    "token_perplexity": ("ppl", "ppl_stderr"),
-    "bits_per_byte": ("bpb", None),
-    "ppl_relative_to_1x": ("rel_1x", "rel_1x_stderr"),
+METRICS = {  # metric -> (summary column, its standard error's column or None, higher is better)
+    "token_perplexity": ("ppl", "ppl_stderr", False),
+    "bits_per_byte": ("bpb", None, False),
+    "ppl_relative_to_1x": ("rel_1x", "rel_1x_stderr", False),
+    "context_gain_nats": ("context_gain", "context_gain_stderr", True),
 }
 
 
@@ -39,7 +40,7 @@ def _value(x):
 def task_results(r) -> dict:
     """One summary row as the harness's per-task metrics."""
     out = {"name": task_name(r), "alias": task_alias(r), "sample_len": int(r.seeds)}
-    for metric, (column, stderr) in METRICS.items():
+    for metric, (column, stderr, _) in METRICS.items():
         out[f"{metric},none"] = _value(getattr(r, column))
         se = _value(getattr(r, stderr)) if stderr else None
         out[f"{metric}_stderr,none"] = "N/A" if se is None else se
@@ -72,7 +73,7 @@ def lm_eval_json(summary: pd.DataFrame, prov: dict, config) -> dict:
                         "eval_len": int(r.eval_len)} for t, r in zip(tasks, rows)},
         "versions": {t: TASK_VERSION for t in tasks},
         "n-shot": {t: 0 for t in tasks},
-        "higher_is_better": {t: {metric: False for metric in METRICS} for t in tasks},
+        "higher_is_better": {t: {metric: higher for metric, (_, _, higher) in METRICS.items()} for t in tasks},
         "n-samples": {t: {"original": int(r.evaluated_seeds), "effective": int(r.seeds)} for t, r in zip(tasks, rows)},
         "config": {"sweep": config.raw if config is not None else None, "training": prov.get("training_config")},
         "git_hash": prov.get("git_commit"),

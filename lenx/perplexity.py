@@ -18,6 +18,14 @@ token p + 1 from tokens 0..p of the window) to `results_by_position.csv` / `.par
 training length divided by `--position-buckets` (default 1: one bucket per training length). A row's tokens are
 the sum of its buckets' tokens and its nll their token-weighted mean.
 
+Context gain (nonoverlap, lengths past 1x): every target is scored at every length, so each has an NLL with the
+context of a 1x window and one with that of the cell's window. A row's `context_gain` is the mean, over the targets
+at window positions >= the training length L, of NLL(1x window) - NLL(this window), in nats, paired token by token
+(the same model, RoPE extension included, with its context cut to L): above 0 the model predicts better with the
+longer context, 0 it ignores it, below 0 the longer window hurts. Its buckets carry the same difference over their
+targets (0 up to L, where both windows hold the same context). The 1x NLLs are those of the run's 1x cell where
+the model is the same (no extension, dynamic NTK), else scored once more at L.
+
 A finished cell is never recomputed: a rerun into the same --out with another --tokens or --position-buckets (the
 row's token_budget / bucket_width) is refused; write to another --out.
 """
@@ -46,12 +54,13 @@ COLUMNS = [
     "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note",
     "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
     "token_budget", "bucket_width", "config_id", "weights_id",  # appended, so that older tables still read
+    "context_gain", "context_gain_tokens",
 ]
 KEY_COLUMNS = ["run", "eval_len", "protocol", "rope_scaling", "rope_factor"]  # in every lenx table, old ones too
 BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
 BY_POSITION_COLUMNS = [
     "run", "pe", "seed", "train_len", "eval_len", "protocol", "stride", "rope_scaling", "rope_factor", "dataset",
-    *BUCKET_FIELDS, "config_id",
+    *BUCKET_FIELDS, "config_id", "context_gain",
 ]
 
 
@@ -131,11 +140,14 @@ def bucket_width(train_len: int, position_buckets: int = 1) -> int:
 
 
 def eval_cell(model, data: dict, eval_len: int, protocol: str, *, stride: int | None, n_tokens: int,
-              width: int, batch_tokens: int, device: str) -> tuple[dict, list[dict]]:
+              width: int, batch_tokens: int, device: str, train_len: int | None = None,
+              reference: Callable[[], torch.Tensor] | None = None, targets: bool = False) -> tuple[dict, list[dict]]:
     """One cell: the model as it is now (scheme, RoPE scaling already set) at one length under one protocol.
     `data`: {"stream": test token stream, "documents": test documents' tokens, "tokenizer": tokenizer}.
     Returns the row's metrics and its position buckets; the row's nll is the token-weighted mean of the
-    buckets' (both come from the same per-position sums)."""
+    buckets' (both come from the same per-position sums). Nonoverlap past `train_len`, with `reference` (the
+    same targets' NLLs in 1x windows, in stream order): the context gain, row and buckets. `targets` (nonoverlap):
+    the metrics also hold each target's NLL, in stream order ("target_nll", for other cells' `reference`)."""
     if protocol == "nonoverlap":
         # stride = length: the same n_tokens targets at every length, also one that does not divide n_tokens (its
         # last window ends at target n_tokens and scores only the targets not yet scored, as sliding's does)
@@ -151,7 +163,11 @@ def eval_cell(model, data: dict, eval_len: int, protocol: str, *, stride: int | 
     if len(win.tokens) == 0:
         return {**metrics, **empty}, []
     try:
-        sc = score_windows(model, win.tokens, win.first, batch_tokens, device, data["tokenizer"])
+        sc = score_windows(model, win.tokens, win.first, batch_tokens, device, data["tokenizer"],
+                           per_target=protocol == "nonoverlap")
+        gain = None
+        if protocol == "nonoverlap" and train_len and eval_len > train_len and reference is not None:
+            gain = reference() - sc.target_nll  # per target: NLL with a 1x context minus with this window's
     except LengthNotSupported as e:
         return {**metrics, **empty, "note": str(e)}, []
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -165,7 +181,17 @@ def eval_cell(model, data: dict, eval_len: int, protocol: str, *, stride: int | 
     total, n = float(sc.nll.sum()), sc.tokens
     metrics.update(tokens=n, nll=total / n, ppl=math.exp(total / n), bpb=total / max(sc.bytes, 1) / math.log(2),
                    bytes=sc.bytes)
-    return metrics, sc.buckets(width)
+    if targets and sc.target_nll is not None:
+        metrics["target_nll"] = sc.target_nll
+    buckets = sc.buckets(width)
+    if gain is not None:
+        past = sc.target_pos >= train_len
+        metrics.update(context_gain=float(gain[past].mean()) if past.any() else None,
+                       context_gain_tokens=int(past.sum()))
+        for b in buckets:
+            inside = (sc.target_pos >= b["bucket_start"]) & (sc.target_pos < b["bucket_end"])
+            b["context_gain"] = float(gain[inside].mean())
+    return metrics, buckets
 
 
 class Perplexity(CellKind):
@@ -182,6 +208,7 @@ class Perplexity(CellKind):
                  batch_tokens: int = 16384, device: str = "cpu"):
         self.opts, self.lengths, self.dataset = opts, lengths, dataset
         self.batch_tokens, self.device = batch_tokens, device
+        self._one_x: dict[tuple, torch.Tensor] = {}  # the current subject's 1x per-target NLLs, by model setting
 
     def spec(self, subject: Subject) -> DataSpec:
         return DataSpec.of(self.dataset if self.dataset is not None else subject.default_data)
@@ -221,11 +248,31 @@ class Perplexity(CellKind):
         return {**data, "fingerprint": load_corpus(spec).fingerprint}
 
     def score(self, subject: Subject, model, data: dict, cell: dict) -> dict[str, list[dict]]:
-        L = cell["eval_len"]
+        L, L1 = cell["eval_len"], subject.train_len
+        # the model as prepared for this cell; with no extension (or dynamic NTK, which is none up to 1x) it is the
+        # one the run's 1x cell scores, so that cell's per-target NLLs serve every length
+        same_as_1x = cell["rope_scaling"] in ("none", "dynamic-ntk") and cell["rope_factor"] is None
+        key = (subject.name, cell["rope_scaling"], cell["rope_factor"] if not same_as_1x else None,
+               cell["token_budget"], cell["dataset"])
+        if self._one_x and next(iter(self._one_x))[0] != subject.name:
+            self._one_x.clear()  # another subject: its vectors are no use any more
+
+        def reference() -> torch.Tensor:
+            if key not in self._one_x:
+                one, _ = eval_cell(model, data, L1, "nonoverlap", stride=L1, n_tokens=cell["token_budget"],
+                                   width=cell["bucket_width"], batch_tokens=subject.batch_tokens(L1, self.batch_tokens),
+                                   device=self.device, targets=True)
+                self._one_x[key] = one["target_nll"]
+            return self._one_x[key]
+
         metrics, buckets = eval_cell(model, data, L, cell["protocol"], stride=cell["stride"],
                                      n_tokens=cell["token_budget"], width=cell["bucket_width"],
-                                     batch_tokens=subject.batch_tokens(L, self.batch_tokens), device=self.device)
-        row = {"ratio": L / subject.train_len, "dataset_fingerprint": data["fingerprint"], **metrics}
+                                     batch_tokens=subject.batch_tokens(L, self.batch_tokens), device=self.device,
+                                     train_len=L1, reference=reference, targets=True)
+        targets = metrics.pop("target_nll", None)
+        if cell["protocol"] == "nonoverlap" and L == L1 and targets is not None:
+            self._one_x[key] = targets
+        row = {"ratio": L / L1, "dataset_fingerprint": data["fingerprint"], **metrics}
         return {BY_POSITION.stem: buckets, RESULTS.stem: [row]}
 
     def describe(self, subject: Subject, cell: dict) -> str:

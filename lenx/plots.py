@@ -226,3 +226,33 @@ def plot_loss_by_position(pos: pd.DataFrame, path: Path) -> None:
     axes[0].set_ylabel("mean NLL (nats per token)")
     fig.suptitle("Loss by position in the evaluation window (longest evaluated length)")
     finish(fig, axes[-1], path, legend_title="scheme")
+
+
+def plot_context_gain(pos: pd.DataFrame, path: Path) -> bool:
+    """Context gain by position in the window at each run's longest nonoverlap length (NLL with a 1x context minus
+    with the whole window, per bucket, token-weighted over seeds), one line per scheme, 0 and the training length
+    marked. False (nothing drawn) where no bucket has a gain."""
+    if "context_gain" not in pos or pos["context_gain"].isna().all():
+        return False
+    pos = pos[pos["context_gain"].notna()].assign(scheme=label(pos[pos["context_gain"].notna()]))
+    pos = pos[pos["eval_len"] == pos.groupby("run")["eval_len"].transform("max")]
+    fig, ax = new_figure()
+    schemes = sorted(pos["scheme"].unique(), key=scheme_order(pos["scheme"].unique()).get)
+    looks = styles(schemes)
+    agg = (pos.assign(weighted=pos["context_gain"] * pos["tokens"])
+           .groupby(["scheme", "bucket_start", "bucket_end"], as_index=False)[["weighted", "tokens"]].sum())
+    for scheme in schemes:
+        a = agg[agg["scheme"] == scheme].sort_values("bucket_start")
+        ax.plot((a["bucket_start"] + a["bucket_end"]) / 2, a["weighted"] / a["tokens"], label=scheme, linewidth=2,
+                markersize=5, markevery=max(1, len(a) // 12), **looks[scheme])
+    ax.axhline(0.0, color="0.4", linewidth=1)
+    _mark_train_len(ax, pos["train_len"].unique())
+    ax.set_xscale("log", base=2)
+    ax.get_xaxis().set_major_formatter(lambda x, _: f"{int(x):,}" if x >= 1 else f"{x:g}")
+    ax.set_xlabel("position in the window (tokens, bucket centres, log2 scale)")
+    ax.set_ylabel("NLL(1× context) − NLL(whole window), nats")
+    lens = sorted(pos["eval_len"].unique())
+    ax.set_title(f"Context gain by position (nonoverlap, window {', '.join(f'{n:,}' for n in lens)}; "
+                 "above 0: the longer context helps)", fontsize=11)
+    finish(fig, ax, path, legend_title="scheme")
+    return True

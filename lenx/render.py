@@ -29,6 +29,17 @@ def ppl_cell(r) -> str:
     return _fmt(r.ppl) + ("" if pd.isna(r.ppl_low) else f" [{_fmt(r.ppl_low)}–{_fmt(r.ppl_high)}]")
 
 
+GAIN_USED = 0.01  # nats per token: a context gain above it is read as the model using the longer context
+
+
+def gain_cell(r) -> str:
+    """'+0.012' or '+0.012 [-0.004–0.028]' (nats), '–' where not measured."""
+    if pd.isna(r.context_gain):
+        return "–"
+    out = f"{r.context_gain:+.3f}"
+    return out + (f" [{r.context_gain_low:+.3f}–{r.context_gain_high:+.3f}]" if pd.notna(r.context_gain_low) else "")
+
+
 def rel_cell(r) -> str:
     return _fmt(r.rel_1x) + ("" if pd.isna(r.rel_1x_low) else f" [{_fmt(r.rel_1x_low)}–{_fmt(r.rel_1x_high)}]")
 
@@ -110,7 +121,8 @@ def answer(part: pd.DataFrame, protocol: str, seeds: str) -> Headline | None:
     M, ranked, lens = found.multiple, found.ranked, found.lengths
     where = (f"{M:g}× the training length ({lens[0]:,} tokens)" if len(lens) == 1
              else f"{M:g}× each run's training length")
-    rows = [[str(i), scheme, _fmt(found.base.get(scheme)), ppl_cell(r), rel_cell(r)]
+    gain = "context_gain" in ranked and ranked["context_gain"].notna().any()
+    rows = [[str(i), scheme, _fmt(found.base.get(scheme)), ppl_cell(r), rel_cell(r)] + ([gain_cell(r)] if gain else [])
             for i, (scheme, r) in enumerate(ranked.iterrows(), 1)]
     lines = [f"At {where}, {protocol}, over {seeds}: every scheme's perplexity there divided by its own at 1× "
              "(1.00: the longer context costs nothing; below 1: it helps), best first"
@@ -120,11 +132,20 @@ def answer(part: pd.DataFrame, protocol: str, seeds: str) -> Headline | None:
     lines.append(f"Within {KEPT - 1:.0%} of their 1× perplexity at {M:g}×: "
                  + (", ".join(found.kept) if found.kept else "none")
                  + f". Lowest perplexity at {M:g}×: {found.best} ({_fmt(ranked.loc[found.best, 'ppl'])}).")
+    if gain:
+        lines.append(f"Context gain: over the tokens past each window's first training length, their mean NLL with "
+                     f"only a 1× context minus with the whole {M:g}× window, paired token by token (nats; above 0 the "
+                     "model uses the longer context, 0 it ignores it, below 0 it is hurt by it).")
+        flat = [s for s in found.kept if not ranked.loc[s, "context_gain"] > GAIN_USED]
+        if flat:
+            lines.append(f"Flat in perplexity but gaining at most {GAIN_USED} nats from the longer context: "
+                         + ", ".join(flat) + ".")
     if found.unranked:
         why = {"no 1x": "no 1× perplexity to divide by", "not evaluated": f"not evaluated at {M:g}×"}
         lines.append("Not ranked: " + "; ".join(f"{s} ({note or why[reason]})"
                                                 for s, (reason, note) in found.unranked.items()) + ".")
-    return Headline(" ".join(lines), ["rank", "scheme", "ppl at 1×", f"ppl at {M:g}×", f"{M:g}× ÷ 1×"], rows)
+    return Headline(" ".join(lines), ["rank", "scheme", "ppl at 1×", f"ppl at {M:g}×", f"{M:g}× ÷ 1×"]
+                    + ([f"context gain at {M:g}×"] if gain else []), rows)
 
 
 def headline(summary: pd.DataFrame) -> Headline | None:
@@ -202,6 +223,12 @@ def figure_sections(figures: set[str]) -> list[Section]:
         sections.append(Section("Loss by position", "Mean NLL by position inside the window "
                                 "(results_by_position.csv), at each run's longest evaluated length: where a scheme "
                                 "breaks.", image="loss_by_position.png"))
+    if "context_gain.png" in figures:
+        sections.append(Section("Context gain by position", "For each position bucket of the longest nonoverlap "
+                                "window, its tokens' NLL with only a 1× context minus with the whole window, paired "
+                                "token by token (results_by_position.csv, column context_gain): where the tokens "
+                                "past the training length gain from the longer context (above 0) or lose (below 0).",
+                                image="context_gain.png"))
     if "training_loss.png" in figures:
         sections.append(Section("Training loss", image="training_loss.png"))
     return sections

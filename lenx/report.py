@@ -20,7 +20,7 @@ from . import render
 from .errors import LenxError
 from .io import write_json, write_text
 from .lmeval import lm_eval_json
-from .plots import plot_loss_by_position, plot_ppl_vs_length, plot_training_curves
+from .plots import plot_context_gain, plot_loss_by_position, plot_ppl_vs_length, plot_training_curves
 from .render import Section
 from .schema import ID_COLUMNS, check_numeric
 from .stats import summarise
@@ -169,6 +169,8 @@ def draw_figures(summary: pd.DataFrame, df: pd.DataFrame, results_dir: Path, out
     if by_position is not None:
         plot_loss_by_position(by_position, out / "loss_by_position.png")
         drawn.add("loss_by_position.png")
+        if plot_context_gain(by_position, out / "context_gain.png"):
+            drawn.add("context_gain.png")
     if plot_training_curves(df, out / "training_loss.png"):
         drawn.add("training_loss.png")
     return drawn

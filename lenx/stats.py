@@ -114,7 +114,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (protocol, scheme, eval_len), over seeds: ppl's geometric mean, its 95% confidence interval
     (ppl_low, ppl_high: Student t on log ppl) and standard error (delta method), the seed count, and bpb's mean;
     the ratio to the scheme's own perplexity at 1x with its interval (rel_1x, rel_1x_low, rel_1x_high,
-    rel_1x_stderr: paired over seeds).
+    rel_1x_stderr: paired over seeds); the context gain's mean and interval over seeds (context_gain, _low, _high).
 
     Seeds differ in perplexity by factors (one run that breaks at 16x can be ten times another): on log ppl the
     interval is symmetric and stays positive, where an interval on ppl itself can reach below zero with few seeds."""
@@ -154,8 +154,23 @@ def _cell(g: pd.DataFrame, ppl: pd.Series, seeds) -> dict:
         "ppl_high": mean * math.exp(t975(n - 1) * se) if n > 1 else float("nan"),
         "ppl_stderr": mean * se,
         "bpb": g["bpb"].dropna().mean() if g["bpb"].notna().any() else float("nan"),
+        **_gain(g),
         "note": "; ".join(sorted(set(as_text(g["note"], "")) - {""}) + partial),
     }
+
+
+def _gain(g: pd.DataFrame) -> dict:
+    """The context gain over seeds (nats; `lenx.perplexity`): its mean and, with two or more seeds, its 95% interval
+    (Student t over the seeds' gains, each already paired token by token within its run)."""
+    nan = float("nan")
+    by_seed = g.groupby("seed", dropna=False)["context_gain"].mean().dropna() if "context_gain" in g else pd.Series()
+    n = len(by_seed)
+    if not n:
+        return {"context_gain": nan, "context_gain_low": nan, "context_gain_high": nan, "context_gain_stderr": nan}
+    mean = float(by_seed.mean())
+    se = by_seed.std(ddof=1) / math.sqrt(n) if n > 1 else nan
+    return {"context_gain": mean, "context_gain_low": mean - t975(n - 1) * se, "context_gain_high": mean + t975(n - 1) * se,
+            "context_gain_stderr": se}
 
 
 def _rel_1x(log: pd.Series, base: pd.Series | None) -> tuple[float, float, float, float]:

@@ -89,6 +89,10 @@ class Scores:
     nll: torch.Tensor  # (L,) float64: summed NLL of the scored targets at each window position
     count: torch.Tensor  # (L,) int64: scored targets at each window position
     bytes: int
+    # with per_target: each scored target's NLL and window position, in the order of the windows (for windows of
+    # one stream, each target once: stream order), so that two cells scoring the same targets pair token by token
+    target_nll: torch.Tensor | None = None  # (tokens,) float64
+    target_pos: torch.Tensor | None = None  # (tokens,) int64
 
     @property
     def tokens(self) -> int:
@@ -112,9 +116,9 @@ CE_CHUNK = 1 << 27  # logits per float32 cross-entropy call (512 MiB)
 
 @torch.no_grad()
 def score_windows(model, windows: torch.Tensor, first: torch.Tensor | None, batch_tokens: int, device: str,
-                  tok: Tokenizer | None = None) -> Scores:
+                  tok: Tokenizer | None = None, per_target: bool = False) -> Scores:
     """Run the model on (n, L + 1) windows; sum the NLL (nats) of the targets at positions >= first[w], and
-    (given the tokenizer) the UTF-8 bytes of those targets."""
+    (given the tokenizer) the UTF-8 bytes of those targets; `per_target`: keep each target's NLL too."""
     n, L1 = windows.shape
     L = L1 - 1
     first = torch.zeros(n, dtype=torch.int64) if first is None else first
@@ -122,6 +126,7 @@ def score_windows(model, windows: torch.Tensor, first: torch.Tensor | None, batc
     count = torch.zeros(L, dtype=torch.int64)
     n_bytes = 0
     pos = torch.arange(L)
+    targets_nll, targets_pos = [], []
     per_batch = max(1, batch_tokens // L)
     for i in range(0, n, per_batch):
         w = windows[i : i + per_batch]
@@ -137,6 +142,11 @@ def score_windows(model, windows: torch.Tensor, first: torch.Tensor | None, batc
         losses = losses.view(w.shape[0], L).cpu().double() * keep
         nll += losses.sum(0)
         count += keep.sum(0)
+        if per_target:
+            targets_nll.append(losses[keep])
+            targets_pos.append(pos.expand(len(w), L)[keep])
         if tok is not None:
             n_bytes += tok.token_bytes(w[:, 1:][keep].numpy())
-    return Scores(nll, count, n_bytes)
+    if not per_target:
+        return Scores(nll, count, n_bytes)
+    return Scores(nll, count, n_bytes, torch.cat(targets_nll), torch.cat(targets_pos))

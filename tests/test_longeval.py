@@ -368,6 +368,8 @@ def test_killed_sweep_resumes_to_the_same_tables(runs, tmp_path, monkeypatch):
     real = ppl.eval_cell
 
     def dying(*args, **kw):
+        if "train_len" not in kw:  # a 1x reference for a context gain (recomputed once after a resume), no cell
+            return real(*args, **kw)
         if len(calls) == 5:
             raise KeyboardInterrupt  # the sweep is killed while computing its sixth cell
         calls.append(args[2:4])
@@ -383,7 +385,7 @@ def test_killed_sweep_resumes_to_the_same_tables(runs, tmp_path, monkeypatch):
     first_rows = partial.set_index(["run", "eval_len", "protocol"])["timestamp"]
 
     calls.clear()
-    monkeypatch.setattr(ppl, "eval_cell", lambda *a, **kw: (calls.append(a[2:4]), real(*a, **kw))[1])
+    monkeypatch.setattr(ppl, "eval_cell", lambda *a, **kw: ("train_len" in kw and calls.append(a[2:4]), real(*a, **kw))[1])
     resumed = ev.evaluate(runs, out=out, **SWEEP)
     assert len(calls) == len(full) - 5  # finished cells are not recomputed
     again = resumed.set_index(["run", "eval_len", "protocol"])
@@ -555,3 +557,55 @@ def test_a_second_cell_kind_runs_through_the_same_driver(runs, tmp_path, text_da
     assert scored == [] and len(again) == 4  # finished cells are not scored again
     with pytest.raises(LenxError, match=r"computed with windows 2, not 3 \(--windows\)"):
         run_cells(Greedy(3), subjects, tmp_path, ctx=ctx, device="cpu", show=False)
+
+
+def test_context_gain_pairs_each_target_with_its_own_1x_score():
+    """Nonoverlap at E = 4 L: a target at window position p >= L has NLL _ref_loss(p, t) there and
+    _ref_loss(p mod L, t) in its 1x window; the row's gain is the mean of their differences over those targets,
+    each bucket's over its own (0 below L), as computed here by hand."""
+    stream = np.random.default_rng(3).integers(0, 256, 200).astype(np.uint16)
+    L, E, n, width = 8, 32, 96, 8
+    data = _data(stream)
+    one, _ = ppl.eval_cell(_PositionModel(), data, L, "nonoverlap", stride=L, n_tokens=n, width=width,
+                           batch_tokens=64, device="cpu", targets=True)
+    row, buckets = ppl.eval_cell(_PositionModel(), data, E, "nonoverlap", stride=E, n_tokens=n, width=width,
+                                 batch_tokens=64, device="cpu", train_len=L, reference=lambda: one["target_nll"])
+    diffs = {}  # E-window position -> differences
+    for t in range(1, n + 1):
+        p = (t - 1) % E
+        diffs.setdefault(p, []).append(_ref_loss(p % L, int(stream[t])) - _ref_loss(p, int(stream[t])))
+    past = [d for p, ds in diffs.items() if p >= L for d in ds]
+    assert row["context_gain_tokens"] == len(past) == n - 3 * L
+    assert row["context_gain"] == pytest.approx(sum(past) / len(past), rel=1e-6)
+    for b in buckets:
+        ds = [d for p in range(b["bucket_start"], b["bucket_end"]) for d in diffs[p]]
+        assert b["context_gain"] == pytest.approx(sum(ds) / len(ds), abs=1e-6)
+    assert [b["context_gain"] for b in buckets if b["bucket_end"] <= L] == [0.0]
+    at_1x, _ = ppl.eval_cell(_PositionModel(), data, L, "nonoverlap", stride=L, n_tokens=n, width=width,
+                             batch_tokens=64, device="cpu", train_len=L, reference=lambda: one["target_nll"])
+    assert "context_gain" not in at_1x  # nothing past 1x at 1x
+
+
+def test_the_perplexity_kind_records_context_gain_past_1x_and_reuses_the_1x_cell(tmp_path, text_dataset, monkeypatch):
+    """Through the cell driver: nonoverlap rows past 1x get a context gain, 1x and sliding rows none; the 1x
+    targets are scored once (by the 1x cell) for a run without a RoPE extension."""
+    from lenx import perplexity as P
+    from lenx.evaluate import evaluate
+
+    calls = []
+    real = P.eval_cell
+    monkeypatch.setattr(P, "eval_cell", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    run = make_run(tmp_path / "runs", "alibi", text_dataset)
+    evaluate([run], out=tmp_path / "out", lengths=[16, 32, 64], protocols=["nonoverlap", "sliding"], tokens=128,
+             progress=False)
+    df = P.load_results(tmp_path / "out").set_index(["protocol", "eval_len"])
+    assert df.loc[("nonoverlap", 16), "context_gain"] != df.loc[("nonoverlap", 16), "context_gain"]  # NaN
+    assert np.isfinite(df.loc[("nonoverlap", 32), "context_gain"]) and np.isfinite(df.loc[("nonoverlap", 64), "context_gain"])
+    assert df.loc[("nonoverlap", 64), "context_gain_tokens"] == 128 - 128 // 64 * 16
+    assert df.xs("sliding")["context_gain"].isna().all()
+    assert sorted(calls) == [16, 16, 32, 32, 64, 64]  # one call per cell: the 1x targets came from the 1x cell
+    calls.clear()
+    evaluate([run], out=tmp_path / "again", lengths=[32], protocols=["nonoverlap"], tokens=128, progress=False)
+    assert calls == [32, 16]  # no 1x cell in this evaluation: its targets scored once more, at 16
+    by_pos = P.load_by_position(tmp_path / "out")
+    assert by_pos[(by_pos["protocol"] == "nonoverlap") & (by_pos["eval_len"] == 64)]["context_gain"].notna().all()

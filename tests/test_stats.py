@@ -45,6 +45,23 @@ def test_summary_cell_is_the_geometric_mean_with_a_t_interval_on_log_ppl():
     assert r.bpb == 2.0 and r.rel_1x == pytest.approx(1.0) and r.note == ""
 
 
+def test_context_gain_summary_is_the_mean_over_seeds_with_a_t_interval():
+    """Gains 0.10, 0.30, 0.20 nats at 4x over seeds 0-2 (seed 2 scored twice: counts once): mean 0.2, sd 0.1,
+    half-width 4.303 x 0.1 / sqrt(3) = 0.24844; one seed: its gain, no interval; none at 1x."""
+    rows = [row("alibi", s, 64, 5.0, context_gain=g) for s, g in ((0, 0.1), (1, 0.3), (2, 0.2), (2, 0.2))]
+    rows += [row("alibi", s, 16, 5.0, context_gain=float("nan")) for s in (0, 1, 2)]
+    rows += [row("rope", 0, 64, 9.0, context_gain=-0.5)]
+    out = summarise(pd.DataFrame(rows)).set_index(["scheme", "eval_len"])
+    a = out.loc[("alibi", 64)]
+    assert a.context_gain == pytest.approx(0.2)
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert half == pytest.approx(0.248434, abs=1e-6)
+    assert (a.context_gain_low, a.context_gain_high) == (pytest.approx(0.2 - half), pytest.approx(0.2 + half))
+    r = out.loc[("rope", 64)]
+    assert r.context_gain == -0.5 and math.isnan(r.context_gain_low) and math.isnan(r.context_gain_high)
+    assert math.isnan(out.loc[("alibi", 16)].context_gain)
+
+
 def test_a_seed_without_a_perplexity_is_left_out_and_named():
     rows = [row("rope", s, L, float("nan") if (s, L) == (1, 32) else 5.0 + s) for s in (0, 1) for L in (16, 32)]
     r = summarise(pd.DataFrame(rows)).set_index("eval_len").loc[32]

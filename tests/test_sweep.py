@@ -80,7 +80,9 @@ def test_sweep_report_and_rerun(tiny_sweep, capsys, monkeypatch):
                                        ("configs", "versions", "n-shot", "higher_is_better", "n-samples"))
     assert js["n-samples"]["alibi@32"] == {"original": 2, "effective": 2} and cell["sample_len"] == 2
     assert js["higher_is_better"]["alibi@32"] == {"token_perplexity": False, "bits_per_byte": False,
-                                                  "ppl_relative_to_1x": False}
+                                                  "ppl_relative_to_1x": False, "context_gain_nats": True}
+    assert isinstance(cell["context_gain_nats,none"], float) and js["results"]["alibi@16"]["context_gain_nats,none"] is None
+    assert "context gain at" in md and (res / "context_gain.png").exists()
     assert {k.split(",")[0].removesuffix("_stderr") for k in cell if "," in k} == set(js["higher_is_better"]["alibi@32"])
     assert all(isinstance(v, (int, float, str)) for v in js["versions"].values())
     assert set(js["software_versions"]) == {"lenx", "torch", "transformers", "python"}
