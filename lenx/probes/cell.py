@@ -122,15 +122,17 @@ def answer_scores(model, windows: torch.Tensor, answers: list[np.ndarray], batch
     out = []
     for i in range(0, n, per_batch):
         w = windows[i:i + per_batch]
+        mine = answers[i:i + per_batch]
+        row = torch.cat([torch.full((len(a),), j, dtype=torch.long) for j, a in enumerate(mine)])
+        pos = torch.from_numpy(np.concatenate(mine).astype(np.int64))
         logits = model(w.to(device)).logits
-        for j in range(len(w)):
-            pos = torch.as_tensor(answers[i + j], dtype=torch.long)
-            rows = logits[j, (pos - 1).to(logits.device)].float()
-            target = w[j, pos].to(rows.device)
-            nll = F.cross_entropy(rows, target, reduction="none")
-            hit = rows.argmax(-1) == target
-            out.append((nll.double().cpu().numpy(), hit.cpu().numpy()))
+        rows = logits[row.to(logits.device), (pos - 1).to(logits.device)].float()  # the answers' rows only
         del logits
+        target = w[row, pos].to(rows.device)
+        nll = F.cross_entropy(rows, target, reduction="none").double().cpu().numpy()
+        hit = (rows.argmax(-1) == target).cpu().numpy()
+        ends = np.cumsum([len(a) for a in mine])[:-1]
+        out += list(zip(np.split(nll, ends), np.split(hit, ends)))
     return out
 
 
