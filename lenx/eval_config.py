@@ -290,8 +290,8 @@ def check_eval_options(opts: dict, names: dict = EVAL_FLAGS, where: str = "") ->
     EVAL_FLAGS (missing: default), as given (a YAML value may be anything); `names`: how the user set each key;
     `where`: prefix of every error (e.g. the file). Returns the values in the form `evaluate` uses: lists for
     lengths, rope_scaling, rope_factor (floats) and protocols (default nonoverlap, each once), None where not
-    given, position_buckets 1 by default, the probe options with their defaults (probe: a list, maybe empty). The
-    checks that need a run's training length are `run_lengths`'."""
+    given, position_buckets 1 by default, probe a list (maybe empty), the other probe options with their defaults
+    where they have one. The checks that need a run's training length are `run_lengths`'."""
     out = {}
     try:
         for key, f in file_keys(EvalConfig).items():
@@ -315,7 +315,6 @@ def check_eval_options(opts: dict, names: dict = EVAL_FLAGS, where: str = "") ->
         if out[key] is not None and not set(wanted) & set(probes):
             raise LenxError(f"{where}{names[key]} applies to the {' and '.join(wanted)} probe; add {names['probe']} "
                             f"{wanted[0]} (or drop {names[key]})")
-    out["probe_depths"] = out["probe_depths"] or [0.0, 0.25, 0.5, 0.75, 1.0]
     return out
 
 

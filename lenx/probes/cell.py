@@ -36,13 +36,13 @@ import torch.nn.functional as F
 
 from ..cells import CellKind
 from ..data import DataSpec, load_corpus, token_stream
-from ..errors import OOM_NOTE, LengthNotSupported, LenxError, did_you_mean, is_oom, oom_note
+from ..errors import OOM_NOTE, LengthNotSupported, LenxError, is_oom, oom_note
 from ..perplexity import check_text
 from ..positional.rope import STATIC_SCALINGS
 from ..stats import t975, wilson
 from ..store import Table, optional
 from ..subject import Subject
-from .documents import (FORMATS, PROBES, PasskeyFormat, first_integer, garbage_stream, haystack_stream, mqar,
+from .documents import (FORMATS, PasskeyFormat, first_integer, garbage_stream, haystack_stream, mqar,
                         passkey, passkey_overhead, repeat)
 
 COLUMNS = [
@@ -55,6 +55,7 @@ COLUMNS = [
 ]
 SETTINGS = {"trials": "--probe-trials", "probe_seed": "--probe-seed", "pairs": "--probe-pairs",
             "segment": "--probe-segment"}  # not in a cell's key; change its numbers (and `format`, a name)
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]  # passkey depths without --probe-depths
 EMPTY = dict(answers=0, accuracy=None, accuracy_low=None, accuracy_high=None, exact_match=None,
              exact_match_low=None, exact_match_high=None, match=None, key_nll=None, base_nll=None, gain=None,
              gain_low=None, gain_high=None)
@@ -98,13 +99,6 @@ def distances(train_len: int, eval_len: int, span: int, multiples: list[float] |
             d *= 2
         ds.append(eval_len - span)
     return sorted({d for d in ds if span <= d <= eval_len - span})
-
-
-def check_probes(names: list[str], flag: str = "--probe") -> list[str]:
-    bad = [p for p in names if p not in PROBES]
-    if bad:
-        raise LenxError(f"unknown probe '{bad[0]}'{did_you_mean(bad[0], PROBES)} in {flag}; known: {', '.join(PROBES)}")
-    return list(dict.fromkeys(names))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,7 +219,7 @@ class Probes(CellKind):
                         "pairs": None, "segment": None, "format": None, "depth": None, "distance": None}
                 for probe in probes:
                     if probe == "passkey":
-                        ats = [{"depth": float(d), "format": fmt.name} for d in o["probe_depths"]]
+                        ats = [{"depth": float(d), "format": fmt.name} for d in o["probe_depths"] or DEPTHS]
                     elif probe == "mqar":
                         ats = [{"distance": d, "pairs": o["probe_pairs"]}
                                for d in distances(T, L, 2 * o["probe_pairs"], o["probe_distances"])]
