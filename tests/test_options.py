@@ -29,7 +29,11 @@ TRAIN_FLAGS = {"--pe", "--config", "--dataset", "--tokenizer", "--text-field", "
                "--save-every", "--out", "--overwrite", "--device", "--help"}
 EVAL_FLAG_SET = {"--max-len", "--lengths", "--tokens", "--out", "--runs-dir", "--device", "--rope-scaling",
                  "--rope-factor", "--protocol", "--stride", "--position-buckets", "--attn-backend", "--dataset",
-                 "--text-field", "--test-file", "--model", "--train-len", "--dtype", "--help"}
+                 "--text-field", "--test-file", "--model", "--train-len", "--dtype", "--help",
+                 # the retrieval probes (lenx.probes)
+                 "--probe", "--perplexity", "--no-perplexity", "--probe-trials", "--probe-depths", "--probe-distances",
+                 "--probe-pairs", "--probe-segment", "--probe-seed", "--passkey-format", "--passkey-needle",
+                 "--passkey-question"}
 SWEEP_FLAGS = {"--config", "--dry-run", "--device", "--help"}
 
 
