@@ -62,13 +62,18 @@ def eval_(
     **flags,
 ) -> None:
     """Perplexity of trained runs (or HF models, --model) at 1x, 2x, ... 16x their training length (each with its
-    own tokenizer)."""
+    own tokenizer); with --probe, also retrieval probes (passkey, mqar, repeat) at the same lengths, in probes.csv."""
     from .evaluate import evaluate
 
     cfg = EvalConfig(**from_flags(EvalConfig, flags))
     table = evaluate(run_dirs or None, **cfg.kwargs())  # evaluate checks the options (check_eval_options)
     if os.environ.get("RANK", "0") == "0":
-        typer.echo(f"{len(table)} rows in {cfg.out / 'results.csv'}")
+        if cfg.perplexity:
+            typer.echo(f"{len(table)} rows in {cfg.out / 'results.csv'}")
+        if cfg.probes:
+            from .probes.cell import load_probes
+
+            typer.echo(f"{len(load_probes(cfg.out))} rows in {cfg.out / 'probes.csv'}")
 
 
 app.command("eval")(command_signature(eval_, typer_parameters(EvalConfig)))

@@ -86,6 +86,102 @@ def _buckets(value, name: str) -> int:
     return positive_int(1 if value is None else value, name)
 
 
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    """--probe-depths / --probe-distances as typed: comma-separated numbers (typer's one-line usage error
+    otherwise)."""
+    import typer
+
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"expects comma-separated numbers, got '{text}'", param_hint=flag) from None
+    if not values:
+        raise typer.BadParameter("expects at least one number", param_hint=flag)
+    return values
+
+
+def _numbers(value, name: str) -> list[float]:
+    out = []
+    for x in _items(value):
+        try:
+            if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+                raise ValueError
+            out.append(float(x))
+        except ValueError:
+            raise LenxError(f"{name} expects numbers, got {shown(x)}") from None
+    return out
+
+
+def _probe_names(value, name: str) -> list[str]:
+    from .probes.documents import PROBES
+
+    probes = _items(value)
+    bad = [p for p in probes if p not in PROBES]
+    if bad:
+        raise LenxError(f"unknown probe {shown(bad[0])}{did_you_mean(bad[0], PROBES)} in {name}; known: "
+                        f"{', '.join(PROBES)}")
+    return list(dict.fromkeys(probes))
+
+
+def _depths(value, name: str) -> list[float]:
+    depths = _numbers(value, name)
+    bad = [d for d in depths if not 0 <= d <= 1]
+    if bad:
+        raise LenxError(f"{name} must lie in [0, 1] (0: the needle first, 1: right before the question), got {bad[0]:g}")
+    return list(dict.fromkeys(depths)) or None
+
+
+def _multiples(value, name: str) -> list[float] | None:
+    multiples = _numbers(value, name)
+    bad = [m for m in multiples if not (math.isfinite(m) and m > 0)]
+    if bad:
+        raise LenxError(f"{name} must be positive multiples of the training length, got {bad[0]:g}")
+    return list(dict.fromkeys(multiples)) or None
+
+
+def _flag_on(default: bool):
+    def check(value, name: str) -> bool:
+        value = default if value is None else value
+        if not isinstance(value, bool):
+            raise LenxError(f"{name} must be true or false, got {shown(value)}")
+        return value
+    return check
+
+
+def _default(default, check=None):
+    """`check` of an option whose None (not set, e.g. a key left out of a sweep's eval: section) is `default`."""
+    def run(value, name: str):
+        value = default if value is None else value
+        return check(value, name) if check else value
+    return run
+
+
+def _seed(value, name: str) -> int:
+    from .positional.base import is_integer
+
+    if not (is_integer(value) and value >= 0):
+        raise LenxError(f"{name} must be an integer >= 0, got {shown(value)}")
+    return value
+
+
+def _passkey_format(value, name: str) -> str:
+    from .probes.documents import FORMATS
+
+    known = ("auto", *FORMATS)
+    if value not in known:
+        raise LenxError(f"unknown passkey format {shown(value)}{did_you_mean(value, known)} in {name}; known: "
+                        f"{', '.join(known)}")
+    return value
+
+
+def _text(value, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise LenxError(f"{name} must be text, got {shown(value)}")
+    return value
+
+
 @dataclass
 class EvalConfig:
     max_len: Optional[int] = option(
@@ -127,6 +223,35 @@ class EvalConfig:
                                       "n_positions].", key=None)
     dtype: Optional[str] = option(None, "--model weights: float32 | bfloat16 | float16 [default: float32].",
                                   key=None)
+    probes: Optional[List[str]] = option(
+        None, "Retrieval probes to run as well, at the same lengths and RoPE extensions: passkey, mqar, repeat; "
+        "repeat or comma-separate. They add to perplexity (finished cells are never recomputed, so adding --probe "
+        "to an earlier command scores only the probes); rows in probes.csv. HF models take passkey and repeat.",
+        flag="--probe", key="probe", check=_probe_names)
+    perplexity: bool = option(True, "Score perplexity (results.csv); --no-perplexity with --probe scores only the "
+                              "probes.", flag="--perplexity/--no-perplexity", check=_flag_on(True))
+    probe_trials: int = option(20, "Windows per probe cell (length x depth or distance).",
+                               check=_default(20, positive_int))
+    probe_depths: Optional[List[float]] = option(
+        None, "Passkey needle depths in [0, 1] of the haystack, comma-separated [default: 0,0.25,0.5,0.75,1].",
+        flag_type=Optional[str], parse=_floats, check=_depths)
+    probe_distances: Optional[List[float]] = option(
+        None, "mqar / repeat distances as multiples of the training length, comma-separated; those that fit a "
+        "length are probed [default: 0.5, 1, 2, 4 ... and the longest that fits].", flag_type=Optional[str],
+        parse=_floats, check=_multiples)
+    probe_pairs: int = option(8, "mqar key-value pairs per window.", check=_default(8, positive_int))
+    probe_segment: Optional[int] = option(None, "repeat segment length in tokens [default: training length / 4].",
+                                          check=positive_int)
+    probe_seed: int = option(0, "Seed of the probe windows (every cell's generator derives from it, the same for "
+                             "every model).", check=_default(0, _seed))
+    passkey_format: str = option(
+        "auto", "Passkey wording: short (' The pass key is {key}. ' ... ' The pass key is'), landmark (Landmark / "
+        "YaRN's prompt, haystack of the test text), landmark-garbage (also their filler sentences) or auto "
+        "(landmark for HF models, short for lenx runs).", check=_default("auto", _passkey_format))
+    passkey_needle: Optional[str] = option(None, "Passkey needle text, with {key} where the key goes [default: "
+                                           "the format's].", check=_text)
+    passkey_question: Optional[str] = option(None, "Passkey question, the key follows it [default: the "
+                                             "format's].", check=_text)
 
     def data_spec(self):
         """The corpus every subject is scored on (--dataset, or --test-file, with --text-field), or None: each
@@ -165,7 +290,8 @@ def check_eval_options(opts: dict, names: dict = EVAL_FLAGS, where: str = "") ->
     EVAL_FLAGS (missing: default), as given (a YAML value may be anything); `names`: how the user set each key;
     `where`: prefix of every error (e.g. the file). Returns the values in the form `evaluate` uses: lists for
     lengths, rope_scaling, rope_factor (floats) and protocols (default nonoverlap, each once), None where not
-    given, position_buckets 1 by default. The checks that need a run's training length are `run_lengths`'."""
+    given, position_buckets 1 by default, probe a list (maybe empty), the other probe options with their defaults
+    where they have one. The checks that need a run's training length are `run_lengths`'."""
     out = {}
     try:
         for key, f in file_keys(EvalConfig).items():
@@ -177,6 +303,18 @@ def check_eval_options(opts: dict, names: dict = EVAL_FLAGS, where: str = "") ->
     if out["stride"] is not None and "sliding" not in out["protocols"]:
         raise LenxError(f"{where}{names['stride']} applies to the sliding protocol; add {names['protocols']} sliding "
                         f"(or drop {names['stride']})")
+    probes = out["probe"]
+    if not out["perplexity"] and not probes:
+        raise LenxError(f"{where}nothing to score: perplexity is off ({names['perplexity']}) and no {names['probe']} "
+                        f"is given; add {names['probe']} passkey,mqar,repeat (or keep perplexity)")
+    needs = {"probe_depths": ("passkey",), "passkey_needle": ("passkey",), "passkey_question": ("passkey",),
+             "probe_distances": ("mqar", "repeat"), "probe_segment": ("repeat",)}
+    if out["passkey_format"] != "auto":
+        needs["passkey_format"] = ("passkey",)
+    for key, wanted in needs.items():
+        if out[key] is not None and not set(wanted) & set(probes):
+            raise LenxError(f"{where}{names[key]} applies to the {' and '.join(wanted)} probe; add {names['probe']} "
+                            f"{wanted[0]} (or drop {names[key]})")
     return out
 
 

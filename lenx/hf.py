@@ -27,6 +27,7 @@ import copy
 import inspect
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import HFTokenizer
@@ -115,6 +116,31 @@ class HFForward:
             )
         return self.model(input_ids=input_ids, **self.kwargs)
 
+    @property
+    def decodes(self) -> bool:
+        """Whether `greedy` is worth calling: the model has a KV cache (a lenx model has none: its greedy answer is
+        read off the teacher-forced pass instead)."""
+        return getattr(self.model.config, "model_type", None) != "lenx"
+
+    @torch.no_grad()
+    def greedy(self, prompt, max_new_tokens: int):
+        """Greedy decoding of up to `max_new_tokens` after `prompt` (1-D token ids) with the model's KV cache, never
+        past a learned position table: the new token ids."""
+        from transformers import GenerationConfig
+
+        ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64))[None].to(self.model.device)
+        T = ids.shape[1]
+        if self.limit is not None:
+            max_new_tokens = min(max_new_tokens, self.limit - T)
+        if max_new_tokens <= 0:
+            return np.zeros(0, dtype=np.int64)
+        eos = self.model.config.eos_token_id
+        pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                  pad_token_id=pad if isinstance(pad, int) else 0, eos_token_id=eos)
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        return out[0, T:].cpu().numpy()
+
 
 class Location:
     """Where `--model NAME` is read from: a local directory (`save_pretrained`; resolved, so that one directory
@@ -195,6 +221,10 @@ class HFModel(Subject):
     kind = "hf"
     seed = None
     default_data = "stdlib"
+    # a pretrained model is probed as papers probe it (the Landmark / YaRN wording); mqar's token pairs mean
+    # something only to a model trained on them
+    probes = ("passkey", "repeat")
+    passkey_format = "landmark"
 
     def __init__(self, where: Location, config, train_len: int | None, dtype: str):
         self.where, self.config, self.dtype = where, config, dtype
@@ -407,7 +437,10 @@ class ExportedRun(HFModel):
     """A `lenx export` directory (model_type lenx): an HF model in how it is loaded and recorded (its files, its
     tokenizer, --dtype, --train-len), a lenx run in its positions: its scheme and training length from its
     config, lenx's own RoPE extensions (ntk included) set on the loaded scheme, and past a learned table the
-    scheme's own refusal."""
+    scheme's own refusal; probed as a lenx run."""
+
+    probes = ("passkey", "mqar", "repeat")
+    passkey_format = "short"
 
     def describe(self, config) -> tuple[str, int | None]:
         return config.pe, int(config.train_len)

@@ -8,7 +8,11 @@ import pandas as pd
 from .errors import LenxError
 
 NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "tokens", "windows", "documents", "nll",
-           "ppl", "bpb", "bytes", "seconds", "token_budget", "bucket_width", "bucket_start", "bucket_end"]
+           "ppl", "bpb", "bytes", "seconds", "token_budget", "bucket_width", "bucket_start", "bucket_end",
+           # the probes table (`lenx.probes.cell`)
+           "depth", "distance", "trials", "answers", "accuracy", "accuracy_low", "accuracy_high", "exact_match",
+           "exact_match_low", "exact_match_high", "key_nll", "base_nll", "gain", "gain_low", "gain_high",
+           "probe_seed", "cell_seed", "pairs", "segment"]
 
 # Hex fingerprints: as text, never parsed as numbers ('012345' would lose its zero; '0e1234' and '0e5678' both be 0.0)
 ID_COLUMNS = ("config_id", "weights_id", "dataset_fingerprint")

@@ -22,6 +22,22 @@ def t975(df: int) -> float:
     return _T975[df - 1] if 1 <= df <= len(_T975) else 1.960
 
 
+Z975 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson(k: int, n: int, z: float = Z975) -> tuple[float, float]:
+    """Wilson's score interval for k successes in n trials (95% by default): the p with |k/n - p| <= z
+    sqrt(p (1 - p) / n), i.e. (k/n + z^2/2n -+ z sqrt(k/n (1 - k/n) / n + z^2/4n^2)) / (1 + z^2/n). Unlike the
+    normal interval it stays inside [0, 1] and is not empty at 0 or n successes."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"wilson needs 0 <= k <= n and n > 0, got k={k}, n={n}")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def as_text(column: pd.Series, missing: str) -> pd.Series:
     """A text column as str, `missing` where empty. A column with no value at all reads back from CSV as float,
     and pandas is deprecating fillna with a string on a float column."""

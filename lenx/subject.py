@@ -34,6 +34,8 @@ class Subject(ABC):
     tokenizer_name: str
     run_dir: str  # where it was read from
     default_data: object  # what it is scored on without --dataset (a DataSpec.of argument)
+    probes: tuple[str, ...] = ("passkey", "mqar", "repeat")  # the retrieval probes it takes (`lenx.probes`)
+    passkey_format: str = "short"  # the passkey wording of `--passkey-format auto` (`lenx.probes.FORMATS`)
 
     def columns(self) -> dict:
         """The identity columns of its rows (attn_backend: the backend that ran, so read after `prepare`)."""

@@ -205,6 +205,10 @@ def vocab_size(cfg, run_dir: Path) -> int | None:
 
 
 def _cell_name(cell: dict) -> str:
+    if "probe" in cell:  # a retrieval probe's cell (`lenx.probes.cell`)
+        at = f"depth {cell['depth']:g}" if cell["depth"] is not None else f"distance {cell['distance']}"
+        extra = "" if cell["rope_scaling"] == "none" else f" {cell['rope_scaling']}"
+        return f"{cell['probe']} @{cell['eval_len']} {at}{extra}"
     extra = "" if cell["protocol"] == "nonoverlap" else f" {cell['protocol']}/{cell['stride']}"
     extra += "" if cell["rope_scaling"] == "none" else f" {cell['rope_scaling']}"
     return f"@{cell['eval_len']}{extra}" + ("" if cell["rope_factor"] is None else f" x{cell['rope_factor']:g}")

@@ -82,19 +82,20 @@ def test_two_rank_eval_equals_one_rank_eval(tmp_path, text_dataset):
     run(lenx1("train", "--pe", "alibi", *SMALL, "--steps", "3", "--batch-size", "4", "--dataset", text_dataset,
               "--out", run_dir), tmp_path)
     args = ["eval", run_dir, "--lengths", "16,32,64", "--tokens", "128", "--protocol", "nonoverlap,sliding",
-            "--stride", "8"]
+            "--stride", "8", "--probe", "passkey,repeat", "--probe-trials", "2", "--probe-depths", "0,1"]
     run([*TORCHRUN, *args, "--out", tmp_path / "r2"], tmp_path)
     run(lenx1(*args, "--out", tmp_path / "r1"), tmp_path)
-    key = ["eval_len", "protocol", "stride"]
     drop = ["seconds", "timestamp"]
-    for name in ("results", "results_by_position"):
+    for name in ("results", "results_by_position", "probes"):
         a = pd.read_parquet(tmp_path / "r1" / f"{name}.parquet").drop(columns=drop, errors="ignore")
         b = pd.read_parquet(tmp_path / "r2" / f"{name}.parquet").drop(columns=drop, errors="ignore")
+        key = ["eval_len", "probe", "depth", "distance"] if name == "probes" else ["eval_len", "protocol", "stride"]
         sort = key + (["bucket_start"] if "bucket_start" in a else [])
         a, b = a.sort_values(sort).reset_index(drop=True), b.sort_values(sort).reset_index(drop=True)
         assert len(a) == len(b) and not b.duplicated(sort).any()
         pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6, rtol=1e-6)
     assert len(pd.read_csv(tmp_path / "r2" / "results.csv")) == 6
+    assert len(pd.read_csv(tmp_path / "r2" / "probes.csv")) == 3 * 2 + 2 + 3 + 4  # depths; repeat's distances
 
 
 def test_one_rank_out_of_memory_stops_every_rank_with_its_one_line_error(tmp_path, text_dataset):

@@ -29,7 +29,11 @@ TRAIN_FLAGS = {"--pe", "--config", "--dataset", "--tokenizer", "--text-field", "
                "--save-every", "--out", "--overwrite", "--device", "--help"}
 EVAL_FLAG_SET = {"--max-len", "--lengths", "--tokens", "--out", "--runs-dir", "--device", "--rope-scaling",
                  "--rope-factor", "--protocol", "--stride", "--position-buckets", "--attn-backend", "--dataset",
-                 "--text-field", "--test-file", "--model", "--train-len", "--dtype", "--help"}
+                 "--text-field", "--test-file", "--model", "--train-len", "--dtype", "--help",
+                 # the retrieval probes (lenx.probes)
+                 "--probe", "--perplexity", "--no-perplexity", "--probe-trials", "--probe-depths", "--probe-distances",
+                 "--probe-pairs", "--probe-segment", "--probe-seed", "--passkey-format", "--passkey-needle",
+                 "--passkey-question"}
 SWEEP_FLAGS = {"--config", "--dry-run", "--device", "--help"}
 
 
@@ -105,8 +109,17 @@ def test_sweep_eval_section_keys_are_the_eval_configs(tmp_path):
     cfg.write_text("schemes: [rope]\neval: {max_len: 512, lengths: [128, 256], tokens: 1024, rope_scaling: pi, "
                    "rope_factor: 2, protocols: [sliding], stride: 64, position_buckets: 2}\n")
     ev = load_sweep(cfg).eval
-    assert ev == {"max_len": 512, "lengths": [128, 256], "tokens": 1024, "rope_scaling": ["pi"], "rope_factor": [2.0],
-                  "protocols": ["sliding"], "stride": 64, "position_buckets": 2}
+    assert set(ev) == set(EVAL_FLAGS)
+    assert {k: v for k, v in ev.items() if k != "probe" and not k.startswith(("probe_", "passkey_", "perplexity"))} == {
+        "max_len": 512, "lengths": [128, 256], "tokens": 1024, "rope_scaling": ["pi"], "rope_factor": [2.0],
+        "protocols": ["sliding"], "stride": 64, "position_buckets": 2}
+    assert ev["probe"] == [] and ev["perplexity"] is True and ev["probe_trials"] == 20  # not set: the defaults
+    cfg.write_text("schemes: [rope]\neval: {probe: [passkey, repeat], probe_depths: [0, 1], probe_trials: 5}\n")
+    ev = load_sweep(cfg).eval
+    assert (ev["probe"], ev["probe_depths"], ev["probe_trials"]) == (["passkey", "repeat"], [0.0, 1.0], 5)
+    from lenx.eval_config import check_eval_options
+
+    assert check_eval_options(ev) == ev  # what a sweep hands `evaluate` passes the same checks again, unchanged
     cfg.write_text("schemes: [rope]\neval: {out: elsewhere}\n")  # an eval option a sweep sets otherwise
     with pytest.raises(LenxError, match="unknown key 'eval.out'"):
         load_sweep(cfg)
