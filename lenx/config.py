@@ -8,11 +8,13 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from .data import DATASET_HELP, FILE_KEYS
 from .errors import LenxError
+from .mix import parse_mix
 from .options import (at_least_zero, check_types, file_keys, finite_at_least_zero, flag_of, one_of, option,
                       options, path_given, positive_finite, positive_int, run_checks, unit_interval, yaml_example)
 
@@ -92,6 +94,10 @@ class TrainConfig:
                                flag=None, check=_attn_backend)
     attn_block_size: int = option(512, "Query rows per block when a scheme biases the scores.", flag=None,
                                   check=positive_int)
+    mix: dict = option({}, "Training mix: shares of the training windows that are probe documents built at the "
+                       "training length from the training split, in `lenx eval --probe`'s wording, e.g. "
+                       "passkey:0.1,mqar:0.05 (a mapping {passkey: 0.1} in a config file) [default: none].",
+                       flag_type=Optional[str], parse=lambda text, flag: parse_mix(text, flag), check=parse_mix)
     log_every: int = option(10, "Logging period in steps.", flag=None, check=positive_int)
     save_every: int = option(200, "Checkpoint period in steps.", check=positive_int)
 

@@ -28,6 +28,7 @@ def short_hash(obj) -> str:
 
 
 NOT_EXPERIMENT = ("seed", "log_every", "save_every")  # left out of config_id: seeds of one experiment share it
+ADDED = {"mix": {}}  # keys added since config_ids were first recorded: at these values left out, so ids stay put
 
 
 def config_id(info: dict) -> str:
@@ -36,7 +37,8 @@ def config_id(info: dict) -> str:
     A transformers tokenizer is named by a path or hub name whose contents can change, so its fingerprint joins
     the config (two tokenizers saved at one path are two experiments); `byte` and `bpe:<n>` (trained on the
     run's text, which the results' dataset_fingerprint names) are fixed by their names, and keep their ids."""
-    ident = {k: v for k, v in identity(info["config"], info.get("world_size", 1)).items() if k not in NOT_EXPERIMENT}
+    ident = {k: v for k, v in identity(info["config"], info.get("world_size", 1)).items() if k not in NOT_EXPERIMENT
+             and not (k in ADDED and v == ADDED[k])}
     tok = info.get("tokenizer") or {}
     if tok.get("kind") == "hf" and tok.get("fingerprint"):
         ident["tokenizer_fingerprint"] = tok["fingerprint"]

@@ -22,6 +22,7 @@ from . import distributed
 from .config import TrainConfig
 from .data import DataSpec, load_corpus, token_stream
 from .errors import LenxError, is_oom
+from .mix import Mix
 from .optim import build_optimizer
 from .precision import Choice, autocast, choose, compile_model, compile_problem, precision_dtype, time_steps
 from .progress import progress as make_progress
@@ -84,7 +85,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
             _already_trained(run)
         return run.path
 
-    corpus, tok, stream = _training_data(cfg, run, state, ctx, created, progress)
+    corpus, tok, stream, mix = _training_data(cfg, run, state, ctx, created, progress)
     model, opt = _model_and_optimizer(cfg, tok, device)
     shards = cpu_shards(device, cfg.batch_size, distributed=ctx.active, compiled=cfg.compile)
     threads = torch.get_num_threads()  # what the steps use in all (shards x threads each): the MFU's peak is taken at it
@@ -100,7 +101,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     net = compile_model(net) if cfg.compile else net
     take_step = TrainStep(net, model, opt, cfg, ctx, device, lambda: autocast(precision, device), shards)
     with _progress_task(cfg, ctx, start, progress, bar) as (bar, task):
-        wall = _run_steps(run, cfg, ctx, take_step, stream, start, log, info, bar, task)
+        wall = _run_steps(run, cfg, ctx, take_step, stream, mix, start, log, info, bar, task)
     if not ctx.main:
         return run.path
     info.update(_summary(cfg, ctx, log, wall, tok.vocab_size, device, precision, threads))
@@ -118,8 +119,9 @@ def _already_trained(run: RunDir) -> None:
 
 
 def _training_data(cfg: TrainConfig, run: RunDir, state: str, ctx, created: Path | None, progress: bool):
-    """(corpus, tokenizer, training token stream), the same on every process; a new run's tokenizer is built and
-    saved into its directory. A new run whose data or tokenizer is bad leaves no directory behind."""
+    """(corpus, tokenizer, training token stream, training mix or None), the same on every process; a new run's
+    tokenizer is built and saved into its directory. A new run whose data, tokenizer or mix is bad leaves no
+    directory behind."""
     try:
         spec = DataSpec.of(cfg)
         corpus = load_corpus(spec)
@@ -129,11 +131,12 @@ def _training_data(cfg: TrainConfig, run: RunDir, state: str, ctx, created: Path
             raise LenxError(f"the training split of '{cfg.dataset}' has {len(stream)} tokens; one window of "
                             f"--train-len {cfg.train_len} needs {cfg.train_len + 2}")
         _check_same_text(ctx, corpus.fingerprint, tok.fingerprint)
+        mix = Mix.of(cfg.mix, tok, stream, cfg.train_len)
     except LenxError:
         if state == "new" and created is not None and ctx.main:
             shutil.rmtree(created, ignore_errors=True)
         raise
-    return corpus, tok, stream
+    return corpus, tok, stream, mix
 
 
 def _check_same_text(ctx, corpus_fingerprint: str, tokenizer_fingerprint: str) -> None:
@@ -232,16 +235,19 @@ def _progress_task(cfg: TrainConfig, ctx, start: int, progress: bool, bar):
             bar.remove_task(task)
 
 
-def _run_steps(run: RunDir, cfg: TrainConfig, ctx, take_step: TrainStep, stream: np.ndarray, start: int,
-               log: list[dict], info: dict, bar, task) -> float:
+def _run_steps(run: RunDir, cfg: TrainConfig, ctx, take_step: TrainStep, stream: np.ndarray, mix: Mix | None,
+               start: int, log: list[dict], info: dict, bar, task) -> float:
     """Steps start..steps: a log row every log_every steps and at the last, a checkpoint (with run.json) every
-    save_every steps but the last. Returns the run's training seconds, those before a resume included."""
+    save_every steps but the last; `mix`: probe rows in every step's batch. Returns the run's training seconds,
+    those before a resume included."""
     rows = cfg.batch_size * cfg.grad_accum  # this process's share of the global batch
     tokens_per_step = rows * ctx.world * cfg.train_len
     t_start = t_window = time.perf_counter()
     tok_window, elapsed_before = 0, float(info.get("train_seconds", 0.0))
     for step in range(start, cfg.steps):
-        mine = get_batch(stream, cfg, step, rows * ctx.world)[ctx.rank * rows : (ctx.rank + 1) * rows]
+        batch = get_batch(stream, cfg, step, rows * ctx.world)
+        batch = mix.apply(batch, cfg.seed, step) if mix is not None else batch
+        mine = batch[ctx.rank * rows : (ctx.rank + 1) * rows]
         loss, lr = take_step(step, mine)
         tok_window += tokens_per_step
         done = step + 1
