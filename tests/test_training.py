@@ -551,3 +551,25 @@ def test_an_mfu_above_one_is_recorded_with_a_warning_and_the_peak_taken_at_the_s
     info = json.loads((out / "run.json").read_text())
     assert info["mfu"] > 1 and "above 100%" in info["mfu_warning"] and "above 100%" in capsys.readouterr().err
     assert asked == [torch.get_num_threads()]
+
+
+@pytest.mark.parametrize("pe", ALL_SCHEMES)
+def test_every_scheme_trains_under_bf16_autocast_on_the_cpu(pe):
+    """`precision: auto` trains in bf16 on CPUs with bf16 units: every scheme's forward and backward run under CPU
+    bf16 autocast, in row shards as `lenx train` runs them, and give the fp32 loss within bf16's rounding."""
+    from lenx.precision import autocast
+    from lenx.step import forward_backward
+
+    model = tiny_model(pe, vocab_size=64, train_len=32).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("L_mult"):  # FIRE's threshold inside the window: its blocked route, not its table
+                p.fill_(0.5)
+    batch = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad(set_to_none=True)
+        losses[precision] = forward_backward(model, batch, lambda: autocast(precision, "cpu"), 1.0, shards=2).item()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), precision
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)

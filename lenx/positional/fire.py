@@ -37,7 +37,10 @@ class FireBias(Bias):
         return torch.cat(parts).permute(2, 0, 1).unsqueeze(0)
 
     def block(self, q0: int, q1: int, q: Tensor | None = None) -> Tensor:
-        return self._fast_block(q0, q1) if self.contiguous else self.direct_block(q0, q1)
+        # fp32 under bf16 autocast too: the MLP's bias enters the scores as a float32 mask, and its running sums and
+        # corrections would mix dtypes (and lose the bias's precision) if autocast ran its matmuls in bf16
+        with torch.autocast(self.pos.device.type, enabled=False):
+            return self._fast_block(q0, q1) if self.contiguous else self.direct_block(q0, q1)
 
     def toeplitz_table(self) -> Tensor | None:
         s, T = self.scheme, self.pos.numel()
@@ -45,7 +48,8 @@ class FireBias(Bias):
         if not self.contiguous or T == 0 or self.pos.max().item() >= s.threshold().item():
             return None
         dist = torch.arange(T, device=self.pos.device, dtype=torch.float32)
-        return s.f((s.psi(dist) / (s.psi(s.threshold()) + s.options["eps"]))[:, None]).T
+        with torch.autocast(self.pos.device.type, enabled=False):  # as `block`: the table in fp32
+            return s.f((s.psi(dist) / (s.psi(s.threshold()) + s.options["eps"]))[:, None]).T
 
     def _fast_block(self, q0: int, q1: int) -> Tensor:
         """The block as a strided view of a buffer G (H, n, S) laid out by distance, n = q1 - q0, S = q1 + n - 1:
