@@ -128,6 +128,7 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
     """Every training run and evaluation cell of the sweep, whether it is done, and an estimated time."""
     from .data import DataSpec
     from .perplexity import cell_key as _key, cell_keys, check_settings, load_results
+    from .probes.cell import cell_key as _probe_key, load_probes, probe_cells
     from .perf import eval_flops_per_token, matmul_peak, train_flops_per_token
     from .precision import choose, precision_dtype
     from .train import check_run_dir
@@ -135,6 +136,7 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
     efficiency = _efficiency(spec, device)
     table = load_results(spec.results_dir) if spec.results_dir.exists() else None
     done_cells = {_key(r): r for _, r in table.iterrows()} if table is not None else {}
+    done_probes = {_probe_key(r) for _, r in load_probes(spec.results_dir).iterrows()} if spec.results_dir.exists() else set()
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun, the runs train with this many processes
     jobs = []
     for pe in spec.schemes:
@@ -160,8 +162,14 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
             lengths = run_lengths(cfg.train_len, ev)
             scalings = scaling_plan(pe, ev["rope_scaling"], ev["rope_factor"])
             dataset = DataSpec.of(cfg).dataset
+            cost = eval_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, max(lengths)) / peak  # s per token
+            for cell in probe_cells(run_dir.name, cfg.train_len, lengths, scalings, ev["probe"] or [], ev, dataset,
+                                    "short" if ev["passkey_format"] in (None, "auto") else ev["passkey_format"]):
+                # a window of eval_len per trial; repeat scores each window twice (with and without the first copy)
+                seconds = cell["trials"] * cell["eval_len"] * cost * (2 if cell["probe"] == "repeat" else 1)
+                jobs.append(Job("eval", pe, seed, run_dir, _cell_name(cell), seconds, _probe_key(cell) in done_probes))
             for cell in cell_keys(run_dir, cfg.train_len, lengths, scalings, ev["protocols"], ev["stride"], ev["tokens"],
-                                  ev["position_buckets"]):
+                                  ev["position_buckets"]) if ev["perplexity"] else []:
                 cell["dataset"] = dataset
                 L, tokens = cell["eval_len"], cell["token_budget"]
                 seconds = tokens * eval_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, L) / peak

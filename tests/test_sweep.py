@@ -445,3 +445,30 @@ def test_published_section_says_what_each_side_measured_and_compares_ratios(tmp_
     md = published_table(summarise(other), pub, other)
     assert "No lenx result matches the paper's schemes, training length and evaluation lengths" in md
     assert "trained on 8 and evaluated at 64, 128" in md
+
+
+def test_a_sweep_with_probes_plans_runs_and_resumes_them(tmp_path, capsys):
+    """eval: probe: in a sweep config: the dry run counts the probe cells beside perplexity's, the sweep writes
+    probes.csv, and a second dry run finds every cell done."""
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"""name: probes
+schemes: [alibi]
+train: {{dataset: {corpus}, steps: 2, warmup: 1, train_len: 64, batch_size: 2, layers: 1, d_model: 16, heads: 2, mix: {{passkey: 0.5}}}}
+eval: {{max_len: 128, tokens: 256, probe: [passkey, repeat], probe_trials: 2, probe_depths: [0, 1], probe_distances: [1]}}
+runs_dir: {tmp_path / 'runs'}
+results_dir: {tmp_path / 'results'}
+""")
+    assert lenx("sweep", "--config", cfg, "--dry-run") == 0
+    # perplexity at 64 and 128; passkey at 2 depths x 2 lengths; repeat at distance 1 x L (64) where it fits with
+    # its 16-token segment: at 128 only
+    assert "1 training runs, 7 evaluation cells" in capsys.readouterr().out
+    assert lenx("sweep", "--config", cfg) == 0
+    probes = pd.read_csv(tmp_path / "results" / "probes.csv")
+    assert sorted(probes["probe"].unique()) == ["passkey", "repeat"] and len(probes) == 2 * 2 + 1
+    run = json.loads((tmp_path / "runs" / "alibi-L64-s0" / "run.json").read_text())
+    assert run["config"]["mix"] == {"passkey": 0.5}
+    capsys.readouterr()
+    assert lenx("sweep", "--config", cfg, "--dry-run") == 0
+    assert "0 training runs, 0 evaluation cells" in capsys.readouterr().out

@@ -161,6 +161,38 @@ def mean_interval(x: np.ndarray) -> tuple[float, float | None, float | None]:
 # the cell kind
 
 
+def probe_cells(name: str, T: int, lens: list[int], scalings: list[tuple[str, float | None]], probes: list[str],
+                o: dict, dataset: str, fmt: str | None) -> list[dict]:
+    """The probe cells of a subject `name` trained at T (`Probes.cells`; `lenx sweep`'s plan): one per (RoPE
+    extension, factor, eval_len, probe, depth or distance). `o`: the checked options; `fmt`: the passkey wording's
+    name."""
+    segment = o["probe_segment"] or default_segment(T)
+    cells = []
+    for scaling, factor in scalings:
+        for L in lens:
+            if scaling in STATIC_SCALINGS and factor is None:
+                f = max(1.0, L / T)  # as perplexity: stretch the training length to L
+            else:
+                f = factor
+            base = {"run": name, "eval_len": L, "rope_scaling": scaling, "rope_factor": f,
+                    "dataset": dataset, "trials": o["probe_trials"], "probe_seed": o["probe_seed"],
+                    "pairs": None, "segment": None, "format": None, "depth": None, "distance": None}
+            for probe in probes:
+                if probe == "passkey":
+                    ats = [{"depth": float(d), "format": fmt} for d in o["probe_depths"] or DEPTHS]
+                elif probe == "mqar":
+                    ats = [{"distance": d, "pairs": o["probe_pairs"]}
+                           for d in distances(T, L, 2 * o["probe_pairs"], o["probe_distances"])]
+                else:
+                    ats = [{"distance": d, "segment": segment}
+                           for d in distances(T, L, segment, o["probe_distances"])]
+                for at in ats:
+                    where = at.get("depth", at.get("distance"))
+                    cells.append({**base, "probe": probe, **at,
+                                  "cell_seed": cell_seed(o["probe_seed"], probe, L, where)})
+    return cells
+
+
 class Probes(CellKind):
     """Probe cells: per subject, one per (RoPE extension, factor, eval_len, probe, depth or distance), scored on the
     test split of `dataset` (default: the subject's own). `opts`: the checked options
@@ -199,38 +231,12 @@ class Probes(CellKind):
         return mine
 
     def cells(self, subject: Subject) -> list[dict]:
-        o = self.opts
         probes = self.probes_of(subject)
         lens = subject.plan_lengths(self.lengths(subject.train_len))
-        scalings = subject.scaling_plan(o["rope_scaling"], o["rope_factor"])
-        dataset = self.spec(subject).dataset
-        T = subject.train_len
-        segment = o["probe_segment"] or default_segment(T)
-        fmt = self.passkey_format(subject) if "passkey" in probes else None
-        cells = []
-        for scaling, factor in scalings:
-            for L in lens:
-                if scaling in STATIC_SCALINGS and factor is None:
-                    f = max(1.0, L / T)  # as perplexity: stretch the training length to L
-                else:
-                    f = factor
-                base = {"run": subject.name, "eval_len": L, "rope_scaling": scaling, "rope_factor": f,
-                        "dataset": dataset, "trials": o["probe_trials"], "probe_seed": o["probe_seed"],
-                        "pairs": None, "segment": None, "format": None, "depth": None, "distance": None}
-                for probe in probes:
-                    if probe == "passkey":
-                        ats = [{"depth": float(d), "format": fmt.name} for d in o["probe_depths"] or DEPTHS]
-                    elif probe == "mqar":
-                        ats = [{"distance": d, "pairs": o["probe_pairs"]}
-                               for d in distances(T, L, 2 * o["probe_pairs"], o["probe_distances"])]
-                    else:
-                        ats = [{"distance": d, "segment": segment}
-                               for d in distances(T, L, segment, o["probe_distances"])]
-                    for at in ats:
-                        where = at.get("depth", at.get("distance"))
-                        cells.append({**base, "probe": probe, **at,
-                                      "cell_seed": cell_seed(o["probe_seed"], probe, L, where)})
-        return cells
+        scalings = subject.scaling_plan(self.opts["rope_scaling"], self.opts["rope_factor"])
+        fmt = self.passkey_format(subject).name if "passkey" in probes else None
+        return probe_cells(subject.name, subject.train_len, lens, scalings, probes, self.opts,
+                           self.spec(subject).dataset, fmt)
 
     def finished(self, out) -> dict:
         # a cell that ran out of memory is tried again
