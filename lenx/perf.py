@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from functools import lru_cache
 
 import torch
 
@@ -25,21 +24,40 @@ def eval_flops_per_token(d_model: int, layers: int, d_ff: int, vocab: int, seq_l
 
 
 def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024,
-                        seconds: float = 0.5, threads: int | None = None, repeats: int = 5) -> float:
+                        seconds: float = 0.5, threads: int | None = None, repeats: int = 5, workers: int = 1) -> float:
     """Sustained FLOP/s of an n x n matrix multiply on this device and dtype, measured now: the median of `repeats`
     timings of `seconds` / `repeats` each, after a warm-up as long as one of them (a CPU's clock and caches, a GPU's
     kernels, settle first). `threads`: the intra-op threads the measured work uses (default: this thread's
-    setting); the peak must be taken at the thread count of the step it is compared with."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    setting); the peak must be taken at the thread count of the step it is compared with. `workers` > 1 (CPU):
+    that many multiplies side by side, `threads` split among them, their rates added, as lenx's row shards run
+    (`lenx.step`): on a shared machine a multiply spread over every core stalls whenever one core is taken, and would
+    understate what shards, one core each, reach."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     before = torch.get_num_threads()
-    if threads is not None and not device.startswith("cuda"):
-        torch.set_num_threads(threads)
+    total = threads if threads is not None else before
+    workers = 1 if device.startswith("cuda") else max(1, min(workers, total))
+    each = seconds / repeats
+
+    def one(_) -> float:
+        torch.set_num_threads(max(1, total // workers))  # this thread's own setting
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        return _time_matmuls(a, b, each, sync)
+
     try:
-        each = seconds / repeats
-        _time_matmuls(a, b, each, sync)  # warm-up
-        rates = sorted(_time_matmuls(a, b, each, sync) for _ in range(repeats))
+        if workers == 1:
+            if threads is not None and not device.startswith("cuda"):
+                torch.set_num_threads(threads)
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            _time_matmuls(a, b, each, sync)  # warm-up
+            rates = sorted(_time_matmuls(a, b, each, sync) for _ in range(repeats))
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                rounds = [sum(pool.map(one, range(workers))) for _ in range(repeats + 1)]
+            rates = sorted(rounds[1:])  # the first round is the warm-up
     finally:
         torch.set_num_threads(before)
     return 2 * n**3 * rates[len(rates) // 2]
@@ -56,11 +74,20 @@ def _time_matmuls(a, b, seconds: float, sync) -> float:
     return reps / (time.perf_counter() - t0)
 
 
-@lru_cache(maxsize=8)
-def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int | None = None) -> float:
-    """`measure_matmul_peak`, once per process for each device, dtype and thread count (a run's MFU, a sweep's
-    estimates)."""
-    return measure_matmul_peak(device, dtype, threads=threads)
+_PEAKS: dict[tuple, tuple[float, float]] = {}  # (device, dtype, threads, workers) -> (peak, when measured)
+PEAK_MAX_AGE = 60.0  # seconds: a shared machine's load changes between runs of one sweep
+
+
+def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int | None = None,
+                workers: int = 1) -> float:
+    """`measure_matmul_peak` for this device, dtype, thread count and workers, measured again when the last
+    measurement is older than PEAK_MAX_AGE: a run's MFU is divided by a peak of about its own time, a sweep's many
+    short runs do not each pay for one."""
+    key = (device, dtype, threads, workers)
+    now = time.monotonic()
+    if key not in _PEAKS or now - _PEAKS[key][1] > PEAK_MAX_AGE:
+        _PEAKS[key] = (measure_matmul_peak(device, dtype, threads=threads, workers=workers), now)
+    return _PEAKS[key][0]
 
 
 def utilisation(flops_per_s: float, peak: float) -> tuple[float, str | None]:

@@ -104,7 +104,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
         wall = _run_steps(run, cfg, ctx, take_step, stream, mix, start, log, info, bar, task)
     if not ctx.main:
         return run.path
-    info.update(_summary(cfg, ctx, log, wall, tok.vocab_size, device, precision, threads))
+    info.update(_summary(cfg, ctx, log, wall, tok.vocab_size, device, precision, threads, shards))
     if info.get("mfu_warning") and progress:
         print(f"warning: {info['mfu_warning']}", file=sys.stderr)
     run.finish(model, log, info)
@@ -270,12 +270,12 @@ def _run_steps(run: RunDir, cfg: TrainConfig, ctx, take_step: TrainStep, stream:
 
 
 def _summary(cfg: TrainConfig, ctx, log: list[dict], wall: float, vocab: int, device: str, precision: str,
-             threads: int) -> dict:
+             threads: int, shards: int) -> dict:
     """run.json's fields of a finished run: throughput (the median of the log rows, the first, warm-up, left out
     when there are others), model FLOPs utilisation (and a warning where it cannot be true) and the final loss."""
     tps_values = [r["tokens_per_s"] for r in log[1:]] or [r["tokens_per_s"] for r in log]
     tps = float(np.median(tps_values)) if tps_values else None
-    mfu, warning = _mfu(cfg, vocab, tps / ctx.world, device, precision, threads) if tps else (None, None)
+    mfu, warning = _mfu(cfg, vocab, tps / ctx.world, device, precision, threads, shards) if tps else (None, None)
     summary = dict(
         status="done",
         steps_done=cfg.steps,
@@ -289,12 +289,13 @@ def _summary(cfg: TrainConfig, ctx, log: list[dict], wall: float, vocab: int, de
     return summary
 
 
-def _mfu(cfg: TrainConfig, vocab: int, tps: float, device: str, precision: str,
-         threads: int) -> tuple[float, str | None]:
-    """Model FLOPs utilisation against a matrix-multiply peak at the run's precision and the thread count its steps
-    use (`perf.matmul_peak`: measured once per process), with `perf.utilisation`'s warning above 1."""
+def _mfu(cfg: TrainConfig, vocab: int, tps: float, device: str, precision: str, threads: int,
+         shards: int) -> tuple[float, str | None]:
+    """Model FLOPs utilisation against a matrix-multiply peak at the run's precision, measured as its steps run:
+    `threads` in all, in `shards` side by side (`perf.matmul_peak`: of the last minute), with
+    `perf.utilisation`'s warning above 1."""
     from .perf import matmul_peak, train_flops_per_token, utilisation
 
     flops = train_flops_per_token(cfg.d_model, cfg.layers, cfg.d_ff, vocab, cfg.train_len)
-    mfu, warning = utilisation(tps * flops, matmul_peak(device, precision_dtype(precision), threads))
+    mfu, warning = utilisation(tps * flops, matmul_peak(device, precision_dtype(precision), threads, shards))
     return round(mfu, 4), warning

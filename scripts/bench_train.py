@@ -137,7 +137,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         if i >= a.warmup:
             peaks.append(measure_matmul_peak(device, precision_dtype(a.precision), seconds=0.2,  # not cached: anew
-                                             threads=torch.get_num_threads()))
+                                             threads=torch.get_num_threads(), workers=shards))
     peak = statistics.median(peaks)
     flops = train_flops_per_token(a.d_model, a.layers, a.d_ff, a.vocab, a.seq)
     tokens = a.batch * a.seq

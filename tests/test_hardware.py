@@ -153,6 +153,27 @@ def test_the_peak_is_measured_at_the_given_thread_count_and_leaves_it_as_it_was(
     assert torch.get_num_threads() == before
 
 
+def test_a_peak_for_row_shards_runs_one_multiply_per_shard_side_by_side():
+    """workers=2, threads=2: two threads of one intra-op thread each, multiplying at once; their rates add."""
+    import threading
+
+    before = torch.get_num_threads()
+    seen = []
+    real = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return real(a, b)
+
+    torch.Tensor.__matmul__ = spy
+    try:
+        peak = measure_matmul_peak(n=64, seconds=0.02, threads=2, repeats=3, workers=2)
+    finally:
+        torch.Tensor.__matmul__ = real
+    assert peak > 0 and {t for _, t in seen} == {1} and len({i for i, _ in seen}) == 2
+    assert threading.get_ident() not in {i for i, _ in seen} and torch.get_num_threads() == before
+
+
 def test_an_mfu_above_one_comes_with_a_warning():
     assert utilisation(50e9, 100e9) == (0.5, None)
     mfu, warning = utilisation(130e9, 100e9)
