@@ -215,3 +215,23 @@ def test_report_of_a_real_probe_evaluation(tmp_path, text_dataset, capsys):
     assert all((out / n).exists() for n in ("passkey.png", "retrieval_vs_length.png", "repeat_gain.png"))
     lm = json.loads(next(out.glob("results_*.json")).read_text())
     assert {"alibi@128/passkey", "rope@64/repeat"} <= set(lm["results"])
+
+
+def test_passkey_heatmaps_share_one_colour_scale_with_one_colourbar(tmp_path, monkeypatch):
+    """20 schemes: 20 panels (five a row) titled by their labels, every image on the 0..1 scale, one colourbar."""
+    from lenx import plots
+
+    drawn = []
+    monkeypatch.setattr(plots.plt, "close", drawn.append)
+    pes = ["alibi", "rope", "t5", "nope"]
+    rows = _probe_rows({pe: {16: 0.9, 32: 0.5 + 0.1 * i, 64: 0.1 * i} for i, pe in enumerate(pes)})
+    rows = [{**r, "rope_scaling": sc} for r in rows for sc in ("none", "pi", "ntk", "yarn", "x")]  # 4 x 5 labels
+    probes = ProbeTables.of(pd.DataFrame(rows))
+    assert plots.plot_passkey(probes.cells, tmp_path / "passkey.png")
+    fig = drawn[0]
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.images]
+    assert len(panels) == 20 and len({ax.get_title() for ax in panels}) == 20
+    assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in panels)
+    assert len([ax for ax in fig.axes if ax.get_label() == "<colorbar>"]) == 1
+    assert len({round(ax.get_position().x0, 3) for ax in panels}) == 5  # five columns
+    assert not plots.plot_passkey(probes.cells[probes.cells["probe"] == "repeat"], tmp_path / "none.png")

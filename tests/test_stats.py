@@ -220,3 +220,9 @@ def test_results_and_probes_are_labelled_as_one_table():
     a, b = labels_together(res, pro)
     assert list(a) == ["alibi on stdlib"] and list(b) == ["alibi on other"]
     assert labels_together(res, None)[1] is None and list(labels_together(res, None)[0]) == ["alibi"]
+
+
+def test_an_hf_model_without_a_seed_is_one_seed():
+    r = probe_summary(pd.DataFrame([probe_row("llama", float("nan"), 64, accuracy=0.8, answers=10)])).iloc[0]
+    assert (r.seeds, r.evaluated_seeds, r.interval) == (1, 1, "one seed")
+    assert (r.accuracy_low, r.accuracy_high) == wilson(8, 10)
