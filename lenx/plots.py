@@ -256,3 +256,178 @@ def plot_context_gain(pos: pd.DataFrame, path: Path) -> bool:
                  "above 0: the longer context helps)", fontsize=11)
     finish(fig, ax, path, legend_title="scheme")
     return True
+
+
+# ---------------------------------------------------------------- retrieval probes (`lenx.stats.probe_summary`)
+
+
+BANDS_UP_TO = 6  # schemes in one panel up to which their intervals are drawn as bands (more: the bands are mud)
+
+
+def _grid(n: int, ncols: int, width: float, height: float, **share):
+    """A grid of n small panels, `ncols` a row at most; the unused ones hidden. (fig, flat list of n axes). At least
+    8 inches wide, so that the titles and axis labels of a grid of one or two panels fit."""
+    import math
+
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    plt.rcParams.update({"font.size": 9, "axes.grid": False})
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(8.0, width * ncols + 1.2), height * nrows + 0.8), dpi=120,
+                             squeeze=False, layout="constrained", **share)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def plot_passkey(cells: pd.DataFrame, path: Path) -> bool:
+    """A length x depth heatmap of passkey accuracy per scheme (mean over seeds): one small panel per scheme, five
+    a row, one colour scale (0 to 1) and one colourbar for all; grey where not measured. False where no passkey cell
+    has an accuracy."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    pk = cells[cells["probe"] == "passkey"]
+    if pk.empty or pk["accuracy"].isna().all():
+        return False
+    schemes = sorted(pk["scheme"].unique(), key=scheme_order(pk["scheme"].unique()).get)
+    depths = sorted(pk["at"].dropna().unique())
+    lengths = sorted(pk["eval_len"].unique())
+    fig, axes = _grid(len(schemes), 5, 0.42 * len(lengths) + 1.0, 0.3 * len(depths) + 0.9)
+    cmap = colormaps["viridis"].with_extremes(bad="#DDDDDD")
+    annotate = len(lengths) <= 8 and len(depths) <= 8
+    for ax, scheme in zip(axes, schemes):
+        mine = pk[pk["scheme"] == scheme]
+        grid = mine.pivot_table(index="at", columns="eval_len", values="accuracy", aggfunc="mean", dropna=False)
+        grid = grid.reindex(index=depths, columns=lengths)
+        values = np.ma.masked_invalid(grid.to_numpy(dtype=float))
+        image = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+        if annotate:
+            for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
+                if not np.isnan(v):
+                    ax.text(j, i, "1" if v >= 0.995 else f"{v:.2f}"[1:], ha="center", va="center", fontsize=7,
+                            color="black" if v > 0.6 else "white")
+        train_len = int(mine["train_len"].iloc[0])
+        ax.set_xticks(range(len(lengths)), [f"{L / train_len:g}×" for L in lengths], fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
+        ax.set_title(scheme, fontsize=9)
+    for ax in axes:
+        ax.tick_params(length=2)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="passkey accuracy (teacher-forced)")
+    train = sorted(int(x) for x in pk["train_len"].unique())
+    fig.supxlabel(f"evaluation length, × training length ({', '.join(map(str, train))} tokens)", fontsize=10)
+    fig.supylabel("needle depth (0: first, 1: last)", fontsize=10)
+    fig.suptitle("Passkey accuracy by length and depth (mean over seeds; grey: not measured)", fontsize=11)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _chance(probe: str, rows: pd.DataFrame) -> float | None:
+    """Chance accuracy where one is defined: passkey with a byte tokenizer (a key token is one of ten digits), mqar
+    (a value among the window's `pairs` values); None elsewhere (BPE keys, repeat)."""
+    if probe == "passkey" and "tokenizer" in rows and (rows["tokenizer"].astype(str) == "byte").all():
+        return 0.1
+    if probe == "mqar" and "pairs" in rows and rows["pairs"].nunique() == 1 and rows["pairs"].iloc[0] > 0:
+        return 1.0 / float(rows["pairs"].iloc[0])
+    return None
+
+
+def plot_retrieval_vs_length(pooled: pd.DataFrame, path: Path, raw: pd.DataFrame | None = None) -> bool:
+    """Teacher-forced accuracy vs evaluation length (log2 x), one panel per probe, one line per scheme (mean over
+    seeds, its interval a band), the training length and chance (`_chance`, from the raw probes rows `raw`) marked.
+    False where no cell has an accuracy."""
+    pooled = pooled[pooled["accuracy"].notna()]
+    if pooled.empty:
+        return False
+    from .stats import PROBE_ORDER
+
+    probes = sorted(pooled["probe"].unique(), key=lambda p: PROBE_ORDER.index(p) if p in PROBE_ORDER else 9)
+    schemes = sorted(pooled["scheme"].unique(), key=scheme_order(pooled["scheme"].unique()).get)
+    fig, axes = new_figure(width=5.0 * len(probes) + 2.5, height=max(4.6, 0.22 * len(schemes) + 1.0),
+                           ncols=len(probes), sharey=True)  # as tall as its legend
+    axes = axes if len(probes) > 1 else [axes]
+    looks = styles(schemes)
+    bands = len(schemes) <= BANDS_UP_TO
+    for ax, probe in zip(axes, probes):
+        part = pooled[pooled["probe"] == probe]
+        for scheme in [s for s in schemes if s in set(part["scheme"])]:
+            g = part[part["scheme"] == scheme].sort_values("eval_len")
+            st = looks[scheme]
+            ax.plot(g["eval_len"], g["accuracy"], label=scheme, linewidth=1.8, markersize=5, **st)
+            if bands and g["accuracy_low"].notna().any() and len(g) > 1:
+                ax.fill_between(g["eval_len"], g["accuracy_low"].fillna(g["accuracy"]),
+                                g["accuracy_high"].fillna(g["accuracy"]), color=st["color"], alpha=0.12, linewidth=0)
+        chance = _chance(probe, raw[raw["probe"] == probe]) if raw is not None else None
+        if chance is not None:
+            ax.axhline(chance, color="0.3", linestyle="--", linewidth=1)
+            ax.annotate(f"chance {chance:g}", (0, chance), xycoords=("axes fraction", "data"), xytext=(4, 3),
+                        textcoords="offset points", fontsize=9, color="0.3")
+        _mark_train_len(ax, part["train_len"].unique())
+        ax.set_xscale("log", base=2)
+        ticks = sorted(set(part["eval_len"].unique()) | set(part["train_len"].unique()))
+        ax.set_xlim(ticks[0] / 1.15, ticks[-1] * 1.15)  # the training length inside, where 1x has no accuracy
+        ax.set_xticks(ticks)
+        ax.get_xaxis().set_major_formatter(lambda x, _: f"{int(x):,}")
+        ax.minorticks_off()
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_xlabel("evaluation length (tokens, log2 scale)")
+        ax.set_title(probe)
+    axes[0].set_ylabel("accuracy (teacher-forced, pooled over depths / distances)")
+    fig.suptitle("Retrieval accuracy vs evaluation length (mean over seeds" + (", 95% interval band)" if bands else
+                 f"; intervals in the tables: no bands for more than {BANDS_UP_TO} schemes)"))
+    finish(fig, axes[-1], path, legend_title="scheme")
+    return True
+
+
+def plot_repeat_gain(cells: pd.DataFrame, path: Path) -> bool:
+    """The repeat gain (nats) vs the distance to the first copy (log2 x), one panel per evaluation length (four a
+    row), one line per scheme (mean over seeds, its interval a band), 0 and the training length marked. False
+    where no repeat cell has a gain."""
+    rep = cells[(cells["probe"] == "repeat") & cells["gain"].notna()]
+    if rep.empty:
+        return False
+    lengths = sorted(rep["eval_len"].unique())
+    rows = -(-len(lengths) // 4)  # four a row at most, the rows as even as they can be (5: 3 + 2)
+    fig, axes = _grid(len(lengths), -(-len(lengths) // rows), 4.2, 3.4, sharex=True)
+    plt.rcParams.update({"font.size": 10})
+    schemes = sorted(rep["scheme"].unique(), key=scheme_order(rep["scheme"].unique()).get)
+    looks = styles(schemes)
+    bands = len(schemes) <= BANDS_UP_TO
+    ticks = sorted(rep.loc[rep["eval_len"] == lengths[-1], "at"].unique())  # the longest window's distances
+    low = pd.concat([rep["gain"], rep["gain_low"].dropna()]).min()  # one y range for every panel: bands included
+    high = pd.concat([rep["gain"], rep["gain_high"].dropna()]).max()
+    pad = 0.05 * max(high - low, 1e-3)
+    for ax, L in zip(axes, lengths):
+        part = rep[rep["eval_len"] == L]
+        for scheme in [s for s in schemes if s in set(part["scheme"])]:
+            g = part[part["scheme"] == scheme].sort_values("at")
+            st = looks[scheme]
+            ax.plot(g["at"], g["gain"], label=scheme, linewidth=1.6, markersize=4, **st)
+            if bands and g["gain_low"].notna().any() and len(g) > 1:
+                ax.fill_between(g["at"], g["gain_low"].fillna(g["gain"]), g["gain_high"].fillna(g["gain"]),
+                                color=st["color"], alpha=0.12, linewidth=0)
+        ax.axhline(0.0, color="0.4", linewidth=1)
+        _mark_train_len(ax, part["train_len"].unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks)
+        ax.get_xaxis().set_major_formatter(lambda x, _: f"{int(x):,}")
+        ax.tick_params(axis="x", labelrotation=45, labelbottom=True)
+        ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(low - pad, high + pad)
+        ax.set_title(f"window {int(L):,}", fontsize=10)
+    fig.supxlabel("distance from the first copy to the second (tokens, log2 scale)", fontsize=10)
+    fig.supylabel("repeat gain: NLL without − with the first copy (nats)", fontsize=10)
+    fig.suptitle("Repeat gain vs distance (mean over seeds" + (", 95% interval band" if bands else
+                 f"; intervals in the tables: no bands for more than {BANDS_UP_TO} schemes") + "; above 0: the model "
+                 "copies)", fontsize=11)
+    handles, names = axes[-1].get_legend_handles_labels()
+    by = dict(zip(names, handles))
+    for ax in axes:  # every scheme, also one missing from the last panel
+        by.update(dict(zip(*ax.get_legend_handles_labels()[::-1])))
+    fig.legend([by[s] for s in schemes if s in by], [s for s in schemes if s in by], title="scheme",
+               loc="outside right upper", frameon=False)
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .stats import KEPT, as_text, label, protocol_label, ranking, tokenizers
+from .stats import (KEEPS, KEPT, RETRIEVES, ProbeTables, as_text, farthest_gain, label, protocol_label, ranking,
+                    retrieval, tokenizers)
 
 # ---------------------------------------------------------------- cells and tables
 
@@ -38,6 +39,21 @@ def gain_cell(r) -> str:
         return "–"
     out = f"{r.context_gain:+.3f}"
     return out + (f" [{r.context_gain_low:+.3f}–{r.context_gain_high:+.3f}]" if pd.notna(r.context_gain_low) else "")
+
+
+def acc_cell(r, metric: str = "accuracy") -> str:
+    """'0.85 [0.78–0.90]' (a share: accuracy, exact_match), '0.85' without an interval, '—' where not measured."""
+    x, low, high = (getattr(r, metric), getattr(r, f"{metric}_low"), getattr(r, f"{metric}_high"))
+    if pd.isna(x):
+        return "—"
+    return f"{x:.2f}" + ("" if pd.isna(low) else f" [{low:.2f}–{high:.2f}]")
+
+
+def repeat_gain_cell(r) -> str:
+    """A repeat gain (nats) and its interval: '+0.412 [0.301–0.523]', '—' where not measured."""
+    if pd.isna(r.gain):
+        return "—"
+    return f"{r.gain:+.3f}" + ("" if pd.isna(r.gain_low) else f" [{r.gain_low:+.3f}–{r.gain_high:+.3f}]")
 
 
 def rel_cell(r) -> str:
@@ -110,11 +126,12 @@ class Headline:
         return markdown_table(self.columns, self.rows)
 
 
-def answer(part: pd.DataFrame, protocol: str, seeds: str) -> Headline | None:
+def answer(part: pd.DataFrame, protocol: str, seeds: str, probes: ProbeTables | None = None) -> Headline | None:
     """The report's headline for one protocol: at the longest multiple of the training length evaluated, every
     scheme ranked by its perplexity relative to its own at 1x, with the perplexities at both; which schemes stayed
-    within `KEPT` of 1x, which was lowest there, and which have no perplexity there. None when no scheme has both
-    numbers."""
+    within `KEPT` of 1x, which was lowest there, and which have no perplexity there. With `probes`, beside it the
+    passkey accuracy at 1x and at the longest length probed and the repeat gain there (`probe_columns`), and which
+    schemes flat in perplexity stop retrieving. None when no scheme has both numbers."""
     found = ranking(part)
     if found is None:
         return None
@@ -140,18 +157,120 @@ def answer(part: pd.DataFrame, protocol: str, seeds: str) -> Headline | None:
         if flat:
             lines.append(f"Flat in perplexity but gaining at most {GAIN_USED} nats from the longer context: "
                          + ", ".join(flat) + ".")
+    extra, cells, blocks = probe_columns(probes, list(ranked.index), found.kept)
+    rows = [row + cells[scheme] for row, scheme in zip(rows, ranked.index)]
     if found.unranked:
         why = {"no 1x": "no 1× perplexity to divide by", "not evaluated": f"not evaluated at {M:g}×"}
         lines.append("Not ranked: " + "; ".join(f"{s} ({note or why[reason]})"
                                                 for s, (reason, note) in found.unranked.items()) + ".")
-    return Headline(" ".join(lines), ["rank", "scheme", "ppl at 1×", f"ppl at {M:g}×", f"{M:g}× ÷ 1×"]
-                    + ([f"context gain at {M:g}×"] if gain else []), rows)
+    return Headline("\n\n".join([" ".join(lines), *blocks]),
+                    ["rank", "scheme", "ppl at 1×", f"ppl at {M:g}×", f"{M:g}× ÷ 1×"]
+                    + ([f"context gain at {M:g}×"] if gain else []) + extra, rows)
 
 
-def headline(summary: pd.DataFrame) -> Headline | None:
-    """The answer for the first protocol (nonoverlap, where it was evaluated: protocols sort it first)."""
+def _multiple_text(multiples) -> str:
+    found = sorted(set(round(float(m), 9) for m in multiples))
+    return f"{found[0]:g}×" if len(found) == 1 else "its shortest length probed"
+
+
+INTERVALS = ("[low–high]: 95% interval over seeds (Student t); where a scheme has one seed, Wilson's over its key "
+             "tokens (which counts the tokens of one trial as independent draws, so it is narrower than one over "
+             "trials would be)")
+
+
+OVER_SEEDS = "[low–high]: 95% interval over seeds (Student t)"
+
+
+def probe_columns(probes: ProbeTables | None, schemes: list[str], kept: list[str] | None
+                  ) -> tuple[list[str], dict, list[str]]:
+    """The headline's probe columns for `schemes` (header, scheme -> cells, Markdown blocks of text): the passkey
+    accuracy at 1x (or the shortest length probed) and at the longest length probed, with their intervals; the
+    repeat gain at the longest length at its farthest distance. `kept`: the schemes flat in perplexity (None: no
+    perplexity results). Nothing where no probe has a number."""
+    header, cells, lines = [], {s: [] for s in schemes}, []
+    if probes is None:
+        return header, cells, lines
+    found = retrieval(probes.pooled)
+    if found is not None:
+        M, refs = found.multiple, [r.multiple for r in found.ref.values()]
+        ref = _multiple_text(refs) if refs else "1×"
+        no_1x = " (the shortest length with a passkey accuracy: none at 1×, see the notes)" if ref != "1×" else ""
+        header += [f"passkey at {ref}", f"passkey at {M:g}×"]
+        for s in schemes:
+            cells[s] += [acc_cell(found.ref[s]) if s in found.ref else "—",
+                         acc_cell(found.at[s]) if s in found.at else "—"]
+        one = (probes.pooled.loc[probes.pooled["probe"] == "passkey", "interval"] == "one seed").any()
+        rule, *verdicts = retrieval_lines(found, ref, kept, no_1x, INTERVALS if one else OVER_SEEDS)
+        lines.append(rule + "\n\n" + "\n".join(f"- {v}" for v in verdicts))
+    gains = farthest_gain(probes.cells)
+    if gains is not None:
+        Mg, at = gains
+        header.append(f"repeat gain at {Mg:g}×")
+        for s in schemes:
+            cells[s].append(repeat_gain_cell(at[s]) if s in at else "—")
+        d = sorted({int(r["at"]) for r in at.values()})
+        lines.append(f"Repeat gain at {Mg:g}×: a segment's NLL at its second copy without the first copy minus with "
+                     f"it, the first copy {', '.join(map(str, d))} tokens back (the farthest distance probed: nearly "
+                     "the whole window), nats; above 0 the model copies from that far back, 0 it does not.")
+    return header, cells, lines
+
+
+def retrieval_lines(found, ref: str, kept: list[str] | None, why_ref: str = "", intervals: str = INTERVALS
+                    ) -> list[str]:
+    """The paragraph's lines on passkey retrieval: the rule, then which schemes (flat in perplexity or not) stop
+    retrieving, which keep retrieving, and which never retrieved at all."""
+    M = found.multiple
+    by = {v: [s for s, w in found.verdict.items() if w == v] for v in ("keeps", "stops", "never", "unmeasured")}
+
+    def named(schemes):
+        return ", ".join(f"{s} ({found.at[s].accuracy:.2f} at {M:g}× vs {found.ref[s].accuracy:.2f} at "
+                         f"{found.ref[s].multiple:g}×)" for s in schemes)
+
+    lines = [f"Passkey: the share of the key's tokens that are the model's argmax (teacher-forced), pooled over "
+             f"depths; {intervals}. Rule: a scheme keeps retrieving at {M:g}× when its accuracy there is at least "
+             f"{KEEPS:.0%} of its own at {ref}{why_ref}, and it counts as retrieving at all only with at least "
+             f"{RETRIEVES:g} at {ref}."]
+    if kept is not None:
+        flat = [s for s in by["stops"] if s in kept]
+        rest = [s for s in by["stops"] if s not in kept]
+        if flat:
+            lines.append(f"Flat in perplexity but no longer retrieving at {M:g}×: {named(flat)}.")
+        elif any(s in kept for s in by["keeps"]):
+            lines.append(f"No scheme flat in perplexity stops retrieving at {M:g}×.")
+        if rest:
+            lines.append(f"No longer retrieving at {M:g}×, nor flat in perplexity: {named(rest)}.")
+    elif by["stops"]:
+        lines.append(f"No longer retrieving at {M:g}×: {named(by['stops'])}.")
+    if by["keeps"] or by["stops"]:
+        lines.append(f"Still retrieving at {M:g}×: {named(by['keeps']) if by['keeps'] else 'none'}.")
+    if by["never"]:
+        lines.append(f"Not retrieving even at {ref} (accuracy below {RETRIEVES:g}; their passkey numbers say nothing "
+                     "about length): " + ", ".join(f"{s} ({found.ref[s].accuracy:.2f})" for s in by["never"]) + ".")
+    if by["unmeasured"]:
+        lines.append(f"No passkey verdict (no accuracy at {M:g}×, or none shorter to compare with): "
+                     + ", ".join(f"{s} ({found.notes[s]})" if s in found.notes else s for s in by["unmeasured"]) + ".")
+    return lines
+
+
+def probe_answer(probes: ProbeTables) -> Headline | None:
+    """The headline of a results directory with probes but no perplexity results: each scheme's passkey accuracy
+    and repeat gain (`probe_columns`), in the tables' order. None where no probe has a number."""
+    schemes = list(dict.fromkeys(probes.pooled["scheme"]))
+    header, cells, lines = probe_columns(probes, schemes, None)
+    if not header:
+        return None
+    text = "\n\n".join(["No perplexity results here (no results.csv): the retrieval probes alone; `lenx eval` "
+                        "without --no-perplexity adds the perplexity ranking.", *lines])
+    return Headline(text, ["scheme"] + header, [[s] + cells[s] for s in schemes])
+
+
+def headline(summary: pd.DataFrame | None, probes: ProbeTables | None = None) -> Headline | None:
+    """The answer for the first protocol (nonoverlap, where it was evaluated: protocols sort it first), with the
+    probes beside it; the probes' alone where there is no perplexity summary."""
+    if summary is None:
+        return probe_answer(probes) if probes is not None else None
     part = summary[summary["protocol"] == summary["protocol"].iloc[0]]
-    return answer(part, part["protocol"].iloc[0], seeds_text(part))
+    return answer(part, part["protocol"].iloc[0], seeds_text(part), probes)
 
 
 def print_headline(found: Headline) -> None:
@@ -216,9 +335,10 @@ def variants_section(df: pd.DataFrame) -> list[Section]:
                     + "\n".join(f"- {s}: {', '.join(map(str, runs[s]))}" for s in sorted(tagged)))]
 
 
-def figure_sections(figures: set[str]) -> list[Section]:
-    """The figures drawn (file names beside the report), each under its heading."""
-    sections = [Section("Perplexity vs length", image="ppl_vs_length.png")]
+def figure_sections(figures: set[str], perplexity: bool = True) -> list[Section]:
+    """The figures drawn (file names beside the report), each under its heading; `perplexity` False: only the
+    training loss (a report of probes alone)."""
+    sections = [Section("Perplexity vs length", image="ppl_vs_length.png")] if perplexity else []
     if "loss_by_position.png" in figures:
         sections.append(Section("Loss by position", "Mean NLL by position inside the window "
                                 "(results_by_position.csv), at each run's longest evaluated length: where a scheme "
@@ -283,9 +403,10 @@ def markdown_to_html(md: str) -> str:
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
 
 
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1280px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "th:first-child,td:first-child{text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:1em;"
+        "th:first-child,td:first-child{text-align:left}td{white-space:nowrap}"
+        "table{display:block;overflow-x:auto;max-width:100%}img{max-width:100%}pre{background:#f6f6f6;padding:1em;"
         "overflow-x:auto}")
 
 
@@ -366,3 +487,75 @@ def note_lines(summary: pd.DataFrame) -> list[str]:
         lengths = sorted(set(g["eval_len"].astype(int)))
         lines.append((rank[scheme], protocol, lengths[0], f"- {scheme}, {protocol}, at {', '.join(map(str, lengths))}: {note}"))
     return [line for *_, line in sorted(lines, key=lambda t: t[:3])]
+
+
+# ---------------------------------------------------------------- retrieval probes
+
+_PROBE_TEXT = {
+    "passkey": "Passkey retrieval (probes.csv): the share of the key's tokens that are the model's argmax given the "
+               "true tokens before them (teacher-forced), pooled over the needle's depths",
+    "mqar": "Multi-query associative recall (probes.csv): the share of queried values that are the model's argmax "
+            "(teacher-forced), pooled over the distances from the pairs to the queries",
+    "repeat": "Repetition (probes.csv): the share of a repeated segment's second-copy tokens that are the model's "
+              "argmax (teacher-forced), pooled over the distances to the first copy",
+}
+
+
+def _probe_wide(part: pd.DataFrame, cell) -> pd.DataFrame:
+    """wide(), with '—' also where a scheme has no row at a length (not probed there)."""
+    return wide(part, cell).replace("", "—")
+
+
+def probe_sections(probes: ProbeTables, figures: set[str]) -> list[Section]:
+    """The probes' tables (scheme x length, pooled over depths or distances: accuracy for each probe, exact match
+    for passkey, the gain for repeat), their notes and their figures."""
+    pooled = probes.pooled
+    names = column_names(pooled)
+    one = INTERVALS + "; exact match: Wilson's over its trials" if (pooled["interval"] == "one seed").any() else \
+        OVER_SEEDS
+    sections = []
+    for probe, part in pooled.groupby("probe", sort=False):
+        seeds = seeds_text(part)
+        sections.append(Section(f"Retrieval: {probe} accuracy", f"{_PROBE_TEXT.get(probe, probe)}, over {seeds}; "
+                                f"{one}. Columns: evaluation length (multiple of the training length). '—': not "
+                                "measured (see the notes below).", to_markdown(_probe_wide(part, acc_cell), names)))
+        if probe == "passkey":
+            sections.append(Section("Retrieval: passkey exact match", "The share of trials whose whole key greedy "
+                                    "decoding reproduces (what papers report for pretrained models), pooled over "
+                                    f"depths, over {seeds}.",
+                                    to_markdown(_probe_wide(part, lambda r: acc_cell(r, "exact_match")), names)))
+        if probe == "repeat":
+            sections.append(Section("Retrieval: repeat gain", "The second copy's mean NLL without the first copy "
+                                    "minus with it (nats, paired trial by trial), pooled over the distances to the "
+                                    "first copy; above 0 the model copies. [low–high]: over seeds (Student t); with "
+                                    "one seed, Student t over its trials.",
+                                    to_markdown(_probe_wide(part, repeat_gain_cell), names)))
+    notes = probe_note_lines(pooled)
+    if notes:
+        sections.append(Section("Retrieval: notes", "\n".join(notes)))
+    if "passkey.png" in figures:
+        sections.append(Section("Passkey accuracy by length and depth", "Teacher-forced accuracy per (evaluation "
+                                "length, needle depth) cell, mean over seeds, one panel per scheme, one colour scale "
+                                "for all (0 to 1); grey: not measured. Depth 0: the needle right after the task "
+                                "line; 1: right before the question.", image="passkey.png"))
+    if "retrieval_vs_length.png" in figures:
+        sections.append(Section("Retrieval accuracy vs length", "Teacher-forced accuracy per probe, pooled over "
+                                "depths or distances, mean over seeds (its 95% interval a band where at most six "
+                                "schemes share a panel); the training "
+                                "length and, where one is defined, chance (passkey with a byte tokenizer: one digit "
+                                "in ten; mqar: one of the window's values) marked.", image="retrieval_vs_length.png"))
+    if "repeat_gain.png" in figures:
+        sections.append(Section("Repeat gain vs distance", "The repeat gain (nats) by the distance from the first "
+                                "copy to the second, one panel per evaluation length, mean over seeds (its 95% "
+                                "interval a band where at most six schemes share a panel); the training length "
+                                "marked.", image="repeat_gain.png"))
+    return sections
+
+
+def probe_note_lines(pooled: pd.DataFrame) -> list[str]:
+    """One line per scheme, probe and distinct note of an unmeasured cell, with its lengths."""
+    lines = []
+    for (scheme, probe, note), g in pooled[pooled["note"] != ""].groupby(["scheme", "probe", "note"], sort=False):
+        lengths = sorted(set(g["eval_len"].astype(int)))
+        lines.append(f"- {scheme}, {probe}, at {', '.join(map(str, lengths))}: {note}")
+    return lines

@@ -62,6 +62,22 @@ def tokenizers(df: pd.DataFrame) -> list[str]:
     return sorted(as_text(df["tokenizer"], "byte").unique()) if "tokenizer" in df else ["byte"]
 
 
+def labels_together(*tables: pd.DataFrame | None) -> list[pd.Series | None]:
+    """`label` of each table's rows, labelled as one table (results and probes): a scheme gets one name in both,
+    even where a tag (a dataset, a training variant) shows only in their union. None for a table that is None."""
+    present = [t for t in tables if t is not None]
+    cols = sorted(set.intersection(*(set(t.columns) for t in present))) if present else []
+    both = label(pd.concat([t[cols] for t in present], ignore_index=True)) if present else None
+    out, start = [], 0
+    for t in tables:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(pd.Series(both.iloc[start:start + len(t)].to_numpy(), index=t.index))
+        start += len(t)
+    return out
+
+
 def label(df: pd.DataFrame) -> pd.Series:
     """Scheme label: the scheme, plus the RoPE extension when one was used at evaluation, plus the
     tokenizer when the results mix tokenizers, plus ' on <dataset>' when they mix evaluation datasets (`lenx eval
@@ -126,7 +142,7 @@ def protocols(df: pd.DataFrame) -> list[str]:
     return sorted(found, key=lambda p: (next((i for i, o in enumerate(PROTOCOL_ORDER) if p.startswith(o)), 9), p))
 
 
-def summarise(df: pd.DataFrame) -> pd.DataFrame:
+def summarise(df: pd.DataFrame, scheme: pd.Series | None = None) -> pd.DataFrame:
     """One row per (protocol, scheme, eval_len), over seeds: ppl's geometric mean, its 95% confidence interval
     (ppl_low, ppl_high: Student t on log ppl) and standard error (delta method), the seed count, and bpb's mean;
     the ratio to the scheme's own perplexity at 1x with its interval (rel_1x, rel_1x_low, rel_1x_high,
@@ -134,7 +150,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
     Seeds differ in perplexity by factors (one run that breaks at 16x can be ten times another): on log ppl the
     interval is symmetric and stays positive, where an interval on ppl itself can reach below zero with few seeds."""
-    df = df.assign(scheme=label(df), protocol_label=protocol_label(df))
+    df = df.assign(scheme=label(df) if scheme is None else scheme, protocol_label=protocol_label(df))
     rows, logs = [], {}  # logs: each cell's log ppl by seed, for the paired ratio to 1x
     every = df.groupby(["protocol_label", "scheme"], sort=False)["seed"].unique()  # a scheme's seeds, any length
     for (protocol, scheme, L), g in df.groupby(["protocol_label", "scheme", "eval_len"], sort=False):
@@ -241,3 +257,180 @@ def ranking(part: pd.DataFrame) -> Ranking | None:
     return Ranking(float(M), sorted(int(L) for L in at["eval_len"].unique()), ranked,
                    part[multiple == 1].set_index("scheme")["ppl"], [s for s, r in ranked.iterrows() if r.rel_1x <= KEPT],
                    ranked["ppl"].idxmin(), unranked)
+
+
+# ---------------------------------------------------------------- retrieval probes (the `probes` table)
+
+PROBE_ORDER = ("passkey", "mqar", "repeat")
+
+
+def probe_at(probes: pd.DataFrame) -> pd.Series:
+    """A probe row's place in its window: the depth (passkey) or the distance (mqar, repeat)."""
+    depth = probes["depth"] if "depth" in probes else pd.Series(float("nan"), index=probes.index)
+    distance = probes["distance"] if "distance" in probes else pd.Series(float("nan"), index=probes.index)
+    return pd.to_numeric(depth, errors="coerce").where(probes["probe"] == "passkey",
+                                                       pd.to_numeric(distance, errors="coerce"))
+
+
+def probe_summary(probes: pd.DataFrame, pooled: bool = False, scheme: pd.Series | None = None) -> pd.DataFrame:
+    """The probes over seeds: one row per (probe, scheme, eval_len, at) with `at` the depth or distance, or with
+    `pooled` one per (probe, scheme, eval_len) over its depths or distances. `scheme`: the rows' labels (default
+    `label(probes)`; `lenx.report` labels probes and perplexity rows together, so that one scheme has one name).
+
+    Each seed's numbers pool its rows: accuracy = its key tokens' hits / their count (each row's accuracy ×
+    answers), exact_match = trials matched / trials, key_nll = the answers' mean NLL, gain = the trials' mean gain.
+    With two or more seeds: the mean over seeds, its 95% interval (Student t over the seeds) and standard error.
+    With one seed: the interval of the pooled tokens or trials themselves, as the rows give them: Wilson's for
+    accuracy (over answer tokens) and exact_match (over trials), with the standard error the harness gives a
+    mean of 0/1 samples, sqrt(p (1 - p) / (n - 1)); for gain, Student t over trials, its standard error from the
+    rows' intervals (cells independent: their own windows); key_nll then has none. `interval` says which
+    ('seeds', or 'one seed': over its tokens and trials)."""
+    df = probes.assign(scheme=label(probes) if scheme is None else scheme, at=probe_at(probes))
+    keys = ["probe", "scheme", "eval_len"] + ([] if pooled else ["at"])
+    rows = []
+    for key, g in df.groupby(keys, sort=False, dropna=False):
+        scored = g[g["accuracy"].notna() & (g["answers"] > 0)]
+        per_seed = [_probe_seed(s) for _, s in scored.groupby("seed", dropna=False)]
+        row = dict(zip(keys, key), train_len=int(g["train_len"].iloc[0]), seeds=len(per_seed),
+                   evaluated_seeds=int(g["seed"].nunique(dropna=False)),
+                   trials=int(scored["trials"].sum()), answers=int(scored["answers"].sum()),
+                   interval="seeds" if len(per_seed) > 1 else "one seed" if per_seed else "",
+                   note="" if len(per_seed) else "; ".join(sorted(set(as_text(g["note"], "")) - {""})))
+        row["multiple"] = row["eval_len"] / row["train_len"]
+        for metric in ("accuracy", "exact_match", "key_nll", "gain"):
+            row.update(_over_seeds(metric, per_seed))
+        rows.append(row)
+    cols = ["accuracy", "exact_match", "key_nll", "gain"]
+    out = pd.DataFrame(rows, columns=keys + ["train_len", "multiple", "seeds", "evaluated_seeds", "trials",
+                                             "answers", "interval", "note"]
+                       + [f"{m}{s}" for m in cols for s in ("", "_low", "_high", "_stderr")])
+    if out.empty:
+        return out
+    order = scheme_order(out["scheme"].unique())
+    rank = {p: i for i, p in enumerate(PROBE_ORDER)}
+    return out.sort_values(keys, key=lambda c: c.map(order) if c.name == "scheme" else c.map(lambda p: rank.get(p, 9))
+                           if c.name == "probe" else c).reset_index(drop=True)
+
+
+def _probe_seed(g: pd.DataFrame) -> dict:
+    """One seed's pooled numbers from its scored rows: each metric's value and, for one seed's interval, its
+    (low, high, stderr) over the seed's own tokens or trials."""
+    nan = float("nan")
+    hits = int((g["accuracy"] * g["answers"]).round().sum())
+    n = int(g["answers"].sum())
+    out = {"accuracy": (hits / n, *wilson(hits, n), _binomial_se(hits, n))}
+    em = g[g["exact_match"].notna()] if "exact_match" in g else g.iloc[:0]
+    if len(em):
+        k, t = int((em["exact_match"] * em["trials"]).round().sum()), int(em["trials"].sum())
+        out["exact_match"] = (k / t, *wilson(k, t), _binomial_se(k, t))
+    if "key_nll" in g and g["key_nll"].notna().any():
+        nll = g[g["key_nll"].notna()]
+        out["key_nll"] = (float((nll["key_nll"] * nll["answers"]).sum() / nll["answers"].sum()), nan, nan, nan)
+    gain = g[g["gain"].notna()] if "gain" in g else g.iloc[:0]
+    if len(gain):
+        w = gain["trials"] / gain["trials"].sum()
+        mean = float((w * gain["gain"]).sum())
+        dof = int(gain["trials"].sum() - len(gain))  # the pooled variances' degrees of freedom: one less per cell
+        # each cell's standard error from its interval over trials (Student t, trials - 1 degrees of freedom)
+        se_cell = [(r.gain_high - r.gain_low) / (2 * t975(int(r.trials) - 1)) if pd.notna(r.gain_low) else nan
+                   for r in gain.itertuples()]
+        se = math.sqrt(sum((wi * s) ** 2 for wi, s in zip(w, se_cell)))
+        half = t975(dof) * se if dof > 0 else nan
+        out["gain"] = (mean, mean - half, mean + half, se)
+    return out
+
+
+def _binomial_se(k: int, n: int) -> float:
+    """The standard error of a mean of n 0/1 samples with k ones (the sample standard deviation / sqrt n, as
+    lm-evaluation-harness computes it for accuracy)."""
+    p = k / n
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+
+
+def _over_seeds(metric: str, per_seed: list[dict]) -> dict:
+    """A metric's mean over seeds with a Student-t 95% interval and standard error (two or more seeds); one seed's
+    own interval; NaN where no seed has it. Accuracies stay within [0, 1]."""
+    nan = float("nan")
+    values = [s[metric] for s in per_seed if metric in s]
+    names = [metric, f"{metric}_low", f"{metric}_high", f"{metric}_stderr"]
+    if not values:
+        return dict.fromkeys(names, nan)
+    if len(values) == 1:
+        return dict(zip(names, values[0]))
+    x = pd.Series([v[0] for v in values])
+    mean, se = float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x)))
+    low, high = mean - t975(len(x) - 1) * se, mean + t975(len(x) - 1) * se
+    if metric in ("accuracy", "exact_match"):
+        low, high = max(0.0, low), min(1.0, high)
+    return dict(zip(names, (mean, low, high, se)))
+
+
+RETRIEVES = 0.5  # passkey accuracy at 1x from which a scheme counts as retrieving at all
+KEEPS = 0.5      # and it keeps retrieving at a length where it has at least this share of its 1x accuracy
+
+
+@dataclass
+class Retrieval:
+    """The passkey verdict of each scheme (pooled summary rows of the passkey probe): at `multiple`, the longest
+    multiple of the training length with a passkey accuracy, each scheme's row there and at its reference (1x, or
+    its shortest length with an accuracy where 1x has none: a window too short for the wording), and its verdict:
+    'keeps' (accuracy at `multiple` >= KEEPS x its reference accuracy), 'stops' (below), 'never' (reference accuracy
+    below RETRIEVES: it does not retrieve at its own length, so length says nothing), 'unmeasured' (no accuracy at
+    `multiple` or no shorter reference)."""
+    multiple: float
+    at: dict          # scheme -> summary row at `multiple` (absent where not measured)
+    ref: dict         # scheme -> summary row at the reference length
+    verdict: dict     # scheme -> 'keeps' | 'stops' | 'never' | 'unmeasured'
+    notes: dict       # scheme -> why it has no accuracy at `multiple` (its row's note), where it has one
+
+
+def retrieval(pooled: pd.DataFrame) -> Retrieval | None:
+    """The passkey verdicts from `probe_summary(..., pooled=True)`; None where no passkey cell has an accuracy."""
+    pk = pooled[(pooled["probe"] == "passkey") & pooled["accuracy"].notna()]
+    if pk.empty:
+        return None
+    M = float(pk["multiple"].max())
+    at, ref, verdict, notes = {}, {}, {}, {}
+    empty = pooled[(pooled["probe"] == "passkey") & pooled["accuracy"].isna() & ((pooled["multiple"] - M).abs() < 1e-9)]
+    for r in empty.itertuples():
+        if r.note:
+            notes[r.scheme] = r.note
+    for scheme in dict.fromkeys(pooled.loc[pooled["probe"] == "passkey", "scheme"]):
+        mine = pk[pk["scheme"] == scheme]
+        top = mine[(mine["multiple"] - M).abs() < 1e-9]
+        if len(top):
+            at[scheme] = top.iloc[0]
+        shorter = mine[mine["multiple"] < M - 1e-9].sort_values("multiple")
+        if len(shorter):
+            one = shorter[(shorter["multiple"] - 1).abs() < 1e-9]
+            ref[scheme] = (one if len(one) else shorter).iloc[0]
+        if scheme not in at or scheme not in ref:
+            verdict[scheme] = "unmeasured"
+        elif ref[scheme]["accuracy"] < RETRIEVES:
+            verdict[scheme] = "never"
+        else:
+            verdict[scheme] = "keeps" if at[scheme]["accuracy"] >= KEEPS * ref[scheme]["accuracy"] else "stops"
+    return Retrieval(M, at, ref, verdict, notes)
+
+
+def farthest_gain(cells: pd.DataFrame) -> tuple[float, dict] | None:
+    """The repeat gain at the longest multiple with a gain, at the farthest distance probed there (the window less
+    the segment: the first copy nearly a whole window back), per scheme: (multiple, scheme -> summary row). From
+    `probe_summary` per distance; None where no repeat cell has a gain."""
+    rep = cells[(cells["probe"] == "repeat") & cells["gain"].notna()]
+    if rep.empty:
+        return None
+    M = float(rep["multiple"].max())
+    top = rep[(rep["multiple"] - M).abs() < 1e-9]
+    return M, {s: g.sort_values("at").iloc[-1] for s, g in top.groupby("scheme", sort=False)}
+
+
+@dataclass
+class ProbeTables:
+    """The probes table summarised over seeds, both ways (`probe_summary`): per depth or distance, and pooled."""
+    cells: pd.DataFrame
+    pooled: pd.DataFrame
+
+    @classmethod
+    def of(cls, probes: pd.DataFrame, scheme: pd.Series | None = None) -> "ProbeTables":
+        return cls(probe_summary(probes, scheme=scheme), probe_summary(probes, pooled=True, scheme=scheme))

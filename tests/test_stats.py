@@ -5,7 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from lenx.stats import KEPT, _rel_1x, label, protocol_label, ranking, summarise, t975
+from lenx.stats import (KEEPS, KEPT, RETRIEVES, _rel_1x, farthest_gain, label, labels_together, probe_summary,
+                        protocol_label, ranking, retrieval, summarise, t975, wilson)
 
 
 def row(pe: str, seed, eval_len: int, ppl: float, **fields) -> dict:
@@ -108,3 +109,120 @@ def test_ranking_orders_by_ratio_to_1x_and_says_why_a_scheme_is_left_out():
 def test_no_ranking_without_a_length_past_1x():
     assert ranking(summarise(pd.DataFrame([row("rope", 0, 16, 5.0)]))) is None
     assert ranking(summarise(pd.DataFrame([row("rope", 0, 32, 5.0)]))) is None  # past 1x, but nothing to divide by
+
+
+# ---------------------------------------------------------------- the probes table
+
+
+def probe_row(pe: str, seed, eval_len: int, probe: str = "passkey", at=0.5, accuracy=0.5, answers=10, trials=4,
+              exact_match=0.25, key_nll=2.0, **fields) -> dict:
+    """One probes row (training length 16); `at` is the depth (passkey) or the distance (mqar, repeat)."""
+    return {"run": f"{pe}-s{seed}", "pe": pe, "seed": seed, "train_len": 16, "eval_len": eval_len, "probe": probe,
+            "depth": at if probe == "passkey" else float("nan"), "distance": float("nan") if probe == "passkey" else at,
+            "trials": trials, "answers": answers, "accuracy": accuracy, "exact_match": exact_match,
+            "key_nll": key_nll, "gain": float("nan"), "gain_low": float("nan"), "gain_high": float("nan"),
+            "rope_scaling": "none", "rope_factor": float("nan"), "tokenizer": "byte", "dataset": "stdlib",
+            "config_id": "c", "note": "", **fields}
+
+
+def test_probe_summary_over_seeds_is_the_mean_with_a_t_interval():
+    """Accuracies 0.8, 0.6, 0.7 over seeds 0-2: mean 0.7, sd 0.1, half-width 4.303 x 0.1 / sqrt 3 = 0.248435;
+    exact match 0.25, 0.5, 0.75: mean 0.5, sd 0.25, half 0.621087, clipped to [0, 1]; key NLL 1, 2, 3: mean 2."""
+    rows = [probe_row("alibi", s, 64, accuracy=a, exact_match=e, key_nll=n)
+            for s, a, e, n in ((0, 0.8, 0.25, 1.0), (1, 0.6, 0.5, 2.0), (2, 0.7, 0.75, 3.0))]
+    r = probe_summary(pd.DataFrame(rows)).iloc[0]
+    assert (r.probe, r.scheme, r.eval_len, r["at"], r.multiple, r.seeds, r.interval) == (
+        "passkey", "alibi", 64, 0.5, 4.0, 3, "seeds")
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert (r.accuracy, r.accuracy_low, r.accuracy_high) == (pytest.approx(0.7), pytest.approx(0.7 - half),
+                                                             pytest.approx(0.7 + half))
+    assert r.accuracy_stderr == pytest.approx(0.1 / math.sqrt(3))
+    assert (r.exact_match, r.exact_match_low, r.exact_match_high) == (pytest.approx(0.5), 0.0, pytest.approx(1.0))
+    assert r.key_nll == pytest.approx(2.0) and r.key_nll_stderr == pytest.approx(1 / math.sqrt(3))
+    assert (r.trials, r.answers) == (12, 30)
+
+
+def test_one_seed_pooled_over_depths_has_wilson_intervals_of_its_tokens_and_trials():
+    """One seed, two depths: 8 of 10 and 15 of 30 key tokens = 23 of 40; Wilson by hand: p 0.575, centre
+    (p + z^2/80) / (1 + z^2/40) = 0.56843, half 1.96 sqrt(p(1-p)/40 + z^2/6400) / 1.09604 = 0.14648: [0.42195,
+    0.71491]; standard
+    error sqrt(p(1-p)/39) = 0.079158. Exact match 1 + 2 of 4 + 4 trials = 3 of 8. Key NLL over the 40 tokens
+    (2 x 10 + 3 x 30) / 40 = 2.75, no interval."""
+    rows = [probe_row("rope", 0, 64, at=0.0, accuracy=0.8, answers=10, exact_match=0.25, key_nll=2.0),
+            probe_row("rope", 0, 64, at=1.0, accuracy=0.5, answers=30, exact_match=0.5, key_nll=3.0)]
+    r = probe_summary(pd.DataFrame(rows), pooled=True).iloc[0]
+    assert "at" not in r and r.interval == "one seed" and r.seeds == 1
+    assert r.accuracy == pytest.approx(0.575)
+    assert (r.accuracy_low, r.accuracy_high) == (pytest.approx(0.42195, abs=1e-5), pytest.approx(0.71491, abs=1e-5))
+    assert r.accuracy_stderr == pytest.approx(0.079158, abs=1e-6)
+    assert r.exact_match == pytest.approx(3 / 8) and (r.exact_match_low, r.exact_match_high) == wilson(3, 8)
+    assert r.key_nll == pytest.approx(2.75) and math.isnan(r.key_nll_low) and math.isnan(r.key_nll_stderr)
+    cells = probe_summary(pd.DataFrame(rows))  # per depth: each row's own tokens
+    assert list(cells["at"]) == [0.0, 1.0] and cells["accuracy_low"].iloc[0] == pytest.approx(wilson(8, 10)[0])
+
+
+def test_repeat_gain_pooled_from_each_distance_interval_over_trials():
+    """One seed, distances 8 and 16, 10 trials each: gains 0.3 [0.1, 0.5] and 0.1 [0.0, 0.2]. Each cell's standard
+    error is its half-width / t(0.975, 9) = 0.2 / 2.262 and 0.1 / 2.262; pooled: mean 0.2, se sqrt((0.5 x
+    0.088417)^2 + (0.5 x 0.044209)^2) = 0.049427, half t(0.975, 18) se = 2.101 x 0.049427. Per distance: the
+    row's own interval."""
+    rows = [probe_row("alibi", 0, 64, probe="repeat", at=d, trials=10, gain=g, gain_low=lo, gain_high=hi)
+            for d, g, lo, hi in ((8, 0.3, 0.1, 0.5), (16, 0.1, 0.0, 0.2))]
+    pooled = probe_summary(pd.DataFrame(rows), pooled=True).iloc[0]
+    assert pooled.gain == pytest.approx(0.2) and pooled.gain_stderr == pytest.approx(0.049427, abs=1e-6)
+    assert (pooled.gain_low, pooled.gain_high) == (pytest.approx(0.2 - 2.101 * 0.0494268, abs=1e-6),
+                                                   pytest.approx(0.2 + 2.101 * 0.0494268, abs=1e-6))
+    one = probe_summary(pd.DataFrame(rows)).iloc[0]
+    assert (one["at"], one.gain, one.gain_low, one.gain_high) == (8, pytest.approx(0.3), pytest.approx(0.1),
+                                                                  pytest.approx(0.5))
+    # two seeds: over the seeds' gains (0.3 and 0.5 at distance 8)
+    two = probe_summary(pd.DataFrame(rows[:1] + [{**rows[0], "seed": 1, "run": "alibi-s1", "gain": 0.5}])).iloc[0]
+    assert two.gain == pytest.approx(0.4) and two.gain_high == pytest.approx(0.4 + 12.706 * 0.1)
+
+
+def test_an_unmeasured_probe_cell_keeps_its_note():
+    rows = [probe_row("learned", 0, 64, accuracy=float("nan"), answers=0, exact_match=float("nan"),
+                      key_nll=float("nan"), note="learned positions end at 16"),
+            probe_row("learned", 0, 16)]
+    out = probe_summary(pd.DataFrame(rows), pooled=True).set_index("eval_len")
+    assert math.isnan(out.loc[64, "accuracy"]) and out.loc[64, "seeds"] == 0
+    assert out.loc[64, "note"] == "learned positions end at 16" and out.loc[16, "note"] == ""
+
+
+def test_retrieval_verdicts_follow_the_stated_rule():
+    """keeps: accuracy at the longest multiple >= KEEPS x its own at 1x; stops: below; never: below RETRIEVES at
+    1x; a scheme whose 1x window cannot hold the wording is compared with its shortest length probed."""
+    acc = {"alibi": (0.9, 0.3), "rope": (0.8, 0.4), "nope": (0.3, 0.3), "t5": (None, 0.9), "fire": (0.9, None)}
+    rows = []
+    for pe, (one, top) in acc.items():
+        for L, a in ((16, one), (32, 0.9), (64, top)):
+            blank = {"accuracy": float("nan"), "answers": 0, "note": f"no {L}"} if a is None else {"accuracy": a}
+            rows.append(probe_row(pe, 0, L, **blank))
+    found = retrieval(probe_summary(pd.DataFrame(rows), pooled=True))
+    assert KEEPS == 0.5 and RETRIEVES == 0.5 and found.multiple == 4.0
+    assert found.verdict == {"nope": "never", "rope": "keeps", "alibi": "stops", "t5": "keeps", "fire": "unmeasured"}
+    assert found.ref["t5"].multiple == 2.0 and found.ref["alibi"].multiple == 1.0
+    assert found.notes == {"fire": "no 64"}
+    assert retrieval(probe_summary(pd.DataFrame([probe_row("a", 0, 64, probe="repeat", at=8)]), pooled=True)) is None
+
+
+def test_farthest_gain_is_at_the_longest_length_and_distance():
+    rows = [probe_row("alibi", 0, L, probe="repeat", at=d, gain=g) for L, d, g in
+            ((32, 8, 1.0), (64, 8, 0.9), (64, 48, 0.2), (64, 16, 0.5))]
+    M, at = farthest_gain(probe_summary(pd.DataFrame(rows)))
+    assert M == 4.0 and at["alibi"]["at"] == 48 and at["alibi"].gain == pytest.approx(0.2)
+
+
+def test_results_and_probes_are_labelled_as_one_table():
+    """A tag that only their union shows (two datasets, one in each table) names the scheme the same in both."""
+    res = pd.DataFrame([row("alibi", 0, 16, 5.0)])
+    pro = pd.DataFrame([probe_row("alibi", 0, 16, dataset="other")])
+    a, b = labels_together(res, pro)
+    assert list(a) == ["alibi on stdlib"] and list(b) == ["alibi on other"]
+    assert labels_together(res, None)[1] is None and list(labels_together(res, None)[0]) == ["alibi"]
+
+
+def test_an_hf_model_without_a_seed_is_one_seed():
+    r = probe_summary(pd.DataFrame([probe_row("llama", float("nan"), 64, accuracy=0.8, answers=10)])).iloc[0]
+    assert (r.seeds, r.evaluated_seeds, r.interval) == (1, 1, "one seed")
+    assert (r.accuracy_low, r.accuracy_high) == wilson(8, 10)
