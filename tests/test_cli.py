@@ -86,7 +86,8 @@ def test_report_pools_only_seeds_of_one_experiment(tmp_path):
     out = tmp_path / "results"
     assert lenx("eval", *(tmp_path / name for name in runs), "--lengths", "16,32", "--tokens", "64", "--out", out) == 0
     df = pd.read_csv(out / "results.csv")
-    assert list(df.columns[-2:]) == ["config_id", "weights_id"]  # appended: the columns before keep their places
+    # appended, in the order they came: the columns before keep their places
+    assert list(df.columns[-4:]) == ["config_id", "weights_id", "context_gain", "context_gain_tokens"]
     ids = df.groupby("run")["config_id"].first()
     assert ids["long"] != ids["short"] and ids["L8-s0"] == ids["L8-s1"] != ids["long"]
 
