@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .errors import LenxError
 
@@ -96,9 +95,11 @@ class Mix:
                         self.pools).tokens
         return sample(probe, self.tok, self.haystack, length, rng, fmt=FORMATS["short"]).tokens
 
-    def apply(self, batch: torch.Tensor, seed: int, step: int) -> torch.Tensor:
-        """The global batch of step `step` with its probe rows: row r is probe k where the step's r-th uniform draw
-        falls in k's share (so each row is a probe with probability the mix's total share)."""
+    def apply(self, batch, seed: int, step: int):
+        """The global batch of step `step` (a tensor) with its probe rows: row r is probe k where the step's r-th
+        uniform draw falls in k's share (so each row is a probe with probability the mix's total share)."""
+        import torch
+
         g = torch.Generator().manual_seed(seed * 1_000_003 + step + (1 << 40))  # not get_batch's stream
         u = torch.rand(len(batch), generator=g).tolist()
         edges = np.cumsum(list(self.shares.values()))
@@ -111,6 +112,8 @@ class Mix:
 
     def kinds(self, batch_rows: int, seed: int, step: int) -> list[str]:
         """Which rows of a step are which probe ('' for text): the draws `apply` makes, for tests and counts."""
+        import torch
+
         g = torch.Generator().manual_seed(seed * 1_000_003 + step + (1 << 40))
         edges = np.cumsum(list(self.shares.values()))
         names = list(self.shares)
