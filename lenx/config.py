@@ -48,6 +48,12 @@ def _text_field(value: str, name: str) -> str:
     return value
 
 
+def _passkey_format(value: str, name: str) -> str:
+    from .probes.documents import FORMATS
+
+    return one_of(tuple(FORMATS), "passkey format")(value, name)
+
+
 def _attn_backend(value: str, name: str) -> str:
     from .attention import BACKENDS
 
@@ -98,6 +104,9 @@ class TrainConfig:
                        "training length from the training split, in `lenx eval --probe`'s wording, e.g. "
                        "passkey:0.1,mqar:0.05 (a mapping {passkey: 0.1} in a config file) [default: none].",
                        flag_type=Optional[str], parse=lambda text, flag: parse_mix(text, flag), check=parse_mix)
+    passkey_format: str = option("short", "Wording of the mix's passkey documents: short | byte-key | landmark | "
+                                 "landmark-garbage (`lenx schemes`-like list in docs/protocols.md); `lenx eval --probe "
+                                 "passkey` probes the run in it.", check=_passkey_format)
     log_every: int = option(10, "Logging period in steps.", flag=None, check=positive_int)
     save_every: int = option(200, "Checkpoint period in steps.", check=positive_int)
 

@@ -66,16 +66,18 @@ class Mix:
     tok: object
     haystack: np.ndarray
     pools: tuple | None = field(default=None, repr=False)
+    passkey_format: str = "short"  # its passkey documents' wording (`lenx.probes.documents.FORMATS`)
 
     @classmethod
-    def of(cls, shares: dict[str, float], tok, stream: np.ndarray, train_len: int) -> "Mix | None":
+    def of(cls, shares: dict[str, float], tok, stream: np.ndarray, train_len: int,
+           passkey_format: str = "short") -> "Mix | None":
         """The mix of a run (None without one), its documents checked to fit the training length."""
         if not shares:
             return None
         from .probes.documents import haystack_stream, token_pools
 
         mix = cls(shares, tok, haystack_stream(stream, int(tok.eod_id)),
-                  token_pools(tok) if "mqar" in shares else None)
+                  token_pools(tok) if "mqar" in shares else None, passkey_format)
         for probe in shares:
             try:
                 mix.document(probe, train_len + 1, np.random.default_rng(0))
@@ -93,7 +95,7 @@ class Mix:
             pairs = 8
             return mqar(self.tok, length, draw.integer(2 * pairs, length - 2 * pairs + 1), draw, pairs,
                         self.pools).tokens
-        return sample(probe, self.tok, self.haystack, length, rng, fmt=FORMATS["short"]).tokens
+        return sample(probe, self.tok, self.haystack, length, rng, fmt=FORMATS[self.passkey_format]).tokens
 
     def apply(self, batch, seed: int, step: int):
         """The global batch of step `step` (a tensor) with its probe rows: row r is probe k where the step's r-th

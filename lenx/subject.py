@@ -161,6 +161,7 @@ class LenxRun(Subject):
         self.tokenizer_name, self.run_dir, self.default_data = cfg["tokenizer"], str(self.path), cfg
         self.config_id = config_id(self.info)
         self.weights_id = weights_id(self.path)
+        self.passkey_format = cfg.get("passkey_format", "short")  # probed in the wording its mix trained on
         self.model = None
 
     def scaling_plan(self, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:

@@ -131,7 +131,7 @@ def _training_data(cfg: TrainConfig, run: RunDir, state: str, ctx, created: Path
             raise LenxError(f"the training split of '{cfg.dataset}' has {len(stream)} tokens; one window of "
                             f"--train-len {cfg.train_len} needs {cfg.train_len + 2}")
         _check_same_text(ctx, corpus.fingerprint, tok.fingerprint)
-        mix = Mix.of(cfg.mix, tok, stream, cfg.train_len)
+        mix = Mix.of(cfg.mix, tok, stream, cfg.train_len, cfg.passkey_format)
     except LenxError:
         if state == "new" and created is not None and ctx.main:
             shutil.rmtree(created, ignore_errors=True)

@@ -92,3 +92,44 @@ def test_training_with_a_mix_records_it_and_resumes_bit_exact(tmp_path, text_dat
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = load_file(tmp_path / "plain" / "model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the mix changed what it trained on
+
+
+def test_byte_key_passkeys_put_one_reserved_byte_where_the_key_goes():
+    """The byte-key wording: the key is one byte of 128-137, twice in the needle and once as the window's last token
+    (the answer), which text never holds alone; other tokenizers are refused with the fix."""
+    from lenx.probes.documents import FORMATS, passkey, passkey_overhead
+
+    tok = get_tokenizer("byte")
+    hay = np.frombuffer(b"def f(x):\n    return x + 1\n" * 50, dtype=np.uint8).astype(np.int64)
+    fmt = FORMATS["byte-key"]
+    for seed in range(20):
+        d = passkey(tok, hay, 129, seed / 19, seed, fmt)
+        key = int(d.key)
+        assert 128 <= key <= 137 and len(d.tokens) == 129 and list(d.answer) == [128]
+        assert d.tokens[-1] == key and (d.tokens == key).sum() == 3
+        assert bytes(d.tokens[-40:-1].tolist()).endswith(b" What is the pass key? The pass key is ")
+    needle, question = fmt.needle.replace("{key}", "k"), fmt.question + " k"
+    assert passkey_overhead(tok, fmt) == len(needle.encode()) + len(question.encode())  # the rest is haystack
+
+    class Other:
+        vocab_size = 1000
+
+    with pytest.raises(LenxError, match="byte tokenizer; use --passkey-format short"):
+        passkey(Other(), hay, 129, 0.5, 0, fmt)
+
+
+def test_a_run_trained_on_byte_key_passkeys_is_probed_in_that_wording(tmp_path, text_dataset):
+    """--passkey-format of lenx train sets the mix's wording, run.json records it, and eval's auto wording follows it."""
+    from lenx.subject import LenxRun
+
+    out = tmp_path / "run"
+    assert main(["train", "--pe", "alibi", *TINY[:-4], "--train-len", "128", "--steps", "2", "--mix", "passkey:0.5",
+                 "--passkey-format", "byte-key", "--dataset", str(text_dataset), "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["passkey_format"] == "byte-key"
+    assert LenxRun(out).passkey_format == "byte-key"
+    assert main(["eval", str(out), "--lengths", "128", "--probe", "passkey", "--probe-trials", "2",
+                 "--probe-depths", "0.5", "--no-perplexity", "--out", str(tmp_path / "res")]) == 0
+    import pandas as pd
+
+    rows = pd.read_csv(tmp_path / "res" / "probes.csv")
+    assert list(rows["format"]) == ["byte-key"] and rows["answers"].iloc[0] == 2  # one key token per trial
