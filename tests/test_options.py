@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN_FLAGS = {"--pe", "--config", "--dataset", "--tokenizer", "--text-field", "--train-file", "--validation-file",
                "--test-file", "--train-len", "--steps", "--batch-size", "--grad-accum", "--layers", "--d-model",
                "--heads", "--d-ff", "--warmup", "--lr", "--seed", "--precision", "--compile", "--no-compile",
-               "--save-every", "--out", "--overwrite", "--device", "--help"}
+               "--save-every", "--out", "--overwrite", "--device", "--help",
+               # the training mix (lenx.mix)
+               "--mix", "--passkey-format"}
 EVAL_FLAG_SET = {"--max-len", "--lengths", "--tokens", "--out", "--runs-dir", "--device", "--rope-scaling",
                  "--rope-factor", "--protocol", "--stride", "--position-buckets", "--attn-backend", "--dataset",
                  "--text-field", "--test-file", "--model", "--train-len", "--dtype", "--help",
