@@ -20,19 +20,28 @@ def _items(value) -> list:
     return [p for x in items for p in (x.replace(" ", "").split(",") if isinstance(x, str) else [x]) if p != ""]
 
 
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    """--lengths as typed: comma-separated integers (typer's one-line usage error otherwise)."""
-    import typer
+def _comma_list(convert, what: str, one: str):
+    """A flag's parser for comma-separated values as typed (typer's one-line usage error otherwise): `convert` each,
+    `what` they must be, `one` what at least one of them is."""
 
-    if text is None:
-        return None
-    try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise typer.BadParameter(f"expects comma-separated integers, got '{text}'", param_hint=flag) from None
-    if not values:
-        raise typer.BadParameter("expects at least one length", param_hint=flag)
-    return values
+    def parse(text: str | None, flag: str) -> list | None:
+        import typer
+
+        if text is None:
+            return None
+        try:
+            values = [convert(x) for x in text.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise typer.BadParameter(f"expects comma-separated {what}, got '{text}'", param_hint=flag) from None
+        if not values:
+            raise typer.BadParameter(f"expects at least one {one}", param_hint=flag)
+        return values
+
+    return parse
+
+
+_ints = _comma_list(int, "integers", "length")  # --lengths
+_floats = _comma_list(float, "numbers", "number")  # --probe-depths / --probe-distances
 
 
 def _lengths(value, name: str) -> list[int] | None:
@@ -84,22 +93,6 @@ def _protocols(value, name: str) -> list[str]:
 
 def _buckets(value, name: str) -> int:
     return positive_int(1 if value is None else value, name)
-
-
-def _floats(text: str | None, flag: str) -> list[float] | None:
-    """--probe-depths / --probe-distances as typed: comma-separated numbers (typer's one-line usage error
-    otherwise)."""
-    import typer
-
-    if text is None:
-        return None
-    try:
-        values = [float(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise typer.BadParameter(f"expects comma-separated numbers, got '{text}'", param_hint=flag) from None
-    if not values:
-        raise typer.BadParameter("expects at least one number", param_hint=flag)
-    return values
 
 
 def _numbers(value, name: str) -> list[float]:

@@ -86,38 +86,34 @@ class Mix:
         return mix
 
     def document(self, probe: str, length: int, rng) -> np.ndarray:
-        from .probes.documents import FORMATS, mqar, sample
+        from .probes.documents import FORMATS, sample
 
-        if probe == "mqar":  # the vocabulary split computed once per run, not per document
-            from .probes.documents import Draw
+        return sample(probe, self.tok, self.haystack, length, rng, fmt=FORMATS[self.passkey_format],
+                      pools=self.pools).tokens  # the vocabulary split computed once per run, not per document
 
-            draw = Draw(rng)
-            pairs = 8
-            return mqar(self.tok, length, draw.integer(2 * pairs, length - 2 * pairs + 1), draw, pairs,
-                        self.pools).tokens
-        return sample(probe, self.tok, self.haystack, length, rng, fmt=FORMATS[self.passkey_format]).tokens
-
-    def apply(self, batch, seed: int, step: int):
-        """The global batch of step `step` (a tensor) with its probe rows: row r is probe k where the step's r-th
-        uniform draw falls in k's share (so each row is a probe with probability the mix's total share)."""
-        import torch
-
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step + (1 << 40))  # not get_batch's stream
-        u = torch.rand(len(batch), generator=g).tolist()
-        edges = np.cumsum(list(self.shares.values()))
-        out = batch.clone()
-        for r, x in enumerate(u):
-            k = int(np.searchsorted(edges, x, side="right"))
-            if k < len(edges):
-                out[r] = torch.from_numpy(self.document(list(self.shares)[k], batch.shape[1], g))
-        return out
-
-    def kinds(self, batch_rows: int, seed: int, step: int) -> list[str]:
-        """Which rows of a step are which probe ('' for text): the draws `apply` makes, for tests and counts."""
+    def _draws(self, rows: int, seed: int, step: int):
+        """The step's generator (not get_batch's stream) and which rows are which probe ('' for text): row r is
+        probe k where the step's r-th uniform draw falls in k's share."""
         import torch
 
         g = torch.Generator().manual_seed(seed * 1_000_003 + step + (1 << 40))
         edges = np.cumsum(list(self.shares.values()))
         names = list(self.shares)
-        return [names[k] if (k := int(np.searchsorted(edges, x, side="right"))) < len(edges) else ""
-                for x in torch.rand(batch_rows, generator=g).tolist()]
+        return g, [names[k] if (k := int(np.searchsorted(edges, x, side="right"))) < len(edges) else ""
+                   for x in torch.rand(rows, generator=g).tolist()]
+
+    def apply(self, batch, seed: int, step: int):
+        """The global batch of step `step` (a tensor) with its probe rows (so each row is a probe with probability
+        the mix's total share), each document drawn from the step's generator after the rows' draws."""
+        import torch
+
+        g, kinds = self._draws(len(batch), seed, step)
+        out = batch.clone()
+        for r, probe in enumerate(kinds):
+            if probe:
+                out[r] = torch.from_numpy(self.document(probe, batch.shape[1], g))
+        return out
+
+    def kinds(self, batch_rows: int, seed: int, step: int) -> list[str]:
+        """Which rows of a step are which probe ('' for text), as `apply` draws them: for tests and counts."""
+        return self._draws(batch_rows, seed, step)[1]

@@ -13,7 +13,7 @@ from lenx.errors import LenxError
 from lenx.mix import Mix, parse_mix
 from lenx.train import get_batch
 
-from .test_training import TINY
+from .test_training import TINY, stop_training_at
 
 
 def _mix(shares, L=64):
@@ -64,7 +64,6 @@ def test_training_with_a_mix_records_it_and_resumes_bit_exact(tmp_path, text_dat
     checkpoint and resumed ends bit-identical to one never stopped."""
     from safetensors.torch import load_file
 
-    from lenx import train as train_module
     from lenx.ids import config_id
 
     args = ["train", "--pe", "rope", *TINY[:-4], "--train-len", "64", "--steps", "6", "--save-every", "3",
@@ -77,14 +76,7 @@ def test_training_with_a_mix_records_it_and_resumes_bit_exact(tmp_path, text_dat
     old = {**plain, "config": {k: v for k, v in plain["config"].items() if k != "mix"}}
     assert config_id(old) == config_id(plain)  # a run from before --mix keeps its id
 
-    get_batch_ = train_module.get_batch
-
-    def stop_at_4(stream, cfg, step, rows):
-        if step == 4:
-            raise KeyboardInterrupt
-        return get_batch_(stream, cfg, step, rows)
-
-    monkeypatch.setattr(train_module, "get_batch", stop_at_4)
+    stop_training_at(monkeypatch, 4)
     assert main([*args, "--mix", "passkey:0.5", "--out", str(tmp_path / "cut")]) != 0
     monkeypatch.undo()
     assert main([*args, "--mix", "passkey:0.5", "--out", str(tmp_path / "cut")]) == 0

@@ -409,19 +409,10 @@ def test_a_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one
     after its checkpoint at step 3 and resumed ends bit-identical to one never stopped."""
     from safetensors.torch import load_file
 
-    from lenx import train as train_module
-
     args = ["train", "--pe", pe, *TINY[:-4], "--steps", "6", "--save-every", "3", "--precision", "fp32",
             "--dataset", str(text_dataset)]
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
-    get_batch = train_module.get_batch
-
-    def stop_at_4(stream, cfg, step, rows):
-        if step == 4:
-            raise KeyboardInterrupt
-        return get_batch(stream, cfg, step, rows)
-
-    monkeypatch.setattr(train_module, "get_batch", stop_at_4)
+    stop_training_at(monkeypatch, 4)
     assert main([*args, "--out", str(tmp_path / "cut")]) != 0
     assert json.loads((tmp_path / "cut" / "latest.json").read_text())["step"] == 3
     monkeypatch.undo()
@@ -522,14 +513,7 @@ def test_a_resumed_auto_run_keeps_the_precision_it_began_with(tmp_path, text_dat
     monkeypatch.setattr(hardware, "this_cpu", lambda: _cpu("avx512_bf16"))
     args = ["train", "--pe", "rope", *TINY[:-4], "--steps", "6", "--save-every", "3", "--dataset", str(text_dataset)]
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
-    get_batch = train_module.get_batch
-
-    def stop_at_4(stream, cfg, step, rows):
-        if step == 4:
-            raise KeyboardInterrupt
-        return get_batch(stream, cfg, step, rows)
-
-    monkeypatch.setattr(train_module, "get_batch", stop_at_4)
+    get_batch = stop_training_at(monkeypatch, 4)
     assert main([*args, "--out", str(tmp_path / "cut")]) != 0
     monkeypatch.setattr(train_module, "get_batch", get_batch)
     monkeypatch.setattr(hardware, "this_cpu", lambda: _cpu("avx2"))
@@ -573,3 +557,19 @@ def test_every_scheme_trains_under_bf16_autocast_on_the_cpu(pe):
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), precision
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
+def stop_training_at(monkeypatch, stop: int):
+    """`lenx train` interrupted (KeyboardInterrupt) when it asks for step `stop`'s batch; returns the real get_batch
+    (for a test to put back)."""
+    from lenx import train as train_module
+
+    get_batch = train_module.get_batch
+
+    def stopping(stream, cfg, step, rows):
+        if step == stop:
+            raise KeyboardInterrupt
+        return get_batch(stream, cfg, step, rows)
+
+    monkeypatch.setattr(train_module, "get_batch", stopping)
+    return get_batch

@@ -334,14 +334,14 @@ def repeat(haystack: np.ndarray, length: int, distance: int, segment: int, rng) 
 
 
 def sample(name: str, tok, haystack: np.ndarray, length: int, rng, *, fmt: PasskeyFormat = FORMATS["short"],
-           pairs: int = 8, segment: int | None = None) -> Document:
+           pairs: int = 8, segment: int | None = None, pools: tuple[np.ndarray, np.ndarray] | None = None) -> Document:
     """One document of probe `name` with its depth (passkey: uniform in [0, 1]) or distance (mqar, repeat: uniform
     over those that fit) drawn from `rng` first; then the builder's own draws."""
     draw = Draw(rng)
     if name == "passkey":
         return passkey(tok, haystack, length, draw.uniform(), draw, fmt)
     if name == "mqar":
-        return mqar(tok, length, draw.integer(2 * pairs, length - 2 * pairs + 1), draw, pairs)
+        return mqar(tok, length, draw.integer(2 * pairs, length - 2 * pairs + 1), draw, pairs, pools)
     if name == "repeat":
         seg = segment or max(2, length // 4)
         return repeat(haystack, length, draw.integer(seg, length - seg + 1), seg, draw)
