@@ -35,6 +35,7 @@ A bias that also adds to the output (Shaw's a^V) needs the attention probabiliti
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -52,22 +53,59 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 def causal_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Bias | None, backend: str = "sdpa", block_size: int = 512
 ) -> Tensor:
-    """q, k, v: (B, H, T, hd). Returns (B, H, T, hd)."""
+    """q, k, v: (B, H, T, hd). Returns (B, H, T, hd). The route taken is noted for `recording`."""
     if backend == "materialized":
-        return _reference(q, k, v, bias)
+        return _took("materialized", _reference(q, k, v, bias))
     if backend in ("sdpa", "flex") and _stored_supported(q, k, v):
         table = None if bias is None or bias.needs_probs else bias.toeplitz_table()
         if bias is None or table is not None:
-            return _StoredProbs.apply(q, k, v, None if table is None else _distance_row(table, q.shape[-2]))
+            return _took("stored", _StoredProbs.apply(q, k, v, None if table is None else _distance_row(table, q.shape[-2])))
     if bias is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return _took("fused", F.scaled_dot_product_attention(q, k, v, is_causal=True))
     if backend == "flex" and flex_supported(q, bias):
-        return _flex(q, k, v, bias)
+        return _took("flex", _flex(q, k, v, bias))
     if backend in ("sdpa", "flex") and _separable_supported(q, k, bias):
-        return _separable(q, k, v, bias, block_size)
+        return _took("separable", _separable(q, k, v, bias, block_size))
     if backend in ("sdpa", "flex") and _clipped_supported(q, bias):
-        return _clipped(q, k, v, *bias.clipped_kv())
-    return _blocked(q, k, v, bias, block_size)
+        return _took("clipped", _clipped(q, k, v, *bias.clipped_kv()))
+    return _took("blocked", _blocked(q, k, v, bias, block_size))
+
+
+# The routes of `causal_attention`, by the backend whose route each is: what a row's attn_backend records.
+ROUTE_BACKEND = {"materialized": "materialized", "flex": "flex", "blocked": "blocked", "stored": "sdpa",
+                 "fused": "sdpa", "separable": "sdpa", "clipped": "sdpa"}
+_ROUTES: list[set[str]] = []  # the open `recording`s (row shards' threads add to them: set.add holds the GIL)
+
+
+def _took(route: str, out: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():  # traced once: a compiled model's rows record the backend asked for
+        return out
+    for routes in _ROUTES:
+        routes.add(route)
+    return out
+
+
+@contextmanager
+def recording():
+    """The set of attention routes taken while the block runs (every layer, every thread): what ran, which may
+    not be what was asked for (flex falls back to the sdpa routes off CUDA and for biases without a score_mod)."""
+    routes: set[str] = set()
+    _ROUTES.append(routes)
+    try:
+        yield routes
+    finally:
+        _ROUTES.remove(routes)
+
+
+def backend_taken(routes: set[str], asked: str | None) -> str | None:
+    """The backend a row records: the one whose routes ran (`asked` where nothing was recorded, e.g. an HF
+    model). A run of sdpa whose biases took the blocked fallback is sdpa's; flex that fell back is not flex."""
+    if not routes:
+        return asked
+    backends = sorted({ROUTE_BACKEND[r] for r in routes})
+    if backends == ["blocked", "sdpa"] or (backends == ["blocked"] and asked != "blocked"):
+        return "sdpa"
+    return "+".join(backends)
 
 
 # ---------------------------------------------------------------------------------------------------

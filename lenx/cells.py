@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import distributed
+from . import distributed, store
+from .attention import backend_taken, recording
 from .errors import LenxError
 from .progress import progress as make_progress
 from .runinfo import provenance
@@ -48,7 +49,7 @@ class CellKind(ABC):
 
     def finished(self, out: Path) -> dict:
         """key -> row of every cell that `out` holds finished."""
-        return {self.table.key(r): r for _, r in self.table.read(out).iterrows()}
+        return {self.table.key(r): r for r in self.table.read(out).to_dict("records")}
 
     def check_finished(self, row, cell: dict, subject: Subject, fix: str) -> None:
         """Refuse a finished cell that this command would compute otherwise: it is never recomputed."""
@@ -72,6 +73,11 @@ def check_weights(row, subject: Subject, fix: str) -> None:
     """Refuse a finished cell computed from other weights than the subject now holds (retrained since)."""
     recorded = row.get("weights_id")
     if subject.weights_id and isinstance(recorded, str) and recorded != subject.weights_id:
+        if subject.weights_id.startswith("hub:"):
+            raise LenxError(f"the results hold {row['run']} @{int(row['eval_len'])} computed from revision "
+                            f"{recorded.removeprefix('hub:')[:12]} of the model, and the HF cache now holds "
+                            f"{subject.weights_id.removeprefix('hub:')[:12]}; a finished cell is never recomputed: "
+                            f"{fix}")
         raise LenxError(f"the results hold {row['run']} @{int(row['eval_len'])} computed from other weights than "
                         f"{subject.run_dir} holds now (retrained or saved again since?); a finished cell is never "
                         f"recomputed: {fix}")
@@ -136,8 +142,11 @@ class Scorer:
                   "lenx_version": self.prov["lenx_version"],
                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         t0 = time.perf_counter()
-        tables = self.kind.score(subject, model, self.data, cell)
+        with recording() as routes:
+            tables = self.kind.score(subject, model, self.data, cell)
         seconds = round(time.perf_counter() - t0, 3)
+        common.update(attn_backend=backend_taken(routes, common.get("attn_backend")),
+                      attn_route="+".join(sorted(routes)) or None)  # what ran, not what was asked for
         return {stem: [{**common, **row, "seconds": seconds} for row in rows] for stem, rows in tables.items()}
 
 
@@ -160,12 +169,10 @@ def score_on_every_rank(ctx, scorer: Scorer, mine) -> list:
 # write
 
 
-def write_cell(kind: CellKind, out: Path, cell: dict, rows: dict[str, list[dict]]) -> pd.DataFrame:
-    """The cell's rows into each of the kind's tables, the main table last (its row marks the cell finished);
-    returns the main table."""
-    for table in kind.tables:
-        written = table.replace(out, cell, rows.get(table.stem, []))
-    return written
+def write_cell(kind: CellKind, out: Path, cell: dict, rows: dict[str, list[dict]]) -> None:
+    """The cell's rows into each of the kind's tables, in one transaction of the store (`lenx.store`): a killed
+    write leaves the cell missing from every table, never in one of them only."""
+    store.write_cell(out, [(table, cell, rows.get(table.stem, [])) for table in kind.tables])
 
 
 @contextmanager
@@ -181,16 +188,17 @@ def progress_task(bar, show: bool, total: int, completed: int):
 
 def run_cells(kind: CellKind, subjects: list[Subject], out: str | Path, *, ctx, device: str,
               attn_backend: str | None = None, show: bool = True, bar=None, on_cell=None) -> pd.DataFrame:
-    """Plan, run and write the cells of `kind` for every subject; the main table as written last. `on_cell(cell)`
-    is called after each cell, `bar`: a rich Progress to draw into."""
+    """Plan, run and write the cells of `kind` for every subject; returns the main table. `on_cell(cell)` is called
+    after each cell, `bar`: a rich Progress to draw into. The csv / parquet tables are rebuilt from the store as
+    cells are written (`store.Exporter`) and once more at the end, however the evaluation ends."""
     planned = plan(kind, subjects)
     out = make_out(out)
-    table = kind.table.read(out)
     todo = [(planned[i][0], planned[i][1][j])
             for i, j in distributed.from_main(ctx, lambda: missing(kind, planned, out))]
     scorer = Scorer(kind, device, attn_backend)
     total = sum(len(cells) for _, cells in planned)
-    with progress_task(bar, show and ctx.main, total, total - len(todo)) as (bar, task):
+    exporter = store.Exporter(out, [t.stem for t in kind.tables]) if ctx.main else None
+    with progress_task(bar, show and ctx.main, total, total - len(todo)) as (bar, task), _closing(exporter):
         for start in range(0, len(todo), ctx.world):
             batch = todo[start : start + ctx.world]
             mine = batch[ctx.rank] if ctx.rank < len(batch) else None
@@ -198,8 +206,18 @@ def run_cells(kind: CellKind, subjects: list[Subject], out: str | Path, *, ctx, 
                 bar.update(task, description=kind.describe(*mine))
             for (_, cell), rows in zip(batch, score_on_every_rank(ctx, scorer, mine)):
                 if ctx.main:
-                    table = write_cell(kind, out, cell, rows)
+                    write_cell(kind, out, cell, rows)
+                    exporter.cell_written()
                 bar.advance(task)
                 if on_cell:
                     on_cell(cell)
-    return table
+    return kind.table.read(out)
+
+
+@contextmanager
+def _closing(exporter):
+    try:
+        yield
+    finally:
+        if exporter is not None:
+            exporter.close()

@@ -155,7 +155,12 @@ def run_results(run_dir: Path, results_dir: Path | None):
     """This run's rows of results_dir/results.parquet (matched by run directory, else by run name), or None."""
     import pandas as pd
 
-    if results_dir is None or not (Path(results_dir) / "results.parquet").exists():
+    from .store import sync
+
+    if results_dir is None:
+        return None
+    sync(results_dir)
+    if not (Path(results_dir) / "results.parquet").exists():
         return None
     try:
         df = pd.read_parquet(Path(results_dir) / "results.parquet")

@@ -167,6 +167,19 @@ class Location:
         self.offline = None if self.local else offline_reason()
         self.cache_only = self.local or self.offline is not None
 
+    def revision(self) -> str | None:
+        """A hub model's commit as the HF cache holds it ("hub:<sha>", from the snapshot its config.json was read
+        from), None where the cache cannot say."""
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        found = try_to_load_from_cache(self.source, "config.json")
+        if not isinstance(found, str):
+            return None
+        snapshot = Path(found).parent
+        return f"hub:{snapshot.name}" if snapshot.parent.name == "snapshots" else None
+
     def hub_hint(self) -> str:
         return (f"{unreachable_note(self.offline)}without network, save it once online (`AutoModelForCausalLM.from_pretrained('{self.given}')."
                 "save_pretrained(DIR)` and the same for its tokenizer, or `hf download "
@@ -233,9 +246,9 @@ class HFModel(Subject):
         self.run_dir = self.tokenizer_name = where.source
         self.config_id = short_hash({"model": self.source, "dtype": dtype})  # one model, one dtype: one experiment
         # a local directory can be saved again in place (its config, its weights): fingerprinted, as a lenx run is;
-        # a hub name stands for its published weights
+        # a hub name is the revision the HF cache holds (an updated model is not mixed with an older one's cells)
         self.weights_id = (files_id([where.path / "config.json", *sorted(where.path.glob("*.safetensors"))])
-                           if self.local else None)
+                           if self.local else where.revision())
         self._check_loadable(where.path)
         self.scheme, self.positions = self.describe(config)
         self.pe = f"{config.model_type}/{self.scheme}"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import platform
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -54,7 +55,7 @@ COLUMNS = [
     "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note",
     "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
     "token_budget", "bucket_width", "config_id", "weights_id",  # appended, so that older tables still read
-    "context_gain", "context_gain_tokens",
+    "context_gain", "context_gain_tokens", "attn_route",
 ]
 KEY_COLUMNS = ["run", "eval_len", "protocol", "rope_scaling", "rope_factor"]  # in every lenx table, old ones too
 BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
@@ -93,15 +94,20 @@ check_settings = partial(store.check_settings, settings=SETTINGS)
 
 
 def check_text(row, spec, fix: str) -> None:
-    """Refuse a finished cell scored on other text than the local files `spec` names now (another --test-file,
-    all of them dataset 'files', or a file edited since): for them the name alone does not identify the text."""
-    if spec.dataset == "stdlib" or spec.dataset in HUB_DATASETS or spec.dataset.startswith("hf:"):
-        return
+    """Refuse a finished cell scored on other text than `spec` names now: another --test-file (all of them dataset
+    'files'), a file edited since, `stdlib` of another Python (its text is the running interpreter's standard
+    library), a hub dataset updated since. The name alone identifies none of them."""
     recorded = row.get("dataset_fingerprint")
-    if isinstance(recorded, str) and recorded != load_corpus(spec).fingerprint:
+    if not isinstance(recorded, str) or recorded == "unknown":
+        return
+    now = load_corpus(spec).fingerprint
+    if recorded != now:
+        why = {"stdlib": f"the standard library of another Python than this one ({platform.python_version()})"}
+        what = why.get(spec.dataset) or ("another revision of it" if spec.dataset in HUB_DATASETS or
+                                         spec.dataset.startswith("hf:") else "another file, or edited since")
         raise LenxError(f"the results hold {row['run']} @{int(row['eval_len'])} scored on other text than dataset "
-                        f"'{spec.dataset}' names now (another file, or edited since?); a finished cell is never "
-                        f"recomputed: {fix}")
+                        f"'{spec.dataset}' is now ({what}: fingerprint {recorded}, now {now}); a finished cell is "
+                        f"never recomputed: {fix}")
 
 
 def token_budget(tokens: int | None, lens: list[int]) -> int:
@@ -225,8 +231,8 @@ class Perplexity(CellKind):
     def finished(self, out: Path) -> dict:
         # a cell is finished when its row is in results (written last) and its buckets are there too; a cell
         # that ran out of memory is tried again
-        have_buckets = {cell_key(r) for _, r in BY_POSITION.read(out).iterrows()}
-        return {cell_key(r): r for _, r in RESULTS.read(out).iterrows()
+        have_buckets = {cell_key(r) for r in BY_POSITION.read(out).to_dict("records")}
+        return {cell_key(r): r for r in RESULTS.read(out).to_dict("records")
                 if (cell_key(r) in have_buckets or not (r["tokens"] > 0)) and not str(r["note"]).startswith(OOM_NOTE)}
 
     def check_finished(self, row, cell: dict, subject: Subject, fix: str) -> None:

@@ -24,6 +24,7 @@ from .plots import (plot_context_gain, plot_loss_by_position, plot_passkey, plot
                     plot_retrieval_vs_length, plot_training_curves)
 from .render import Section
 from .schema import ID_COLUMNS, check_numeric
+from .store import sync
 from .stats import ProbeTables, labels_together, summarise
 
 # Columns a results table from an older lenx (or another tool) may lack, and what they mean when absent.
@@ -36,6 +37,7 @@ REQUIRED = ["run", "pe", "seed", "train_len", "eval_len", "protocol", "rope_scal
 
 def read_results(results_dir: Path, probes: bool = False) -> pd.DataFrame | None:
     """The results table; with `probes` (a probes table is there), None where there is none."""
+    sync(results_dir)  # an evaluation killed between two rebuilds of the tables left them behind its store
     for name in ("results.parquet", "results.csv"):
         path = results_dir / name
         if path.exists():
@@ -67,6 +69,7 @@ _PROBE_OPTIONAL = {**_OPTIONAL, "rope_scaling": "none", "rope_factor": float("na
 
 def read_probes(results_dir: Path) -> pd.DataFrame | None:
     """The probes table (`lenx eval --probe`), or None where there is none (or it is empty)."""
+    sync(results_dir)
     for name in ("probes.parquet", "probes.csv"):
         path = results_dir / name
         if path.exists():
@@ -92,6 +95,7 @@ def read_probes(results_dir: Path) -> pd.DataFrame | None:
 
 
 def read_by_position(results_dir: Path) -> pd.DataFrame | None:
+    sync(results_dir)
     path = results_dir / "results_by_position.parquet"
     if not path.exists():
         return None

@@ -1,22 +1,37 @@
-"""The results tables of an evaluation's --out: read, and rewritten one cell at a time (atomic, under a lock).
+"""The results tables of an evaluation's --out: kept in an SQLite file beside them, appended one cell at a time,
+and exported as the tables users read.
 
-A table is `<stem>.csv` + `<stem>.parquet` (the parquet file is the one read back). A cell kind (`lenx.cells`)
-names its tables; each row carries its cell's key columns, so a cell's rows can be found and replaced.
+    <out>/cells.sqlite            every finished cell's rows, one SQL table per results table (the store)
+    <out>/<stem>.csv, .parquet    the tables, rebuilt from the store (`export`)
+
+Appending a cell is one transaction (its rows in every table of its kind replace any earlier rows of that cell),
+so its cost does not grow with the table, a killed append leaves the store as it was before it, and several
+`lenx eval` processes may write into one --out at once (SQLite's locking; WAL where the file system has it). The
+csv / parquet tables are rebuilt under a lock on the directory, from the store as it is then: at the end of every
+evaluation, every so often while one runs (`Exporter`), and by any reader that finds them older than the store or
+not as it wrote them (`sync`: an edited table is rebuilt from the store, which is what lenx reads). A --out written by an older lenx (tables, no store) is read from its parquet tables and moved into the
+store at its first append. A cell kind (`lenx.cells`) names its tables; each row carries its cell's key columns.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import sqlite3
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import pandas as pd
 
 from .errors import LenxError
 from .io import write_table
 from .schema import NUMERIC, check_numeric
+
+STORE = "cells.sqlite"
 
 
 @dataclass(frozen=True)
@@ -35,7 +50,15 @@ class Table:
         return Path(out) / f"{self.stem}.parquet"
 
     def read(self, out: Path) -> pd.DataFrame:
-        """The table in `out`, or an empty one; older tables get this version's columns (missing ones empty)."""
+        """The table in `out` (from its store, else from an older lenx's parquet table), or an empty one; older
+        tables get this version's columns (missing ones empty)."""
+        out = Path(out)
+        df = _read_store(out, self.stem) if (out / STORE).exists() else None
+        if df is None:
+            df = self._read_parquet(out)
+        return self.upgrade(_typed(df.reindex(columns=self.columns)))
+
+    def _read_parquet(self, out: Path) -> pd.DataFrame:
         path = self.path(out)
         if not path.exists():
             return pd.DataFrame(columns=self.columns)
@@ -48,24 +71,223 @@ class Table:
             raise LenxError(f"{path} is not a lenx results table (no column {missing[0]}); move it away or use "
                             "another --out")
         check_numeric(df, path, "move it away or use another --out")
-        return self.upgrade(df.reindex(columns=self.columns))
+        return df
 
-    def replace(self, out: Path, cell: dict, rows: list[dict]) -> pd.DataFrame:
-        """Replace the cell's rows by `rows` and write the table (csv + parquet, each atomically). The table is
-        read afresh under a lock on its directory, so `lenx eval` processes writing into one --out at once (one
-        per GPU) keep each other's rows."""
-        with locked(Path(out)):
-            table = self.read(out)
-            key = self.key(cell)
-            keep = table[[self.key(r) != key for _, r in table.iterrows()]] if len(table) else table
-            new = pd.DataFrame(rows, columns=self.columns)
-            parts = [t for t in (keep, new) if len(t)]
-            table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=self.columns)
-            for col in NUMERIC:  # one dtype per column, whichever run wrote the rows (None -> NaN)
-                if col in table:
-                    table[col] = pd.to_numeric(table[col], errors="coerce")
-            write_table(table, Path(out) / self.stem)
-        return table
+    def replace(self, out: Path, cell: dict, rows: list[dict]) -> None:
+        """Replace the cell's rows in this table by `rows` (`write_cell` with one table)."""
+        write_cell(out, [(self, cell, rows)])
+
+
+def write_cell(out: Path, parts: Iterable[tuple[Table, dict, list[dict]]]) -> None:
+    """One cell's rows, (table, cell, rows) for each of its tables, into the store in one transaction: each table's
+    earlier rows of the cell are replaced. Tables the store does not hold yet are created (with an older lenx's
+    parquet rows, where --out has them)."""
+    write_cells(out, [parts])
+
+
+def write_cells(out: Path, cells: Iterable[Iterable[tuple[Table, dict, list[dict]]]]) -> None:
+    """`write_cell` for many cells, in one transaction (a benchmark's or an import's bulk write)."""
+    out = Path(out)
+    with _connect(out) as con:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            changed = set()
+            for parts in cells:
+                for table, cell, rows in parts:
+                    if table.stem not in changed:
+                        _ensure(con, out, table)
+                        changed.add(table.stem)
+                    con.execute(f"DELETE FROM {_q(table.stem)} WHERE cell = ?", (_cell_id(table.key(cell)),))
+                    _insert(con, table, [(cell, row) for row in rows])
+            con.executemany("UPDATE tables SET version = version + 1 WHERE stem = ?", [(s,) for s in changed])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+def export(out: Path, stems: Iterable[str] | None = None, force: bool = False) -> list[str]:
+    """Rebuild `<stem>.csv` / `.parquet` from the store (each file atomically, under a lock on the directory) for
+    the stems given (default: every table in the store) whose store has changed since they were last rebuilt (all
+    of them with `force`); returns the stems rebuilt. Nothing without a store."""
+    out = Path(out)
+    if not (out / STORE).exists():
+        return []
+    done = []
+    with locked(out):
+        with _connect(out) as con:
+            known = {stem: (version, exported, json.loads(cols), files) for stem, version, exported, cols, files in
+                     con.execute("SELECT stem, version, exported, columns, files FROM tables")}
+        for stem in (known if stems is None else [s for s in stems if s in known]):
+            version, exported, cols, files = known[stem]
+            if version == exported and not force and files == _stamp(out, stem):
+                continue  # up to date, and the files are those it wrote (not edited, removed or replaced since)
+            df = _read_store(out, stem, cols)  # read under the lock: the last export holds every committed cell
+            write_table(_typed(df), out / stem)
+            with _connect(out) as con:
+                con.execute("UPDATE tables SET exported = ?, files = ? WHERE stem = ?",
+                            (version, _stamp(out, stem), stem))
+            done.append(stem)
+    return done
+
+
+def _stamp(out: Path, stem: str) -> str:
+    """The exported files as they are now (size and modification time of each; empty where missing)."""
+    stamps = {}
+    for ext in ("csv", "parquet"):
+        try:
+            st = (out / f"{stem}.{ext}").stat()
+            stamps[ext] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamps[ext] = None
+    return json.dumps(stamps)
+
+
+def sync(out: Path) -> None:
+    """Bring the exported tables up to date with the store (a reader's first step: the evaluation that wrote them
+    may have been killed between two exports). A store that cannot be written here (a read-only copy) leaves the
+    tables as they are."""
+    try:
+        export(out)
+    except (OSError, sqlite3.Error):
+        pass
+
+
+class Exporter:
+    """Rebuilds the exported tables while an evaluation appends cells: after a cell when `period` seconds have
+    passed since the last rebuild and the rebuilds have taken at most a tenth of the time since (large tables
+    are rebuilt less often, so appending stays cheap), and always at `close`."""
+
+    def __init__(self, out: Path, stems: list[str], period: float = 10.0):
+        self.out, self.stems, self.period = Path(out), stems, period
+        self.last, self.cost = time.monotonic(), 0.0
+
+    def cell_written(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= max(self.period, 10 * self.cost):
+            self.close()
+
+    def close(self) -> None:
+        t0 = time.monotonic()
+        export(self.out, self.stems)
+        self.last = time.monotonic()
+        self.cost = self.last - t0
+
+
+# ------------------------------------------------------------ the SQLite file
+
+
+_CONNECTIONS: dict[tuple[int, str], sqlite3.Connection] = {}  # (process, store path) -> its open connection
+
+
+@contextmanager
+def _connect(out: Path):
+    """This process's connection to --out's store (autocommit: transactions are explicit). Kept open: opening one
+    costs more than an append, and closing the last one checkpoints the WAL."""
+    path = Path(out) / STORE
+    key = (os.getpid(), str(path.absolute()))  # a forked child opens its own
+    con = _CONNECTIONS.get(key)
+    if con is None or not path.exists():
+        con = _open(path)
+        _CONNECTIONS[key] = con
+    yield con
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    try:
+        con = sqlite3.connect(path, timeout=600, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise LenxError(f"cannot open {path}: {e}; check the directory is writable, or use another --out") from None
+    try:
+        con.execute("PRAGMA busy_timeout = 600000")
+        if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            con.execute("PRAGMA journal_mode = WAL")  # stays 'delete' where the file system cannot share memory
+        con.execute("PRAGMA synchronous = NORMAL")  # a commit survives a killed process; fsync at checkpoints
+        con.execute("CREATE TABLE IF NOT EXISTS tables (stem TEXT PRIMARY KEY, columns TEXT NOT NULL, "
+                    "version INTEGER NOT NULL DEFAULT 0, exported INTEGER NOT NULL DEFAULT -1, files TEXT)")
+    except sqlite3.DatabaseError as e:
+        con.close()
+        raise LenxError(f"{path} is not a lenx results store ({e}); move it away and rerun (the csv / parquet "
+                        "tables beside it are read again)") from None
+    return con
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _cell_id(key: tuple) -> str:
+    return json.dumps(list(key), default=str)
+
+
+def _ensure(con, out: Path, table: Table) -> None:
+    """The table in the store with every column of `table` (columns a newer lenx adds are appended); an older
+    lenx's parquet rows moved in when the store first gets the table."""
+    row = con.execute("SELECT columns FROM tables WHERE stem = ?", (table.stem,)).fetchone()
+    if row is None:
+        cols = ", ".join(_q(c) for c in table.columns)
+        con.execute(f"CREATE TABLE {_q(table.stem)} (cell TEXT NOT NULL, {cols})")
+        con.execute(f"CREATE INDEX {_q(table.stem + '_cell')} ON {_q(table.stem)} (cell)")
+        con.execute("INSERT INTO tables (stem, columns) VALUES (?, ?)", (table.stem, json.dumps(table.columns)))
+        old = table._read_parquet(out)
+        if len(old):
+            old = table.upgrade(_typed(old.reindex(columns=table.columns)))
+            records = old.to_dict("records")
+            _insert(con, table, [(r, r) for r in records])
+        return
+    have = json.loads(row[0])
+    new = [c for c in table.columns if c not in have]
+    for c in new:
+        con.execute(f"ALTER TABLE {_q(table.stem)} ADD COLUMN {_q(c)}")
+    if new:
+        con.execute("UPDATE tables SET columns = ? WHERE stem = ?", (json.dumps(have + new), table.stem))
+
+
+def _insert(con, table: Table, rows: list[tuple[dict, dict]]) -> None:
+    """(cell, row) pairs: each row's values of the table's columns, keyed by its cell."""
+    if not rows:
+        return
+    cols = ", ".join(_q(c) for c in table.columns)
+    marks = ", ".join("?" * (len(table.columns) + 1))
+    con.executemany(f"INSERT INTO {_q(table.stem)} (cell, {cols}) VALUES ({marks})",
+                    [(_cell_id(table.key(cell)), *(_value(row.get(c)) for c in table.columns)) for cell, row in rows])
+
+
+def _value(x):
+    """A row's value as SQLite stores it: numbers, text or NULL (missing and NaN alike)."""
+    if x is None:
+        return None
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        x = x.item()  # numpy scalars
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, bool):
+        return int(x)
+    if isinstance(x, (int, float, str)):
+        return x
+    if pd.isna(x):
+        return None
+    return str(x)
+
+
+def _read_store(out: Path, stem: str, cols: list[str] | None = None) -> pd.DataFrame | None:
+    """The store's rows of one table, in the order they were written; None where the store has no such table."""
+    with _connect(out) as con:
+        if cols is None:
+            row = con.execute("SELECT columns FROM tables WHERE stem = ?", (stem,)).fetchone()
+            if row is None:
+                return None
+            cols = json.loads(row[0])
+        cur = con.execute(f"SELECT {', '.join(_q(c) for c in cols)} FROM {_q(stem)} ORDER BY rowid")
+        return pd.DataFrame.from_records(cur.fetchall(), columns=cols)
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    """One dtype per column whichever run wrote the rows: numbers numeric (None -> NaN), the rest as they are."""
+    for col in NUMERIC:
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
 
 
 @contextmanager

@@ -87,7 +87,7 @@ def test_report_pools_only_seeds_of_one_experiment(tmp_path):
     assert lenx("eval", *(tmp_path / name for name in runs), "--lengths", "16,32", "--tokens", "64", "--out", out) == 0
     df = pd.read_csv(out / "results.csv")
     # appended, in the order they came: the columns before keep their places
-    assert list(df.columns[-4:]) == ["config_id", "weights_id", "context_gain", "context_gain_tokens"]
+    assert list(df.columns[-5:]) == ["config_id", "weights_id", "context_gain", "context_gain_tokens", "attn_route"]
     ids = df.groupby("run")["config_id"].first()
     assert ids["long"] != ids["short"] and ids["L8-s0"] == ids["L8-s1"] != ids["long"]
 
@@ -427,6 +427,10 @@ def test_text_where_a_number_belongs_is_one_line_for_eval_and_report(trained, ca
     assert lenx(*args) == 0
     df = pd.read_parquet(out / "results.parquet")
     df.astype({"ppl": str}).assign(ppl="high").to_parquet(out / "results.parquet")  # an edited table
+    assert lenx("report", out) == 0  # rebuilt from the store, which lenx reads: the edit is undone
+    assert pd.read_parquet(out / "results.parquet")["ppl"].tolist() == df["ppl"].tolist()
+    (out / "cells.sqlite").unlink()  # a table alone (an older lenx's, another tool's) is read as it is
+    df.astype({"ppl": str}).assign(ppl="high").to_parquet(out / "results.parquet")
     one_line_error(capsys, lenx(*args), "column ppl holds 'high', not a number")
     one_line_error(capsys, lenx("report", out), "column ppl holds 'high', not a number")
     df.to_parquet(out / "results.parquet")

@@ -98,6 +98,41 @@ def test_two_rank_eval_equals_one_rank_eval(tmp_path, text_dataset):
     assert len(pd.read_csv(tmp_path / "r2" / "probes.csv")) == 3 * 2 + 2 + 3 + 4  # depths; repeat's distances
 
 
+def test_concurrent_writers_killed_and_rerun_end_with_the_serial_table(tmp_path, text_dataset):
+    """Three `lenx eval` processes and a two-rank torchrun job score the same 144 cells into one --out at once; one
+    process is killed mid-way and rerun. The tables equal a serial run's: no row lost, none duplicated."""
+    runs = [tmp_path / pe for pe in ("alibi", "rope")]
+    for r in runs:
+        run(lenx1("train", "--pe", r.name, *SMALL, "--steps", "2", "--batch-size", "4", "--dataset", text_dataset,
+                  "--out", r), tmp_path)
+    lengths = ",".join(str(8 * k) for k in range(2, 26))  # 24 lengths x 3 protocols x 2 runs
+    args = ["eval", *runs, "--lengths", lengths, "--tokens", "400", "--protocol", "nonoverlap,sliding,truncate"]
+    run(lenx1(*args, "--out", tmp_path / "serial"), tmp_path)
+    out = tmp_path / "together"
+    cmds = [lenx1(*args, "--out", out) for _ in range(3)] + [[*TORCHRUN, *args, "--out", out]]
+    procs = [subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    deadline = time.time() + 120
+    while not (out / "cells.sqlite").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    procs[1].send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait(timeout=600)
+    assert procs[1].returncode == -signal.SIGKILL or procs[1].returncode == 0
+    assert all(p.returncode == 0 for i, p in enumerate(procs) if i != 1), [p.stderr.read()[-2000:] for p in procs]
+    run(lenx1(*args, "--out", out), tmp_path)  # the killed one, rerun
+    drop = ["seconds", "timestamp"]
+    for name in ("results", "results_by_position"):
+        a = pd.read_parquet(tmp_path / "serial" / f"{name}.parquet").drop(columns=drop, errors="ignore")
+        b = pd.read_parquet(out / f"{name}.parquet").drop(columns=drop, errors="ignore")
+        sort = ["run", "eval_len", "protocol"] + (["bucket_start"] if "bucket_start" in a else [])
+        assert not b.duplicated(sort).any(), name
+        a, b = a.sort_values(sort).reset_index(drop=True), b.sort_values(sort).reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6, rtol=1e-6)
+    assert len(pd.read_csv(out / "results.csv")) == 144
+
+
 def test_one_rank_out_of_memory_stops_every_rank_with_its_one_line_error(tmp_path, text_dataset):
     """Rank 1 alone runs out of memory at step 4: it prints lenx's line; rank 0, waiting in DDP's all-reduce, stops
     at once (no traceback of the lost connection), naming the process that failed; the checkpoint stays, and the

@@ -51,7 +51,7 @@ COLUMNS = [
     "exact_match_low", "exact_match_high", "match", "key_nll", "base_nll", "gain", "gain_low", "gain_high",
     "probe_seed", "cell_seed", "format", "pairs", "segment", "seconds", "note",
     "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
-    "config_id", "weights_id",
+    "config_id", "weights_id", "attn_route",
 ]
 SETTINGS = {"trials": "--probe-trials", "probe_seed": "--probe-seed", "pairs": "--probe-pairs",
             "segment": "--probe-segment"}  # not in a cell's key; change its numbers (and `format`, a name)
@@ -240,7 +240,7 @@ class Probes(CellKind):
 
     def finished(self, out) -> dict:
         # a cell that ran out of memory is tried again
-        return {cell_key(r): r for _, r in PROBES_TABLE.read(out).iterrows()
+        return {cell_key(r): r for r in PROBES_TABLE.read(out).to_dict("records")
                 if not str(r["note"]).startswith(OOM_NOTE)}
 
     def check_finished(self, row, cell: dict, subject: Subject, fix: str) -> None:
