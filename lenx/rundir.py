@@ -182,10 +182,10 @@ class RunDir:
                             "pass --overwrite") from None
 
     def drop_partial_saves(self) -> None:
-        """Checkpoints whose save was killed outright (SIGKILL, power loss: no cleanup ran); never read, as only a
-        complete one is renamed to checkpoint-*."""
-        for tmp in self.path.glob(".checkpoint-*.tmp"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        """Checkpoints and files whose write was killed outright (SIGKILL, power loss: no cleanup ran); never read,
+        as only a complete one is renamed into place (`lenx.io.atomic_path`)."""
+        for tmp in self.path.glob(".*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
     def drop_checkpoints(self) -> None:
         """A finished run keeps its weights, not its checkpoints (optimizer state: twice the weights again)."""

@@ -14,6 +14,7 @@ order (not accumulated by autograd as each shard finishes), so a step gives the 
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
@@ -26,7 +27,7 @@ from .config import TrainConfig
 from .errors import LenxError, is_oom
 from .optim import set_lr
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (its size, the pool)
+_POOL: tuple[tuple[int, int], ThreadPoolExecutor] | None = None  # ((threads, intra-op threads each), the pool)
 
 
 def cpu_shards(device: str, rows: int, distributed: bool = False, compiled: bool = False) -> int:
@@ -45,26 +46,31 @@ def lm_loss(net, batch: Tensor, autocast) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
 
 
-def forward_backward(net, batch: Tensor, autocast, weight: float = 1.0, shards: int = 1) -> Tensor:
+def shard_threads(shards: int) -> int:
+    """Intra-op threads of each of `shards` row shards: this thread's count split among them."""
+    return max(1, torch.get_num_threads() // max(1, shards))
+
+
+def forward_backward(net, batch: Tensor, autocast, weight: float = 1.0, shards: int = 1,
+                     threads: int | None = None) -> Tensor:
     """Backpropagate weight x the batch's mean loss into the parameters' .grad (adding to what is there) and
     return the loss, detached. `autocast`: a function returning the precision's context (thread-local, so each
-    shard enters its own). `shards` > 1: rows split into that many shards, one thread each (see module doc)."""
+    shard enters its own). `shards` > 1: rows split into that many shards, run side by side on a pool of as many
+    threads, each with `threads` intra-op threads (default `shard_threads(shards)`; see module doc)."""
     if shards <= 1:
         loss = lm_loss(net, batch, autocast)
         (loss * weight).backward()
         return loss.detach()
     parts = batch.tensor_split(min(shards, len(batch)))
     params = [p for p in net.parameters() if p.requires_grad]
-    threads = max(1, torch.get_num_threads() // len(parts))
 
     def run(part: Tensor):
-        torch.set_num_threads(threads)  # this worker thread's own setting; the caller's is left as it was
         share = len(part) / len(batch)
         loss = lm_loss(net, part, autocast)
         grads = torch.autograd.grad(loss * (weight * share), params, allow_unused=True)
         return loss.detach() * share, grads
 
-    results = list(_pool(len(parts)).map(run, parts))
+    results = list(_pool(len(parts), threads or shard_threads(shards)).map(run, parts))
     for i, p in enumerate(params):
         grads = [g[i] for _, g in results if g[i] is not None]
         if not grads:
@@ -79,13 +85,28 @@ def forward_backward(net, batch: Tensor, autocast, weight: float = 1.0, shards: 
     return sum(loss for loss, _ in results)
 
 
-def _pool(n: int) -> ThreadPoolExecutor:
-    """A pool of at least n threads, kept from step to step (and grown when a step needs more)."""
+def _pool(n: int, threads: int) -> ThreadPoolExecutor:
+    """A pool of n threads with `threads` intra-op threads each, kept from step to step (a new one when a step
+    needs another). Each thread sets its count once, all of them before the pool's first task, and never again:
+    torch.set_num_threads is not a thread's own business (it also sets the process's default, which a thread
+    adopts at its first parallel op, and clears oneDNN's primitive cache), so a count set while another shard
+    computes could change what that shard computes with."""
     global _POOL
-    if _POOL is None or _POOL[0] < n:
+    if _POOL is None or _POOL[0] != (n, threads):
         if _POOL is not None:
-            _POOL[1].shutdown(wait=False)
-        _POOL = (n, ThreadPoolExecutor(n, thread_name_prefix="lenx-shard"))
+            _POOL[1].shutdown(wait=True)
+        pool = ThreadPoolExecutor(n, thread_name_prefix="lenx-shard")
+        ready = threading.Barrier(n)
+
+        def init(_):
+            torch.set_num_threads(threads)
+            torch.get_num_threads()  # the thread's lazy OpenMP set-up, now, from the count just set
+            ready.wait()  # every thread of the pool holds one of these tasks: each is set before any shard runs
+
+        list(pool.map(init, range(n)))
+        main = torch.get_num_threads()
+        torch.set_num_threads(main)  # the process default back to this thread's count, as before the pool
+        _POOL = ((n, threads), pool)
     return _POOL[1]
 
 
@@ -96,9 +117,10 @@ class TrainStep:
     `cast`: a function returning the precision's autocast context."""
 
     def __init__(self, net, model, opt: torch.optim.Optimizer, cfg: TrainConfig, ctx: distributed.Context,
-                 device: str, cast, shards: int = 1):
+                 device: str, cast, shards: int = 1, threads: int | None = None):
         self.net, self.model, self.opt, self.cfg, self.ctx = net, model, opt, cfg, ctx
         self.device, self.cast, self.shards = device, cast, shards
+        self.threads = threads or shard_threads(shards)
 
     def __call__(self, step: int, rows: Tensor) -> tuple[Tensor, float]:
         """Step `step` on `rows` (this process's share of the step's batch); returns (the loss, the lr)."""
@@ -120,7 +142,8 @@ class TrainStep:
             for micro, batch in enumerate(rows.to(self.device).split(cfg.batch_size)):
                 last = micro == cfg.grad_accum - 1
                 with self.net.no_sync() if self.ctx.active and not last else nullcontext():
-                    micro_loss = forward_backward(self.net, batch, self.cast, 1 / cfg.grad_accum, self.shards)
+                    micro_loss = forward_backward(self.net, batch, self.cast, 1 / cfg.grad_accum, self.shards,
+                                                  self.threads)
                 loss += micro_loss / cfg.grad_accum
         except (RuntimeError, MemoryError) as e:
             if not is_oom(e):

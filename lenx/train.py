@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .attention import backend_taken, recording
 from .config import TrainConfig
 from .data import DataSpec, load_corpus, token_stream
 from .errors import LenxError, is_oom
@@ -28,7 +29,7 @@ from .precision import Choice, autocast, choose, compile_model, compile_problem,
 from .progress import progress as make_progress
 from .rundir import RunDir, check_run_dir
 from .runinfo import provenance
-from .step import TrainStep, cpu_shards, forward_backward
+from .step import TrainStep, cpu_shards, forward_backward, shard_threads
 
 # Imported from here by other modules and scripts, though they live in lenx/precision.py and lenx/rundir.py.
 __all__ = ["train", "default_run_dir", "model_config", "get_batch", "check_run_dir", "precision_dtype", "autocast", "compile_problem", "compile_model"]
@@ -87,11 +88,11 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
 
     corpus, tok, stream, mix = _training_data(cfg, run, state, ctx, created, progress)
     model, opt = _model_and_optimizer(cfg, tok, device)
-    shards = cpu_shards(device, cfg.batch_size, distributed=ctx.active, compiled=cfg.compile)
-    threads = torch.get_num_threads()  # what the steps use in all (shards x threads each): the MFU's peak is taken at it
-    choice = _precision(cfg, run, state, ctx, device, model, stream, shards)
+    shards, each = _shards(cfg, run, state, ctx, device)
+    threads = shards * each  # what the steps use in all: the MFU's peak is taken at it
+    choice = _precision(cfg, run, state, ctx, device, model, stream, shards, each)
     precision = choice.precision
-    info = _run_info(run, cfg, ctx, corpus, tok, model, choice, shards, device)
+    info = _run_info(run, cfg, ctx, corpus, tok, model, choice, shards, each, device)
     start, log, info = _resume_or_start(run, cfg, ctx, state, model, opt, info, progress)
     if ctx.main:
         run.write_info(info)
@@ -99,7 +100,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = Fal
     model.train()
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.active else model
     net = compile_model(net) if cfg.compile else net
-    take_step = TrainStep(net, model, opt, cfg, ctx, device, lambda: autocast(precision, device), shards)
+    take_step = TrainStep(net, model, opt, cfg, ctx, device, lambda: autocast(precision, device), shards, each)
     with _progress_task(cfg, ctx, start, progress, bar) as (bar, task):
         wall = _run_steps(run, cfg, ctx, take_step, stream, mix, start, log, info, bar, task)
     if not ctx.main:
@@ -131,12 +132,24 @@ def _training_data(cfg: TrainConfig, run: RunDir, state: str, ctx, created: Path
             raise LenxError(f"the training split of '{cfg.dataset}' has {len(stream)} tokens; one window of "
                             f"--train-len {cfg.train_len} needs {cfg.train_len + 2}")
         _check_same_text(ctx, corpus.fingerprint, tok.fingerprint)
+        if state == "resume":
+            _check_resumed_text(run, cfg, corpus.fingerprint)
         mix = Mix.of(cfg.mix, tok, stream, cfg.train_len, cfg.passkey_format)
     except LenxError:
         if state == "new" and created is not None and ctx.main:
             shutil.rmtree(created, ignore_errors=True)
         raise
     return corpus, tok, stream, mix
+
+
+def _check_resumed_text(run: RunDir, cfg: TrainConfig, fingerprint: str) -> None:
+    """A resumed run must read the text it began with: `stdlib` under another Python, an edited file or an updated
+    hub dataset would give other batches from the checkpoint on (a run of two texts, not the one asked for)."""
+    began = run.info().get("dataset_fingerprint")
+    if isinstance(began, str) and began != fingerprint:
+        why = " (the standard library of another Python)" if cfg.dataset == "stdlib" else ""
+        raise LenxError(f"{run.path} began on other text than dataset '{cfg.dataset}' is now{why}: fingerprint "
+                        f"{began}, now {fingerprint}; resume it where it began, or pass --overwrite to train afresh")
 
 
 def _check_same_text(ctx, corpus_fingerprint: str, tokenizer_fingerprint: str) -> None:
@@ -166,8 +179,26 @@ def _model_and_optimizer(cfg: TrainConfig, tok, device: str):
     return model, build_optimizer(model, cfg)
 
 
+def _shards(cfg: TrainConfig, run: RunDir, state: str, ctx, device: str) -> tuple[int, int]:
+    """(row shards, intra-op threads of each) of the run's steps (`lenx.step`). A resumed run keeps those it
+    began with, whatever this process's thread count (affinity, a cgroup, OMP_NUM_THREADS): its gradients are
+    summed over the same shards, each computed with the same threads, as an uninterrupted run's."""
+    if state == "resume" and device.startswith("cpu"):
+        info = run.info()
+        shards, each = info.get("cpu_shards"), info.get("shard_threads")
+        if isinstance(shards, int) and shards >= 1:
+            each = each if isinstance(each, int) and each >= 1 else shard_threads(shards)
+            if shards * each != torch.get_num_threads() and ctx.main:
+                print(f"note: {run.path} began with {shards} row shard(s) of {each} thread(s); it resumes with them "
+                      f"(this process has {torch.get_num_threads()} threads), so that it stays bit-exact",
+                      file=sys.stderr)
+            return shards, each
+    shards = cpu_shards(device, cfg.batch_size, distributed=ctx.active, compiled=cfg.compile)
+    return shards, shard_threads(shards)
+
+
 def _precision(cfg: TrainConfig, run: RunDir, state: str, ctx, device: str, model, stream: np.ndarray,
-               shards: int) -> Choice:
+               shards: int, each: int) -> Choice:
     """The precision the run trains in, and why (`precision.choose`). A resumed run keeps the one it began with,
     whatever `auto` would choose now (another machine, another cache): its steps must stay those of one run."""
     if state == "resume" and cfg.precision == "auto":
@@ -179,7 +210,7 @@ def _precision(cfg: TrainConfig, run: RunDir, state: str, ctx, device: str, mode
         batch = get_batch(stream, cfg, 0, cfg.batch_size).to(device)
 
         def step(precision: str) -> None:
-            forward_backward(model, batch, lambda: autocast(precision, device), 1.0, shards)
+            forward_backward(model, batch, lambda: autocast(precision, device), 1.0, shards, each)
             model.zero_grad(set_to_none=True)
 
         return time_steps(step)
@@ -187,7 +218,7 @@ def _precision(cfg: TrainConfig, run: RunDir, state: str, ctx, device: str, mode
     return distributed.from_main(ctx, lambda: choose(cfg.precision, device, measure))
 
 
-def _run_info(run: RunDir, cfg: TrainConfig, ctx, corpus, tok, model, choice: Choice, shards: int,
+def _run_info(run: RunDir, cfg: TrainConfig, ctx, corpus, tok, model, choice: Choice, shards: int, each: int,
               device: str) -> dict:
     """run.json of a run in training."""
     return {
@@ -202,6 +233,7 @@ def _run_info(run: RunDir, cfg: TrainConfig, ctx, corpus, tok, model, choice: Ch
         "world_size": ctx.world,
         "global_batch": cfg.batch_size * cfg.grad_accum * ctx.world,
         "cpu_shards": shards,
+        "shard_threads": each,
         **provenance(device),
     }
 
@@ -248,7 +280,12 @@ def _run_steps(run: RunDir, cfg: TrainConfig, ctx, take_step: TrainStep, stream:
         batch = get_batch(stream, cfg, step, rows * ctx.world)
         batch = mix.apply(batch, cfg.seed, step) if mix is not None else batch
         mine = batch[ctx.rank * rows : (ctx.rank + 1) * rows]
-        loss, lr = take_step(step, mine)
+        if step == start:  # run.json records the attention routes that ran, not only the backend asked for
+            with recording() as routes:
+                loss, lr = take_step(step, mine)
+            info.update(attn_backend=backend_taken(routes, cfg.attn_backend), attn_route="+".join(sorted(routes)))
+        else:
+            loss, lr = take_step(step, mine)
         tok_window += tokens_per_step
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:

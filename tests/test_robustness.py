@@ -67,6 +67,45 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, text_da
     assert [r.split(",")[:3] for r in log_a] == [r.split(",")[:3] for r in log_b]  # step, loss, lr
 
 
+def test_killed_at_every_file_write_then_resumed_is_bit_identical(tmp_path, text_dataset):
+    """SIGKILL just before and just after each os.replace of a run (every checkpoint file, the checkpoint's rename,
+    the log, latest.json, run.json, the finished weights' files), each followed by a rerun of the same command:
+    the weights and the logged losses equal an uninterrupted run's, bit for bit. Two threads (OMP_NUM_THREADS=2),
+    so the steps take lenx/step.py's row shards as `lenx train` does by default on a CPU."""
+    args = ["train", "--pe", "rope", *SMALL, "--steps", "6", "--save-every", "3", "--dataset", text_dataset]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+
+    def lenx_train(out, kill=None):
+        cmd = [sys.executable, *( [str(Path(__file__).parent / "kill_at.py")] if kill else ["-m", "lenx"]), *args]
+        return subprocess.run([*map(str, cmd), "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                              env={**env, **({"LENX_TEST_KILL": kill} if kill else {})}, timeout=600)
+
+    ref = lenx_train(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    assert json.loads((tmp_path / "ref" / "run.json").read_text())["cpu_shards"] == 2
+    a = load_file(tmp_path / "ref" / "model.safetensors")
+    log = [r.split(",")[:3] for r in (tmp_path / "ref" / "train_log.csv").read_text().splitlines()]
+    killed_at = []
+    for k in range(1, 40):
+        for where in ("before-replace", "after-replace"):
+            run = tmp_path / f"{where}-{k}"
+            first = lenx_train(run, f"{where}:{k}")
+            if first.returncode == 0:  # the run made fewer than k replaces: every write has been covered
+                break
+            assert first.returncode == -signal.SIGKILL, first.stderr
+            killed_at.append((where, k))
+            again = lenx_train(run)
+            assert again.returncode == 0, (where, k, again.stderr)
+            b = load_file(run / "model.safetensors")
+            assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), (where, k)
+            assert [r.split(",")[:3] for r in (run / "train_log.csv").read_text().splitlines()] == log, (where, k)
+            assert not [p.name for p in run.iterdir() if p.name.startswith(".") or "checkpoint" in p.name], (where, k)
+        else:
+            continue
+        break
+    assert len(killed_at) >= 2 * 8  # run.json; at the checkpoint its 5 writes and run.json; the finished run's files
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tmp_path, text_dataset, capsys):
     out = tmp_path / "run"
     # a sane run that checkpoints at step 2, then continue with an absurd learning rate
