@@ -8,7 +8,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -154,7 +154,9 @@ def check_values(values: dict, source: str) -> dict:
     return check_types(TrainConfig, values, source)
 
 
-def resolve(config_file: str | None = None, **flags) -> TrainConfig:
+def resolve(config_file: str | None = None, names: Callable[[str], str] | None = None, **flags) -> TrainConfig:
+    """The run's config from a config file and flags, every value checked; `names(key)`: how the user set each
+    value, in errors (default: its flag, or its config key)."""
     raw = read_yaml(config_file) if config_file else {}
     if "schemes" in raw:
         raise LenxError(f"{config_file} is a sweep config (schemes, seeds, train:, eval:); run it with "
@@ -170,7 +172,7 @@ def resolve(config_file: str | None = None, **flags) -> TrainConfig:
             )
         values["dataset"] = "files"
     cfg = TrainConfig(**values)
-    validate(cfg)
+    validate(cfg, names or _name)
     return cfg
 
 
@@ -193,15 +195,17 @@ def _check_scheme_options(cfg: TrainConfig) -> None:
                                      d_model=cfg.d_model, train_len=cfg.train_len))
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, names: Callable[[str], str] = None) -> None:
     """Every option's own check (TrainConfig's fields) and the checks that join several. The scheme and the
-    sizes come first: the scheme's options are checked by building it at those sizes."""
+    sizes come first: the scheme's options are checked by building it at those sizes. `names(key)`: how the user
+    set each value (its flag by default)."""
+    names = names or _name
     values = cfg.to_dict()
-    run_checks(TrainConfig, values, _name, which=lambda check: check in (_scheme, positive_int))
+    run_checks(TrainConfig, values, names, which=lambda check: check in (_scheme, positive_int))
     if cfg.d_model % cfg.heads or (cfg.d_model // cfg.heads) % 2:
-        raise LenxError(f"--d-model {cfg.d_model} must split into {cfg.heads} heads of an even size")
+        raise LenxError(f"{names('d_model')} {cfg.d_model} must split into {cfg.heads} heads of an even size")
     _check_scheme_options(cfg)
-    run_checks(TrainConfig, values, _name, which=lambda check: check not in (_scheme, positive_int))
+    run_checks(TrainConfig, values, names, which=lambda check: check not in (_scheme, positive_int))
     if cfg.dataset == "files" and not (cfg.train_file and cfg.test_file):
         raise LenxError("--dataset files needs --train-file and --test-file (--validation-file is optional)")
 

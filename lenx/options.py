@@ -216,7 +216,8 @@ def one_of(known: tuple[str, ...], what: str, suggest: bool = True) -> Callable:
     def check(value, name: str):
         if value is not None and value not in known:
             near = did_you_mean(value, known) if suggest else ""
-            raise LenxError(f"unknown {what} {shown(value)}{near}; known: {', '.join(known)}")
+            where = f"{name}: " if ": " in name else ""  # a config file's key ("sweep.yaml: train.x"); a flag says itself
+            raise LenxError(f"{where}unknown {what} {shown(value)}{near}; known: {', '.join(known)}")
         return value
     return check
 

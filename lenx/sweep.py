@@ -68,7 +68,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if raw.get(key) is not None and not (isinstance(raw[key], str) and raw[key].strip()):
             raise LenxError(f"{path}: '{key}' must be {what} (text), got {raw[key]!r}")
     for s in schemes:
-        cfg = resolve(None, pe=s, **train)  # validates scheme names and every training value now, not hours later
+        cfg = resolve(None, lambda k: f"{path}: train.{k}" if k in train else "'schemes'" if k == "pe" else k,
+                      pe=s, **train)  # validates scheme names and every training value now, not hours later
         run_lengths(cfg.train_len, evals, names, f"{path}: ")  # and the eval values that depend on the run
         scaling_plan(s, evals["rope_scaling"], evals["rope_factor"], names["rope_scaling"], f"{path}: ")
     published = raw.get("published")
@@ -135,8 +136,9 @@ def plan(spec: SweepSpec, device: str) -> list[Job]:
 
     efficiency = _efficiency(spec, device)
     table = load_results(spec.results_dir) if spec.results_dir.exists() else None
-    done_cells = {_key(r): r for _, r in table.iterrows()} if table is not None else {}
-    done_probes = {_probe_key(r) for _, r in load_probes(spec.results_dir).iterrows()} if spec.results_dir.exists() else set()
+    done_cells = {_key(r): r for r in table.to_dict("records")} if table is not None else {}
+    done_probes = ({_probe_key(r) for r in load_probes(spec.results_dir).to_dict("records")}
+                   if spec.results_dir.exists() else set())
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun, the runs train with this many processes
     jobs = []
     for pe in spec.schemes:

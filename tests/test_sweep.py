@@ -183,6 +183,18 @@ ROPE = "schemes: [rope]\nseeds: [0]\n"
     (ROPE + "eval: {protocols: overlapping}\n", "bad.yaml: unknown protocol 'overlapping' in eval.protocols"),
     (ROPE + "eval: {protocol: overlapping}\n", "bad.yaml: unknown protocol 'overlapping' in eval.protocol;"),
     (ROPE + "eval: {protocol: sliding, protocols: [truncate]}\n", "bad.yaml: eval.protocol and eval.protocols"),
+    # train: values get `lenx train`'s checks, naming the key of the file
+    (ROPE + "train: {steps: -1}\n", "bad.yaml: train.steps must be a positive integer, got -1"),
+    (ROPE + "train: {mix: {passkey: 1.5}}\n", "bad.yaml: train.mix: the share of 'passkey' must lie in (0, 1], got 1.5"),
+    (ROPE + "train: {mix: {needle: 0.1}}\n", "bad.yaml: train.mix: unknown probe 'needle'; known: passkey, mqar"),
+    (ROPE + "train: {mix: {passkey: 0.6, mqar: 0.6}}\n", "add up to 1.2"),
+    (ROPE + "train: {mix: passkey}\n", "bad.yaml: train: key 'mix' must be dict"),
+    (ROPE + "train: {passkey_format: yarn}\n", "bad.yaml: train.passkey_format: unknown passkey format 'yarn'; known:"),
+    (ROPE + "train: {precision: fp8}\n", "bad.yaml: train.precision: unknown precision 'fp8'; known: auto"),
+    (ROPE + "eval: {probe: [needle]}\n", "bad.yaml: unknown probe 'needle' in eval.probe; known: passkey, mqar"),
+    (ROPE + "eval: {probe: [passkey], probe_trials: 0}\n", "bad.yaml: eval.probe_trials must be a positive integer"),
+    (ROPE + "eval: {probe: [passkey], probe_depths: [2]}\n", "bad.yaml: eval.probe_depths must lie in [0, 1]"),
+    (ROPE + "eval: {probe: [repeat], probe_distances: [-1]}\n", "bad.yaml: eval.probe_distances must be positive"),
     (ROPE + "runs_dir: 5\n", "bad.yaml: 'runs_dir' must be a directory path (text), got 5"),
     (ROPE + "results_dir: [a]\n", "bad.yaml: 'results_dir' must be a directory path (text), got ['a']"),
 ])
