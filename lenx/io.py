@@ -74,20 +74,23 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_table(df, stem: str | os.PathLike) -> None:
-    """Write a pandas table as `<stem>.csv` and `<stem>.parquet`, each atomically."""
+def write_table(table, stem: str | os.PathLike) -> None:
+    """Write a table (pandas, or pyarrow) as `<stem>.csv` and `<stem>.parquet`, each atomically."""
     import pyarrow as pa
     import pyarrow.csv
+    import pyarrow.parquet
 
     stem = Path(stem)
-    try:
-        table = pa.Table.from_pandas(df, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column of mixed types: pandas writes it as text
-        table = None
+    if not isinstance(table, pa.Table):
+        try:
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column of mixed types: pandas writes it as text
+            with atomic_path(stem.with_suffix(".csv")) as tmp:
+                table.to_csv(tmp, index=False)
+            with atomic_path(stem.with_suffix(".parquet")) as tmp:
+                table.to_parquet(tmp, index=False)
+            return
     with atomic_path(stem.with_suffix(".csv")) as tmp:
-        if table is not None:  # pyarrow's writer: 8x pandas' on a large table
-            pyarrow.csv.write_csv(table, tmp)
-        else:
-            df.to_csv(tmp, index=False)
+        pyarrow.csv.write_csv(table, tmp)  # 8x pandas' writer on a large table
     with atomic_path(stem.with_suffix(".parquet")) as tmp:
-        df.to_parquet(tmp, index=False)
+        pyarrow.parquet.write_table(table, tmp)

@@ -97,7 +97,9 @@ def write_cells(out: Path, cells: Iterable[Iterable[tuple[Table, dict, list[dict
                     if table.stem not in changed:
                         _ensure(con, out, table)
                         changed.add(table.stem)
-                    con.execute(f"DELETE FROM {_q(table.stem)} WHERE cell = ?", (_cell_id(table.key(cell)),))
+                    gone = con.execute(f"DELETE FROM {_q(table.stem)} WHERE cell = ?", (_cell_id(table.key(cell)),))
+                    if gone.rowcount > 0:  # rows replaced: the next export rebuilds the table whole
+                        con.execute("UPDATE tables SET deleted = deleted + 1 WHERE stem = ?", (table.stem,))
                     _insert(con, table, [(cell, row) for row in rows])
             con.executemany("UPDATE tables SET version = version + 1 WHERE stem = ?", [(s,) for s in changed])
             con.execute("COMMIT")
@@ -109,26 +111,70 @@ def write_cells(out: Path, cells: Iterable[Iterable[tuple[Table, dict, list[dict
 def export(out: Path, stems: Iterable[str] | None = None, force: bool = False) -> list[str]:
     """Rebuild `<stem>.csv` / `.parquet` from the store (each file atomically, under a lock on the directory) for
     the stems given (default: every table in the store) whose store has changed since they were last rebuilt (all
-    of them with `force`); returns the stems rebuilt. Nothing without a store."""
+    of them with `force`); returns the stems rebuilt. Where rows were only added since the last export and its
+    files are as it wrote them, the new rows are appended to its parquet table (no re-reading of the store);
+    otherwise the table is read whole from the store. Nothing without a store."""
     out = Path(out)
     if not (out / STORE).exists():
         return []
     done = []
     with locked(out):
         with _connect(out) as con:
-            known = {stem: (version, exported, json.loads(cols), files) for stem, version, exported, cols, files in
-                     con.execute("SELECT stem, version, exported, columns, files FROM tables")}
+            known = {r[0]: r[1:] for r in con.execute(
+                "SELECT stem, version, exported, columns, files, deleted, exported_rowid, exported_deleted, "
+                "exported_columns FROM tables")}
         for stem in (known if stems is None else [s for s in stems if s in known]):
-            version, exported, cols, files = known[stem]
-            if version == exported and not force and files == _stamp(out, stem):
+            version, exported, cols, files, deleted, last_rowid, last_deleted, last_cols = known[stem]
+            same_files = files == _stamp(out, stem)
+            if version == exported and not force and same_files:
                 continue  # up to date, and the files are those it wrote (not edited, removed or replaced since)
-            df = _read_store(out, stem, cols)  # read under the lock: the last export holds every committed cell
-            write_table(_typed(df), out / stem)
+            # read under the lock: the last export holds every committed cell
+            appendable = (not force and same_files and deleted == last_deleted and last_rowid is not None
+                          and last_cols == cols)
+            table, rowid = _appended(out, stem, json.loads(cols), last_rowid) if appendable else (None, None)
+            if table is None:
+                df, rowid = _read_store(out, stem, json.loads(cols), with_rowid=True)
+                table = _arrow(_typed(df))
+            write_table(table, out / stem)
             with _connect(out) as con:
-                con.execute("UPDATE tables SET exported = ?, files = ? WHERE stem = ?",
-                            (version, _stamp(out, stem), stem))
+                con.execute("UPDATE tables SET exported = ?, files = ?, exported_rowid = ?, exported_deleted = ?, "
+                            "exported_columns = ? WHERE stem = ?",
+                            (version, _stamp(out, stem), rowid, deleted, cols, stem))
             done.append(stem)
     return done
+
+
+def _arrow(df: pd.DataFrame):
+    """A pandas table as an Arrow one (no pandas metadata: appended tables keep one schema), or the DataFrame
+    itself where a column mixes types (pandas writes it as it can)."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return df
+
+
+def _appended(out: Path, stem: str, cols: list[str], after: int):
+    """(the last export's parquet table with the store's rows after rowid `after` appended, the last rowid), or
+    (None, None) where the two do not join (a column's type changed, the file is not readable)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        base = pq.read_table(out / f"{stem}.parquet")
+    except Exception:
+        return None, None
+    df, rowid = _read_store(out, stem, cols, with_rowid=True, after=after)
+    if rowid is None:
+        return base, after
+    new = _arrow(_typed(df))
+    if not isinstance(new, pa.Table) or base.column_names != new.column_names:
+        return None, None
+    try:
+        return pa.concat_tables([base, new], promote_options="permissive").combine_chunks(), rowid
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None, None
 
 
 def _stamp(out: Path, stem: str) -> str:
@@ -204,7 +250,9 @@ def _open(path: Path) -> sqlite3.Connection:
             con.execute("PRAGMA journal_mode = WAL")  # stays 'delete' where the file system cannot share memory
         con.execute("PRAGMA synchronous = NORMAL")  # a commit survives a killed process; fsync at checkpoints
         con.execute("CREATE TABLE IF NOT EXISTS tables (stem TEXT PRIMARY KEY, columns TEXT NOT NULL, "
-                    "version INTEGER NOT NULL DEFAULT 0, exported INTEGER NOT NULL DEFAULT -1, files TEXT)")
+                    "version INTEGER NOT NULL DEFAULT 0, exported INTEGER NOT NULL DEFAULT -1, files TEXT, "
+                    "deleted INTEGER NOT NULL DEFAULT 0, exported_rowid INTEGER, exported_deleted INTEGER, "
+                    "exported_columns TEXT)")
     except sqlite3.DatabaseError as e:
         con.close()
         raise LenxError(f"{path} is not a lenx results store ({e}); move it away and rerun (the csv / parquet "
@@ -270,16 +318,20 @@ def _value(x):
     return str(x)
 
 
-def _read_store(out: Path, stem: str, cols: list[str] | None = None) -> pd.DataFrame | None:
-    """The store's rows of one table, in the order they were written; None where the store has no such table."""
+def _read_store(out: Path, stem: str, cols: list[str] | None = None, with_rowid: bool = False, after: int = 0):
+    """The store's rows of one table (those after rowid `after`), in the order they were written; None where the
+    store has no such table. `with_rowid`: (rows, the last rowid read or None)."""
     with _connect(out) as con:
         if cols is None:
             row = con.execute("SELECT columns FROM tables WHERE stem = ?", (stem,)).fetchone()
             if row is None:
-                return None
+                return (None, None) if with_rowid else None
             cols = json.loads(row[0])
-        cur = con.execute(f"SELECT {', '.join(_q(c) for c in cols)} FROM {_q(stem)} ORDER BY rowid")
-        return pd.DataFrame.from_records(cur.fetchall(), columns=cols)
+        cur = con.execute(f"SELECT rowid, {', '.join(_q(c) for c in cols)} FROM {_q(stem)} WHERE rowid > ? "
+                          "ORDER BY rowid", (after,))
+        rows = cur.fetchall()
+    df = pd.DataFrame.from_records([r[1:] for r in rows], columns=cols)
+    return (df, rows[-1][0] if rows else None) if with_rowid else df
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:

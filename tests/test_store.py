@@ -77,6 +77,33 @@ def test_appends_and_replacements_give_the_tables_a_whole_rewrite_gives(tmp_path
     assert csv["ppl"].tolist() == pytest.approx(ref["results"]["ppl"].tolist())
 
 
+def test_an_export_that_appends_gives_the_table_a_whole_rebuild_gives(tmp_path):
+    """After an export, new cells are appended to its parquet table; a replaced cell, an edited or removed file
+    rebuilds the table whole; every way gives the same table, types included."""
+    def add(i, **kw):
+        row = result_row(f"run{i % 3}", 16 * (1 + i), ppl=float(i), **kw)
+        store.write_cell(tmp_path, [(BY_POSITION, row, bucket_rows(row)), (RESULTS, row, [row])])
+
+    def whole(stem):
+        return getattr(store, "_typed")(getattr(store, "_read_store")(tmp_path, stem))
+
+    for i in range(5):
+        add(i, documents=None, attn_route=None)  # columns empty in the first export
+    store.export(tmp_path)
+    for step in range(3):
+        for i in range(5 + 5 * step, 10 + 5 * step):
+            add(i, documents=7, attn_route="stored", context_gain=0.5)
+        assert sorted(store.export(tmp_path)) == ["results", "results_by_position"]
+        for stem in ("results", "results_by_position"):
+            same(pd.read_parquet(tmp_path / f"{stem}.parquet"), whole(stem))
+    parquet = pd.read_parquet(tmp_path / "results.parquet")
+    assert parquet["documents"].tolist() == [None] * 5 + [7.0] * 15 or parquet["documents"].isna().sum() == 5
+    add(3, documents=1)  # a replaced cell: rebuilt whole
+    store.export(tmp_path)
+    same(pd.read_parquet(tmp_path / "results.parquet"), whole("results"))
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 20
+
+
 def test_an_older_lenx_out_is_read_then_moved_into_the_store(tmp_path):
     old = pd.DataFrame([result_row("rope-L16-s0", 16), result_row("rope-L16-s0", 32)])
     old.drop(columns=["context_gain", "context_gain_tokens"]).to_parquet(tmp_path / "results.parquet")
