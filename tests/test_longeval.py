@@ -430,7 +430,9 @@ def test_rerun_with_other_tokens_or_buckets_is_refused(runs, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), table, check_dtype=False)
     from lenx.io import write_table
 
-    write_table(table.drop(columns=["token_budget", "bucket_width"]), out / "results")  # an older lenx's table
+    for f in out.glob("cells.sqlite*"):  # an older lenx's --out: its tables alone, without those columns
+        f.unlink()
+    write_table(table.drop(columns=["token_budget", "bucket_width"]), out / "results")
     assert len(ev.evaluate(runs[:1], out=out, **{**kw, "tokens": 256})) == len(table)
 
 
@@ -441,7 +443,10 @@ def test_cli_protocols_and_report(runs, tmp_path, capsys):
                  "blocked", "--out", str(out)])
     assert code == 0
     df = pd.read_csv(out / "results.csv")
-    assert len(df) == 2 * 2 * 3 and (df["attn_backend"] == "blocked").all()
+    assert len(df) == 2 * 2 * 3
+    # the route that ran: ALiBi's bias in blocks; RoPE has no score bias, so the fused kernel ran for it
+    assert (df[df.pe == "alibi"]["attn_backend"] == "blocked").all() and (df[df.pe == "alibi"]["attn_route"] == "blocked").all()
+    assert (df[df.pe == "rope"]["attn_backend"] == "sdpa").all() and (df[df.pe == "rope"]["attn_route"] == "fused").all()
     assert (df[df.protocol == "sliding"]["stride"] == 8).all()
     pos = pd.read_csv(out / "results_by_position.csv")
     assert set(pos["bucket_end"] - pos["bucket_start"]) == {8}
@@ -550,7 +555,8 @@ def test_a_second_cell_kind_runs_through_the_same_driver(runs, tmp_path, text_da
     assert sorted(scored) == [(s.name, L) for s in subjects for L in (16, 32)]
     assert len(table) == 4 and table["accuracy"].between(0, 1).all() and set(table["pe"]) == {"alibi", "rope"}
     assert (table["weights_id"] == table["run"].map({s.name: s.weights_id for s in subjects})).all()
-    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["greedy.csv", "greedy.parquet"]
+    assert sorted(p.name for p in tmp_path.glob("*.*") if not p.name.startswith("cells.sqlite")) == ["greedy.csv",
+                                                                                                  "greedy.parquet"]
 
     scored.clear()
     again = run_cells(Greedy(2), subjects, tmp_path, ctx=ctx, device="cpu", show=False)
