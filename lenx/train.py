@@ -187,12 +187,7 @@ def _shards(cfg: TrainConfig, run: RunDir, state: str, ctx, device: str) -> tupl
         info = run.info()
         shards, each = info.get("cpu_shards"), info.get("shard_threads")
         if isinstance(shards, int) and shards >= 1:
-            each = each if isinstance(each, int) and each >= 1 else shard_threads(shards)
-            if shards * each != torch.get_num_threads() and ctx.main:
-                print(f"note: {run.path} began with {shards} row shard(s) of {each} thread(s); it resumes with them "
-                      f"(this process has {torch.get_num_threads()} threads), so that it stays bit-exact",
-                      file=sys.stderr)
-            return shards, each
+            return shards, each if isinstance(each, int) and each >= 1 else shard_threads(shards)
     shards = cpu_shards(device, cfg.batch_size, distributed=ctx.active, compiled=cfg.compile)
     return shards, shard_threads(shards)
 
