@@ -74,6 +74,17 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def arrow_table(df):
+    """A pandas table as a pyarrow one, without pandas' metadata (tables appended to one another keep one schema);
+    None where a column mixes types (pandas alone writes it, as text)."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+
+
 def write_table(table, stem: str | os.PathLike) -> None:
     """Write a table (pandas, or pyarrow) as `<stem>.csv` and `<stem>.parquet`, each atomically."""
     import pyarrow as pa
@@ -82,14 +93,14 @@ def write_table(table, stem: str | os.PathLike) -> None:
 
     stem = Path(stem)
     if not isinstance(table, pa.Table):
-        try:
-            table = pa.Table.from_pandas(table, preserve_index=False)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column of mixed types: pandas writes it as text
+        arrow = arrow_table(table)
+        if arrow is None:
             with atomic_path(stem.with_suffix(".csv")) as tmp:
                 table.to_csv(tmp, index=False)
             with atomic_path(stem.with_suffix(".parquet")) as tmp:
                 table.to_parquet(tmp, index=False)
             return
+        table = arrow
     with atomic_path(stem.with_suffix(".csv")) as tmp:
         pyarrow.csv.write_csv(table, tmp)  # 8x pandas' writer on a large table
     with atomic_path(stem.with_suffix(".parquet")) as tmp:

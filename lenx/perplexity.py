@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import platform
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -43,7 +42,7 @@ import torch
 
 from . import store
 from .cells import CellKind
-from .data import HUB_DATASETS, DataSpec, document_tokens, load_corpus, token_stream
+from .data import DataSpec, document_tokens, load_corpus, text_changed, token_stream
 from .errors import OOM_NOTE, LengthNotSupported, LenxError, is_oom, oom_note
 from .positional.rope import STATIC_SCALINGS
 from .store import Table, optional
@@ -102,12 +101,9 @@ def check_text(row, spec, fix: str) -> None:
         return
     now = load_corpus(spec).fingerprint
     if recorded != now:
-        why = {"stdlib": f"the standard library of another Python than this one ({platform.python_version()})"}
-        what = why.get(spec.dataset) or ("another revision of it" if spec.dataset in HUB_DATASETS or
-                                         spec.dataset.startswith("hf:") else "another file, or edited since")
         raise LenxError(f"the results hold {row['run']} @{int(row['eval_len'])} scored on other text than dataset "
-                        f"'{spec.dataset}' is now ({what}: fingerprint {recorded}, now {now}); a finished cell is "
-                        f"never recomputed: {fix}")
+                        f"'{spec.dataset}' is now ({text_changed(spec.dataset)}: fingerprint {recorded}, now {now}); "
+                        f"a finished cell is never recomputed: {fix}")
 
 
 def token_budget(tokens: int | None, lens: list[int]) -> int:

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 import pandas as pd
 
 from .errors import LenxError
-from .io import write_table
+from .io import arrow_table, write_table
 from .schema import NUMERIC, check_numeric
 
 STORE = "cells.sqlite"
@@ -56,6 +56,10 @@ class Table:
         df = _read_store(out, self.stem) if (out / STORE).exists() else None
         if df is None:
             df = self._read_parquet(out)
+        return self._shaped(df)
+
+    def _shaped(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Rows of any lenx version as this one writes them: its columns (missing ones empty), typed, upgraded."""
         return self.upgrade(_typed(df.reindex(columns=self.columns)))
 
     def _read_parquet(self, out: Path) -> pd.DataFrame:
@@ -72,10 +76,6 @@ class Table:
                             "another --out")
         check_numeric(df, path, "move it away or use another --out")
         return df
-
-    def replace(self, out: Path, cell: dict, rows: list[dict]) -> None:
-        """Replace the cell's rows in this table by `rows` (`write_cell` with one table)."""
-        write_cell(out, [(self, cell, rows)])
 
 
 def write_cell(out: Path, parts: Iterable[tuple[Table, dict, list[dict]]]) -> None:
@@ -134,7 +134,7 @@ def export(out: Path, stems: Iterable[str] | None = None, force: bool = False) -
             table, rowid = _appended(out, stem, json.loads(cols), last_rowid) if appendable else (None, None)
             if table is None:
                 df, rowid = _read_store(out, stem, json.loads(cols), with_rowid=True)
-                table = _arrow(_typed(df))
+                table = _typed(df)
             write_table(table, out / stem)
             with _connect(out) as con:
                 con.execute("UPDATE tables SET exported = ?, files = ?, exported_rowid = ?, exported_deleted = ?, "
@@ -142,17 +142,6 @@ def export(out: Path, stems: Iterable[str] | None = None, force: bool = False) -
                             (version, _stamp(out, stem), rowid, deleted, cols, stem))
             done.append(stem)
     return done
-
-
-def _arrow(df: pd.DataFrame):
-    """A pandas table as an Arrow one (no pandas metadata: appended tables keep one schema), or the DataFrame
-    itself where a column mixes types (pandas writes it as it can)."""
-    import pyarrow as pa
-
-    try:
-        return pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return df
 
 
 def _appended(out: Path, stem: str, cols: list[str], after: int):
@@ -168,8 +157,8 @@ def _appended(out: Path, stem: str, cols: list[str], after: int):
     df, rowid = _read_store(out, stem, cols, with_rowid=True, after=after)
     if rowid is None:
         return base, after
-    new = _arrow(_typed(df))
-    if not isinstance(new, pa.Table) or base.column_names != new.column_names:
+    new = arrow_table(_typed(df))
+    if new is None or base.column_names != new.column_names:
         return None, None
     try:
         return pa.concat_tables([base, new], promote_options="permissive").combine_chunks(), rowid
@@ -279,9 +268,7 @@ def _ensure(con, out: Path, table: Table) -> None:
         con.execute("INSERT INTO tables (stem, columns) VALUES (?, ?)", (table.stem, json.dumps(table.columns)))
         old = table._read_parquet(out)
         if len(old):
-            old = table.upgrade(_typed(old.reindex(columns=table.columns)))
-            records = old.to_dict("records")
-            _insert(con, table, [(r, r) for r in records])
+            _insert(con, table, [(r, r) for r in table._shaped(old).to_dict("records")])
         return
     have = json.loads(row[0])
     new = [c for c in table.columns if c not in have]

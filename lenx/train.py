@@ -21,7 +21,7 @@ import torch
 from . import distributed
 from .attention import backend_taken, recording
 from .config import TrainConfig
-from .data import DataSpec, load_corpus, token_stream
+from .data import DataSpec, load_corpus, text_changed, token_stream
 from .errors import LenxError, is_oom
 from .mix import Mix
 from .optim import build_optimizer
@@ -147,9 +147,9 @@ def _check_resumed_text(run: RunDir, cfg: TrainConfig, fingerprint: str) -> None
     hub dataset would give other batches from the checkpoint on (a run of two texts, not the one asked for)."""
     began = run.info().get("dataset_fingerprint")
     if isinstance(began, str) and began != fingerprint:
-        why = " (the standard library of another Python)" if cfg.dataset == "stdlib" else ""
-        raise LenxError(f"{run.path} began on other text than dataset '{cfg.dataset}' is now{why}: fingerprint "
-                        f"{began}, now {fingerprint}; resume it where it began, or pass --overwrite to train afresh")
+        raise LenxError(f"{run.path} began on other text than dataset '{cfg.dataset}' is now "
+                        f"({text_changed(cfg.dataset)}: fingerprint {began}, now {fingerprint}); resume it where it "
+                        "began, or pass --overwrite to train afresh")
 
 
 def _check_same_text(ctx, corpus_fingerprint: str, tokenizer_fingerprint: str) -> None:

@@ -51,7 +51,7 @@ def cell(i: int, buckets: int):
 
 
 def old_append(out: Path, parts) -> None:
-    """The store lenx had before this one (lenx 2026-12-02 store.Table.replace), for the ratio."""
+    """The store lenx had before this one (lenx 2026-12-02: store.Table.replace, removed since), for the ratio."""
     for table, c, rows in parts:
         path = out / f"{table.stem}.parquet"
         df = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=table.columns)

@@ -23,6 +23,7 @@ from .corpora import (
     load_spec,
     quiet_datasets,
     stdlib_files,
+    text_changed,
 )
 from .splits import SPLITS
 from .tokenizers import (
@@ -67,5 +68,6 @@ __all__ = [
     "parse_bpe",
     "quiet_datasets",
     "stdlib_files",
+    "text_changed",
     "token_stream",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import re
 import sysconfig
 from dataclasses import dataclass, field
@@ -405,6 +406,16 @@ def load_spec(spec: DataSpec) -> Corpus:
     path = _local_path(name, "dataset")
     named = _nonempty(_load_local(path, spec.text_field), str(path))
     return _local_corpus(str(path), named)
+
+
+def text_changed(dataset: str) -> str:
+    """Why dataset `dataset` can read as other text than it did (its fingerprint changed), for errors that refuse
+    work done on the earlier text."""
+    if dataset == "stdlib":
+        return f"the standard library of another Python than this one ({platform.python_version()})"
+    if dataset in HUB_DATASETS or dataset.startswith("hf:"):
+        return "another revision of it"
+    return "another file, or edited since"
 
 
 def load_corpus(spec: Any) -> Corpus:
