@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,21 @@ def _reflow(text: str) -> str:
     return "\n".join(lines)
 
 
+def _trains(cls) -> str:
+    """How a scheme's own parameters train by default, read from its param_groups on a model of the default size."""
+    from .model import LenxConfig
+
+    scheme = cls(LenxConfig(pe=cls.name))
+    names = {id(p): n for n, p in scheme.named_parameters()}
+    parts = []
+    for g in scheme.param_groups():
+        rate = "the model's learning rate" if g["lr_mult"] == 1 else f"{g['lr_mult']:g} x the learning rate"
+        decay = "with weight decay" if g["weight_decay"] else "without weight decay"
+        shown = dict.fromkeys(re.sub(r"\.\d+\.", ".*.", names[id(p)]) for p in g["params"])  # one name per layer list
+        parts.append(f"{', '.join(shown)} at {rate}, {decay}")
+    return "; ".join(parts) + (" (pos_lr_mult null; a number sets one rate for all, without decay)" if parts else "")
+
+
 @app.command()
 def schemes(name: Optional[str] = typer.Argument(None, help="Show one scheme in detail.")) -> None:
     """List the positional schemes, or explain one."""
@@ -148,7 +164,12 @@ def schemes(name: Optional[str] = typer.Argument(None, help="Show one scheme in 
         console.print(f"[bold]{cls.name}[/]  ({', '.join(cls.acts) or 'nowhere'})")
         console.print(f"formula: {cls.formula}", markup=False)  # formulas hold [brackets], not markup
         console.print(f"paper:   {cls.paper}", markup=False)
+        if cls.code:
+            console.print(f"code:    {cls.code}", markup=False)
         console.print(f"used by: {cls.used_by}", markup=False)
+        trains = _trains(cls)
+        if trains:
+            console.print(f"trains:  {trains}", markup=False)
         if cls.defaults:
             console.print("options: " + ", ".join(f"{k}={v}" for k, v in cls.defaults.items()), markup=False)
         console.print()

@@ -81,9 +81,14 @@ class TrainConfig:
     heads: int = option(4, "Attention heads.", check=positive_int)
     d_ff: int = option(512, "Feed-forward width.", check=positive_int)
     lr: float = option(2e-3, "Peak learning rate (AdamW).", check=positive_finite)
-    pos_lr_mult: float = option(10.0, "Learning-rate multiplier for a scheme's own parameters (learned table, "
-                                "T5/KERPLE/FIRE/Shaw).", flag=None, check=positive_finite)
-    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only; never on norms or position parameters.",
+    pos_lr_mult: float | None = option(None, "How a scheme's own parameters (learned table, T5, KERPLE, FIRE, Shaw, "
+                                       "...) train: null (the default) as its reference implementation trains them "
+                                       "(the model's learning rate, weight decay as the reference applies it; `lenx "
+                                       "schemes NAME` says which); a number: all of them at lr times it, without "
+                                       "weight decay (lenx's rule before 2026-12, at 10).", flag=None,
+                                       check=lambda v, name: v if v is None else positive_finite(v, name))
+    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only (a scheme's own parameters: see "
+                                 "pos_lr_mult); never on norms.",
                                  flag=None, check=finite_at_least_zero)
     beta1: float = option(0.9, "AdamW beta1.", flag=None, check=unit_interval(closed=False))
     beta2: float = option(0.95, "AdamW beta2.", flag=None, check=unit_interval(closed=False))

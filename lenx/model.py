@@ -1,7 +1,8 @@
 """A pre-LN decoder-only transformer, identical for every scheme except its positional part.
 
 The positional scheme (``self.pe``) is consulted in three places: the embedding, the queries and
-keys of every layer, and the attention scores of every layer. Nothing here knows which scheme it is.
+keys of every layer, and the attention scores of every layer (given the layer's normed input, queries and keys).
+Nothing here knows which scheme it is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .attention import causal_attention
 from .positional import PositionalScheme, build_scheme
+from .positional.base import Positions
 
 
 class LenxConfig(PretrainedConfig):
@@ -65,10 +67,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.proj._residual_proj = True
 
-    def forward(self, x: Tensor, pos: Tensor, pe: PositionalScheme, bias) -> Tensor:
+    def forward(self, x: Tensor, layer: int, p: Positions, pe: PositionalScheme) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = pe.rotate(q, k, pos)
+        q, k = pe.rotate(q, k, p, layer)
+        bias = pe.bias(layer, p, x=x, q=q, k=k)
         y = causal_attention(q, k, v, bias, self.backend, self.block_size)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -92,8 +95,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, pos: Tensor, pe: PositionalScheme, bias) -> Tensor:
-        x = x + self.attn(self.ln_1(x), pos, pe, bias)
+    def forward(self, x: Tensor, layer: int, p: Positions, pe: PositionalScheme) -> Tensor:
+        x = x + self.attn(self.ln_1(x), layer, p, pe)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -198,9 +201,10 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
             if rows.shape[0] > 1 and not bool((rows == pos).all()):
                 raise ValueError("lenx models take one set of positions per batch: the rows of position_ids differ; "
                                  "run sequences with different positions one at a time")
-        x = self.pe.embed(self.wte(input_ids), pos)
+        p = self.pe.positions(pos)  # the scheme's per-forward state (rotation tables), made once for every layer
+        x = self.pe.embed(self.wte(input_ids), p)
         for layer, block in enumerate(self.blocks):
-            x = block(x, pos, self.pe, self.pe.bias(layer, pos))
+            x = block(x, layer, p, self.pe)
         return self.ln_f(x)
 
     def forward(

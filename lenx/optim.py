@@ -18,16 +18,23 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW. Weight decay on matrices only; the scheme's own parameters get lr * pos_lr_mult and no decay."""
+    """AdamW. Weight decay on the model's matrices only. The scheme's own parameters train as the scheme declares
+    (``PositionalScheme.param_groups``: its reference's rule), or, with ``pos_lr_mult`` set, all at lr * pos_lr_mult
+    without decay."""
     pe_ids = {id(p) for p in model.pe.parameters()}
-    decay, no_decay, pe = [], [], []
+    decay, no_decay = [], []
     for p in model.parameters():
-        (pe if id(p) in pe_ids else decay if p.dim() >= 2 else no_decay).append(p)
+        if id(p) not in pe_ids:
+            (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
         {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
-        {"params": pe, "weight_decay": 0.0, "lr_mult": cfg.pos_lr_mult},
     ]
+    if cfg.pos_lr_mult is None:
+        groups += [{"params": g["params"], "weight_decay": cfg.weight_decay if g["weight_decay"] else 0.0,
+                    "lr_mult": g["lr_mult"]} for g in model.pe.param_groups()]
+    else:
+        groups.append({"params": list(model.pe.parameters()), "weight_decay": 0.0, "lr_mult": cfg.pos_lr_mult})
     groups = [g for g in groups if g["params"]]
     # The fused kernel (CPU and CUDA) makes one pass per tensor instead of about ten.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in model.parameters())

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import lenx.evaluate as ev
 import lenx.perplexity as ppl
 import lenx.windows as win
-from lenx import attention
+from lenx import attention_cpu as attention
 from lenx.attention import BACKENDS, causal_attention
 from lenx.cli import main
 from lenx.data import document_tokens, get_tokenizer, token_stream
@@ -88,10 +88,10 @@ def test_routes_are_chosen_by_capability():
     q = torch.randn(1, H, T, 8)
     alibi = tiny_model("alibi").pe.bias(0, pos)
     assert alibi.key_term() is not None and alibi.toeplitz_table() is not None
-    assert attention._separable_supported(q, q, alibi)
-    assert not attention._separable_supported(q.bfloat16(), q.bfloat16(), alibi)  # fp32 only
+    assert attention.separable_supported(q, q, alibi)
+    assert not attention.separable_supported(q.bfloat16(), q.bfloat16(), alibi)  # fp32 only
     trained = q.clone().requires_grad_()
-    assert not attention._separable_supported(trained, trained, alibi)  # inference only: training takes the stored route
+    assert not attention.separable_supported(trained, trained, alibi)  # inference only: training takes the stored route
     gapped = TableBias(torch.randn(H, 3 * T), pos * 3)
     assert gapped.toeplitz_table() is None  # not contiguous: gathered per block instead
     assert DenseBias(torch.zeros(H, T, T)).key_term() is None

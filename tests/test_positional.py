@@ -187,7 +187,8 @@ def test_a_scheme_missing_from_the_list_is_refused_at_registration():
 def test_clipped_relative_route_equals_the_reference_with_gradients(K, T, chunk):
     """Shaw's route (fused kernel past the clip, a band of K explicit scores, joined by log-sum-exp) gives the
     materialised reference's outputs and gradients, on either side of T = K."""
-    from lenx.attention import _clipped, causal_attention
+    from lenx.attention import causal_attention
+    from lenx.attention_cpu import clipped as _clipped
     from lenx.positional.shaw import ShawBias
 
     torch.manual_seed(K * 100 + T)
@@ -210,7 +211,8 @@ def test_clipped_relative_route_equals_the_reference_with_gradients(K, T, chunk)
 def test_clipped_route_in_bf16_stays_within_bf16_rounding_of_the_fp32_reference(K, T):
     """Under bf16 autocast Shaw trains by the same route: the fused kernel in bf16, the band and the joining
     log-sum-exps in fp32. Outputs and gradients within bf16's rounding of the fp32 reference on the same inputs."""
-    from lenx.attention import _clipped, causal_attention
+    from lenx.attention import causal_attention
+    from lenx.attention_cpu import clipped as _clipped
     from lenx.positional.shaw import ShawBias
 
     torch.manual_seed(K + T)
@@ -233,7 +235,7 @@ def test_clipped_route_in_bf16_stays_within_bf16_rounding_of_the_fp32_reference(
 
 def test_flash_lse_gradients_of_both_outputs():
     """The kernel's log-sum-exp is differentiable through _FlashLSE (torch's own op treats it as a constant)."""
-    from lenx.attention import _FlashLSE
+    from lenx.attention_cpu import _FlashLSE
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 4, requires_grad=True) for _ in range(3))

@@ -316,7 +316,7 @@ def scores(model, pos, q, k):
     return s.tril()  # the causal part; above the diagonal is masked
 
 
-RELATIVE = {"t5", "shaw", "kerple-log", "kerple-power", "alibi", "rope", "xpos"}
+RELATIVE = {"t5", "shaw", "kerple-log", "kerple-power", "alibi", "rope", "xpos", "pope", "sandwich", "dpb"}
 
 
 def test_relative_flag_is_set_for_exactly_the_relative_papers():
@@ -577,3 +577,45 @@ def test_blocked_attention_honours_max_block_rows(monkeypatch):
         fast = model(x).logits
         assert sizes == ([16] * 6 + [4]) * 2  # two layers
         torch.testing.assert_close(fast, ref(x).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fraction, head_dim", [(0.25, 64), (0.5, 16), (1.0, 16), (0.0, 16)])
+def test_rotary_fraction_is_transformers_proportional_rope(fraction, head_dim):
+    """p-RoPE: the first int(p * d/2) pairs (the fastest) keep their frequencies, the rest are zero (no rotation),
+    exactly as transformers' rope type `proportional` computes them."""
+    from transformers import PretrainedConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = PretrainedConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                           rope_parameters={"rope_type": "proportional", "rope_theta": 10000.0,
+                                            "partial_rotary_factor": fraction})
+    want, _ = ROPE_INIT_FUNCTIONS["proportional"](cfg, "cpu")
+    rope = REGISTRY["rope"](tiny_config("rope", d_model=head_dim * 2, n_head=2, pe_options={"rotary_fraction": fraction}))
+    got, _ = rope.inv_freq(16)
+    torch.testing.assert_close(got.float(), want.float())
+    # unrotated pairs pass through rotate unchanged at every position
+    q = torch.randn(1, 2, 30, head_dim)
+    rq, _ = rope.rotate(q, q, torch.arange(30) + 5)
+    n = int(fraction * head_dim // 2)
+    torch.testing.assert_close(rq[..., 2 * n :], q[..., 2 * n :])
+    assert n == 0 or not torch.allclose(rq[..., : 2 * n], q[..., : 2 * n])
+
+
+def test_nope_every_follows_llama4s_no_rope_layers():
+    """Llama 4 builds no_rope_layers as int((l + 1) % interval != 0): 1 = RoPE. nope_every k leaves those layers
+    unrotated, and the model passes each layer its index."""
+    from transformers import Llama4TextConfig
+
+    hf = Llama4TextConfig(num_hidden_layers=8, no_rope_layer_interval=4)
+    model = tiny_model("rope", n_layer=8, pe_options={"nope_every": 4})
+    assert [int(model.pe.rotates(layer)) for layer in range(8)] == hf.no_rope_layers
+    q = torch.randn(1, 4, 10, 8)
+    assert torch.equal(model.pe.rotate(q, q, torch.arange(10), layer=3)[0], q)
+    assert not torch.equal(model.pe.rotate(q, q, torch.arange(10), layer=2)[0], q)
+    seen = []
+    original = model.pe.rotate
+    model.pe.rotate = lambda q, k, p, layer: seen.append(layer) or original(q, k, p, layer)
+    model(torch.randint(0, 60, (1, 12)))
+    assert seen == list(range(8))
+    plain = tiny_model("rope", n_layer=8)
+    assert all(plain.pe.rotates(layer) for layer in range(8))

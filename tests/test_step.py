@@ -95,7 +95,7 @@ def test_rope_tables_are_safe_to_build_from_threads_at_once():
 
     def read(n):
         pos = torch.arange(n)
-        return n, scheme.rotation(pos)
+        return n, scheme.prepare(pos)
 
     with ThreadPoolExecutor(4) as pool:
         for n, rot in pool.map(read, [10, 40, 20, 40, 30] * 20):

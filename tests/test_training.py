@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lenx.attention import BACKENDS
+from lenx.attention import BACKENDS, causal_attention
 from lenx.cli import main
 
 from .conftest import ALL_SCHEMES, tiny_config, tiny_model
@@ -86,7 +86,7 @@ def test_stored_probabilities_route_equals_the_reference_with_gradients(T, with_
     """Training on the CPU in fp32 keeps each chunk's probabilities for the backward pass (_StoredProbs): outputs
     and the gradients of q, k, v and a learned distance table equal the materialised reference's, for lengths
     of one chunk, several, and not a multiple of the chunk."""
-    from lenx import attention
+    from lenx import attention_cpu as attention
     from lenx.positional.base import TableBias
 
     torch.manual_seed(T)
@@ -100,34 +100,34 @@ def test_stored_probabilities_route_equals_the_reference_with_gradients(T, with_
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         bias = TableBias(table, torch.arange(T) + 7) if with_bias else None
         if backend == "sdpa":
-            assert attention._stored_supported(q, k, v)
-        out = attention.causal_attention(q, k, v, bias, backend)
+            assert attention.stored_supported(q, k, v)
+        out = causal_attention(q, k, v, bias, backend)
         outs[backend] = (out, *torch.autograd.grad((out * g).sum(), leaves))
     for a, b in zip(outs["sdpa"], outs["materialized"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_stored_probabilities_route_is_for_cpu_fp32_training_within_its_memory_cap(monkeypatch):
-    from lenx import attention
+    from lenx import attention_cpu as attention
 
     q = torch.randn(2, 4, 100, 8)
     trained = q.clone().requires_grad_()
-    assert attention._stored_supported(trained, trained, trained)
-    assert not attention._stored_supported(q, q, q)  # inference: the fused kernel, no probabilities kept
+    assert attention.stored_supported(trained, trained, trained)
+    assert not attention.stored_supported(q, q, q)  # inference: the fused kernel, no probabilities kept
     with torch.no_grad():
-        assert not attention._stored_supported(trained, trained, trained)
+        assert not attention.stored_supported(trained, trained, trained)
     bf = trained.detach().bfloat16().requires_grad_()
-    assert not attention._stored_supported(bf, bf, bf)
+    assert not attention.stored_supported(bf, bf, bf)
     assert attention._stored_bytes(8, 100) == 4 * 8 * (64 * 64 + 36 * 100)
     monkeypatch.setattr(attention, "STORED_MAX_BYTES", attention._stored_bytes(8, 100) - 1)
-    assert not attention._stored_supported(trained, trained, trained)  # over the cap: the fused kernel's backward
+    assert not attention.stored_supported(trained, trained, trained)  # over the cap: the fused kernel's backward
 
 
 @pytest.mark.parametrize("pe", ["nope", "rope", "alibi", "t5", "kerple-log", "fire"])
 def test_model_gradients_over_several_chunks_equal_the_reference(pe, monkeypatch):
     """The model's parameter gradients at a length of several stored chunks (and over the memory cap, on the
     fused kernel) equal the materialised reference's."""
-    from lenx import attention
+    from lenx import attention_cpu as attention
 
     torch.manual_seed(5)
     x = torch.randint(0, 60, (2, 150))
@@ -317,6 +317,30 @@ def test_optimizer_groups_decay_matrices_and_scale_only_the_schemes_own_paramete
         for g in opt.param_groups:
             assert g["lr"] == pytest.approx(cfg.lr * lr_at(cfg, step) * g["lr_mult"])
     assert all(g["betas"] == (0.8, 0.9) and g["fused"] for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("pe", ALL_SCHEMES)
+def test_by_default_the_schemes_own_parameters_train_as_the_scheme_declares(pe):
+    """pos_lr_mult null (the default): each parameter of the scheme in the group its ``param_groups`` names, at the
+    model's rate unless it says otherwise, decayed exactly where it says so."""
+    from lenx.model import LenxForCausalLM
+    from lenx.optim import build_optimizer
+
+    cfg = _cfg(weight_decay=0.1)
+    assert cfg.pos_lr_mult is None
+    model = LenxForCausalLM(tiny_config(pe))
+    own = {id(p) for p in model.pe.parameters()}
+    declared = sorted((id(p), g["weight_decay"], g["lr_mult"]) for g in model.pe.param_groups() for p in g["params"])
+    got = sorted((id(p), g["weight_decay"] > 0, g["lr_mult"]) for g in build_optimizer(model, cfg).param_groups
+                 for p in g["params"] if id(p) in own)
+    assert got == declared and sorted(i for i, _, _ in got) == sorted(own)  # every parameter once
+    decayed = {n for n, p in model.pe.named_parameters() if (id(p), True, 1.0) in got}
+    assert decayed == REFERENCE_DECAY.get(pe, set())
+
+
+# What each scheme's reference implementation decays (docs/schemes.md#how-a-schemes-parameters-train)
+REFERENCE_DECAY = {"learned": {"table"}, "fire": {"f.0.weight", "f.2.weight"},  # t5, shaw, kerple, dpb, pope: none
+                   "fox": {"fgate.0.weight", "fgate.1.weight"}}
 
 
 def get_scheme(pe):

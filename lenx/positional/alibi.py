@@ -39,6 +39,7 @@ class ALiBi(PositionalScheme):
         super().__init__(config)
         self.slopes = alibi_slopes(self.n_head)
 
-    def bias(self, layer: int, pos: Tensor) -> LinearBias:
+    def bias(self, layer: int, p, x=None, q=None, k=None) -> LinearBias:
+        pos = self.positions(p).pos
         # a TableBias over distances, -m_h * (i - j), that also declares itself separable
         return LinearBias(torch.tensor(self.slopes, dtype=torch.float32), pos)

@@ -1,11 +1,19 @@
 """The interface between a positional scheme and the model.
 
-A scheme may act in three places only, and the model calls all three for every scheme:
+A scheme may act in three places only, and the model calls all three for every scheme and layer:
 
-  (a) ``embed(x, pos)``        -- the token embeddings, before the first block (add a vector per position);
-  (b) ``rotate(q, k, pos)``    -- queries and keys of every layer, before their dot product;
-  (c) ``bias(layer, pos)``     -- an additive term on the attention scores of a layer, computed from
-                                  query and key positions (and, for content-dependent schemes, the queries).
+  (a) ``embed(x, p)``                      -- the token embeddings, before the first block;
+  (b) ``rotate(q, k, p, layer)``           -- queries and keys of a layer, before their dot product;
+  (c) ``bias(layer, p, x=, q=, k=)``       -- an additive term on a layer's attention scores, from positions and,
+                                              for data-dependent schemes, the layer's normed input ``x``
+                                              (B, T, C), its queries or its (rotated) keys (B, H, T, hd).
+
+``p`` is a ``Positions``: the forward's integer positions and the state the scheme prepared from them once
+(``prepare``: RoPE's rotation table), handed to every layer rather than cached on the scheme. Every hook also
+takes a bare position tensor and prepares it itself, for a one-off call.
+
+Parameters: ``param_groups`` says how the scheme's own parameters train (weight decay or not, a learning-rate
+multiplier), as its reference implementation trains them; the optimizer builds its groups from it.
 
 The model and the attention code never look at a scheme's name. A scheme that does nothing in a
 place leaves the default, which is the identity (and ``bias`` returns None, so attention runs on
@@ -27,6 +35,15 @@ import torch
 from torch import Tensor, nn
 
 
+class Positions:
+    """The positions of one forward, (T,) integers, and what the scheme prepared from them for every layer."""
+
+    __slots__ = ("pos", "state")
+
+    def __init__(self, pos: Tensor, state: Any = None):
+        self.pos, self.state = pos, state
+
+
 class Bias:
     """Additive attention-score term for one layer, built block by block.
 
@@ -44,9 +61,10 @@ class Bias:
     - ``toeplitz_table()``: an (H, D) table with b[h, i, j] = table[h, i - j] for row and column
       *indices* j <= i < D (a relative bias over contiguous positions). Attention then reads each
       block's bias as a strided view of one per-layer buffer instead of gathering it.
-    - ``key_term()``: (s, g), s of shape (H,) and g of shape (T,), with b[h, i, j] = s[h] * g[j] plus a
-      term that depends on (h, i) only, which softmax ignores (ALiBi: -m (i - j) = m j - m i). Attention
-      can then fold the bias into one extra query/key dimension and keep the fused causal kernel.
+    - ``key_term()``: (s, g), s of shape (H,) and g of shape (T,) or (B, H, T), with b[b, h, i, j] = s[h] * g[.., j]
+      plus a term that depends on (b, h, i) only, which softmax ignores (ALiBi: -m (i - j) = m j - m i; FoX:
+      F_i - F_j). Attention can then fold the bias into one extra query/key dimension and keep the fused kernel,
+      or add it per key column (training on the CPU); g may carry gradients.
     - ``clipped_kv()``: (a_k, a_v), each (K + 1, hd), for Shaw et al.'s relative keys and values over
       contiguous positions: b[h, i, j] = q_i . a_k[min(i - j, K)] / sqrt(hd), and the output adds
       sum_j p_ij a_v[min(i - j, K)]. Attention then runs the fused kernel for keys past K and only a band
@@ -153,6 +171,7 @@ class PositionalScheme(nn.Module):
     acts: ClassVar[tuple[str, ...]] = ()  # subset of ("embedding", "qk", "bias")
     formula: ClassVar[str] = ""  # one line, for `lenx schemes`
     paper: ClassVar[str] = ""
+    code: ClassVar[str] = ""  # the reference implementation: repository and path
     used_by: ClassVar[str] = ""
     details: ClassVar[str] = ""  # longer text for `lenx schemes NAME`
     relative: ClassVar[bool] = False  # scores depend on positions only through i - j
@@ -199,23 +218,47 @@ class PositionalScheme(nn.Module):
         constructor (as torch modules do), so a scheme built on its own is ready; the model calls it again in its
         own initialisation, and not for parameters loaded from a checkpoint."""
 
+    def prepare(self, pos: Tensor) -> Any:
+        """State computed once per forward from its positions (a rotation table) and passed to every layer's hooks
+        in ``Positions.state``; None by default."""
+        return None
+
+    def positions(self, pos: "Tensor | Positions") -> Positions:
+        return pos if isinstance(pos, Positions) else Positions(pos, self.prepare(pos))
+
     # (a) embedding
-    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+    def embed(self, x: Tensor, p: "Tensor | Positions") -> Tensor:
         return x
 
     # (b) queries and keys, shaped (B, H, T, hd)
-    def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    def rotate(self, q: Tensor, k: Tensor, p: "Tensor | Positions", layer: int = 0) -> tuple[Tensor, Tensor]:
         return q, k
 
     # (c) attention scores
-    def bias(self, layer: int, pos: Tensor) -> Bias | None:
+    def bias(self, layer: int, p: "Tensor | Positions", x: Tensor | None = None, q: Tensor | None = None,
+             k: Tensor | None = None) -> Bias | None:
         if not self.relative or "bias" not in self.acts:
             return None
+        pos = self.positions(p).pos
         return TableBias(self.distance_bias(layer, distances(pos)), pos)
 
     def distance_bias(self, layer: int, dist: Tensor) -> Tensor:
         """Relative schemes: the (H, D) bias for causal distances i - j = dist (>= 0)."""
         raise NotImplementedError
+
+    # how the scheme's own parameters train
+    def param_groups(self) -> list[dict]:
+        """[{"params": [...], "weight_decay": bool, "lr_mult": float}] for the scheme's own parameters, as its
+        reference implementation trains them. Default: the model's learning rate, weight decay on matrices only
+        (the model's own rule: nanoGPT's, which decays GPT-2's position table). Schemes whose reference differs
+        override ``decays``."""
+        groups: dict[bool, list] = {True: [], False: []}
+        for name, param in self.named_parameters():
+            groups[self.decays(name, param)].append(param)
+        return [{"params": ps, "weight_decay": wd, "lr_mult": 1.0} for wd, ps in groups.items() if ps]
+
+    def decays(self, name: str, param: nn.Parameter) -> bool:
+        return param.dim() >= 2
 
     # Evaluation-time settings (RoPE extensions); schemes that have none accept only "none".
     def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:

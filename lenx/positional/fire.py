@@ -177,5 +177,6 @@ class FIRE(PositionalScheme):
         normaliser = self.psi(torch.maximum(qpos, self.threshold()))[:, None] + self.options["eps"]
         return (self.psi(qpos[:, None] - kpos[None, :]) / normaliser)[..., None]
 
-    def bias(self, layer: int, pos: Tensor) -> Bias:
+    def bias(self, layer: int, p, x=None, q=None, k=None) -> Bias:
+        pos = self.positions(p).pos
         return FireBias(self, pos)

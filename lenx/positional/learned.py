@@ -31,7 +31,8 @@ class LearnedAbsolute(PositionalScheme):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.table, std=0.02)
 
-    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+    def embed(self, x: Tensor, p) -> Tensor:
+        pos = self.positions(p).pos
         if not torch.compiler.is_compiling() and int(pos.max()) >= self.max_len:  # compiled: indexing checks it
             raise LengthNotSupported(f"learned positions end at {self.max_len}; position {int(pos.max())} has no vector")
         return x + self.table[pos].to(x.dtype)

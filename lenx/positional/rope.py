@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import get_scheme, register
-from .base import PositionalScheme, is_number, scaling_not_supported
+from .base import PositionalScheme, is_integer, is_number, scaling_not_supported
 
 # RoPE extensions applied at evaluation time (`lenx eval --rope-scaling`): pi, dynamic-ntk and yarn as transformers
 # implements them ("linear", "dynamic", "yarn"); ntk, which transformers does not have, by its formula below.
@@ -93,7 +93,7 @@ class RoPE(PositionalScheme):
     formula = "rotate pair k of q_m by m*theta_k and of k_n by n*theta_k, theta_k = 10000^(-2k/d)"
     paper = "Su et al. 2021, 'RoFormer: enhanced transformer with rotary position embedding'"
     used_by = "LLaMA 1-3, PaLM, GPT-NeoX/Pythia, GPT-J, Qwen, Mistral, Falcon, Gemma"
-    defaults = {"base": 10000.0}
+    defaults = {"base": 10000.0, "rotary_fraction": 1.0, "nope_every": 0}
     details = (
         "Queries and keys are rotated, pair by pair, by an angle proportional to their position.\n"
         "Why the score depends only on the offset: write pair k of q as the complex number\n"
@@ -105,23 +105,41 @@ class RoPE(PositionalScheme):
         "\nAt evaluation, `lenx eval --rope-scaling pi|ntk|dynamic-ntk|yarn` changes the frequencies:\n"
         "pi, dynamic-ntk and yarn exactly as transformers' rope types linear, dynamic and yarn (with\n"
         "YaRN's attention factor); ntk, which transformers lacks, as NTK-aware scaling, base * s^(d/(d-2))\n"
-        "(see lenx/positional/rope.py)."
+        "(see lenx/positional/rope.py).\n"
+        "\nrotary_fraction p (p-RoPE, proportional RoPE: Barbero et al. 2024, 'Round and round we go! What\n"
+        "makes rotary positional encodings useful?'): only the first int(p * d/2) pairs, the fastest,\n"
+        "rotate; the slowest frequencies are set to zero (no rotation) and the others keep theta_k =\n"
+        "base^(-2k/d), as transformers' rope type `proportional` computes them. This is not GPT-NeoX-style\n"
+        "partial rotary, which recomputes the frequencies over the rotated dimensions only.\n"
+        "\nnope_every k > 0 leaves layer l (from 0) unrotated when (l + 1) % k == 0, the rule by which\n"
+        "Llama 4 builds no_rope_layers from no_rope_layer_interval (4 there; SmolLM3 uses the same rule):\n"
+        "those layers are NoPE layers, with the causal mask as their only positional information."
     )
 
     def __init__(self, config):
         super().__init__(config)
         self._cache: dict = {}
-        self._last = None  # (pos, rotation) of the latest forward
         self.scaling: tuple[str, float | None] = ("none", None)
 
     def check_options(self) -> None:
         self.check_option("base", lambda v: is_number(v) and v > 1, "a number above 1")
+        self.check_option("rotary_fraction", lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+        self.check_option("nope_every", lambda v: is_integer(v) and v >= 0, "an integer >= 0 (0: RoPE on every layer)")
 
     def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
         super().set_eval_scaling(method, factor)  # rejects unknown methods
         self.scaling = (method or "none", factor)
         self._cache = {}
-        self._last = None
+
+    def rotated_pairs(self) -> int:
+        """Pairs that rotate: the first (fastest) int(rotary_fraction * hd/2), as transformers' `proportional`."""
+        return int(self.options["rotary_fraction"] * self.head_dim // 2)
+
+    def rotates(self, layer: int) -> bool:
+        """Llama 4's rule (`no_rope_layers` from `no_rope_layer_interval`): layer l (from 0) has no RoPE when
+        (l + 1) % nope_every == 0."""
+        k = self.options["nope_every"]
+        return not (k and (layer + 1) % k == 0)
 
     def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin of pos * theta, (T, d/2) in float32, times the extension's attention factor.
@@ -139,22 +157,26 @@ class RoPE(PositionalScheme):
         cos, sin = table
         return cos[pos], sin[pos]
 
-    def _cos_sin_at(self, pos: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    def inv_freq(self, seq_len: int) -> tuple[Tensor, float]:
+        """The frequencies of this evaluation (extension included), zero past the rotated pairs; and the factor on
+        cos and sin."""
         inv_freq, attn = rope_frequencies(self.head_dim, self.options["base"], *self.scaling,
                                           train_len=self.train_len, seq_len=seq_len)
+        inv_freq = inv_freq.clone()
+        inv_freq[self.rotated_pairs():] = 0.0
+        return inv_freq, attn
+
+    def _cos_sin_at(self, pos: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+        inv_freq, attn = self.inv_freq(seq_len)
         angle = pos.double()[:, None] * inv_freq.to(pos.device)[None, :]  # float64: exact angles at long lengths
         return (angle.cos() * attn).float(), (angle.sin() * attn).float()
 
-    def rotation(self, pos: Tensor) -> Tensor:
-        """(cos, sin) of pos * theta, (T, d/2, 2) float32. Every layer of a forward gets the same `pos`
-        object, so the table is gathered once per forward, not once per layer."""
-        if torch.compiler.is_compiling():
-            return torch.stack(self.cos_sin(pos), -1)
-        last = self._last  # read once: row shards (lenx/step.py) run forwards from threads at once
-        if last is None or last[0] is not pos:
-            last = self._last = (pos, torch.stack(self.cos_sin(pos), -1))
-        return last[1]
+    def prepare(self, pos: Tensor) -> Tensor:
+        """(cos, sin) of pos * theta, (T, d/2, 2) float32: gathered once per forward, read by every layer."""
+        return torch.stack(self.cos_sin(pos), -1)
 
-    def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        rot = self.rotation(pos)
+    def rotate(self, q: Tensor, k: Tensor, p, layer: int = 0) -> tuple[Tensor, Tensor]:
+        if not self.rotates(layer):
+            return q, k
+        rot = self.positions(p).state
         return apply_rotation(q, rot), apply_rotation(k, rot)

@@ -74,5 +74,9 @@ class Shaw(PositionalScheme):
         nn.init.normal_(self.a_k, std=0.02)
         nn.init.normal_(self.a_v, std=0.02)
 
-    def bias(self, layer: int, pos: Tensor) -> Bias:
+    def decays(self, name: str, param) -> bool:
+        return False  # tensor2tensor's transformer hparams (the paper's code base) train with weight_decay 0
+
+    def bias(self, layer: int, p, x=None, q=None, k=None) -> Bias:
+        pos = self.positions(p).pos
         return ShawBias(self.a_k[layer], self.a_v[layer], pos)

@@ -39,6 +39,7 @@ class Sinusoidal(PositionalScheme):
     def check_options(self) -> None:
         self.check_option("base", lambda v: is_number(v) and v > 1, "a number above 1")
 
-    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+    def embed(self, x: Tensor, p) -> Tensor:
+        pos = self.positions(p).pos
         pe = sinusoid_table(pos, self.d_model, self.options["base"]).to(x.dtype)
         return x * math.sqrt(self.d_model) + pe

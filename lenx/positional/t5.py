@@ -38,8 +38,9 @@ class T5Bias(PositionalScheme):
         "\nshared: true (the default, as in HF T5, where the first layer computes the bias and every\n"
         "layer reuses it): one table for all layers; shared: false: one table per layer.\n"
         "\ninit: normal (the default, HF T5's N(0, d_model^-0.5)) or zero (the table starts as NoPE;\n"
-        "REFERENCE.md notes how slowly it then moves). The table trains at pos_lr_mult x the learning\n"
-        "rate. The bias is a per-head table over distances, gathered per block: memory linear in L."
+        "REFERENCE.md notes how slowly it then moves). The table trains at the model's learning rate\n"
+        "without weight decay, as in T5 (Adafactor, no decay) and transformers' Trainer (which exempts\n"
+        "parameters named *bias*). The bias is a per-head table over distances: memory linear in L."
     )
 
     def __init__(self, config):
@@ -62,6 +63,11 @@ class T5Bias(PositionalScheme):
             nn.init.zeros_(self.table)
         else:
             nn.init.normal_(self.table, std=self.d_model**-0.5)
+
+    def decays(self, name: str, param) -> bool:
+        # the original T5 trains with Adafactor and no weight decay; transformers' Trainer exempts every parameter
+        # whose name contains "bias" (relative_attention_bias.weight included) from decay
+        return False
 
     def distance_bias(self, layer: int, dist: Tensor) -> Tensor:
         buckets = t5_bucket(dist, self.options["num_buckets"], self.options["max_distance"])

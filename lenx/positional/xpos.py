@@ -15,7 +15,7 @@ class XPos(RoPE):
     formula = "RoPE, then pair k of q_n times zeta_k^(n/g) and of k_m times zeta_k^(-m/g); zeta_k = (2k+0.4d)/(1.4d)"
     paper = "Sun et al. 2023, 'A length-extrapolatable transformer' (ACL); code: microsoft/torchscale"
     used_by = "RetNet's retention decay builds on it; no widely released LLM uses xPos itself"
-    defaults = {"base": 10000.0, "scale_base": 512.0}
+    defaults = {**RoPE.defaults, "scale_base": 512.0}
     details = (
         "RoPE with an exponential decay on top. Pair k of a query at position n is rotated as in RoPE\n"
         "and multiplied by zeta_k^(n/g); the same pair of a key at position m by zeta_k^(-m/g), with\n"
@@ -57,20 +57,23 @@ class XPos(RoPE):
         from the centre by half the span, and the smallest zeta (pair 0) is 0.4 / 1.4."""
         return int(2 * self.options["scale_base"] * math.log(self.MAX_FACTOR) / math.log(1.4 / 0.4))
 
-    def rotation(self, pos: Tensor) -> Tensor:
-        if not torch.compiler.is_compiling() and (self._last is None or self._last[0] is not pos):  # once per forward
+    def prepare(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """The rotation and the decay zeta^(n/g) of the forward's positions (T, d/2, 1), made once for every layer."""
+        if not torch.compiler.is_compiling():
             span = int(pos.max() - pos.min()) + 1
             if span > self.max_span():
                 raise LengthNotSupported(
                     f"xPos's decay zeta^(n/{self.options['scale_base']:g}) leaves float32's range in a window of "
                     f"{span} positions (at most {self.max_span()}); evaluate shorter windows"
                 )
-        return super().rotation(pos)
-
-    def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        rot = self.rotation(pos)
         d = self.head_dim
         zeta = (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) + 0.4 * d) / (1.4 * d)
         centre = (pos.min() + pos.max() + 1).div(2, rounding_mode="floor")  # a tensor: no host sync
         scale = (zeta[None, :] ** ((pos - centre).double()[:, None] / self.options["scale_base"])).float()[..., None]
+        return super().prepare(pos), scale
+
+    def rotate(self, q: Tensor, k: Tensor, p, layer: int = 0) -> tuple[Tensor, Tensor]:
+        if not self.rotates(layer):
+            return q, k
+        rot, scale = self.positions(p).state
         return apply_rotation(q, rot * scale), apply_rotation(k, rot / scale)
