@@ -158,8 +158,8 @@ class LenxForCausalLM(PreTrainedModel, GenerationMixin):
             # GPT-2: projections back into the residual stream are scaled by 1/sqrt(2 * n_layer)
             residual = getattr(module, "_residual_proj", False)
             init.normal_(module.weight, std=std / (2 * self.config.n_layer) ** 0.5 if residual else std)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.Embedding):  # the token embeddings (tied to the output layer)
+            init.normal_(module.weight, std=self.pe.token_embedding_std(std))
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)

@@ -226,6 +226,11 @@ class PositionalScheme(nn.Module):
     def positions(self, pos: "Tensor | Positions") -> Positions:
         return pos if isinstance(pos, Positions) else Positions(pos, self.prepare(pos))
 
+    def token_embedding_std(self, std: float) -> float:
+        """The init std of the token embeddings: the model's (GPT-2's 0.02) unless a scheme's paper pairs its
+        embedding with another (fairseq's sinusoidal models draw them N(0, d^-0.5))."""
+        return std
+
     # (a) embedding
     def embed(self, x: Tensor, p: "Tensor | Positions") -> Tensor:
         return x
