@@ -267,7 +267,8 @@ def separable(q: Tensor, k: Tensor, v: Tensor, bias: Bias, block_size: int) -> T
         if R is not None:
             mask = R.as_strided((1, H, n, n), (0, R.stride(0), 1, 1), R.storage_offset() + T - n)
         else:
-            sq = bias.block(q0, q1, q[:, :, q0:q1])[..., q0:q1]
+            gb = g[..., q0:q1]  # the square's exact bias s_h (g_j - g_i), from the key term: no block of n x q1
+            sq = s.to(g.device, torch.float64)[:, None, None] * (gb[..., None, :] - gb[..., :, None])
             mask = sq.masked_fill(future_mask(0, n, q.device), float("-inf")).to(q.dtype).flip(-2)
         o2, l2 = _CPU_FLASH(q[:, :, q0:q1].flip(-2), k[:, :, q0:q1], v[:, :, q0:q1], attn_mask=mask, scale=scale)
         o2, l2 = o2.flip(-2), l2.flip(-1)

@@ -61,9 +61,9 @@ class Bias:
     - ``toeplitz_table()``: an (H, D) table with b[h, i, j] = table[h, i - j] for row and column
       *indices* j <= i < D (a relative bias over contiguous positions). Attention then reads each
       block's bias as a strided view of one per-layer buffer instead of gathering it.
-    - ``key_term()``: (s, g), s of shape (H,) and g of shape (T,) or (B, H, T), with b[b, h, i, j] = s[h] * g[.., j]
-      plus a term that depends on (b, h, i) only, which softmax ignores (ALiBi: -m (i - j) = m j - m i; FoX:
-      F_i - F_j). Attention can then fold the bias into one extra query/key dimension and keep the fused kernel,
+    - ``key_term()``: (s, g), s of shape (H,) and g of shape (T,) or (B, H, T), with b[b, h, i, j] =
+      s[h] * (g[.., j] - g[.., i]): a key term plus a per-row constant, which softmax ignores (ALiBi: -m (i - j) with
+      g the positions; FoX: F_i - F_j with g = -F). Attention can then fold the bias into one extra query/key dimension and keep the fused kernel,
       or add it per key column (training on the CPU); g may carry gradients.
     - ``clipped_kv()``: (a_k, a_v), each (K + 1, hd), for Shaw et al.'s relative keys and values over
       contiguous positions: b[h, i, j] = q_i . a_k[min(i - j, K)] / sqrt(hd), and the output adds
