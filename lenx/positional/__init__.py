@@ -12,7 +12,7 @@ import importlib
 SCHEMES = {"nope": "nope", "sinusoidal": "sinusoidal", "learned": "learned", "rope": "rope", "alibi": "alibi",
            "xpos": "xpos", "t5": "t5", "shaw": "shaw", "kerple-log": "kerple", "kerple-power": "kerple", "fire": "fire",
            # 2023-2025
-           "fox": "fox", "sandwich": "sandwich", "dpb": "dpb", "pope": "pope"}
+           "fox": "fox", "cope": "cope", "sandwich": "sandwich", "dpb": "dpb", "pope": "pope"}
 
 _registry: dict = {}
 _BASE = ("Bias", "LinearBias", "PositionalScheme", "TableBias")
