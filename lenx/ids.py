@@ -39,10 +39,24 @@ def config_id(info: dict) -> str:
     run's text, which the results' dataset_fingerprint names) are fixed by their names, and keep their ids."""
     ident = {k: v for k, v in identity(info["config"], info.get("world_size", 1)).items() if k not in NOT_EXPERIMENT
              and not (k in ADDED and v == ADDED[k])}
+    if ident.get("pos_lr_mult") is None and not _has_own_parameters(ident.get("pe")):
+        # the default changed from 10 to null (2026-12); for a scheme without parameters of its own it changes
+        # nothing, so such runs keep the ids they had
+        ident["pos_lr_mult"] = 10.0
     tok = info.get("tokenizer") or {}
     if tok.get("kind") == "hf" and tok.get("fingerprint"):
         ident["tokenizer_fingerprint"] = tok["fingerprint"]
     return short_hash(ident)
+
+
+def _has_own_parameters(pe) -> bool:
+    from .errors import LenxError
+    from .positional import get_scheme
+
+    try:
+        return bool(get_scheme(pe).learned)
+    except LenxError:
+        return True
 
 
 def weights_id(run_dir: Path) -> str:
