@@ -104,7 +104,8 @@ def stored(q: Tensor, k: Tensor, v: Tensor, bias: Bias | None) -> Tensor | None:
     B, H, T, _ = q.shape
     s, g = term
     g = g.view(1, 1, T) if g.dim() == 1 else g
-    return _StoredProbs.apply(q, k, v, None, (s.to(g.dtype)[:, None] * g).float().expand(B, H, T).reshape(B * H, T))
+    # float before the product: ALiBi's g is its integer positions, and s.to(int) would zero the slopes
+    return _StoredProbs.apply(q, k, v, None, (s.float()[:, None] * g.float()).expand(B, H, T).reshape(B * H, T))
 
 
 def _distance_row(table: Tensor, T: int) -> Tensor:

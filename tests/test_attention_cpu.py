@@ -38,3 +38,23 @@ def test_without_the_kernels_every_bias_takes_a_core_route_with_the_same_numbers
         assert fast in ({"separable"}, {"clipped"}) and plain == {"blocked"}, (pe, fast, plain)
         torch.testing.assert_close(got_fast, want, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(got_plain, want, atol=2e-5, rtol=1e-4)
+
+
+def test_alibi_trains_on_the_stored_route_at_gapped_positions_as_the_reference():
+    """Gapped positions give ALiBi no distance table; the stored route then adds its key term (integer positions
+    times float slopes) per column, with the reference's numbers and gradients."""
+    torch.manual_seed(1)
+    pos = torch.arange(0, 96, 3)
+    bias = tiny_model("alibi").pe.bias(0, pos)
+    assert bias.toeplitz_table() is None
+    grads = {}
+    for backend in ("materialized", "sdpa"):
+        q, k, v = (torch.randn(1, 4, 32, 8, generator=torch.Generator().manual_seed(i)).requires_grad_()
+                   for i in range(3))
+        with recording() as routes:
+            out = causal_attention(q, k, v, bias, backend)
+        out.square().sum().backward()
+        grads[backend] = (out.detach(), q.grad, k.grad, v.grad)
+        assert backend == "materialized" or routes == {"stored"}
+    for got, want in zip(grads["sdpa"], grads["materialized"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
