@@ -136,6 +136,14 @@ def stop(how: str, message: str = "") -> tuple[int, str, str] | None:
 
 
 def close() -> None:
-    """The command finished on this process: leave the process group as torch asks (every rank gets here)."""
+    """The command finished on this process: leave the process group as torch asks (every rank gets here). The
+    barrier keeps a rank that finished early (rank 1 while rank 0 writes the run's files) from tearing the group
+    down under the others, and the collection frees what still holds it (DDP's reducer, its pending gloo work)
+    while the interpreter is whole: without both, a rank sometimes aborted at exit ("terminate called without an
+    active exception") after a finished run."""
     if dist.is_initialized():
+        import gc
+
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
