@@ -104,6 +104,7 @@ def stored(q: Tensor, k: Tensor, v: Tensor, bias: Bias | None) -> Tensor | None:
     B, H, T, _ = q.shape
     s, g = term
     g = g.view(1, 1, T) if g.dim() == 1 else g
+    g = g if g.is_floating_point() else g.float()  # ALiBi's g is its integer positions: s cast to them would be 0
     return _StoredProbs.apply(q, k, v, None, (s.to(g.dtype)[:, None] * g).float().expand(B, H, T).reshape(B * H, T))
 
 
