@@ -54,6 +54,12 @@ def _passkey_format(value: str, name: str) -> str:
     return one_of(tuple(FORMATS), "passkey format")(value, name)
 
 
+def _random_positions(value, name: str):
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise LenxError(f"{name} must be an integer above the training length (or 0: off), got {value!r}")
+    return value
+
+
 def _attn_backend(value: str, name: str) -> str:
     from .attention import BACKENDS
 
@@ -73,6 +79,11 @@ class TrainConfig:
     validation_file: str | None = option(None, "Explicit validation split.", check=path_given)
     test_file: str | None = option(None, "Explicit test split.", check=path_given)
     train_len: int = option(128, "Training context length in tokens.", check=positive_int)
+    random_positions: int | None = option(
+        None, "Randomized positions (Ruoss et al. 2023): training windows take a sorted random subset of "
+        "train_len distinct positions of [0, N), N > train_len (e.g. 16 x train_len), one subset per step shared "
+        "by all its rows, as the reference draws one per batch (docs/training.md); evaluation keeps 0..T-1; a "
+        "learned table gets N rows. null or 0: off [default: off].", check=_random_positions)
     steps: int = option(800, "Optimizer steps.", check=positive_int)
     batch_size: int = option(32, "Sequences per step per process.", check=positive_int)
     grad_accum: int = option(1, "Micro-batches accumulated per step.", check=positive_int)
@@ -176,6 +187,8 @@ def resolve(config_file: str | None = None, names: Callable[[str], str] | None =
                 f"give either --dataset ({explicit['dataset']}) or --train-file/--validation-file/--test-file, not both"
             )
         values["dataset"] = "files"
+    if values.get("random_positions") == 0:
+        values["random_positions"] = None  # off, recorded as never set: the same run (and config id) as without it
     cfg = TrainConfig(**values)
     validate(cfg, names or _name)
     return cfg
@@ -186,9 +199,9 @@ def _name(key: str) -> str:
     return f"--{key.replace('_', '-')}" if key in FLAGS else f"config key '{key}'"
 
 
-def _check_scheme_options(cfg: TrainConfig) -> None:
+def _check_scheme_options(cfg: TrainConfig) -> int | None:
     """Build the scheme once, on the meta device (no memory, whatever the sizes): its options are checked before
-    any run directory is made."""
+    any run directory is made. Returns the longest sequence it can represent (None: any)."""
     from types import SimpleNamespace
 
     import torch
@@ -196,8 +209,10 @@ def _check_scheme_options(cfg: TrainConfig) -> None:
     from .positional import build_scheme
 
     with torch.device("meta"):
-        build_scheme(SimpleNamespace(pe=cfg.pe, pe_options=cfg.pe_options, n_head=cfg.heads, n_layer=cfg.layers,
-                                     d_model=cfg.d_model, train_len=cfg.train_len))
+        scheme = build_scheme(SimpleNamespace(pe=cfg.pe, pe_options=cfg.pe_options, n_head=cfg.heads,
+                                              n_layer=cfg.layers, d_model=cfg.d_model, train_len=cfg.train_len,
+                                              train_positions=cfg.random_positions or None))
+    return scheme.max_len
 
 
 def validate(cfg: TrainConfig, names: Callable[[str], str] = None) -> None:
@@ -206,13 +221,28 @@ def validate(cfg: TrainConfig, names: Callable[[str], str] = None) -> None:
     set each value (its flag by default)."""
     names = names or _name
     values = cfg.to_dict()
-    run_checks(TrainConfig, values, names, which=lambda check: check in (_scheme, positive_int))
+    first = (_scheme, positive_int, _random_positions)
+    run_checks(TrainConfig, values, names, which=lambda check: check in first)
     if cfg.d_model % cfg.heads or (cfg.d_model // cfg.heads) % 2:
         raise LenxError(f"{names('d_model')} {cfg.d_model} must split into {cfg.heads} heads of an even size")
-    _check_scheme_options(cfg)
-    run_checks(TrainConfig, values, names, which=lambda check: check not in (_scheme, positive_int))
+    _check_random_positions(cfg, names)
+    max_len = _check_scheme_options(cfg)
+    if cfg.random_positions and max_len is not None and cfg.random_positions > max_len:
+        raise LenxError(f"{names('random_positions')} {cfg.random_positions} is past the {max_len} positions scheme "
+                        f"'{cfg.pe}' can represent; give N <= {max_len}")
+    run_checks(TrainConfig, values, names, which=lambda check: check not in first)
     if cfg.dataset == "files" and not (cfg.train_file and cfg.test_file):
         raise LenxError("--dataset files needs --train-file and --test-file (--validation-file is optional)")
+
+
+def _check_random_positions(cfg: TrainConfig, names: Callable[[str], str]) -> None:
+    """--random-positions N above the training length: a window's train_len distinct positions come from [0, N).
+    (`validate` then checks N against what the scheme can represent: xPos's float32 range.)"""
+    n = cfg.random_positions
+    if n and n <= cfg.train_len:
+        raise LenxError(f"{names('random_positions')} {n} must exceed {names('train_len')} {cfg.train_len} (each "
+                        f"window draws its {cfg.train_len} positions from [0, N)); give N > {cfg.train_len}, e.g. "
+                        f"{16 * cfg.train_len}, or 0 to train on positions 0..{cfg.train_len - 1}")
 
 
 def default_yaml() -> str:

@@ -28,7 +28,7 @@ def short_hash(obj) -> str:
 
 
 NOT_EXPERIMENT = ("seed", "log_every", "save_every")  # left out of config_id: seeds of one experiment share it
-ADDED = {"mix": {}, "passkey_format": "short"}  # keys added since config_ids were first recorded: at these values left out, so ids stay put
+ADDED = {"mix": {}, "passkey_format": "short", "random_positions": None}  # keys added since config_ids were first recorded: at these values left out, so ids stay put
 
 
 def config_id(info: dict) -> str:

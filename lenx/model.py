@@ -32,6 +32,7 @@ class LenxConfig(PretrainedConfig):
         n_head: int = 4,
         d_ff: int = 512,
         train_len: int = 128,
+        train_positions: int | None = None,
         pe: str = "rope",
         pe_options: dict | None = None,
         attn_backend: str = "sdpa",
@@ -47,6 +48,9 @@ class LenxConfig(PretrainedConfig):
         self.n_head = n_head
         self.d_ff = d_ff
         self.train_len = train_len
+        # positions training drew from: [0, train_positions) under random positions (`lenx train
+        # --random-positions`), where a learned table has that many rows; None: 0..train_len-1 (older runs too)
+        self.train_positions = train_positions
         self.pe = pe
         self.pe_options = dict(pe_options or {})
         self.attn_backend = attn_backend

@@ -39,10 +39,14 @@ def cpu_shards(device: str, rows: int, distributed: bool = False, compiled: bool
     return max(1, min(torch.get_num_threads(), rows))
 
 
-def lm_loss(net, batch: Tensor, autocast) -> Tensor:
-    """Next-token cross-entropy of a batch of token rows (inputs batch[:, :-1], targets batch[:, 1:])."""
+def lm_loss(net, batch: Tensor, autocast, positions: Tensor | None = None) -> Tensor:
+    """Next-token cross-entropy of a batch of token rows (inputs batch[:, :-1], targets batch[:, 1:]); `positions`:
+    the (T,) positions of every row's tokens (random positions), None for 0..T-1."""
     with autocast():
-        logits = net(batch[:, :-1]).logits
+        if positions is None:
+            logits = net(batch[:, :-1]).logits
+        else:
+            logits = net(batch[:, :-1], position_ids=positions.to(batch.device)[None]).logits
     return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
 
 
@@ -52,13 +56,14 @@ def shard_threads(shards: int) -> int:
 
 
 def forward_backward(net, batch: Tensor, autocast, weight: float = 1.0, shards: int = 1,
-                     threads: int | None = None) -> Tensor:
+                     threads: int | None = None, positions: Tensor | None = None) -> Tensor:
     """Backpropagate weight x the batch's mean loss into the parameters' .grad (adding to what is there) and
     return the loss, detached. `autocast`: a function returning the precision's context (thread-local, so each
     shard enters its own). `shards` > 1: rows split into that many shards, run side by side on a pool of as many
-    threads, each with `threads` intra-op threads (default `shard_threads(shards)`; see module doc)."""
+    threads, each with `threads` intra-op threads (default `shard_threads(shards)`; see module doc). `positions`:
+    the step's (T,) positions (random positions), the same for every row and so for every shard; None: 0..T-1."""
     if shards <= 1:
-        loss = lm_loss(net, batch, autocast)
+        loss = lm_loss(net, batch, autocast, positions)
         (loss * weight).backward()
         return loss.detach()
     parts = batch.tensor_split(min(shards, len(batch)))
@@ -66,7 +71,7 @@ def forward_backward(net, batch: Tensor, autocast, weight: float = 1.0, shards: 
 
     def run(part: Tensor):
         share = len(part) / len(batch)
-        loss = lm_loss(net, part, autocast)
+        loss = lm_loss(net, part, autocast, positions)
         grads = torch.autograd.grad(loss * (weight * share), params, allow_unused=True)
         return loss.detach() * share, grads
 
@@ -122,11 +127,12 @@ class TrainStep:
         self.device, self.cast, self.shards = device, cast, shards
         self.threads = threads or shard_threads(shards)
 
-    def __call__(self, step: int, rows: Tensor) -> tuple[Tensor, float]:
-        """Step `step` on `rows` (this process's share of the step's batch); returns (the loss, the lr)."""
+    def __call__(self, step: int, rows: Tensor, positions: Tensor | None = None) -> tuple[Tensor, float]:
+        """Step `step` on `rows` (this process's share of the step's batch) at `positions` (the step's random
+        positions, `train.get_positions`; None: 0..T-1); returns (the loss, the lr)."""
         lr = set_lr(self.opt, self.cfg, step)
         self.opt.zero_grad(set_to_none=True)
-        loss = distributed.mean(self.ctx, self._backward(step, rows))
+        loss = distributed.mean(self.ctx, self._backward(step, rows, positions))
         if not torch.isfinite(loss):
             raise LenxError(f"loss became {loss.item()} at step {step}; lower --lr (now {self.cfg.lr:g}) and rerun "
                             "(the last good checkpoint is kept)")
@@ -135,7 +141,7 @@ class TrainStep:
         self.opt.step()
         return loss, lr
 
-    def _backward(self, step: int, rows: Tensor) -> Tensor:
+    def _backward(self, step: int, rows: Tensor, positions: Tensor | None = None) -> Tensor:
         """The micro-batches' gradients into .grad; returns their mean loss. Out of memory is the user's to fix."""
         cfg, loss = self.cfg, torch.zeros((), device=self.device)
         try:
@@ -143,7 +149,7 @@ class TrainStep:
                 last = micro == cfg.grad_accum - 1
                 with self.net.no_sync() if self.ctx.active and not last else nullcontext():
                     micro_loss = forward_backward(self.net, batch, self.cast, 1 / cfg.grad_accum, self.shards,
-                                                  self.threads)
+                                                  self.threads, positions)
                 loss += micro_loss / cfg.grad_accum
         except (RuntimeError, MemoryError) as e:
             if not is_oom(e):

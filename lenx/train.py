@@ -32,7 +32,7 @@ from .runinfo import provenance
 from .step import TrainStep, cpu_shards, forward_backward, shard_threads
 
 # Imported from here by other modules and scripts, though they live in lenx/precision.py and lenx/rundir.py.
-__all__ = ["train", "default_run_dir", "model_config", "get_batch", "check_run_dir", "precision_dtype", "autocast", "compile_problem", "compile_model"]
+__all__ = ["train", "default_run_dir", "model_config", "get_batch", "get_positions", "check_run_dir", "precision_dtype", "autocast", "compile_problem", "compile_model"]
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -49,6 +49,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, eod_id: int):
         n_head=cfg.heads,
         d_ff=cfg.d_ff,
         train_len=cfg.train_len,
+        train_positions=cfg.random_positions or None,
         pe=cfg.pe,
         pe_options=cfg.pe_options,
         attn_backend=cfg.attn_backend,
@@ -64,6 +65,19 @@ def get_batch(stream: np.ndarray, cfg: TrainConfig, step: int, rows: int) -> tor
     starts = torch.randint(0, len(stream) - cfg.train_len - 1, (rows,), generator=g).numpy()
     idx = starts[:, None] + np.arange(cfg.train_len + 1)[None, :]
     return torch.from_numpy(stream[idx].astype(np.int64))
+
+
+def get_positions(cfg: TrainConfig, step: int) -> torch.Tensor | None:
+    """The positions of step `step`'s windows under --random-positions N (None without it): train_len distinct
+    positions drawn uniformly from [0, N), sorted, as Ruoss et al. 2023's reference draws them (jax.random.choice
+    without replacement, then sort). One draw per step, shared by every row, micro-batch, row shard and process
+    (the reference draws one per batch; lenx models take one set of positions per forward): a function of
+    (seed, step) alone, so a resumed run, any process count and any shard layout see the same positions. Its own
+    generator (another stream than get_batch's and the mix's), so the batches are those of a run without it."""
+    if not cfg.random_positions:
+        return None
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + (2 << 40))
+    return torch.randperm(cfg.random_positions, generator=g)[: cfg.train_len].sort().values
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, overwrite: bool = False, device: str | None = None,
@@ -201,11 +215,12 @@ def _precision(cfg: TrainConfig, run: RunDir, state: str, ctx, device: str, mode
         if info.get("precision") in ("fp32", "bf16"):
             return Choice(info["precision"], info.get("precision_reason") or "auto, as chosen when the run began")
 
-    def measure() -> dict[str, float]:  # one step of this run's own model and batch in each precision
+    def measure() -> dict[str, float]:  # one step of this run's own model, batch and positions in each precision
         batch = get_batch(stream, cfg, 0, cfg.batch_size).to(device)
+        positions = get_positions(cfg, 0)
 
         def step(precision: str) -> None:
-            forward_backward(model, batch, lambda: autocast(precision, device), 1.0, shards, each)
+            forward_backward(model, batch, lambda: autocast(precision, device), 1.0, shards, each, positions)
             model.zero_grad(set_to_none=True)
 
         return time_steps(step)
@@ -275,12 +290,13 @@ def _run_steps(run: RunDir, cfg: TrainConfig, ctx, take_step: TrainStep, stream:
         batch = get_batch(stream, cfg, step, rows * ctx.world)
         batch = mix.apply(batch, cfg.seed, step) if mix is not None else batch
         mine = batch[ctx.rank * rows : (ctx.rank + 1) * rows]
+        positions = get_positions(cfg, step)  # None: 0..train_len-1
         if step == start:  # run.json records the attention routes that ran, not only the backend asked for
             with recording() as routes:
-                loss, lr = take_step(step, mine)
+                loss, lr = take_step(step, mine, positions)
             info.update(attn_backend=backend_taken(routes, cfg.attn_backend), attn_route="+".join(sorted(routes)))
         else:
-            loss, lr = take_step(step, mine)
+            loss, lr = take_step(step, mine, positions)
         tok_window += tokens_per_step
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:

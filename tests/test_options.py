@@ -28,7 +28,9 @@ TRAIN_FLAGS = {"--pe", "--config", "--dataset", "--tokenizer", "--text-field", "
                "--heads", "--d-ff", "--warmup", "--lr", "--seed", "--precision", "--compile", "--no-compile",
                "--save-every", "--out", "--overwrite", "--device", "--help",
                # the training mix (lenx.mix)
-               "--mix", "--passkey-format"}
+               "--mix", "--passkey-format",
+               # randomized positions (Ruoss et al. 2023; docs/training.md)
+               "--random-positions"}
 EVAL_FLAG_SET = {"--max-len", "--lengths", "--tokens", "--out", "--runs-dir", "--device", "--rope-scaling",
                  "--rope-factor", "--protocol", "--stride", "--position-buckets", "--attn-backend", "--dataset",
                  "--text-field", "--test-file", "--model", "--train-len", "--dtype", "--help",

@@ -239,3 +239,24 @@ def test_cope_refuses_bad_options_in_one_line():
     for opts in ({"npos": 0}, {"npos": 2.5}, {"nodiv": 1}, {"shared": "yes"}, {"sep_key": True}):
         with pytest.raises(LenxError):
             REGISTRY["cope"](tiny_config("cope", pe_options=opts))
+
+
+def test_cope_training_keeps_only_the_block_biases_for_the_backward():
+    """The bias recomputes its gates in the backward: what autograd keeps is about one B x H x rows x keys tensor
+    per block (the bias, as attention's mask), not the reference's ten or so."""
+    pe = _scheme()
+    T = 96
+    q, k, v = (t.requires_grad_() for t in _inputs(T, B=1, H=2))
+    kept = {}
+
+    def pack(t):  # each storage once (attention's math path keeps the mask and a view of it)
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = causal_attention(q, k, v, pe.bias(0, torch.arange(T), q=q, k=k), "blocked", 32)
+    scores = sum(2 * 32 * q1 for q1 in (32, 64, 96))  # B x H x rows x keys over the three blocks
+    inputs = 4 * 2 * T * 8  # q, k, v, the output
+    assert sum(kept.values()) <= scores + 2 * inputs
+    out.sum().backward()
+    assert torch.isfinite(pe.pos_emb.grad).all() and torch.isfinite(k.grad).all()

@@ -1,5 +1,3 @@
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -7,75 +5,89 @@ from . import register
 from .base import Bias, PositionalScheme, is_integer
 
 
-def _future(q0: int, q1: int, device) -> Tensor:
-    """(n, q1) True where key j lies after query i = q0 + r."""
-    return torch.arange(q1, device=device)[None, :] > torch.arange(q0, q1, device=device)[:, None]
+def _upper(n: int, device) -> Tensor:
+    """(n, n) True above the diagonal: in a block of query rows q0..q1-1 (n = q1 - q0) against keys 0..q1-1, the
+    future keys are these entries of the last n columns (earlier columns precede every row)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
 
 
-def _positions(qb: Tensor, kb: Tensor, future: Tensor, npos: int) -> tuple[Tensor, Tensor]:
-    """The reference's gates and contextual positions for a block: g = sigmoid(q.k / sqrt(d)) with future keys'
-    gates zeroed (the reference multiplies by its 0/1 causal mask), p_ij = sum_{l = j..i} g_il (flip, cumsum, flip),
-    before the clamp. Returns (g before the mask, p)."""
+def _positions(qb: Tensor, kb: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference's gates and contextual positions for a block of query rows, before the clamp:
+    g = sigmoid(q.k / sqrt(d)) with future keys' gates zeroed (the reference multiplies by its 0/1 causal mask),
+    p_ij = sum_{l = j..i} g_il (its flip, cumsum, flip). Returns (g, p)."""
+    n = qb.shape[-2]
     g = torch.matmul(qb, kb.transpose(-1, -2)).mul_(qb.shape[-1] ** -0.5).sigmoid_()
-    p = g.masked_fill(future, 0.0).flip(-1)
-    return g, p.cumsum_(-1).flip(-1)
+    g[..., g.shape[-1] - n :].masked_fill_(upper, 0.0)
+    return g, g.flip(-1).cumsum_(-1).flip(-1)
+
+
+def _steps(qb: Tensor, e: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """z = scale * q . e (B, H, n, npos), the position term at every whole position, and its steps
+    z[m + 1] - z[m] (0 at the last position, which nothing passes)."""
+    z = torch.matmul(qb, e)
+    if scale != 1.0:
+        z.mul_(scale)
+    return z, torch.diff(z, dim=-1, append=z.new_zeros(*z.shape[:-1], 1))
 
 
 class _CopeBlock(torch.autograd.Function):
     """bias[b, h, r, j] = scale * (w z[ce] + (1 - w) z[fl]) for query i = q0 + r and key j <= i, -inf for j > i;
     z = q_i . e (npos values per query), p clamped to npos - 1, fl = floor(p), ce = ceil(p), w = p - fl.
 
-    Saves only its inputs (the block's queries, its keys, the table): the backward recomputes the gates, so that
-    training keeps no per-block buffers beyond the bias itself (the reference's autograd would keep about ten
-    B x H x rows x keys tensors per block). The gradient is the reference's: none through floor and ceil, the
-    clamp's (passes where p <= npos - 1), the reversed cumulative sum's transpose (a cumulative sum), the
-    sigmoid's."""
+    Computed as z[fl] + w (z[fl + 1] - z[fl]): one index tensor (fl = p truncated, p >= 0) for both gathers; where
+    p is whole, w = 0 and ce = fl, the same value. The forward sums the gates over keys in reverse order directly
+    (q . k against the keys reversed), one flip of the result instead of two. Saves only its inputs (the block's
+    queries, its keys, the table): the backward recomputes the gates, so that training keeps no per-block buffers
+    beyond the bias itself (the reference's autograd would keep about ten B x H x rows x keys tensors per block).
+    The gradient is the reference's: none through floor and ceil; through w = p - floor(p) it is z[ce] - z[fl],
+    zero where p is whole (so also where the clamp holds p at npos - 1, which passes no gradient there either); the
+    reversed cumulative sum's transpose (a cumulative sum); the sigmoid's."""
 
     @staticmethod
-    def forward(ctx, qb: Tensor, kb: Tensor, e: Tensor, q0: int, scale: float) -> Tensor:
-        npos, q1 = e.shape[-1], kb.shape[-2]
-        future = _future(q0, q1, qb.device)
-        _, p = _positions(qb, kb, future, npos)
-        p.clamp_(max=npos - 1)
-        fl = p.floor()
-        w = p.sub_(fl)  # p is not needed past here
-        ce = fl.add(w > 0).long()  # ceil(p): floor + 1 unless p is a whole number
-        z = torch.matmul(qb, e)  # (B, H, n, npos)
-        zf = z.gather(-1, fl.long())
-        del fl
-        zc = z.gather(-1, ce)
-        del ce
-        out = zc.sub_(zf).mul_(w).add_(zf)  # zf + w (zc - zf) = w zc + (1 - w) zf
-        if scale != 1.0:
-            out.mul_(scale)
+    def forward(ctx, qb: Tensor, kb: Tensor, e: Tensor, scale: float) -> Tensor:
+        npos, n = e.shape[-1], qb.shape[-2]
+        upper = _upper(n, qb.device)
+        # column c is key q1 - 1 - c; future keys are the first n columns' upper-left triangle
+        p = torch.matmul(qb, kb.flip(-2).transpose(-1, -2)).mul_(qb.shape[-1] ** -0.5).sigmoid_()
+        p[..., :n].masked_fill_(upper.flip(-1), 0.0)
+        fl = p.cumsum_(-1).clamp_(max=npos - 1).long()  # floor: p >= 0
+        w = p.frac_()
+        z, dz = _steps(qb, e, scale)
+        out = dz.gather(-1, fl).mul_(w).add_(z.gather(-1, fl)).flip(-1)
+        out[..., out.shape[-1] - n :].masked_fill_(upper, float("-inf"))
         ctx.save_for_backward(qb, kb, e)
-        ctx.q0, ctx.scale = q0, scale
-        return out.masked_fill_(future, float("-inf"))
+        ctx.scale = scale
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         qb, kb, e = ctx.saved_tensors
-        npos, q1, hd = e.shape[-1], kb.shape[-2], qb.shape[-1]
+        npos, n, L, hd = e.shape[-1], qb.shape[-2], kb.shape[-2], qb.shape[-1]
         with torch.autocast(qb.device.type, enabled=False):
-            future = _future(ctx.q0, q1, qb.device)
-            g, p = _positions(qb, kb, future, npos)
-            grad = grad.to(qb.dtype).masked_fill(future, 0.0).mul_(ctx.scale)  # future scores: masked, no gradient
-            passes = p <= npos - 1  # the clamp's gradient mask (inclusive, as torch.clamp's)
-            p.clamp_(max=npos - 1)
-            fl = p.floor()
-            w = p.sub_(fl)
-            ce, fl = fl.add(w > 0).long(), fl.long()
-            z = torch.matmul(qb, e)
-            dz = torch.zeros_like(z).scatter_add_(-1, ce, grad * w)
-            dz.scatter_add_(-1, fl, grad - grad * w)
-            dp = (z.gather(-1, ce) - z.gather(-1, fl)).mul_(grad).mul_(passes)  # d/dw, w = p - floor(p)
-            del ce, fl, w, z, passes
-            dg = dp.cumsum_(-1).masked_fill_(future, 0.0)  # p_j = sum_{l >= j} g_l: dg_l = sum_{j <= l} dp_j
-            ds = dg.mul_(g).mul_(1.0 - g).mul_(hd**-0.5)  # sigmoid'(s / sqrt(d)) / sqrt(d)
-            dq = torch.matmul(ds, kb) + torch.matmul(dz, e.transpose(-1, -2))
+            upper = _upper(n, qb.device)
+            g, p = _positions(qb, kb, upper)
+            grad = grad.to(qb.dtype)
+            fl = p.clamp_(max=npos - 1).long()
+            w = p.frac_()  # 0 on future keys (no gates there): gw and dp below vanish there
+            z, dz = _steps(qb, e, ctx.scale)
+            # d_z[m] = sum of grad (1 - w) over entries at fl = m, plus sum of grad w over entries at fl + 1 = m
+            gw = grad * w
+            d_z = torch.zeros_like(z).scatter_add_(-1, fl[..., : L - n], grad[..., : L - n])
+            d_z.scatter_add_(-1, fl[..., L - n :], grad[..., L - n :].masked_fill(upper, 0.0))  # future: no gradient
+            b = torch.zeros_like(z).scatter_add_(-1, fl, gw)
+            d_z.sub_(b)[..., 1:] += b[..., :-1]
+            del gw, b
+            dp = dz.gather(-1, fl).mul_(grad).masked_fill_(w == 0, 0.0)  # d/dw = z[ce] - z[fl]
+            del fl, w
+            dg = dp.cumsum_(-1)  # p_j = sum_{l >= j} g_l: dg_l = sum_{j <= l} dp_j
+            dg[..., L - n :].masked_fill_(upper, 0.0)
+            ds = dg.mul_(g).mul_(g.neg_().add_(1.0)).mul_(hd**-0.5)  # sigmoid'(s / sqrt(d)) / sqrt(d)
+            del g
+            d_z.mul_(ctx.scale)
+            dq = torch.matmul(ds, kb).add_(torch.matmul(d_z, e.transpose(-1, -2)))
             dk = torch.matmul(ds.transpose(-1, -2), qb)
-            de = torch.einsum("bhnd,bhnp->dp", qb, dz)
-        return dq, dk, de, None, None
+            de = torch.einsum("bhnd,bhnp->dp", qb, d_z)
+        return dq, dk, de, None
 
 
 class CopeBias(Bias):
@@ -97,7 +109,7 @@ class CopeBias(Bias):
         # fp32 under bf16 autocast too, as the reference's (fp32) positions: gate sums over thousands of keys and
         # their fractional parts would lose their precision in bf16
         with torch.autocast(self.k.device.type, enabled=False):
-            return _CopeBlock.apply(q.float(), self.k[:, :, :q1].float(), self.table.float(), q0, self.scale)
+            return _CopeBlock.apply(q.float(), self.k[:, :, :q1].float(), self.table.float(), self.scale)
 
 
 @register

@@ -17,15 +17,18 @@ class LearnedAbsolute(PositionalScheme):
     details = (
         "A table of train_len learned vectors, one per position, added to the token embeddings.\n"
         "It has nothing to say about positions >= train_len: evaluating there is reported as\n"
-        "'not representable', never clamped.\n"
+        "'not representable', never clamped. Trained with random positions (`lenx train\n"
+        "--random-positions N`, Ruoss et al. 2023's NOISY_LEARNT) the table has N rows, one per\n"
+        "position training can draw, and evaluation reaches N.\n"
         "\nInit N(0, 0.02), like the token embeddings: GPT-1's and BERT's (truncated) position tables and\n"
         "transformers' GPT-2 (OpenAI's released GPT-2 code draws its wpe from N(0, 0.01))."
     )
 
     def __init__(self, config):
         super().__init__(config)
-        self.table = nn.Parameter(torch.empty(config.train_len, config.d_model))
-        self.max_len = config.train_len
+        # random positions: a row for every position of [0, N) that training draws (config.train_positions)
+        self.max_len = getattr(config, "train_positions", None) or config.train_len
+        self.table = nn.Parameter(torch.empty(self.max_len, config.d_model))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
