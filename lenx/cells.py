@@ -24,6 +24,7 @@ import pandas as pd
 from . import distributed, store
 from .attention import backend_taken, recording
 from .errors import LenxError
+from .positional import rope_scaling
 from .progress import progress as make_progress
 from .runinfo import provenance
 from .store import Table, check_settings
@@ -139,6 +140,7 @@ class Scorer:
             self.subject = subject
         model = subject.prepare(cell["rope_scaling"], cell["rope_factor"])
         common = {**cell, **subject.columns(), "device": self.prov["device"],
+                  **rope_scaling.columns(cell["rope_scaling"], cell["rope_factor"], subject.train_len),
                   "lenx_version": self.prov["lenx_version"],
                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         t0 = time.perf_counter()

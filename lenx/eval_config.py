@@ -55,14 +55,14 @@ def _lengths(value, name: str) -> list[int] | None:
 
 
 def _scalings(value, name: str) -> list[str] | None:
-    from .positional.rope import ROPE_SCALINGS
+    """Each setting in its canonical text (`lenx.positional.rope_scaling.canonical`), each once."""
+    from .positional.rope_scaling import ScalingError, canonical
 
-    scalings = _items(value)
-    bad = [x for x in scalings if x not in ROPE_SCALINGS]
-    if bad:
-        raise LenxError(f"unknown {name} {shown(bad[0])}{did_you_mean(bad[0], ROPE_SCALINGS)}; known: "
-                        f"{', '.join(ROPE_SCALINGS)}")
-    return scalings or None
+    try:
+        scalings = [canonical(x, name) for x in _items(value)]
+    except ScalingError as e:
+        raise LenxError(str(e) if str(e).startswith("unknown") else f"{name} {e}") from None
+    return list(dict.fromkeys(scalings)) or None
 
 
 def _factors(value, name: str) -> list[float] | None:
@@ -188,8 +188,11 @@ class EvalConfig:
     runs_dir: Path = option(Path("runs"), "Where to look for runs when none is named.", key=None)
     device: Optional[str] = option(None, DEVICE_HELP, key=None)
     rope_scalings: Optional[List[str]] = option(
-        None, "RoPE extension for rope/xpos runs: none, pi, ntk, dynamic-ntk, yarn. Repeat or comma-separate to "
-        "sweep; with several, other schemes are evaluated with none [default: none].", flag="--rope-scaling",
+        None, "RoPE extension for rope/xpos runs: none, pi, ntk, dynamic-ntk, yarn, llama3, longrope, with "
+        "parameters as METHOD:NAME=VALUE[:NAME=VALUE] (yarn: beta_fast 32, beta_slow 1, attention_factor; llama3: "
+        "low_freq_factor 1, high_freq_factor 4; longrope: factors FILE.json, attention_factor; `lenx schemes rope` "
+        "says what each does). Repeat or comma-separate to sweep; with several, other schemes are evaluated with "
+        "none [default: none].", flag="--rope-scaling",
         key="rope_scaling", check=_scalings)
     rope_factors: Optional[List[str]] = option(
         None, "Scale factor s >= 1; repeat or comma-separate to sweep [default: eval length / train length; "

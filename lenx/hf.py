@@ -9,8 +9,8 @@ attention implementation (transformers picks `sdpa` where the model has one).
   unless `--train-len` says otherwise.
 - `pe` is `<model_type>/<scheme>`, the scheme from `SCHEMES` (Falcon per config), else `unknown`.
 - RoPE extensions go through transformers' own `rope_parameters` (set on the config before the weights are
-  loaded): pi -> `linear`, dynamic-ntk -> `dynamic`, yarn -> `yarn`; each (extension, factor) loads the model
-  afresh. Static NTK has no transformers rope type, so it is refused for HF models.
+  loaded): pi -> `linear`, dynamic-ntk -> `dynamic`, yarn, llama3 and longrope -> their namesakes, with their
+  parameters (`lenx.positional.rope_scaling.hf_parameters`); each (extension, factor) loads the model afresh. Static NTK has no transformers rope type, so it is refused for HF models.
 - Learned absolute positions (GPT-2, OPT, GPT-Neo, ...) past the table: the cell gets an empty ppl and a note
   (the length is checked before the model runs, as lenx's own learned scheme does).
 - Position tables that transformers computes from a config attribute alone, with no weights in them (MPT's ALiBi
@@ -52,8 +52,6 @@ SCHEMES = {
 }
 # model_type -> the config attribute that sizes a position table transformers computes with no weights in it
 TABLES = {"mpt": "max_seq_len", "gptj": "n_positions", "codegen": "n_positions"}
-# lenx's --rope-scaling names -> transformers' rope types (ROPE_INIT_FUNCTIONS keys)
-HF_ROPE_TYPES = {"pi": "linear", "dynamic-ntk": "dynamic", "yarn": "yarn", "ntk": "ntk"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LONG_LEN = 2048  # at and past this window length an HF model is run one window at a time
 
@@ -77,23 +75,30 @@ def max_positions(config) -> int | None:
 
 
 def rope_scaled(config, scaling: str, factor: float | None, train_len: int, name: str):
-    """A copy of `config` whose `rope_parameters` ask transformers for the RoPE extension `scaling` with scale
-    s = factor (dynamic-ntk without a factor: s = 1, i.e. base * (n / train_len)^(d/(d-2)) per length n)."""
+    """A copy of `config` whose `rope_parameters` ask transformers for the RoPE extension `scaling` (a setting
+    with its parameters) with scale s = factor (dynamic-ntk without a factor: s = 1, i.e.
+    base * (n / train_len)^(d/(d-2)) per length n), original length train_len."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf_type = HF_ROPE_TYPES[scaling]
+    from .positional.rope_scaling import METHODS, ScalingError, hf_parameters, method_of
+
+    hf_type = METHODS[method_of(scaling)].hf_type
     if hf_type not in ROPE_INIT_FUNCTIONS:
+        takes = [n for n, m in METHODS.items() if m.hf_type in ROPE_INIT_FUNCTIONS]
         raise LenxError(
-            f"--rope-scaling {scaling} has no transformers rope type (this transformers has "
-            f"{', '.join(ROPE_INIT_FUNCTIONS)}), so it cannot be applied to the HF model {name}; use pi, dynamic-ntk "
-            "or yarn (lenx runs take ntk)"
+            f"--rope-scaling {method_of(scaling)} has no transformers rope type (this transformers has "
+            f"{', '.join(ROPE_INIT_FUNCTIONS)}), so it cannot be applied to the HF model {name}; use "
+            f"{', '.join(takes)} (lenx runs take every method)"
         )
     config = copy.deepcopy(config)
     rp = dict(config.rope_parameters)
     new = {k: rp[k] for k in ("rope_theta", "partial_rotary_factor") if k in rp}
-    new.update(rope_type=hf_type, factor=1.0 if factor is None else float(factor))
-    if hf_type in ("linear", "yarn"):
-        new["original_max_position_embeddings"] = train_len
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    try:
+        new.update(hf_parameters(scaling, factor, train_len, head_dim, float(rp["rope_theta"]),
+                                 float(rp.get("partial_rotary_factor", 1.0))))
+    except ScalingError as e:
+        raise LenxError(f"model {name}: {e}") from None
     if hf_type == "dynamic":
         config.max_position_embeddings = train_len  # transformers' dynamic NTK reads its original length here
     config.rope_parameters = new
@@ -401,7 +406,7 @@ class HFModel(Subject):
             self.model = self.forward = None
             if self.device and self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            self._load(config, None if scaling == "none" else HF_ROPE_TYPES[scaling])
+            self._load(config, None if scaling == "none" else config.rope_parameters["rope_type"])
             self.loaded_as = key
         return self.forward
 

@@ -44,7 +44,7 @@ from . import store
 from .cells import CellKind
 from .data import DataSpec, document_tokens, load_corpus, text_changed, token_stream
 from .errors import OOM_NOTE, LengthNotSupported, LenxError, is_oom, oom_note
-from .positional.rope import STATIC_SCALINGS
+from .positional.rope_scaling import PARAM_COLUMNS, is_static
 from .store import Table, optional
 from .subject import Subject
 from .windows import PROTOCOLS, resolve_stride, score_windows, sliding_windows, truncated_windows
@@ -54,7 +54,7 @@ COLUMNS = [
     "tokens", "windows", "documents", "nll", "ppl", "bpb", "bytes", "seconds", "note",
     "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
     "token_budget", "bucket_width", "config_id", "weights_id",  # appended, so that older tables still read
-    "context_gain", "context_gain_tokens", "attn_route",
+    "context_gain", "context_gain_tokens", "attn_route", *PARAM_COLUMNS,
 ]
 KEY_COLUMNS = ["run", "eval_len", "protocol", "rope_scaling", "rope_factor"]  # in every lenx table, old ones too
 BUCKET_FIELDS = ["bucket_start", "bucket_end", "tokens", "nll"]
@@ -124,7 +124,7 @@ def cell_keys(run: Path | str, train_len: int, lens: list[int], scalings: list[t
                 "bucket_width": bucket_width(train_len, position_buckets)}
     cells = []
     for (scaling, factor), L, protocol in itertools.product(scalings, lens, protocols):
-        if scaling in STATIC_SCALINGS and factor is None:
+        if is_static(scaling) and factor is None:
             factor = max(1.0, L / train_len)  # the default: stretch the training length to L
         cells.append({"run": name, "eval_len": L, "protocol": protocol,
                       "stride": resolve_stride(protocol, L, stride), "rope_scaling": scaling, "rope_factor": factor,

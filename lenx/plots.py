@@ -35,7 +35,7 @@ def style(scheme: str) -> dict:
         s["linestyle"] = _VARIANT_DASHES[k % len(_VARIANT_DASHES)]
     if "+" in scheme:  # a RoPE extension: the scheme's colour; its own dash pattern and hollow marker
         ext, _, factor = scheme.split(" ")[0].split("+", 1)[1].partition("×")
-        s["linestyle"] = _EXTENSION_DASHES.get(ext, "--")
+        s["linestyle"] = _EXTENSION_DASHES.get(ext.split(":")[0], "--")  # "yarn:beta_fast=16": yarn's dashes
         s["markerfacecolor"] = "white"
         if factor:  # a factor given at evaluation ("rope+yarn×4"): a marker of its own per factor
             s["marker"] = _marker_apart(i, sum(map(ord, factor)))
@@ -70,7 +70,8 @@ def _marker_apart(i: int, k: int) -> str:
 
 
 _VARIANT_DASHES = ["-", "--", "-.", ":"]
-_EXTENSION_DASHES = {"pi": ":", "ntk": "--", "dynamic-ntk": (0, (6, 2, 1, 2)), "yarn": "-."}
+_EXTENSION_DASHES = {"pi": ":", "ntk": "--", "dynamic-ntk": (0, (6, 2, 1, 2)), "yarn": "-.",
+                     "llama3": (0, (3, 1, 1, 1, 1, 1)), "longrope": (0, (8, 3))}
 
 
 def readable_log_y(ax) -> None:

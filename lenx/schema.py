@@ -12,7 +12,10 @@ NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "t
            # the probes table (`lenx.probes.cell`)
            "depth", "distance", "trials", "answers", "accuracy", "accuracy_low", "accuracy_high", "exact_match",
            "exact_match_low", "exact_match_high", "key_nll", "base_nll", "gain", "gain_low", "gain_high",
-           "probe_seed", "cell_seed", "pairs", "segment"]
+           "probe_seed", "cell_seed", "pairs", "segment",
+           # a RoPE extension's parameters (`lenx.positional.rope_scaling.PARAM_COLUMNS`; rope_factors is a file name)
+           "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_low_freq_factor",
+           "rope_high_freq_factor"]
 
 # Hex fingerprints: as text, never parsed as numbers ('012345' would lose its zero; '0e1234' and '0e5678' both be 0.0)
 ID_COLUMNS = ("config_id", "weights_id", "dataset_fingerprint")

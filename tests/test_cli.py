@@ -87,7 +87,9 @@ def test_report_pools_only_seeds_of_one_experiment(tmp_path):
     assert lenx("eval", *(tmp_path / name for name in runs), "--lengths", "16,32", "--tokens", "64", "--out", out) == 0
     df = pd.read_csv(out / "results.csv")
     # appended, in the order they came: the columns before keep their places
-    assert list(df.columns[-5:]) == ["config_id", "weights_id", "context_gain", "context_gain_tokens", "attn_route"]
+    assert list(df.columns[-11:]) == ["config_id", "weights_id", "context_gain", "context_gain_tokens", "attn_route",
+                                      "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",
+                                      "rope_low_freq_factor", "rope_high_freq_factor", "rope_factors"]
     ids = df.groupby("run")["config_id"].first()
     assert ids["long"] != ids["short"] and ids["L8-s0"] == ids["L8-s1"] != ids["long"]
 
@@ -200,7 +202,8 @@ def test_max_len_below_training_length(trained, capsys):
         (["train", "--pe", "rope", "--dataset", "/no/such/place"], "not found"),
         (["eval", "--lengths", "16,abc"], "--lengths"),
         (["eval", "--max-len", "0"], "--max-len"),
-        (["eval", "--rope-scaling", "longrope"], "--rope-scaling"),
+        (["eval", "--rope-scaling", "linear"], "--rope-scaling"),
+        (["eval", "--rope-scaling", "yarn:beta_slow=64"], "--rope-scaling 'yarn:beta_slow=64': beta_fast (32) must exceed"),
         (["eval", "--rope-scaling", "YaRN"], "did you mean 'yarn'"),
         (["train", "--pe", "Rope"], "did you mean 'rope'"),
         (["eval", "--attn-backend", "SDPA"], "did you mean 'sdpa'"),

@@ -149,6 +149,54 @@ def test_pi_goes_through_transformers_linear_rope(llama_dir, text_dataset, tmp_p
         assert row["nll"] != pytest.approx(_own_loss(llama_dir, ids[0].numpy()), abs=1e-5)
 
 
+@pytest.mark.parametrize("setting, params", [
+    ("llama3", {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+    ("llama3:high_freq_factor=8:low_freq_factor=2", {"rope_type": "llama3", "low_freq_factor": 2.0,
+                                                     "high_freq_factor": 8.0}),
+    ("yarn:attention_factor=1.2:beta_fast=8:beta_slow=0.5", {"rope_type": "yarn", "beta_fast": 8.0,
+                                                             "beta_slow": 0.5, "attention_factor": 1.2}),
+    ("longrope", {"rope_type": "longrope"}),
+])
+def test_rope_types_with_parameters_go_through_transformers(setting, params, llama_dir, text_dataset, tmp_path):
+    """At 2x (s = 2, original length 32): the NLL of the model loaded with those rope_parameters by hand, and its
+    parameters in the row."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lenx.positional.rope_scaling import default_long_factor
+
+    res = tmp_path / "res"
+    assert lenx_cli("eval", "--model", llama_dir, "--dataset", text_dataset, "--lengths", "64", "--tokens", "64",
+                    "--rope-scaling", setting, "--out", res) == 0
+    row = pd.read_csv(res / "results.csv").iloc[0]
+    assert row["rope_scaling"] == setting and row["rope_factor"] == 2.0
+    for k, v in params.items():
+        if k != "rope_type":
+            assert row[f"rope_{k}"] == pytest.approx(v), k
+    cfg = AutoConfig.from_pretrained(llama_dir)
+    theta = cfg.rope_parameters["rope_theta"]
+    params = {**params, "factor": 2.0, "rope_theta": theta, "original_max_position_embeddings": 32}
+    if setting == "longrope":
+        assert row["rope_factors"] == "default"
+        long = default_long_factor(cfg.head_dim, theta, 2.0, 32).tolist()
+        params.update(long_factor=long, short_factor=[1.0] * len(long))
+    cfg.rope_parameters = params
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, config=cfg).eval()
+    ids = torch.from_numpy(_stream(llama_dir, text_dataset)[:65].astype(np.int64))[None]
+    with torch.no_grad():
+        assert row["nll"] == pytest.approx(float(model(input_ids=ids, labels=ids).loss), abs=1e-5)
+        assert row["nll"] != pytest.approx(_own_loss(llama_dir, ids[0].numpy()), abs=1e-6)
+
+
+def test_longrope_factors_of_the_wrong_length_are_refused_before_anything_is_written(llama_dir, text_dataset,
+                                                                                   tmp_path, capsys):
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps({"long_factor": [1.0] * 3, "short_factor": [1.0] * 3}))
+    code = lenx_cli("eval", "--model", llama_dir, "--dataset", text_dataset, "--rope-scaling",
+                    f"longrope:factors={path}", "--out", tmp_path / "res")
+    one_line_error(capsys, code, "has 3 factors per list", "rotates 4 pairs")
+    assert not (tmp_path / "res").exists()
+
+
 def test_gpt2_past_its_table_is_an_empty_row_with_a_note(gpt2_dir, text_dataset, tmp_path):
     res = tmp_path / "res"
     assert lenx_cli("eval", "--model", gpt2_dir, "--dataset", text_dataset, "--lengths", "32,64", "--tokens", "64",

@@ -10,7 +10,8 @@ from lenx.attention import causal_attention
 from lenx.errors import LenxError
 from lenx.positional import REGISTRY
 from lenx.positional.alibi import alibi_slopes
-from lenx.positional.rope import rope_frequencies, rope_inv_freq
+from lenx.positional.rope_scaling import frequencies as rope_frequencies
+from lenx.positional.rope_scaling import rope_inv_freq
 from lenx.positional.t5 import t5_bucket
 
 from .conftest import tiny_config, tiny_model

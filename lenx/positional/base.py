@@ -267,7 +267,9 @@ class PositionalScheme(nn.Module):
 
     # Evaluation-time settings (RoPE extensions); schemes that have none accept only "none".
     def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
-        if (method or "none") not in self.eval_scalings:
+        from .rope_scaling import method_of
+
+        if method_of(method) not in self.eval_scalings:
             raise scaling_not_supported(self.name, method)
 
 
@@ -277,7 +279,9 @@ def scaling_not_supported(scheme: str, method: str, name: str = "--rope-scaling"
     from ..errors import LenxError
     from . import REGISTRY
 
-    takers = [n for n, c in REGISTRY.items() if method in c.eval_scalings] or ["no"]
+    from .rope_scaling import method_of
+
+    takers = [n for n, c in REGISTRY.items() if method_of(method) in c.eval_scalings] or ["no"]
     return LenxError(
         f"{where}{name} {method} applies to {', '.join(takers)} runs, not to '{scheme}'; "
         f"use {name} none, or give several methods to evaluate such runs without one"

@@ -1,17 +1,12 @@
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from . import get_scheme, register
 from .base import PositionalScheme, is_integer, is_number, scaling_not_supported
-
-# RoPE extensions applied at evaluation time (`lenx eval --rope-scaling`): pi, dynamic-ntk and yarn as transformers
-# implements them ("linear", "dynamic", "yarn"); ntk, which transformers does not have, by its formula below.
-ROPE_SCALINGS = ("none", "pi", "ntk", "dynamic-ntk", "yarn")
-STATIC_SCALINGS = ("pi", "ntk", "yarn")  # one factor per evaluation; dynamic-ntk derives its own per window
+from .rope_scaling import ROPE_SCALINGS, help_text, method_of
+from .rope_scaling import frequencies as rope_frequencies
 
 
 def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | None, name: str = "--rope-scaling",
@@ -22,53 +17,10 @@ def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | Non
     s = max(1, window length / train_len) recomputed per window (recorded as an empty rope_factor). `name`,
     `where`: as in `lenx.evaluate.check_eval_options`."""
     scalings = scalings or ["none"]
-    takes = [s for s in scalings if s in get_scheme(pe).eval_scalings]
+    takes = [s for s in scalings if method_of(s) in get_scheme(pe).eval_scalings]
     if not takes and len(scalings) == 1:
         raise scaling_not_supported(pe, scalings[0], name, where)
     return [(s, f) for s in takes or ["none"] for f in ([None] if s == "none" else factors or [None])]
-
-
-def rope_inv_freq(head_dim: int, base: float = 10000.0) -> Tensor:
-    """theta_k = base^(-2k/d), k = 0 .. d/2 - 1 (float64 for exactness, cast by the caller)."""
-    # explicit device: schemes may be built under transformers' meta-device context
-    return base ** -(torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
-
-
-def rope_frequencies(
-    head_dim: int, base: float, method: str = "none", factor: float | None = None,
-    train_len: int | None = None, seq_len: int | None = None,
-) -> tuple[Tensor, float]:
-    """Inverse frequencies and the factor on cos/sin for a RoPE extension with scale s = factor.
-
-    pi:          theta_k / s (positions divided by s; Chen et al. 2023).
-    ntk:         base' = base * s^(d/(d-2)).
-    dynamic-ntk: base' = base * (s * n/L - (s - 1))^(d/(d-2)), n = max(seq_len, L); s defaults to 1, so
-                 base * (n/L)^(d/(d-2)), recomputed for every sequence length (transformers' "dynamic").
-    yarn:        NTK-by-parts: theta_k / s where a pair turns fewer than alpha = 1 times over L, theta_k where
-                 it turns more than beta = 32 times, a linear ramp over the pair index between; and cos, sin
-                 times 0.1 ln(s) + 1 (Peng et al. 2023; transformers' "yarn", truncated ramp bounds).
-    """
-    d = head_dim
-    if method == "none":
-        return rope_inv_freq(d, base), 1.0
-    s = 1.0 if factor is None else float(factor)
-    if method == "pi":
-        return rope_inv_freq(d, base) / s, 1.0
-    if method == "ntk":
-        return rope_inv_freq(d, base * s ** (d / (d - 2))), 1.0
-    if method == "dynamic-ntk":
-        n = max(seq_len or train_len, train_len)
-        return rope_inv_freq(d, base * (s * n / train_len - (s - 1)) ** (d / (d - 2))), 1.0
-    if method == "yarn":
-        def pair_turning(turns: float) -> float:  # the pair index k whose wavelength fits `turns` times in L
-            return d * math.log(train_len / (turns * 2 * math.pi)) / (2 * math.log(base))
-
-        low, high = max(math.floor(pair_turning(32)), 0), min(math.ceil(pair_turning(1)), d - 1)
-        high += 1e-3 if high == low else 0  # as transformers: no division by zero
-        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-        theta = rope_inv_freq(d, base)
-        return theta / s * ramp + theta * (1 - ramp), (0.1 * math.log(s) + 1.0) if s > 1 else 1.0
-    raise ValueError(f"unknown RoPE scaling '{method}'")
 
 
 def apply_rotation(x: Tensor, rot: Tensor) -> Tensor:
@@ -102,10 +54,12 @@ class RoPE(PositionalScheme):
         "  <R_m q, R_n k> = sum_k Re(q_k e^(i m theta_k) * conj(k_k e^(i n theta_k)))\n"
         "                 = sum_k Re(q_k conj(k_k) e^(i (m - n) theta_k)),\n"
         "a function of q, k and m - n only: R_m^T R_n = R_(n-m), rotations compose by adding angles.\n"
-        "\nAt evaluation, `lenx eval --rope-scaling pi|ntk|dynamic-ntk|yarn` changes the frequencies:\n"
-        "pi, dynamic-ntk and yarn exactly as transformers' rope types linear, dynamic and yarn (with\n"
-        "YaRN's attention factor); ntk, which transformers lacks, as NTK-aware scaling, base * s^(d/(d-2))\n"
-        "(see lenx/positional/rope.py).\n"
+        "\nAt evaluation, `lenx eval --rope-scaling METHOD[:PARAM=VALUE...]` changes the frequencies (s: the\n"
+        "factor, --rope-factor, default eval length / L; L: the training length):\n\n"
+        + help_text("  ") +
+        "\n\nlenx/positional/rope_scaling.py computes pi, dynamic-ntk, yarn, llama3 and longrope exactly as\n"
+        "transformers' rope types linear, dynamic, yarn, llama3 and longrope; ntk, which transformers lacks, as\n"
+        "NTK-aware scaling, base * s^(d/(d-2)).\n"
         "\nrotary_fraction p (p-RoPE, proportional RoPE: Barbero et al. 2024, 'Round and round we go! What\n"
         "makes rotary positional encodings useful?'): only the first int(p * d/2) pairs, the fastest,\n"
         "rotate; the slowest frequencies are set to zero (no rotation) and the others keep theta_k =\n"

@@ -38,7 +38,7 @@ from ..cells import CellKind
 from ..data import DataSpec, load_corpus, token_stream
 from ..errors import OOM_NOTE, LengthNotSupported, LenxError, is_oom, oom_note
 from ..perplexity import check_text
-from ..positional.rope import STATIC_SCALINGS
+from ..positional.rope_scaling import PARAM_COLUMNS, is_static
 from ..stats import t975, wilson
 from ..store import Table, optional
 from ..subject import Subject
@@ -51,7 +51,7 @@ COLUMNS = [
     "exact_match_low", "exact_match_high", "match", "key_nll", "base_nll", "gain", "gain_low", "gain_high",
     "probe_seed", "cell_seed", "format", "pairs", "segment", "seconds", "note",
     "dataset", "dataset_fingerprint", "tokenizer", "run_dir", "device", "attn_backend", "lenx_version", "timestamp",
-    "config_id", "weights_id", "attn_route",
+    "config_id", "weights_id", "attn_route", *PARAM_COLUMNS,
 ]
 SETTINGS = {"trials": "--probe-trials", "probe_seed": "--probe-seed", "pairs": "--probe-pairs",
             "segment": "--probe-segment"}  # not in a cell's key; change its numbers (and `format`, a name)
@@ -170,7 +170,7 @@ def probe_cells(name: str, T: int, lens: list[int], scalings: list[tuple[str, fl
     cells = []
     for scaling, factor in scalings:
         for L in lens:
-            if scaling in STATIC_SCALINGS and factor is None:
+            if is_static(scaling) and factor is None:
                 f = max(1.0, L / T)  # as perplexity: stretch the training length to L
             else:
                 f = factor
