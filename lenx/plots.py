@@ -14,9 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .stats import base_scheme, label, protocol_label, protocols, scheme_order, variant  # noqa: E402
 
-# Paul Tol's 'muted' palette (colour-blind safe), plus his pale grey, in registry order.
+# Paul Tol's 'muted' palette (colour-blind safe), then greys and three of his 'vibrant' colours, in registry order
+# (his pale grey left out: on white it hid its line); a scheme past them shares a colour, never a marker too.
 _PALETTE = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99", "#999933", "#AA4499",
-            "#6699CC", "#555555", "#DDDDDD"]
+            "#6699CC", "#555555", "#EE7733", "#000000", "#EE3377", "#BBBBBB", "#0077BB"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p"]
 
 
@@ -27,7 +28,8 @@ def style(scheme: str) -> dict:
     names = list(SCHEMES)
     base = base_scheme(scheme)
     i = names.index(base) if base in names else sum(map(ord, base)) % len(_PALETTE)
-    s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}
+    # past the palette's 12 colours the marker moves on by one per round: every scheme its own (colour, marker)
+    s = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[(i + i // len(_PALETTE)) % len(_MARKERS)]}
     tags = scheme.split(" ", 1)[1] if " " in scheme else ""
     if tags:  # "alibi [bpe:4096] on files (L16)": a tokenizer, evaluation dataset or training variant among several
         k = sum(map(ord, tags))  # (lenx.stats.label): its own marker and dashes
@@ -66,7 +68,8 @@ def apart(looks: dict) -> dict:
 
 def _marker_apart(i: int, k: int) -> str:
     """A marker other than scheme slot i's own, picked by k (a hash of the variant's tag)."""
-    return _MARKERS[(i + 1 + k % (len(_MARKERS) - 1)) % len(_MARKERS)]
+    own = (i + i // len(_PALETTE)) % len(_MARKERS)
+    return _MARKERS[(own + 1 + k % (len(_MARKERS) - 1)) % len(_MARKERS)]
 
 
 _VARIANT_DASHES = ["-", "--", "-.", ":"]

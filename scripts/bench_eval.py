@@ -28,6 +28,7 @@ estimate exceeds --mem-budget is skipped with a note instead of being run.
     PYTHONPATH=$PWD python scripts/bench_eval.py               # table
     PYTHONPATH=$PWD python scripts/bench_eval.py --json        # one JSON object per measurement
     PYTHONPATH=$PWD python scripts/bench_eval.py --schemes alibi --multiples 16 --backend blocked
+    PYTHONPATH=$PWD python scripts/bench_eval.py --schemes rope --rope-scaling yarn,llama3,longrope --multiples 16
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     block = {"attn_block_size": args.block_size} if args.block_size else {}
+    pe, _, scaling = args.scheme.partition("+")  # "rope+yarn:beta_fast=16": a RoPE extension at evaluation
     cfg = LenxConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads, d_ff=4 * args.d_model,
-                     train_len=args.train_len, pe=args.scheme, attn_backend=args.backend, **block)
+                     train_len=args.train_len, pe=pe, attn_backend=args.backend, **block)
     result = {"block_size": cfg.attn_block_size, "scheme": args.peer or args.scheme, "length": args.length,
               "dtype": args.dtype, "backend": args.backend, "device": args.device, "threads": torch.get_num_threads()}
     if args.peer:
@@ -113,6 +115,10 @@ def worker(args) -> dict:
     else:
         torch.manual_seed(0)
         model = LenxForCausalLM(cfg)
+        if scaling:
+            from lenx.positional.rope_scaling import is_static
+
+            model.pe.set_eval_scaling(scaling, max(1.0, args.length / args.train_len) if is_static(scaling) else None)
     model = model.to(args.device, dtype).eval()
     g = torch.Generator().manual_seed(1)
     cuda = args.device.startswith("cuda")
@@ -183,6 +189,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--schemes", help="comma-separated [default: every registered scheme]")
     ap.add_argument("--multiples", default="1,4,16", help="lengths as multiples of --train-len")
+    ap.add_argument("--rope-scaling", default="",
+                    help="comma-separated RoPE extensions (settings as in `lenx eval`), each a row rope+SETTING "
+                         "after rope's, factor length / train length")
     ap.add_argument("--train-len", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
@@ -218,6 +227,10 @@ def main() -> None:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     schemes = args.schemes.split(",") if args.schemes else list(SCHEMES)
+    if args.rope_scaling:  # each extension right after rope (or at the end, when rope is not measured)
+        extra = [f"rope+{x}" for x in args.rope_scaling.split(",") if x]
+        at = schemes.index("rope") + 1 if "rope" in schemes else len(schemes)
+        schemes[at:at] = extra
     dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"])
     lengths = [int(m) * args.train_len for m in args.multiples.split(",")]
     args.max_len = max(lengths)

@@ -235,3 +235,12 @@ def test_passkey_heatmaps_share_one_colour_scale_with_one_colourbar(tmp_path, mo
     assert len([ax for ax in fig.axes if ax.get_label() == "<colorbar>"]) == 1
     assert len({round(ax.get_position().x0, 3) for ax in panels}) == 5  # five columns
     assert not plots.plot_passkey(probes.cells[probes.cells["probe"] == "repeat"], tmp_path / "none.png")
+
+
+def test_every_registered_scheme_has_a_look_of_its_own():
+    """Colour and marker together tell every scheme apart (the palette has 12 colours; the registry more)."""
+    from lenx.plots import style
+    from lenx.positional import SCHEMES
+
+    looks = {(style(s)["color"], style(s)["marker"]) for s in SCHEMES}
+    assert len(looks) == len(SCHEMES)
