@@ -3,6 +3,7 @@ for a scheme everywhere, readable axes, the legend outside the data."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -80,7 +81,6 @@ _EXTENSION_DASHES = {"pi": ":", "ntk": "--", "dynamic-ntk": (0, (6, 2, 1, 2)), "
 def readable_log_y(ax) -> None:
     """Plain numbers (6, 8, 10, 20) on a log y axis instead of a lone 10^1; fewer of them the more decades it spans
     (call it once the limits are set)."""
-    import math
 
     from matplotlib.ticker import LogLocator
 
@@ -101,8 +101,13 @@ def new_figure(width: float = 8.0, height: float = 4.8, ncols: int = 1, sharey: 
 
 
 def finish(fig, ax, path, legend_title: str | None = None) -> None:
-    if ax.get_legend_handles_labels()[0]:  # nothing drawn (every cell empty): no legend, and no matplotlib warning
-        ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    handles = ax.get_legend_handles_labels()[0]
+    if handles:  # nothing drawn (every cell empty): no legend, and no matplotlib warning
+        # a legend taller than the axes squeezes them (tight bbox): past 14 entries, more columns instead
+        ncol = math.ceil(len(handles) / 14)
+        ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, ncol=ncol)
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + 2.2 * (ncol - 1), height)  # the axes keep their width
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
@@ -271,7 +276,6 @@ BANDS_UP_TO = 6  # schemes in one panel up to which their intervals are drawn as
 def _grid(n: int, ncols: int, width: float, height: float, **share):
     """A grid of n small panels, `ncols` a row at most; the unused ones hidden. (fig, flat list of n axes). At least
     8 inches wide, so that the titles and axis labels of a grid of one or two panels fit."""
-    import math
 
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
