@@ -140,7 +140,8 @@ class Scorer:
             self.subject = subject
         model = subject.prepare(cell["rope_scaling"], cell["rope_factor"])
         common = {**cell, **subject.columns(), "device": self.prov["device"],
-                  **rope_scaling.columns(cell["rope_scaling"], cell["rope_factor"], subject.train_len),
+                  **rope_scaling.columns(cell["rope_scaling"], cell["rope_factor"], subject.train_len,
+                                         subject.moved_positions),
                   "lenx_version": self.prov["lenx_version"],
                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         t0 = time.perf_counter()

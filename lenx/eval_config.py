@@ -188,11 +188,16 @@ class EvalConfig:
     runs_dir: Path = option(Path("runs"), "Where to look for runs when none is named.", key=None)
     device: Optional[str] = option(None, DEVICE_HELP, key=None)
     rope_scalings: Optional[List[str]] = option(
-        None, "RoPE extension for rope/xpos runs: none, pi, ntk, dynamic-ntk, yarn, llama3, longrope, with "
-        "parameters as METHOD:NAME=VALUE[:NAME=VALUE] (yarn: beta_fast 32, beta_slow 1, attention_factor; llama3: "
-        "low_freq_factor 1, high_freq_factor 4; longrope: factors FILE.json, attention_factor; `lenx schemes rope` "
-        "says what each does). Repeat or comma-separate to sweep; with several, other schemes are evaluated with "
-        "none [default: none].", flag="--rope-scaling",
+        None, "Training-free extension: none; of RoPE's frequencies (rope/xpos runs, HF RoPE models): pi, ntk, "
+        "dynamic-ntk, yarn, llama3, longrope; of attention: self-extend, rerope, leaky-rerope, dca (runs whose "
+        "scheme moves positions or reads a distance table; HF llama/mistral/qwen2/qwen3), sinks, lambda (every "
+        "scheme). Parameters as METHOD:NAME=VALUE[:NAME=VALUE] (yarn: beta_fast 32, beta_slow 1, attention_factor; "
+        "llama3: low_freq_factor 1, high_freq_factor 4; longrope: factors FILE.json, attention_factor; self-extend: "
+        "window L/4, group; rerope: window L/8, logn 1; leaky-rerope: + leak 16; dca: chunk 3L/4, local L/8; sinks: "
+        "sinks 4, window L-sinks-1, shift 1; lambda: global 10, window L, cap; logn 0/1 on each attention method; "
+        "L = the training length; `lenx schemes rope` says what each does). Repeat or comma-separate to sweep; "
+        "with several, each run is evaluated with those that apply to it (none if no one does) [default: none].",
+        flag="--rope-scaling",
         key="rope_scaling", check=_scalings)
     rope_factors: Optional[List[str]] = option(
         None, "Scale factor s >= 1; repeat or comma-separate to sweep [default: eval length / train length; "

@@ -74,9 +74,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, layer: int, p: Positions, pe: PositionalScheme) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = pe.rotate(q, k, p, layer)
-        bias = pe.bias(layer, p, x=x, q=q, k=k)
-        y = causal_attention(q, k, v, bias, self.backend, self.block_size)
+        ext = pe.extension  # an evaluation-time attention extension (lenx.extend), if one is set and acts here
+        if ext is not None and ext.active(T):
+            y = ext.attend(q, k, v, x, layer, p, pe, self.block_size)
+        else:
+            q, k = pe.rotate(q, k, p, layer)
+            bias = pe.bias(layer, p, x=x, q=q, k=k)
+            y = causal_attention(q, k, v, bias, self.backend, self.block_size)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

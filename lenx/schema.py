@@ -15,7 +15,8 @@ NUMERIC = ["seed", "train_len", "eval_len", "ratio", "stride", "rope_factor", "t
            "probe_seed", "cell_seed", "pairs", "segment",
            # a RoPE extension's parameters (`lenx.positional.rope_scaling.PARAM_COLUMNS`; rope_factors is a file name)
            "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_low_freq_factor",
-           "rope_high_freq_factor"]
+           "rope_high_freq_factor", "rope_window", "rope_group", "rope_logn", "rope_leak", "rope_chunk", "rope_local",
+           "rope_sinks", "rope_shift", "rope_global", "rope_cap"]
 
 # Hex fingerprints: as text, never parsed as numbers ('012345' would lose its zero; '0e1234' and '0e5678' both be 0.0)
 ID_COLUMNS = ("config_id", "weights_id", "dataset_fingerprint")

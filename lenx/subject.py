@@ -13,6 +13,7 @@ from .config import TRAIN_KEYS, TrainConfig, check_values
 from .data import Tokenizer, load_run_tokenizer
 from .errors import LenxError
 from .ids import config_id, weights_id
+from .positional import get_scheme
 from .positional.rope import scaling_plan
 from .runinfo import quiet_hf
 
@@ -36,6 +37,7 @@ class Subject(ABC):
     default_data: object  # what it is scored on without --dataset (a DataSpec.of argument)
     probes: tuple[str, ...] = ("passkey", "mqar", "repeat")  # the retrieval probes it takes (`lenx.probes`)
     passkey_format: str = "short"  # the passkey wording of `--passkey-format auto` (`lenx.probes.FORMATS`)
+    moved_positions: str | None = "rotation"  # how attention-level extensions move its positions (PositionalScheme's)
 
     def columns(self) -> dict:
         """The identity columns of its rows (attn_backend: the backend that ran, so read after `prepare`)."""
@@ -162,6 +164,7 @@ class LenxRun(Subject):
         self.config_id = config_id(self.info)
         self.weights_id = weights_id(self.path)
         self.passkey_format = cfg.get("passkey_format", "short")  # probed in the wording its mix trained on
+        self.moved_positions = get_scheme(self.pe).moved_positions
         self.model = None
 
     def scaling_plan(self, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:

@@ -87,9 +87,11 @@ def test_report_pools_only_seeds_of_one_experiment(tmp_path):
     assert lenx("eval", *(tmp_path / name for name in runs), "--lengths", "16,32", "--tokens", "64", "--out", out) == 0
     df = pd.read_csv(out / "results.csv")
     # appended, in the order they came: the columns before keep their places
-    assert list(df.columns[-11:]) == ["config_id", "weights_id", "context_gain", "context_gain_tokens", "attn_route",
+    assert list(df.columns[-21:]) == ["config_id", "weights_id", "context_gain", "context_gain_tokens", "attn_route",
                                       "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",
-                                      "rope_low_freq_factor", "rope_high_freq_factor", "rope_factors"]
+                                      "rope_low_freq_factor", "rope_high_freq_factor", "rope_factors", "rope_window",
+                                      "rope_group", "rope_logn", "rope_leak", "rope_chunk", "rope_local", "rope_sinks",
+                                      "rope_shift", "rope_global", "rope_cap"]
     ids = df.groupby("run")["config_id"].first()
     assert ids["long"] != ids["short"] and ids["L8-s0"] == ids["L8-s1"] != ids["long"]
 

@@ -25,6 +25,7 @@ class ALiBi(PositionalScheme):
     name = "alibi"
     acts = ("bias",)
     relative = True
+    moved_positions = "distance"  # its bias is a table over distances (lenx.extend reads it at moved ones)
     formula = "score_ij = q_i.k_j/sqrt(d) - m_h*(i - j); fixed slopes m_h = 2^(-8h/H)"
     paper = "Press et al. 2022, 'Train short, test long: attention with linear biases' (ICLR)"
     used_by = "BLOOM, MPT, Baichuan-13B, some Falcon variants"

@@ -177,7 +177,11 @@ class PositionalScheme(nn.Module):
     relative: ClassVar[bool] = False  # scores depend on positions only through i - j
     learned: ClassVar[bool] = False  # has trained parameters of its own
     defaults: ClassVar[dict] = {}  # scheme options and their paper defaults
-    eval_scalings: ClassVar[tuple[str, ...]] = ("none",)  # evaluation-time extensions it accepts (RoPE's)
+    eval_scalings: ClassVar[tuple[str, ...]] = ("none",)  # evaluation-time frequency extensions it accepts (RoPE's)
+    # How attention-level extensions that move positions (Self-Extend, ReRoPE, DCA; `lenx.extend`) reach it:
+    # "rotation": `rotate_at` rotates queries or keys at any positions; "distance": its bias is a TableBias, read
+    # at the moved distances; None: it takes only the masks (sinks, lambda), with its own positions.
+    moved_positions: ClassVar[str | None] = None
 
     def __init__(self, config):
         super().__init__()
@@ -265,12 +269,26 @@ class PositionalScheme(nn.Module):
     def decays(self, name: str, param: nn.Parameter) -> bool:
         return param.dim() >= 2
 
-    # Evaluation-time settings (RoPE extensions); schemes that have none accept only "none".
-    def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
-        from .rope_scaling import method_of
+    def rotate_at(self, x: Tensor, at: Tensor, layer: int, seq_len: int, query: bool) -> Tensor:
+        """Schemes with moved_positions "rotation": queries (query=True) or keys (B, H, n, hd) rotated as at
+        positions `at` (n,), integer or fractional, in a window of seq_len positions."""
+        raise NotImplementedError
 
-        if method_of(method) not in self.eval_scalings:
+    # Evaluation-time settings (RoPE extensions, attention-level extensions); schemes accept the frequency methods
+    # they list in eval_scalings and the attention methods `rope_scaling.applies` allows them.
+    extension = None  # the attention-level extension in force (`lenx.extend.Extension`), None: plain attention
+
+    def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
+        from .rope_scaling import applies, is_attention
+
+        if not applies(method or "none", type(self)):
             raise scaling_not_supported(self.name, method)
+        if is_attention(method or "none"):
+            from ..extend import Extension
+
+            self.extension = Extension(method, factor, self.train_len, self.moved_positions)
+        else:
+            self.extension = None
 
 
 def scaling_not_supported(scheme: str, method: str, name: str = "--rope-scaling", where: str = ""):
@@ -279,9 +297,9 @@ def scaling_not_supported(scheme: str, method: str, name: str = "--rope-scaling"
     from ..errors import LenxError
     from . import REGISTRY
 
-    from .rope_scaling import method_of
+    from .rope_scaling import applies
 
-    takers = [n for n, c in REGISTRY.items() if method_of(method) in c.eval_scalings] or ["no"]
+    takers = [n for n, c in REGISTRY.items() if applies(method, c)] or ["no"]
     return LenxError(
         f"{where}{name} {method} applies to {', '.join(takers)} runs, not to '{scheme}'; "
         f"use {name} none, or give several methods to evaluate such runs without one"

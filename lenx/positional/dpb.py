@@ -27,6 +27,7 @@ class DynamicPositionBias(PositionalScheme):
     name = "dpb"
     acts = ("bias",)
     relative = True
+    moved_positions = "distance"  # its bias is a table over distances (lenx.extend reads it at moved ones)
     learned = True
     formula = ("score_ij += MLP(i - j)_h; MLP 1 -> w -> w -> H, SiLU, w = d_model/4 (depth 2); input optionally "
                "log(1 + i - j); one MLP for all layers, learned")

@@ -14,6 +14,7 @@ class _Kerple(PositionalScheme):
 
     acts = ("bias",)
     relative = True
+    moved_positions = "distance"  # its bias is a table over distances (lenx.extend reads it at moved ones)
     learned = True
     r2_max: float | None = None
     r1_init: tuple[float, float]  # U(low, high) bounds of the reference's initialisation

@@ -5,7 +5,7 @@ from torch import Tensor
 
 from . import get_scheme, register
 from .base import PositionalScheme, is_integer, is_number, scaling_not_supported
-from .rope_scaling import ROPE_SCALINGS, help_text, method_of
+from .rope_scaling import ROPE_SCALINGS, applies, help_text, is_attention
 from .rope_scaling import frequencies as rope_frequencies
 
 
@@ -17,7 +17,7 @@ def scaling_plan(pe: str, scalings: list[str] | None, factors: list[float] | Non
     s = max(1, window length / train_len) recomputed per window (recorded as an empty rope_factor). `name`,
     `where`: as in `lenx.evaluate.check_eval_options`."""
     scalings = scalings or ["none"]
-    takes = [s for s in scalings if method_of(s) in get_scheme(pe).eval_scalings]
+    takes = [s for s in scalings if applies(s, get_scheme(pe))]
     if not takes and len(scalings) == 1:
         raise scaling_not_supported(pe, scalings[0], name, where)
     return [(s, f) for s in takes or ["none"] for f in ([None] if s == "none" else factors or [None])]
@@ -42,6 +42,7 @@ class RoPE(PositionalScheme):
     acts = ("qk",)
     relative = True
     eval_scalings = ROPE_SCALINGS
+    moved_positions = "rotation"
     formula = "rotate pair k of q_m by m*theta_k and of k_n by n*theta_k, theta_k = 10000^(-2k/d)"
     paper = "Su et al. 2021, 'RoFormer: enhanced transformer with rotary position embedding'"
     used_by = "LLaMA 1-3, PaLM, GPT-NeoX/Pythia, GPT-J, Qwen, Mistral, Falcon, Gemma"
@@ -81,8 +82,8 @@ class RoPE(PositionalScheme):
         self.check_option("nope_every", lambda v: is_integer(v) and v >= 0, "an integer >= 0 (0: RoPE on every layer)")
 
     def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
-        super().set_eval_scaling(method, factor)  # rejects unknown methods
-        self.scaling = (method or "none", factor)
+        super().set_eval_scaling(method, factor)  # rejects unknown methods; sets an attention method
+        self.scaling = ("none", None) if is_attention(method or "none") else (method or "none", factor)
         self._cache = {}
 
     def rotated_pairs(self) -> int:
@@ -134,3 +135,13 @@ class RoPE(PositionalScheme):
             return q, k
         rot = self.positions(p).state
         return apply_rotation(q, rot), apply_rotation(k, rot)
+
+    def rotation_at(self, at: Tensor, seq_len: int) -> Tensor:
+        """(cos, sin) at positions `at`, integer or fractional, (n, d/2, 2) float32, with this evaluation's
+        frequencies for a window of seq_len positions (as `prepare`, which reads them from a per-length table)."""
+        inv_freq, attn = self.inv_freq(seq_len)
+        angle = at.double()[:, None] * inv_freq.to(at.device)[None, :]
+        return torch.stack(((angle.cos() * attn).float(), (angle.sin() * attn).float()), -1)
+
+    def rotate_at(self, x: Tensor, at: Tensor, layer: int, seq_len: int, query: bool) -> Tensor:
+        return apply_rotation(x, self.rotation_at(at, seq_len)) if self.rotates(layer) else x

@@ -7,7 +7,12 @@ also gets the values used, one column per parameter (`columns`), defaults and de
 
 pi, dynamic-ntk, yarn, llama3 and longrope are computed as transformers' rope types linear, dynamic, yarn, llama3
 and longrope compute them (the tests compare the frequencies with `ROPE_INIT_FUNCTIONS`); ntk, which transformers
-does not have, by its formula. L is the subject's training length (its original context), s the factor."""
+does not have, by its formula. L is the subject's training length (its original context), s the factor.
+
+The attention-level methods (kind "attention": self-extend, rerope, leaky-rerope, dca, sinks, lambda) leave the
+frequencies alone and change which keys a query sees and at which positions (`lenx.extend`). Their window-like
+parameters default to fractions of L (`resolve`): the references' own ratio to the pretrained context they were
+tuned for, since their absolute defaults (1024, 512, 2048 tokens) assume a context of thousands."""
 
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ class Method:
     params: dict = field(default_factory=dict)  # name -> default (None: derived from s and L, see `summary`)
     static: bool = True  # one factor per evaluation, by default eval_len / L; dynamic-ntk derives its own per window
     hf_type: str | None = None  # transformers' rope type; None: lenx runs only
+    kind: str = "frequency"  # "frequency": RoPE's angles (rope, xpos); "attention": keys seen and their positions
+    moves: bool = False  # an attention method that moves positions: needs a scheme that can (`moved_positions`)
 
 
 METHODS = {m.name: m for m in [
@@ -48,7 +55,32 @@ METHODS = {m.name: m for m in [
            "config.json's rope_scaling is read too); default: long_factor the per-pair factors YaRN gives at s "
            "(beta 32 and 1), short_factor 1",
            {"factors": None, "attention_factor": None}, hf_type="longrope"),
+    # attention-level methods (`lenx.extend`); logn=1: queries times max(1, ln(i+1) / ln L) (ReRoPE's code)
+    Method("self-extend", "exact positions for i - j < window, beyond it grouped ones: query at i//group + window - "
+           "window//group, key at j//group (Jin et al. 2024). window default L/4 (1024 of Llama 2's 4096); group "
+           "default the smallest that keeps every distance below L at length sL, ceil((sL - window) / (L - window))",
+           {"window": None, "group": None, "logn": 0.0}, kind="attention", moves=True),
+    Method("rerope", "exact positions for i - j < window, the distance window beyond it (Su 2023); window default "
+           "L/8 (512 of 4096); logn on, as in its code", {"window": None, "logn": 1.0},
+           static=False, kind="attention", moves=True),
+    Method("leaky-rerope", "exact positions for i - j < window, window + (i - j - window)/leak beyond it (Su 2023); "
+           "window default L/8, leak 16; logn on, as in its code", {"window": None, "leak": 16.0, "logn": 1.0},
+           static=False, kind="attention", moves=True),
+    Method("dca", "dual chunk attention: chunks of chunk - local positions; keys at j mod that, queries at their "
+           "own offset in the same chunk, offset + chunk length (at most chunk) from the next chunk, and the "
+           "largest such position from later ones (An et al. 2024); chunk default 3L/4, local L/8",
+           {"chunk": None, "local": None, "logn": 0.0}, static=False, kind="attention", moves=True),
+    Method("sinks", "StreamingLLM: each query sees the first sinks keys and the window before it (Xiao et al. "
+           "2024); with shift=1 keys sit at their place in that cache, as its pos_shift (schemes that cannot "
+           "move positions: 0); sinks 4, window default L - sinks - 1 (the cache of L keys)",
+           {"sinks": 4.0, "window": None, "shift": 1.0, "logn": 0.0}, static=False, kind="attention"),
+    Method("lambda", "LM-Infinite's Lambda-shaped mask: keys i - j < window, and the first global keys at the "
+           "distance cap (Han et al. 2024; schemes that cannot move positions: no cap); global 10, window "
+           "default L, cap default window", {"global": 10.0, "window": None, "cap": None, "logn": 0.0},
+           static=False, kind="attention"),
 ]}
+FLAGS = ("logn", "shift")  # 0 or 1
+COUNTS = ("window", "group", "chunk", "local", "sinks", "global", "cap")  # whole numbers of tokens
 ROPE_SCALINGS = tuple(METHODS)
 STATIC_SCALINGS = tuple(n for n, m in METHODS.items() if m.static)
 # one column per parameter in the result rows: the values used (defaults and derived values included)
@@ -80,17 +112,21 @@ def split(text: str, name_of: str = "RoPE extension") -> tuple[str, dict]:
             raise ScalingError(f"'{text}': parameter {key} needs a value, as in {name}:{key}=VALUE")
         if key in given:
             raise ScalingError(f"'{text}': parameter {key} is given twice")
-        given[key] = value if key == "factors" else _number(text, key, value)
+        given[key] = value if key == "factors" else _number(text, key, value, ok_zero=key in FLAGS)
+        if key in FLAGS and given[key] not in (0.0, 1.0):
+            raise ScalingError(f"'{text}': {key} is 0 (off) or 1 (on), got '{value}'")
+        if key in COUNTS and not given[key].is_integer():
+            raise ScalingError(f"'{text}': {key} is a number of tokens, a whole number, got '{value}'")
     _check(text, name, {**method.params, **given})
     return name, given
 
 
-def _number(text: str, key: str, value: str) -> float:
+def _number(text: str, key: str, value: str, ok_zero: bool = False) -> float:
     try:
         x = float(value)
     except ValueError:
         x = math.nan
-    if not math.isfinite(x) or x <= 0:
+    if not math.isfinite(x) or x < 0 or (x == 0 and not ok_zero):
         raise ScalingError(f"'{text}': {key} must be a positive number, got '{value}'")
     return x
 
@@ -105,6 +141,11 @@ def _check(text: str, name: str, p: dict) -> None:
                            f"({p['low_freq_factor']:g})")
     if name == "longrope" and p["factors"] is not None:
         load_factors(p["factors"], text)
+    if name == "leaky-rerope" and p["leak"] < 1:
+        raise ScalingError(f"'{text}': leak ({p['leak']:g}) must be at least 1: distances past the window grow at "
+                           "1/leak of their true rate")
+    if name == "dca" and None not in (p["chunk"], p["local"]) and not p["local"] < p["chunk"]:
+        raise ScalingError(f"'{text}': local ({p['local']:g}) must be below chunk ({p['chunk']:g})")
 
 
 def canonical(text: str, name_of: str = "RoPE extension") -> str:
@@ -132,6 +173,50 @@ def parameters(text: str) -> dict:
     """Every parameter of the setting: given, else its default (None where derived)."""
     name, given = split(text)
     return {**METHODS[name].params, **given}
+
+
+def is_attention(text: str) -> bool:
+    m = METHODS.get(method_of(text))
+    return m is not None and m.kind == "attention"
+
+
+def applies(text: str, scheme) -> bool:
+    """Whether a scheme (its class) takes the setting: frequency methods the schemes that list them
+    (`eval_scalings`: rope, xpos); attention methods that move positions the schemes that can move theirs
+    (`moved_positions`); the masks (sinks, lambda) every scheme."""
+    m = METHODS.get(method_of(text))
+    if m is None or m.kind != "attention":
+        return method_of(text) in scheme.eval_scalings
+    return not m.moves or scheme.moved_positions is not None
+
+
+def resolve(text: str, factor: float | None, train_len: int, moves: str | None = "rotation") -> dict:
+    """The values an attention method uses at training length L = train_len and factor s (derived ones
+    computed), as ints (flags 0/1); `moves`: the scheme's `moved_positions` (None: sinks' shift and lambda's cap
+    cannot apply, and are 0 and None)."""
+    name, p = method_of(text), dict(parameters(text))
+    L, s = int(train_len), 1.0 if factor is None else float(factor)
+    if name == "self-extend":
+        w = int(p["window"] or max(1, L // 4))
+        g = p["group"] or (max(1, math.ceil((s * L - w) / (L - w))) if w < L else 1)
+        p.update(window=w, group=int(g))
+    elif name in ("rerope", "leaky-rerope"):
+        p["window"] = int(p["window"] or max(1, L // 8))
+    elif name == "dca":
+        chunk, local = int(p["chunk"] or max(2, 3 * L // 4)), int(p["local"] or L // 8)
+        if not local < chunk:
+            raise ScalingError(f"'{text}': local ({local}) must be below chunk ({chunk}) at training length {L}")
+        p.update(chunk=chunk, local=local)
+    elif name == "sinks":
+        p["sinks"] = int(p["sinks"])
+        p.update(window=int(p["window"] or max(1, L - p["sinks"] - 1)), shift=int(p["shift"]) if moves else 0)
+    elif name == "lambda":
+        p["global"] = int(p["global"])
+        p["window"] = int(p["window"] or L)
+        p["cap"] = int(p["cap"] or p["window"]) if moves else None
+    if "logn" in p:
+        p["logn"] = int(p["logn"])
+    return p
 
 
 def load_factors(path: str, text: str = "") -> tuple[list[float], list[float]]:
@@ -208,7 +293,7 @@ def frequencies(head_dim: int, base: float, text: str = "none", factor: float | 
     theta = rope_inv_freq(d, base)
     s = 1.0 if factor is None else float(factor)
     attn = attention_factor(text, factor, train_len)
-    if name == "none":
+    if name == "none" or METHODS[name].kind == "attention":
         return theta, 1.0
     if name == "pi":
         return theta / s, 1.0
@@ -245,14 +330,15 @@ def longrope_factors(text: str, d: int, base: float, s: float, train_len: int) -
     return torch.tensor(long, dtype=torch.float64), torch.tensor(short, dtype=torch.float64)
 
 
-def columns(text: str | None, factor: float | None, train_len: int | None) -> dict:
+def columns(text: str | None, factor: float | None, train_len: int | None, moves: str | None = "rotation") -> dict:
     """A row's parameter columns (`PARAM_COLUMNS`): the values the setting used, empty for parameters of other
-    methods."""
+    methods. `moves`: the scheme's `moved_positions` (attention methods' values depend on it)."""
     out = dict.fromkeys(PARAM_COLUMNS)
     text = text or "none"
     if method_of(text) not in METHODS:
         return out
-    for k, v in parameters(text).items():
+    values = resolve(text, factor, train_len, moves) if is_attention(text) and train_len else parameters(text)
+    for k, v in values.items():
         out["rope_" + k] = v
     if "attention_factor" in METHODS[method_of(text)].params and train_len:
         out["rope_attention_factor"] = attention_factor(text, factor, train_len) if factor is not None else None

@@ -20,6 +20,7 @@ class Sandwich(PositionalScheme):
     name = "sandwich"
     acts = ("bias",)
     relative = True
+    moved_positions = "distance"  # its bias is a table over distances (lenx.extend reads it at moved ones)
     formula = ("score_ij += (sum_{k=1..d/2} cos((i - j)/10000^(2k/d)) - d/2) / (8h/H); d = head dim, h = 1..H; "
                "nothing learned")
     paper = ("Chi, Fan, Rudnicky & Ramadge 2023, 'Dissecting transformer length extrapolation via the lens of "

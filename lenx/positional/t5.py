@@ -24,6 +24,7 @@ class T5Bias(PositionalScheme):
     name = "t5"
     acts = ("bias",)
     relative = True
+    moved_positions = "distance"  # its bias is a table over distances (lenx.extend reads it at moved ones)
     learned = True
     formula = "score_ij += B[bucket(i - j), h]; 32 buckets: 16 exact, then log-spaced to 128, one learned scalar each"
     paper = ("Raffel et al. 2020, 'Exploring the limits of transfer learning with a unified text-to-text transformer' "

@@ -66,11 +66,22 @@ class XPos(RoPE):
                     f"xPos's decay zeta^(n/{self.options['scale_base']:g}) leaves float32's range in a window of "
                     f"{span} positions (at most {self.max_span()}); evaluate shorter windows"
                 )
-        d = self.head_dim
-        zeta = (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) + 0.4 * d) / (1.4 * d)
         centre = (pos.min() + pos.max() + 1).div(2, rounding_mode="floor")  # a tensor: no host sync
-        scale = (zeta[None, :] ** ((pos - centre).double()[:, None] / self.options["scale_base"])).float()[..., None]
-        return super().prepare(pos), scale
+        return super().prepare(pos), self.decay(pos - centre)
+
+    def decay(self, offset: Tensor) -> Tensor:
+        """zeta^(n/g) at offsets n from the window's centre, (T, d/2, 1) float32."""
+        d = self.head_dim
+        zeta = (torch.arange(0, d, 2, dtype=torch.float64, device=offset.device) + 0.4 * d) / (1.4 * d)
+        return (zeta[None, :] ** (offset.double()[:, None] / self.options["scale_base"])).float()[..., None]
+
+    def rotate_at(self, x: Tensor, at: Tensor, layer: int, seq_len: int, query: bool) -> Tensor:
+        """Rotation and decay both at the moved positions (the decay is relative too), centred as `prepare` centres
+        a window of seq_len positions 0..seq_len-1."""
+        if not self.rotates(layer):
+            return x
+        rot, scale = self.rotation_at(at, seq_len), self.decay(at - seq_len // 2)
+        return apply_rotation(x, rot * scale if query else rot / scale)
 
     def rotate(self, q: Tensor, k: Tensor, p, layer: int = 0) -> tuple[Tensor, Tensor]:
         if not self.rotates(layer):
