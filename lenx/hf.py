@@ -11,6 +11,8 @@ attention implementation (transformers picks `sdpa` where the model has one).
 - RoPE extensions go through transformers' own `rope_parameters` (set on the config before the weights are
   loaded): pi -> `linear`, dynamic-ntk -> `dynamic`, yarn, llama3 and longrope -> their namesakes, with their
   parameters (`lenx.positional.rope_scaling.hf_parameters`); each (extension, factor) loads the model afresh. Static NTK has no transformers rope type, so it is refused for HF models.
+- Attention-level extensions (self-extend, rerope, dca, sinks, lambda, ...) go through transformers' attention
+  registry (`lenx.hf_extend`), for the architectures it names; other models are refused with one line.
 - Learned absolute positions (GPT-2, OPT, GPT-Neo, ...) past the table: the cell gets an empty ppl and a note
   (the length is checked before the model runs, as lenx's own learned scheme does).
 - Position tables that transformers computes from a config attribute alone, with no weights in them (MPT's ALiBi
@@ -125,7 +127,9 @@ class HFForward:
     def decodes(self) -> bool:
         """Whether `greedy` is worth calling: the model has a KV cache (a lenx model has none: its greedy answer is
         read off the teacher-forced pass instead)."""
-        return getattr(self.model.config, "model_type", None) != "lenx"
+        # lenx models have no cache; lenx_extend (attention-level extensions) scores whole windows only
+        cfg = self.model.config
+        return getattr(cfg, "model_type", None) != "lenx" and getattr(cfg, "_attn_implementation", None) != "lenx_extend"
 
     @torch.no_grad()
     def greedy(self, prompt, max_new_tokens: int):
@@ -365,7 +369,14 @@ class HFModel(Subject):
     def scaling_plan(self, scalings: list[str] | None, factors: list[float] | None) -> list[tuple[str, float | None]]:
         """(RoPE extension, factor) cells, as for lenx runs: a model without RoPE takes none (and refuses an
         extension asked for alone); an extension transformers cannot express is refused."""
+        from .hf_extend import refusal
+        from .positional.rope_scaling import is_attention
+
         scalings = scalings or ["none"]
+        for s in scalings:
+            why = refusal(self.config, self.given, s) if is_attention(s) and self.scheme == "rope" else None
+            if why:
+                raise LenxError(why)
         asked = [s for s in scalings if s != "none"]
         if asked and self.scheme != "rope":
             if len(scalings) == 1:
@@ -373,8 +384,8 @@ class HFModel(Subject):
                     f"--rope-scaling {asked[0]} applies to RoPE models; {self.given} is {self.pe}, without RoPE"
                 )
             return [("none", None)]
-        if asked:
-            self._check_rescalable(asked)
+        if [s for s in asked if not is_attention(s)]:
+            self._check_rescalable([s for s in asked if not is_attention(s)])
         return [(s, f) for s in scalings for f in ([None] if s == "none" else factors or [None])]
 
     def _check_rescalable(self, asked: list[str]) -> None:
@@ -395,10 +406,13 @@ class HFModel(Subject):
 
     def prepare(self, scaling: str, factor: float | None):
         """The callable to score with, the model (re)loaded for this RoPE extension and factor."""
+        from .positional.rope_scaling import is_attention
+
         key = (scaling, factor)
+        attention = is_attention(scaling)
         if key != self.loaded_as:
-            config = self.config if scaling == "none" else rope_scaled(self.config, scaling, factor, self.train_len,
-                                                                      self.given)
+            config = self.config if scaling == "none" or attention else rope_scaled(
+                self.config, scaling, factor, self.train_len, self.given)
             attr = TABLES.get(config.model_type)
             if attr and self.longest and self.longest > getattr(config, attr):
                 config = copy.deepcopy(config)
@@ -406,7 +420,12 @@ class HFModel(Subject):
             self.model = self.forward = None
             if self.device and self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            self._load(config, None if scaling == "none" else config.rope_parameters["rope_type"])
+            self._load(config, None if scaling == "none" or attention else config.rope_parameters["rope_type"])
+            if attention:  # through transformers' attention registry (lenx.hf_extend)
+                from .extend import Extension
+                from .hf_extend import attach
+
+                attach(self.model, Extension(scaling, factor, self.train_len, "rotation"))
             self.loaded_as = key
         return self.forward
 
@@ -462,6 +481,12 @@ class ExportedRun(HFModel):
 
     def describe(self, config) -> tuple[str, int | None]:
         return config.pe, int(config.train_len)
+
+    @property
+    def moved_positions(self) -> str | None:
+        from .positional import get_scheme
+
+        return get_scheme(self.config.pe).moved_positions
 
     def table_end(self) -> None:
         return None  # lenx's learned scheme refuses positions past its table itself
