@@ -15,10 +15,15 @@ rotates queries and keys at the moved positions (`rotate_at`), "distance" (ALiBi
 its per-distance table at the moved distance (linearly between entries where leaky ReRoPE's distance is a
 fraction). Any other scheme takes only the masks, with its own positions and bias.
 
-Scores are computed per block of query rows against the keys the block sees (block x keys per region, never
-L x L), one joint softmax over all regions, as the references' eager paths do. Where no pair at a window's
-length leaves the true positions and no key is hidden (`Extension.active`), the model runs unchanged: inside its
-window every method is the unmodified model, bit for bit.
+Two routes compute the same attention. The explicit one (any scheme, any device, differentiable): scores per block
+of query rows against the keys the block sees (block x keys per region, never L x L), one joint softmax over all
+regions, as the references' eager paths do. The fused one (`Extension.fusable`: rotation schemes on the CPU, no
+gradient; Self-Extend, ReRoPE, leaky ReRoPE, DCA): each region whose pairs share one causal or full block
+structure goes to the CPU flash kernel with its queries and keys rotated at the region's positions, the near band
+of exact positions is a band of explicit scores, and the parts are joined by their log-sum-exps (as
+`attention_cpu.clipped` joins Shaw's). Where no pair at a window's length leaves the true positions and no key
+is hidden (`Extension.active`), the model runs unchanged: inside its window every method is the unmodified
+model, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import attention_cpu as cpu
 from .attention import _took
 from .positional.base import Positions, TableBias
 from .positional.rope_scaling import method_of, resolve
@@ -134,15 +140,22 @@ class Extension:
     # ----- attention
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, layer: int, p: Positions, pe,
-               block_size: int) -> Tensor:
+               block_size: int, route: str | None = None) -> Tensor:
         """The layer's attention under the method. q, k: the layer's unrotated queries and keys (B, H, T, hd), v its
-        values; returns (B, H, T, hv) as `causal_attention` does."""
+        values; returns (B, H, T, hv) as `causal_attention` does. route: "explicit" or "fused" (None: fused where
+        `fusable`)."""
         T = q.shape[-2]
         scale = self.query_scale(T, q.device)
         if scale is not None:
             q = q * scale.to(q.dtype)
         q_rot, k_rot = pe.rotate(q, k, p, layer)
         bias = pe.bias(layer, p, x=x, q=q_rot, k=k_rot)
+        fuse = self.fusable(q, bias) if route is None else route == "fused"
+        if fuse:
+            n = int(p.pos.max()) + 1 if p.pos.numel() else 1
+            out = (self._chunks if self.name == "dca" else self._band_far)(q, k, v, q_rot, k_rot, pe, layer, n,
+                                                                          block_size)
+            return _took("extend", out)
         table = bias.table if isinstance(bias, TableBias) and self.moves == "distance" else None
         regions = self.regions(T)
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
@@ -174,6 +187,68 @@ class Extension:
                 ob = ob + bias.value(q0, q1, full)
             out[:, :, q0:q1] = ob.to(out.dtype)
         return _took("extend", out)
+
+    def fusable(self, q: Tensor, bias) -> bool:
+        """Whether the fused route serves this call: a method whose regions are causal or full blocks, a scheme that
+        rotates (no bias of its own), the CPU flash kernel, and no gradient (the kernel's log-sum-exp has none)."""
+        return (self.name in ("self-extend", "rerope", "leaky-rerope", "dca") and self.moves == "rotation"
+                and bias is None and cpu._CPU_FLASH is not None and q.device.type == "cpu"
+                and q.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and q.requires_grad))
+
+    def _band_far(self, q, k, v, q_rot, k_rot, pe, layer: int, n: int, block: int) -> Tensor:
+        """Self-Extend, ReRoPE, leaky ReRoPE: the pairs i - j >= w are causal attention shifted by w, queries and
+        keys rotated at the far region's positions (one flash call); the w nearest keys of each query keep their
+        true positions (a band of explicit scores); joined by their log-sum-exps."""
+        B, H, T, hd = q.shape
+        w, far = self.p["window"], self.regions(T)[1]
+        i = torch.arange(T, device=q.device)
+        if T > w:
+            qf = pe.rotate_at(q[:, :, w:], far.q_at(i[w:]), layer, n, query=True)
+            kf = pe.rotate_at(k[:, :, :T - w], far.k_at(i[:T - w]), layer, n, query=False)
+            o_far, lse_far = cpu._CPU_FLASH(qf, kf, v[:, :, :T - w], is_causal=True, scale=hd ** -0.5)
+        out = q.new_empty(B, H, T, v.shape[-1])
+        for q0 in range(0, T, block):
+            q1 = min(q0 + block, T)
+            a = max(0, q0 - w + 1)
+            s = (q_rot[:, :, q0:q1] @ k_rot[:, :, a:q1].transpose(-1, -2)).float() * hd ** -0.5
+            d = torch.arange(q0, q1, device=q.device)[:, None] - torch.arange(a, q1, device=q.device)[None, :]
+            s = s.masked_fill((d < 0) | (d >= w), float("-inf"))
+            lse = s.logsumexp(-1)
+            o = (s - lse[..., None]).exp().to(v.dtype) @ v[:, :, a:q1]
+            f0, f1 = max(q0, w), q1  # rows with far keys
+            if f1 > f0:
+                both = torch.logaddexp(lse[..., f0 - q0:], lse_far[..., f0 - w:f1 - w])
+                near = (lse[..., f0 - q0:] - both).exp()[..., None]
+                o[:, :, f0 - q0:] = (o[:, :, f0 - q0:].float() * near
+                                     + o_far[:, :, f0 - w:f1 - w].float() * (1 - near)).to(o.dtype)
+            out[:, :, q0:q1] = o
+        return out
+
+    def _chunks(self, q, k, v, q_rot, k_rot, pe, layer: int, n: int, block: int) -> Tensor:
+        """DCA, per chunk of cl = chunk - local queries: intra-chunk keys at their true positions (causal), the
+        previous chunk's keys with the successive-chunk query positions and the earlier chunks' keys with the
+        inter-chunk ones (full blocks), three flash calls joined by their log-sum-exps."""
+        B, H, T, hd = q.shape
+        _, succ, inter = self.regions(T)
+        cl, scale = self.p["chunk"] - self.p["local"], hd ** -0.5
+        i = torch.arange(T, device=q.device)
+        k_mod = pe.rotate_at(k, succ.k_at(i), layer, n, query=False)
+        q_succ = pe.rotate_at(q, succ.q_at(i), layer, n, query=True)
+        q_inter = pe.rotate_at(q, inter.q_at(i), layer, n, query=True)
+        out = q.new_empty(B, H, T, v.shape[-1])
+        for c0 in range(0, T, cl):
+            c1 = min(c0 + cl, T)
+            parts = [cpu._CPU_FLASH(q_rot[:, :, c0:c1], k_rot[:, :, c0:c1], v[:, :, c0:c1], is_causal=True,
+                                    scale=scale)]
+            if c0 >= cl:
+                parts.append(cpu._CPU_FLASH(q_succ[:, :, c0:c1], k_mod[:, :, c0 - cl:c0], v[:, :, c0 - cl:c0],
+                                            is_causal=False, scale=scale))
+            if c0 >= 2 * cl:
+                parts.append(cpu._CPU_FLASH(q_inter[:, :, c0:c1], k_mod[:, :, :c0 - cl], v[:, :, :c0 - cl],
+                                            is_causal=False, scale=scale))
+            lse = torch.stack([lp for _, lp in parts]).logsumexp(0)
+            out[:, :, c0:c1] = sum(o.float() * (lp - lse).exp()[..., None] for o, lp in parts).to(out.dtype)
+        return out
 
     def _moved(self, q, k, q0, q1, cols, idx, region: Region, table, pe, p: Positions, layer, hd) -> Tensor:
         """Scores of a region whose pairs sit at moved positions."""

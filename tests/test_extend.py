@@ -95,18 +95,24 @@ def logn(text, T):
     return ((i + 1).log() / math.log(L)).clamp(min=1)[:, None]
 
 
+@pytest.mark.parametrize("route", ["explicit", "fused"])
 @pytest.mark.parametrize("T", [L, 16 * L])
 @pytest.mark.parametrize("text", SETTINGS)
 @pytest.mark.parametrize("pe", ["rope", "xpos"])
-def test_rotation_schemes_score_every_pair_at_the_methods_positions(pe, text, T):
+def test_rotation_schemes_score_every_pair_at_the_methods_positions(pe, text, T, route):
     """RoPE and xPos under each method: the output is softmax over the scores at the formula's relative
-    positions (RoPE's: a function of i - j alone), over the keys the formula lets each query see; 1x and 16x."""
+    positions (RoPE's: a function of i - j alone), over the keys the formula lets each query see; 1x and 16x;
+    both routes (the fused one where it serves the method: without a gradient, on the CPU)."""
     factor = T / L
     s = scheme(pe)
     s.set_eval_scaling(text, factor)
     q, k, v = qkv(T)
     block = 7  # blocks that do not divide the length
-    got = s.extension.attend(q, k, v, None, 0, s.positions(torch.arange(T)), s, block)
+    if route == "fused" and not s.extension.fusable(q, None):
+        assert text.split(":")[0] in ("sinks", "lambda")  # they gather their keys: the explicit route is linear
+        return
+    with torch.no_grad() if route == "fused" else torch.enable_grad():
+        got = s.extension.attend(q, k, v, None, 0, s.positions(torch.arange(T)), s, block, route=route)
     rel, visible = formula(text, T, factor)
     zeta = (torch.arange(0, 16, 2, dtype=torch.float64) + 0.4 * 16) / (1.4 * 16) if pe == "xpos" else None
     want = attend_direct(rope_score(q * logn(text, T).float(), k, rel, decay=zeta), visible, v)
