@@ -101,13 +101,14 @@ def new_figure(width: float = 8.0, height: float = 4.8, ncols: int = 1, sharey: 
 
 
 def finish(fig, ax, path, legend_title: str | None = None) -> None:
-    handles = ax.get_legend_handles_labels()[0]
+    handles, labels = ax.get_legend_handles_labels()
     if handles:  # nothing drawn (every cell empty): no legend, and no matplotlib warning
         # a legend taller than the axes squeezes them (tight bbox): past 14 entries, more columns instead
         ncol = math.ceil(len(handles) / 14)
         ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, ncol=ncol)
         width, height = fig.get_size_inches()
-        fig.set_size_inches(width + 2.2 * (ncol - 1), height)  # the axes keep their width
+        column = max(2.2, 0.075 * max(map(len, labels)) + 0.7)  # inches: long labels (extensions' settings)
+        fig.set_size_inches(width + column * (ncol - 1), height)  # the axes keep their width
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
