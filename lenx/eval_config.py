@@ -194,7 +194,7 @@ class EvalConfig:
         "scheme). Parameters as METHOD:NAME=VALUE[:NAME=VALUE] (yarn: beta_fast 32, beta_slow 1, attention_factor; "
         "llama3: low_freq_factor 1, high_freq_factor 4; longrope: factors FILE.json, attention_factor; self-extend: "
         "window L/4, group; rerope: window L/8, logn 1; leaky-rerope: + leak 16; dca: chunk 3L/4, local L/8; sinks: "
-        "sinks 4, window L-sinks-1, shift 1; lambda: global 10, window L, cap; logn 0/1 on each attention method; "
+        "sinks 4, window L-sinks-1, shift 1; lambda: global 10, window L, cap; logn 0/1 (log-length query scale) on every method; "
         "L = the training length; `lenx schemes rope` says what each does). Repeat or comma-separate to sweep; "
         "with several, each run is evaluated with those that apply to it (none if no one does) [default: none].",
         flag="--rope-scaling",

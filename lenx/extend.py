@@ -38,7 +38,7 @@ from torch import Tensor
 from . import attention_cpu as cpu
 from .attention import _took
 from .positional.base import Positions, TableBias
-from .positional.rope_scaling import method_of, resolve
+from .positional.rope_scaling import is_attention, method_of, resolve
 
 Index = Callable[[Tensor], Tensor]
 
@@ -59,6 +59,8 @@ class Extension:
     def __init__(self, text: str, factor: float | None, train_len: int, moves: str | None):
         self.text, self.name, self.L, self.moves = text, method_of(text), int(train_len), moves
         self.p = resolve(text, factor, train_len, moves)
+        # a frequency method with logn on: the query scale alone, on the model's own attention route
+        self.only_scales = not is_attention(text)
 
     # ----- the method: keys seen, regions, activity
 
@@ -129,6 +131,11 @@ class Extension:
         if n == "lambda":
             return T > p["window"]
         return False
+
+    def scaled(self, q: Tensor) -> Tensor:
+        """Queries (..., T, hd) times the log-length scale where it is on, else q itself."""
+        scale = self.query_scale(q.shape[-2], q.device)
+        return q if scale is None else q * scale.to(q.dtype)
 
     def query_scale(self, T: int, device) -> Tensor | None:
         """(T, 1) factors max(1, ln(i + 1) / ln L) on the queries (ReRoPE's log-length scale), or None."""

@@ -370,11 +370,11 @@ class HFModel(Subject):
         """(RoPE extension, factor) cells, as for lenx runs: a model without RoPE takes none (and refuses an
         extension asked for alone); an extension transformers cannot express is refused."""
         from .hf_extend import refusal
-        from .positional.rope_scaling import is_attention
+        from .positional.rope_scaling import extends_attention, is_attention
 
         scalings = scalings or ["none"]
         for s in scalings:
-            why = refusal(self.config, self.given, s) if is_attention(s) and self.scheme == "rope" else None
+            why = refusal(self.config, self.given, s) if extends_attention(s) and self.scheme == "rope" else None
             if why:
                 raise LenxError(why)
         asked = [s for s in scalings if s != "none"]
@@ -406,7 +406,7 @@ class HFModel(Subject):
 
     def prepare(self, scaling: str, factor: float | None):
         """The callable to score with, the model (re)loaded for this RoPE extension and factor."""
-        from .positional.rope_scaling import is_attention
+        from .positional.rope_scaling import extends_attention, is_attention
 
         key = (scaling, factor)
         attention = is_attention(scaling)
@@ -421,7 +421,7 @@ class HFModel(Subject):
             if self.device and self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             self._load(config, None if scaling == "none" or attention else config.rope_parameters["rope_type"])
-            if attention:  # through transformers' attention registry (lenx.hf_extend)
+            if extends_attention(scaling):  # through transformers' attention registry (lenx.hf_extend)
                 from .extend import Extension
                 from .hf_extend import attach
 

@@ -100,6 +100,9 @@ def attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
     if not ext.active(T):  # inside its window: the model's own attention, bit for bit
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
+    if ext.only_scales:  # a frequency method's logn: transformers' sdpa on the scaled (rotated) queries
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, ext.scaled(query), key, value, attention_mask,
+                                               scaling=scaling, dropout=dropout, **kwargs)
     pos = kwargs.get("position_ids")
     if pos is not None and not torch.equal(pos.reshape(-1, pos.shape[-1])[0].cpu(), torch.arange(pos.shape[-1])):
         raise LenxError(f"--rope-scaling {ext.text} scores windows from position 0 (got other position ids)")

@@ -75,9 +75,10 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         ext = pe.extension  # an evaluation-time attention extension (lenx.extend), if one is set and acts here
-        if ext is not None and ext.active(T):
+        if ext is not None and ext.active(T) and not ext.only_scales:
             y = ext.attend(q, k, v, x, layer, p, pe, self.block_size)
         else:
+            q = q if ext is None else ext.scaled(q)  # a frequency method's log-length query scale, if on
             q, k = pe.rotate(q, k, p, layer)
             bias = pe.bias(layer, p, x=x, q=q, k=k)
             y = causal_attention(q, k, v, bias, self.backend, self.block_size)

@@ -409,3 +409,51 @@ def test_perplexity_and_passkey_rows_come_from_the_same_cells(which, tmp_path, t
     assert set(extended.attn_route) == {"extend"} and (extended.match == "tokens").all()
     if which == "hf":  # the untouched model decodes with its KV cache, as the paper's protocol does
         assert (probes[probes.rope_scaling == "none"].match == "text").all()
+
+
+@pytest.mark.parametrize("pe", ["rope", "xpos"])
+@pytest.mark.parametrize("text", ["yarn:logn=1", "pi:logn=1", "dynamic-ntk:logn=1"])
+def test_log_length_query_scale_composes_with_a_frequency_method(pe, text):
+    """A frequency method with logn=1: the layer's attention is the method's rotation of queries scaled by
+    max(1, ln(i + 1) / ln L), on the model's own route; at 1x (no position past L) exactly the method alone."""
+    torch.manual_seed(0)
+    m = LenxForCausalLM(LenxConfig(pe=pe, train_len=L, d_model=32, n_head=2, n_layer=1, d_ff=64)).eval()
+    attn, T = m.blocks[0].attn, 5 * L
+    x = torch.randn(2, T, 32)
+    with torch.no_grad():
+        m.pe.set_eval_scaling(text, T / L)
+        assert m.pe.extension.only_scales and m.pe.extension.active(T)
+        p = m.pe.positions(torch.arange(T))
+        got = attn(x, 0, p, m.pe)
+        q, k, v = attn.qkv(x).view(2, T, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        m.pe.set_eval_scaling(text.split(":")[0], T / L)  # the same frequencies, no scale
+        p = m.pe.positions(torch.arange(T))
+        qr, kr = m.pe.rotate(q.double() * logn(text, T), k.double(), p, 0)
+        scores = (qr @ kr.transpose(-1, -2)) / 4.0
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        want = attn.proj((scores.softmax(-1) @ v.double()).float().transpose(1, 2).reshape(2, T, 32))
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+        short = torch.randn(1, L, 32)
+        m.pe.set_eval_scaling(text, 1.0)
+        with_scale = attn(short, 0, m.pe.positions(torch.arange(L)), m.pe)
+        m.pe.set_eval_scaling(text.split(":")[0], 1.0)
+        assert torch.equal(with_scale, attn(short, 0, m.pe.positions(torch.arange(L)), m.pe))
+
+
+def test_a_transformers_llama_takes_a_frequency_method_with_logn():
+    """yarn:logn=1 on an HF Llama: transformers' yarn frequencies (rope_parameters) and lenx_extend's query scale:
+    the registered function equals sdpa on the scaled queries."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from lenx.hf_extend import attach, attention
+
+    T = 4 * L
+    model = tiny_llama()
+    attach(model, Extension("yarn:logn=1", 4.0, L, "rotation"))
+    module = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, n, T, 8, generator=g) for n in (4, 2, 2))
+    got, _ = attention(module, q, k, v, None, scaling=module.scaling)
+    want, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q * logn("rerope", T).float(), k, v, None,
+                                              scaling=module.scaling, is_causal=True)
+    assert torch.allclose(got, want, atol=1e-6)

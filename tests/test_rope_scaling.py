@@ -110,7 +110,7 @@ def test_the_settings_text_is_canonical():
     ("yarm", "unknown RoPE extension 'yarm' (did you mean 'yarn'?); known: none, pi, ntk"),
     ("yarn:beta_fats=16", "yarn has no parameter 'beta_fats' (did you mean 'beta_fast'?); its parameters: "
                           "beta_fast, beta_slow, attention_factor"),
-    ("pi:factor=2", "pi has no parameter 'factor'; its parameters: none"),
+    ("pi:factor=2", "pi has no parameter 'factor'; its parameters: logn"),
     ("yarn:beta_fast", "parameter beta_fast needs a value"),
     ("yarn:beta_fast=-1", "beta_fast must be a positive number, got '-1'"),
     ("yarn:beta_fast=1:beta_slow=2", "beta_fast (1) must exceed beta_slow (2)"),

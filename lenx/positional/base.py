@@ -279,11 +279,11 @@ class PositionalScheme(nn.Module):
     extension = None  # the attention-level extension in force (`lenx.extend.Extension`), None: plain attention
 
     def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
-        from .rope_scaling import applies, is_attention
+        from .rope_scaling import applies, extends_attention
 
         if not applies(method or "none", type(self)):
             raise scaling_not_supported(self.name, method)
-        if is_attention(method or "none"):
+        if extends_attention(method or "none"):  # an attention method, or a frequency method's logn
             from ..extend import Extension
 
             self.extension = Extension(method, factor, self.train_len, self.moved_positions)

@@ -55,8 +55,10 @@ class RoPE(PositionalScheme):
         "  <R_m q, R_n k> = sum_k Re(q_k e^(i m theta_k) * conj(k_k e^(i n theta_k)))\n"
         "                 = sum_k Re(q_k conj(k_k) e^(i (m - n) theta_k)),\n"
         "a function of q, k and m - n only: R_m^T R_n = R_(n-m), rotations compose by adding angles.\n"
-        "\nAt evaluation, `lenx eval --rope-scaling METHOD[:PARAM=VALUE...]` changes the frequencies (s: the\n"
-        "factor, --rope-factor, default eval length / L; L: the training length):\n\n"
+        "\nAt evaluation, `lenx eval --rope-scaling METHOD[:PARAM=VALUE...]` changes the frequencies (pi .. longrope)\n"
+        "or the attention (self-extend .. lambda: which keys a query sees and at which positions; lenx/extend.py)\n"
+        "(s: the factor, --rope-factor, default eval length / L; L: the training length; logn=1 on any method:\n"
+        "queries times max(1, ln(i + 1) / ln L); docs/extensions.md):\n\n"
         + help_text("  ") +
         "\n\nlenx/positional/rope_scaling.py computes pi, dynamic-ntk, yarn, llama3 and longrope exactly as\n"
         "transformers' rope types linear, dynamic, yarn, llama3 and longrope; ntk, which transformers lacks, as\n"

@@ -38,24 +38,26 @@ class Method:
 
 METHODS = {m.name: m for m in [
     Method("none", "the model as trained", static=False),
-    Method("pi", "position interpolation: theta_k / s (Chen et al. 2023)", hf_type="linear"),
-    Method("ntk", "NTK-aware: base * s^(d/(d-2)) (bloc97 2023; transformers has no such type: lenx runs only)"),
+    Method("pi", "position interpolation: theta_k / s (Chen et al. 2023)", {"logn": 0.0}, hf_type="linear"),
+    Method("ntk", "NTK-aware: base * s^(d/(d-2)) (bloc97 2023; transformers has no such type: lenx runs only)",
+           {"logn": 0.0}),
     Method("dynamic-ntk", "NTK-aware with s = max(1, n / L) per window of length n (transformers' dynamic)",
-           static=False, hf_type="dynamic"),
+           {"logn": 0.0}, static=False, hf_type="dynamic"),
     Method("yarn", "NTK-by-parts: theta_k / s for pairs turning fewer than beta_slow times over L, theta_k for "
            "pairs turning more than beta_fast times, a linear ramp between; cos, sin times attention_factor "
            "(default 0.1 ln s + 1) (Peng et al. 2023)",
-           {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None}, hf_type="yarn"),
+           {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "logn": 0.0}, hf_type="yarn"),
     Method("llama3", "Llama 3.1's: theta_k / s for wavelengths above L / low_freq_factor, theta_k below "
            "L / high_freq_factor, a blend in L / wavelength between (Meta 2024)",
-           {"low_freq_factor": 1.0, "high_freq_factor": 4.0}, hf_type="llama3"),
+           {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "logn": 0.0}, hf_type="llama3"),
     Method("longrope", "per-pair factors: theta_k / long_factor[k] on windows longer than L, theta_k / "
            "short_factor[k] otherwise; cos, sin times attention_factor (default sqrt(1 + ln s / ln L)) (Ding et "
            "al. 2024). factors: a JSON file with long_factor and short_factor (d/2 numbers each; a Phi-3 "
            "config.json's rope_scaling is read too); default: long_factor the per-pair factors YaRN gives at s "
            "(beta 32 and 1), short_factor 1",
-           {"factors": None, "attention_factor": None}, hf_type="longrope"),
-    # attention-level methods (`lenx.extend`); logn=1: queries times max(1, ln(i+1) / ln L) (ReRoPE's code)
+           {"factors": None, "attention_factor": None, "logn": 0.0}, hf_type="longrope"),
+    # attention-level methods (`lenx.extend`). logn=1, on every method but none: queries times
+    # max(1, ln(i+1) / ln L) before their rotation (ReRoPE's code; Llama 4's attention temperature tuning)
     Method("self-extend", "exact positions for i - j < window, beyond it grouped ones: query at i//group + window - "
            "window//group, key at j//group (Jin et al. 2024). window default L/4 (1024 of Llama 2's 4096); group "
            "default the smallest that keeps every distance below L at length sL, ceil((sL - window) / (L - window))",
@@ -84,7 +86,9 @@ COUNTS = ("window", "group", "chunk", "local", "sinks", "global", "cap")  # whol
 ROPE_SCALINGS = tuple(METHODS)
 STATIC_SCALINGS = tuple(n for n, m in METHODS.items() if m.static)
 # one column per parameter in the result rows: the values used (defaults and derived values included)
-PARAM_COLUMNS = ["rope_" + p for p in dict.fromkeys(p for m in METHODS.values() for p in m.params)]
+# (in the order they were added, so that a table's columns keep their places: logn is the attention methods')
+PARAM_COLUMNS = ["rope_" + p for p in dict.fromkeys(p for m in METHODS.values() for p in m.params
+                                                    if p != "logn" or m.kind == "attention")]
 
 
 class ScalingError(ValueError):
@@ -178,6 +182,11 @@ def parameters(text: str) -> dict:
 def is_attention(text: str) -> bool:
     m = METHODS.get(method_of(text))
     return m is not None and m.kind == "attention"
+
+
+def extends_attention(text: str) -> bool:
+    """Whether the setting acts in attention (`lenx.extend`): an attention method, or any with logn on."""
+    return is_attention(text) or bool(parameters(text).get("logn"))
 
 
 def applies(text: str, scheme) -> bool:
