@@ -116,6 +116,12 @@ def test_the_settings_text_is_canonical():
     ("yarn:beta_fast=1:beta_slow=2", "beta_fast (1) must exceed beta_slow (2)"),
     ("llama3:low_freq_factor=4", "high_freq_factor (4) must exceed low_freq_factor (4)"),
     ("longrope:factors=/nowhere.json", "longrope factors file /nowhere.json does not exist"),
+    ("rerope:window=2.5", "window is a number of tokens, a whole number"),
+    ("rerope:logn=2", "logn is 0 (off) or 1 (on)"),
+    ("leaky-rerope:leak=0.5", "leak (0.5) must be at least 1"),
+    ("dca:chunk=10:local=10", "local (10) must be below chunk (10)"),
+    ("sinks:window=0", "window must be a positive number"),
+    ("self-extnd", "did you mean 'self-extend'"),
 ])
 def test_bad_settings_say_what_is_wrong(text, needle):
     with pytest.raises(ScalingError) as e:
