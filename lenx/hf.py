@@ -422,7 +422,7 @@ class HFModel(Subject):
                 torch.cuda.empty_cache()
             self._load(config, None if scaling == "none" or attention else config.rope_parameters["rope_type"])
             if extends_attention(scaling):  # through transformers' attention registry (lenx.hf_extend)
-                from .extend import Extension
+                from .positional.extension import Extension
                 from .hf_extend import attach
 
                 attach(self.model, Extension(scaling, factor, self.train_len, "rotation"))

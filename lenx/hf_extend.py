@@ -4,7 +4,7 @@ and a model's config is switched to it; each attention module carries the extens
 
 transformers hands the function queries and keys already rotated at their true positions i (rotate_half pairs,
 times the rope type's attention scaling). The function turns them back by -i theta (the scaling stays, as it
-would on the unrotated ones) and gives them to `Extension.attend` with a rotation of the same convention at any
+would on the unrotated ones) and gives them to `lenx.extend.attend` with a rotation of the same convention at any
 position, so every method runs the same code as for lenx runs. The architectures it serves (`ARCHITECTURES`)
 are those whose attention module calls the registry with full-width rotate_half RoPE, no sliding window and no
 logit soft-capping; others are refused with one line.
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import LenxError
+from .extend import attend
 from .positional.base import Positions
 
 NAME = "lenx_extend"
@@ -64,7 +65,7 @@ def attach(model, extension, block_size: int = 512) -> None:
 
 
 class HalfRotation:
-    """What `Extension.attend` asks of a scheme, in transformers' rotate_half convention with the model's inverse
+    """What `lenx.extend.attend` asks of a scheme, in transformers' rotate_half convention with the model's inverse
     frequencies: `rotate` at the true positions, `rotate_at` at moved ones; no bias."""
 
     moved_positions = "rotation"
@@ -115,5 +116,5 @@ def attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
     rot = HalfRotation(module.lenx_rotary.inv_freq)
     p = Positions(torch.arange(T, device=query.device))
     q0, k0 = rot._turn(query, -p.pos), rot._turn(key, -p.pos)  # back to their unrotated directions
-    out = ext.attend(q0, k0, value, None, module.layer_idx, p, rot, module.lenx_block)
+    out = attend(ext, q0, k0, value, None, module.layer_idx, p, rot, module.lenx_block)
     return out.transpose(1, 2).contiguous(), None

@@ -17,6 +17,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
 from .attention import causal_attention
+from .extend import attend
 from .positional import PositionalScheme, build_scheme
 from .positional.base import Positions
 
@@ -76,7 +77,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         ext = pe.extension  # an evaluation-time attention extension (lenx.extend), if one is set and acts here
         if ext is not None and ext.active(T) and not ext.only_scales:
-            y = ext.attend(q, k, v, x, layer, p, pe, self.block_size)
+            y = attend(ext, q, k, v, x, layer, p, pe, self.block_size)
         else:
             q = q if ext is None else ext.scaled(q)  # a frequency method's log-length query scale, if on
             q, k = pe.rotate(q, k, p, layer)

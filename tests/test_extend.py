@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lenx.cli import main
-from lenx.extend import Extension
+from lenx.extend import Extension, attend, fusable
 from lenx.model import LenxConfig, LenxForCausalLM
 from lenx.positional import get_scheme
 from lenx.positional.rope_scaling import METHODS, applies, resolve
@@ -108,11 +108,11 @@ def test_rotation_schemes_score_every_pair_at_the_methods_positions(pe, text, T,
     s.set_eval_scaling(text, factor)
     q, k, v = qkv(T)
     block = 7  # blocks that do not divide the length
-    if route == "fused" and not s.extension.fusable(q, None):
+    if route == "fused" and not fusable(s.extension, q, None):
         assert text.split(":")[0] in ("sinks", "lambda")  # they gather their keys: the explicit route is linear
         return
     with torch.no_grad() if route == "fused" else torch.enable_grad():
-        got = s.extension.attend(q, k, v, None, 0, s.positions(torch.arange(T)), s, block, route=route)
+        got = attend(s.extension, q, k, v, None, 0, s.positions(torch.arange(T)), s, block, route=route)
     rel, visible = formula(text, T, factor)
     zeta = (torch.arange(0, 16, 2, dtype=torch.float64) + 0.4 * 16) / (1.4 * 16) if pe == "xpos" else None
     want = attend_direct(rope_score(q * logn(text, T).float(), k, rel, decay=zeta), visible, v)
@@ -129,7 +129,7 @@ def test_distance_schemes_read_their_bias_at_the_methods_distances(pe, text, T):
     s = scheme(pe)
     s.set_eval_scaling(text, factor)
     q, k, v = qkv(T)
-    got = s.extension.attend(q, k, v, None, 0, s.positions(torch.arange(T)), s, 7)
+    got = attend(s.extension, q, k, v, None, 0, s.positions(torch.arange(T)), s, 7)
     rel, visible = formula(text, T, factor)
     table = s.bias(0, torch.arange(T)).table.double()  # (H, T): the bias at distances 0..T-1
     lo = rel.floor().long().clamp(0, T - 1)
@@ -151,7 +151,7 @@ def test_the_masks_apply_to_any_scheme_with_its_own_positions(pe, text):
     q, k, v = qkv(T)
     p = s.positions(torch.arange(T))
     x = torch.randn(1, T, 32)
-    got = s.extension.attend(q, k, v, x, 0, p, s, 5)
+    got = attend(s.extension, q, k, v, x, 0, p, s, 5)
     _, visible = formula(text, T)
     qr, kr = s.rotate(q, k, p, 0)
     bias = s.bias(0, p, x=x, q=qr, k=kr)

@@ -276,7 +276,7 @@ class PositionalScheme(nn.Module):
 
     # Evaluation-time settings (RoPE extensions, attention-level extensions); schemes accept the frequency methods
     # they list in eval_scalings and the attention methods `rope_scaling.applies` allows them.
-    extension = None  # the attention-level extension in force (`lenx.extend.Extension`), None: plain attention
+    extension = None  # the attention-level extension in force (`lenx.positional.extension.Extension`), None: plain attention
 
     def set_eval_scaling(self, method: str = "none", factor: float | None = None) -> None:
         from .rope_scaling import applies, extends_attention
@@ -284,7 +284,7 @@ class PositionalScheme(nn.Module):
         if not applies(method or "none", type(self)):
             raise scaling_not_supported(self.name, method)
         if extends_attention(method or "none"):  # an attention method, or a frequency method's logn
-            from ..extend import Extension
+            from .extension import Extension
 
             self.extension = Extension(method, factor, self.train_len, self.moved_positions)
         else:
