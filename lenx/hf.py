@@ -384,8 +384,9 @@ class HFModel(Subject):
                     f"--rope-scaling {asked[0]} applies to RoPE models; {self.given} is {self.pe}, without RoPE"
                 )
             return [("none", None)]
-        if [s for s in asked if not is_attention(s)]:
-            self._check_rescalable([s for s in asked if not is_attention(s)])
+        rescaled = [s for s in asked if not is_attention(s)]
+        if rescaled:
+            self._check_rescalable(rescaled)
         return [(s, f) for s in scalings for f in ([None] if s == "none" else factors or [None])]
 
     def _check_rescalable(self, asked: list[str]) -> None:
