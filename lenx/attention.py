@@ -67,7 +67,8 @@ def causal_attention(
 # The routes of `causal_attention`, by the backend whose route each is: what a row's attn_backend records.
 ROUTE_BACKEND = {"materialized": "materialized", "flex": "flex", "blocked": "blocked", "stored": "sdpa",
                  "fused": "sdpa", "separable": "sdpa", "clipped": "sdpa",
-                 "extend": "blocked"}  # lenx.extend's attention-level extensions: explicit scores per query block
+                 # lenx.extend's attention-level extensions: explicit scores per query block, or the CPU flash kernel
+                 "extend": "blocked", "extend-fused": "sdpa"}
 _ROUTES: list[set[str]] = []  # the open `recording`s (row shards' threads add to them: set.add holds the GIL)
 
 

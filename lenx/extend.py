@@ -46,18 +46,21 @@ def attend(ext: Extension, q: Tensor, k: Tensor, v: Tensor, x: Tensor, layer: in
     values; returns (B, H, T, hv) as `causal_attention` does. route: "explicit" or "fused" (None: fused where
     `fusable`)."""
     T = q.shape[-2]
-    scale = ext.query_scale(T, q.device)
-    if scale is not None:
-        q = q * scale.to(q.dtype)
+    q = ext.scaled(q)
     q_rot, k_rot = pe.rotate(q, k, p, layer)
     bias = pe.bias(layer, p, x=x, q=q_rot, k=k_rot)
+    n = int(p.pos.max()) + 1 if p.pos.numel() else 1  # the window's length, as the scheme's own tables see it
     fuse = fusable(ext, q, bias) if route is None else route == "fused"
     if fuse:
-        n = int(p.pos.max()) + 1 if p.pos.numel() else 1
         out = (_chunks if ext.name == "dca" else _band_far)(ext, q, k, v, q_rot, k_rot, pe, layer, n, block_size)
-        return _took("extend", out)
+        return _took("extend-fused", out)
     table = bias.table if isinstance(bias, TableBias) and ext.moves == "distance" else None
     regions = ext.regions(T)
+    # rotation schemes: each moved region's keys rotated once, at its key positions (its queries per block)
+    every = torch.arange(T, device=q.device)
+    keys = {r: pe.rotate_at(k, every if region.k_at is None else region.k_at(every), layer, n, query=False)
+            for r, region in enumerate(regions) if r and ext.moves == "rotation"
+            and not (region.q_at is None and region.k_at is None)}
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     hd = q_rot.shape[-1]
     block_size = min(block_size, (bias.max_block_rows if bias is not None else None) or block_size)
@@ -73,12 +76,12 @@ def attend(ext: Extension, q: Tensor, k: Tensor, v: Tensor, x: Tensor, layer: in
             b = bias.block(q0, q1, q_rot[:, :, q0:q1]).float()
             true = true + (b if idx is None else b[..., idx])
         scores = torch.full_like(true, float("-inf"))
-        for n, region in enumerate(regions):
+        for r, region in enumerate(regions):
             where = region.where(i, j) & (j <= i)
-            if n == 0 or (region.q_at is None and region.k_at is None):
+            if r == 0 or (region.q_at is None and region.k_at is None):
                 s = true
             else:
-                s = _moved(ext, q, k, q0, q1, cols, idx, region, table, pe, p, layer, hd)
+                s = _moved(ext, q, k, keys.get(r), q0, q1, cols, idx, region, table, pe, layer, n, hd)
             scores = torch.where(where, s, scores)
         probs = scores.softmax(-1)
         ob = probs.to(v.dtype) @ _take(v, idx, q1)
@@ -154,16 +157,16 @@ def _chunks(ext: Extension, q, k, v, q_rot, k_rot, pe, layer: int, n: int, block
     return out
 
 
-def _moved(ext: Extension, q, k, q0, q1, cols, idx, region: Region, table, pe, p: Positions, layer, hd) -> Tensor:
-    """Scores of a region whose pairs sit at moved positions."""
+def _moved(ext: Extension, q, k, k_moved, q0, q1, cols, idx, region: Region, table, pe, layer: int, n: int,
+           hd: int) -> Tensor:
+    """Scores of a region whose pairs sit at moved positions; k_moved: rotation schemes' keys already rotated at
+    the region's key positions (all T)."""
     qi = torch.arange(q0, q1, device=q.device)
     qp = qi if region.q_at is None else region.q_at(qi)
-    kp = cols if region.k_at is None else region.k_at(cols)
     if ext.moves == "rotation":
-        n = int(p.pos.max()) + 1 if p.pos.numel() else 1
         qr = pe.rotate_at(q[:, :, q0:q1], qp, layer, n, query=True)
-        kr = pe.rotate_at(_take(k, idx, q1), kp, layer, n, query=False)
-        return (qr @ kr.transpose(-1, -2)).float() * hd ** -0.5
+        return (qr @ _take(k_moved, idx, q1).transpose(-1, -2)).float() * hd ** -0.5
+    kp = cols if region.k_at is None else region.k_at(cols)
     s = (q[:, :, q0:q1] @ _take(k, idx, q1).transpose(-1, -2)).float() * hd ** -0.5
     return s + _read(table, qp[:, None] - kp[None, :])
 

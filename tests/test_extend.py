@@ -17,6 +17,10 @@ from lenx.positional.rope_scaling import METHODS, applies, resolve
 from .test_hf import gpt2_dir, hf_tokenizer, llama_dir, make_run, one_line_error  # noqa: F401 (fixtures)
 
 L = 16  # the training length of these tests
+# the route a RoPE model's rows record past the window in `lenx eval` (CPU, no gradient): the flash kernel where
+# the method's regions are causal or full blocks, explicit scores where it gathers keys
+ROUTE = {"self-extend": "extend-fused", "rerope": "extend-fused", "leaky-rerope": "extend-fused",
+         "dca": "extend-fused", "sinks": "extend", "lambda": "extend"}
 
 
 def formula(text: str, T: int, factor: float | None = None):
@@ -95,9 +99,9 @@ def logn(text, T):
     return ((i + 1).log() / math.log(L)).clamp(min=1)[:, None]
 
 
-@pytest.mark.parametrize("route", ["explicit", "fused"])
 @pytest.mark.parametrize("T", [L, 16 * L])
-@pytest.mark.parametrize("text", SETTINGS)
+@pytest.mark.parametrize("text, route", [(t, "explicit") for t in SETTINGS] +
+                         [(t, "fused") for t in SETTINGS if ROUTE[t.split(":")[0]] == "extend-fused"])
 @pytest.mark.parametrize("pe", ["rope", "xpos"])
 def test_rotation_schemes_score_every_pair_at_the_methods_positions(pe, text, T, route):
     """RoPE and xPos under each method: the output is softmax over the scores at the formula's relative
@@ -108,10 +112,8 @@ def test_rotation_schemes_score_every_pair_at_the_methods_positions(pe, text, T,
     s.set_eval_scaling(text, factor)
     q, k, v = qkv(T)
     block = 7  # blocks that do not divide the length
-    if route == "fused" and not fusable(s.extension, q, None):
-        assert text.split(":")[0] in ("sinks", "lambda")  # they gather their keys: the explicit route is linear
-        return
     with torch.no_grad() if route == "fused" else torch.enable_grad():
+        assert fusable(s.extension, q, None) == (ROUTE[text.split(":")[0]] == "extend-fused")
         got = attend(s.extension, q, k, v, None, 0, s.positions(torch.arange(T)), s, block, route=route)
     rel, visible = formula(text, T, factor)
     zeta = (torch.arange(0, 16, 2, dtype=torch.float64) + 0.4 * 16) / (1.4 * 16) if pe == "xpos" else None
@@ -267,7 +269,8 @@ def test_eval_runs_every_method_in_one_command_with_its_columns(tmp_path, text_d
     assert se.rope_window == train_len // 4 and se.rope_group == resolve("self-extend", 64 / train_len,
                                                                          train_len)["group"]
     assert df[df.rope_scaling == "rerope:logn=0:window=4"].rope_window.eq(4).all()
-    assert set(df[df.eval_len == 64].attn_route.dropna()) >= {"extend"}
+    past = df[(df.eval_len == 64) & (df.rope_scaling != "none")]
+    assert (past.attn_route == past.rope_scaling.str.split(":").str[0].map(ROUTE)).all()
     assert main(["report", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "rope+self-extend" in md and "rope+rerope:logn=0:window=4" in md
@@ -357,7 +360,8 @@ def test_eval_of_an_hf_model_takes_the_methods_and_refuses_other_architectures(l
         if text in ("self-extend", "sinks", "lambda"):
             assert nll[(text, 32)] == nll[("none", 32)], text
         assert nll[(text, 128)] != pytest.approx(nll[("none", 128)], abs=1e-7), text
-    assert set(df[df.eval_len == 128].attn_route.dropna()) == {"extend"}  # the explicit route ran past 1x
+    past = df[(df.eval_len == 128) & (df.rope_scaling != "none")]
+    assert (past.attn_route == past.rope_scaling.map(ROUTE)).all()
     assert df[df.rope_scaling == "sinks"].rope_window.eq(32 - 4 - 1).all()
     capsys.readouterr()
     code = main(["eval", "--model", str(gpt2_dir), "--dataset", str(text_dataset), "--rope-scaling", "sinks",
@@ -392,7 +396,7 @@ def test_perplexity_and_passkey_rows_come_from_the_same_cells(which, tmp_path, t
     assert len(sinks) == 2 and sinks.rope_window.notna().all() and (sinks.trials == 2).all()
     assert probes.accuracy.notna().all() and (probes.note == "").all()
     extended = probes[probes.rope_scaling != "none"]
-    assert set(extended.attn_route) == {"extend"} and (extended.match == "tokens").all()
+    assert (extended.attn_route == extended.rope_scaling.map(ROUTE)).all() and (extended.match == "tokens").all()
     if which == "hf":  # the untouched model decodes with its KV cache, as the paper's protocol does
         assert (probes[probes.rope_scaling == "none"].match == "text").all()
 
